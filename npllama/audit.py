@@ -1,0 +1,140 @@
+"""Gradient audit: every hand-derived backward against finite differences, in float64.
+
+    python -m npllama.audit [--seed N] [--json] [--backend numpy] [--only OP ...]
+
+For each op (each differentiable input and parameter) and for the whole model on a small config,
+the gradient that backward returns is compared with fourth-order central differences along
+random unit directions and entry by entry (see npllama/gradcheck.py for the exact error
+measures). Prints a table, or with --json a list of {op, wrt, max_abs_err, max_rel_err, passed}.
+Exits 1 if any check fails, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy
+
+from . import gradcheck
+from . import model as llama
+from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+
+# The model's loss has larger high-order derivatives than a single op (softmax of softmaxes through
+# two layers), so its difference step is smaller: truncation falls as step^4, rounding grows as 1/step.
+MODEL_STEP = 1e-4
+
+OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "cross_entropy", "model")
+
+# A model small enough to difference entry by entry, big enough to have every structure:
+# two layers, two heads of dim 4, an FFN width that is not a multiple of the model dim.
+AUDIT_CONFIG = llama.LlamaConfig(dim=8, n_layers=2, n_heads=2, vocab_size=13, multiple_of=4,
+                                 max_seq_len=16)
+
+
+def op_cases(rng, xp):
+    """Yield (op, forward, backward, inputs, wrt): small float64 problems, one per op."""
+
+    def normal(*shape):
+        return xp.asarray(rng.standard_normal(shape))
+
+    ids = xp.asarray(numpy.array([[0, 3, 3, 6, 1], [3, 0, 2, 2, 3]]))  # repeated ids on purpose
+    yield ("embedding", lambda weight: embedding.forward(ids, weight), embedding.backward,
+           {"weight": normal(7, 3)}, ["weight"])
+    yield ("linear", linear.forward, linear.backward, {"x": normal(2, 3, 5), "weight": normal(4, 5)},
+           ["x", "weight"])
+    yield ("rmsnorm", rmsnorm.forward, rmsnorm.backward,
+           {"x": normal(2, 3, 6), "weight": normal(6)}, ["x", "weight"])
+    cos, sin = rope.frequencies(8, xp.arange(5), 10000.0, xp=xp)
+    yield ("rope", lambda x: rope.forward(x, cos, sin), rope.backward, {"x": normal(2, 5, 3, 8)}, ["x"])
+    yield ("swiglu", swiglu.forward, swiglu.backward, {"a": 2 * normal(2, 3, 7), "b": normal(2, 3, 7)},
+           ["a", "b"])
+    yield ("attention", lambda q, k, v: attention.forward(q, k, v, tile_size=4), attention.backward,
+           {"q": normal(2, 2, 9, 4), "k": normal(2, 2, 9, 4), "v": normal(2, 2, 9, 4)}, ["q", "k", "v"])
+    targets = xp.asarray(numpy.array([3, 0, -100, 10, 7, 7]))  # one ignored row
+    yield ("cross_entropy", lambda logits: cross_entropy.forward(logits, targets), cross_entropy.backward,
+           {"logits": 3 * normal(6, 11)}, ["logits"])
+
+
+def audit_ops(seed, xp, only=None):
+    rng = numpy.random.default_rng(seed)
+    results = []
+    for op, forward, backward, inputs, wrt in op_cases(rng, xp):
+        if only and op not in only:
+            continue
+        results += gradcheck.check_op(op, forward, backward, inputs, wrt, rng)
+    return results
+
+
+def audit_model(seed, xp, config=AUDIT_CONFIG, batch=2, seq=7, recompute=True, step=MODEL_STEP):
+    """One row per parameter of the whole model: loss(params) differenced against loss_and_grads."""
+    rng = numpy.random.default_rng(seed)
+    # a larger init than training's 0.02 so every path carries a gradient well above rounding
+    params = llama.init_params(config, seed=seed, dtype="float64", xp=xp, std=0.5)
+    for name in params:
+        if name.endswith("norm.weight"):
+            params[name] = xp.asarray(1.0 + 0.3 * rng.standard_normal(params[name].shape))
+    tokens = xp.asarray(rng.integers(0, config.vocab_size, (batch, seq)))
+    targets = xp.asarray(rng.integers(0, config.vocab_size, (batch, seq)))
+    _, grads = llama.loss_and_grads(params, config, tokens, targets, recompute=recompute, tile_size=3)
+
+    def func(values):
+        return llama.loss(values, config, tokens, targets, tile_size=3)
+
+    return [gradcheck.check_gradient("model", func, params, name, grads[name], rng, n_directions=2,
+                                     max_elements=24, step=step) for name in params]
+
+
+def run_audit(seed=0, xp=numpy, only=None):
+    results = audit_ops(seed, xp, only)
+    if not only or "model" in only:
+        results += audit_model(seed, xp)
+    return results
+
+
+def format_table(results) -> str:
+    header = f"{'op':<14} {'wrt':<36} {'max abs err':>12} {'max rel err':>12}  result"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(f"{r.op:<14} {r.wrt:<36} {r.max_abs_err:>12.3e} {r.max_rel_err:>12.3e}  "
+                     f"{'pass' if r.passed else 'FAIL'}")
+    n_failed = sum(not r.passed for r in results)
+    lines.append(f"{len(results) - n_failed} passed, {n_failed} failed "
+                 f"(relative error limit {gradcheck.DEFAULT_RTOL:g}, float64)")
+    return "\n".join(lines)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m npllama.audit",
+        description="Check every hand-derived gradient of npllama against finite differences (float64).")
+    parser.add_argument("--seed", type=int, default=0, help="seed for inputs, directions and entries (default 0)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--backend", default="numpy", help="array backend: numpy (cupy: not yet available)")
+    parser.add_argument("--only", nargs="+", metavar="OP", help=f"check only these ops: {', '.join(OPS)}")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.backend == "cupy":
+        parser.exit(2, "error: --backend cupy: the GPU backend is not implemented yet; "
+                       "use --backend numpy\n")
+    if args.backend != "numpy":
+        parser.exit(2, f"error: --backend {args.backend!r} is unknown; use --backend numpy\n")
+    if args.only:
+        unknown = sorted(set(args.only) - set(OPS))
+        if unknown:
+            parser.exit(2, f"error: --only: unknown op {', '.join(unknown)}; choose from {', '.join(OPS)}\n")
+    results = run_audit(args.seed, numpy, args.only)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        print(format_table(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Finite-difference checks of hand-derived gradients, shared by the tests and `npllama.audit`.
+
+For a scalar function f and its claimed gradient g = df/dx, two kinds of check, both in float64
+with the fourth-order central difference
+
+    f'(x; u) ~ [8 (f(x + h u) - f(x - h u)) - (f(x + 2h u) - f(x - 2h u))] / (12 h)
+
+whose truncation error is O(h^4), so h = 1e-3 leaves it far below the rounding error
+(~ eps_machine * |f| / h):
+
+* directions: u drawn at random with |u| = 1; the check compares f'(x; u) with <g, u> and its
+  relative error is |f'(x; u) - <g, u>| / |g|, the error as a fraction of the steepest slope
+  (the largest <g, u> any unit direction can give);
+* elements: u = e_i for every entry of a small tensor (or a random sample of a big one); the
+  relative error is |f'(x; e_i) - g_i| / max_j |g_j|, the error as a fraction of the largest
+  entry of the gradient.
+
+Both are scale-free norm-wise relative errors: they cannot be inflated by an entry that happens
+to be near zero, and a wrong entry anywhere above a millionth of the gradient's size fails.
+An op is checked through f(x) = sum(forward(x) * w) for a fixed random cotangent w, whose
+gradient is exactly what backward(w) claims to return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy
+
+DEFAULT_RTOL = 1e-6
+DEFAULT_STEP = 1e-3
+
+
+@dataclass
+class CheckResult:
+    """One row of the audit: the gradient of `op` with respect to `wrt`."""
+
+    op: str
+    wrt: str
+    max_abs_err: float
+    max_rel_err: float
+    passed: bool
+    n_directions: int = 0
+    n_elements: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return {key: data[key] for key in ("op", "wrt", "max_abs_err", "max_rel_err", "passed")}
+
+
+def directional_derivative(func, inputs: dict, name: str, direction, step: float = DEFAULT_STEP) -> float:
+    """Fourth-order central difference of func(inputs) along `direction` in inputs[name]."""
+    base = inputs[name]
+
+    def at(t):
+        shifted = dict(inputs)
+        shifted[name] = base + t * direction
+        return float(func(shifted))
+
+    return (8.0 * (at(step) - at(-step)) - (at(2 * step) - at(-2 * step))) / (12.0 * step)
+
+
+def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_directions: int = 4,
+                   max_elements: int = 48, rtol: float = DEFAULT_RTOL, step: float = DEFAULT_STEP,
+                   label: str | None = None) -> CheckResult:
+    """Compare `grad` (claimed df/d inputs[name]) with finite differences of the scalar `func`.
+
+    Checks `n_directions` random unit directions and up to `max_elements` single entries (all of
+    them when the tensor is that small, else a random sample without repetition).
+    """
+    xp = _namespace_of(inputs[name])
+    grad_host = _to_host(grad).astype(numpy.float64)
+    shape = inputs[name].shape
+    if grad_host.shape != tuple(shape):
+        raise ValueError(f"{op}: gradient for {name} has shape {grad_host.shape}, expected {tuple(shape)}")
+    size = grad_host.size
+    dtype = inputs[name].dtype
+    grad_norm = float(numpy.linalg.norm(grad_host))
+    grad_max = float(numpy.abs(grad_host).max()) if size else 0.0
+    tiny = numpy.finfo(numpy.float64).tiny
+    max_abs, max_rel = 0.0, 0.0
+
+    for _ in range(n_directions):
+        direction = rng.standard_normal(shape)
+        direction /= numpy.linalg.norm(direction) or 1.0
+        numeric = directional_derivative(func, inputs, name, xp.asarray(direction.astype(dtype)), step)
+        analytic = float((grad_host * direction).sum())
+        abs_err = abs(numeric - analytic)
+        max_abs = max(max_abs, abs_err)
+        max_rel = max(max_rel, abs_err / max(grad_norm, abs(numeric), tiny))
+
+    if size <= max_elements:
+        flat_indices = numpy.arange(size)
+    else:
+        flat_indices = rng.choice(size, size=max_elements, replace=False)
+    for flat in flat_indices:
+        unit = numpy.zeros(size)
+        unit[flat] = 1.0
+        numeric = directional_derivative(func, inputs, name, xp.asarray(unit.reshape(shape).astype(dtype)), step)
+        analytic = float(grad_host.reshape(-1)[flat])
+        abs_err = abs(numeric - analytic)
+        max_abs = max(max_abs, abs_err)
+        max_rel = max(max_rel, abs_err / max(grad_max, abs(numeric), tiny))
+
+    passed = bool(numpy.isfinite(max_rel) and max_rel <= rtol)
+    return CheckResult(op, label or name, max_abs, max_rel, passed, n_directions, len(flat_indices))
+
+
+def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, **kwargs) -> list[CheckResult]:
+    """Check every differentiable input of an op.
+
+    `forward(**inputs)` returns (out, cache); `backward(dout, cache)` returns the gradients of
+    the inputs named in `wrt`, in that order (a bare array when there is one).
+    """
+    xp = _namespace_of(next(iter(inputs.values())))
+    out, cache = forward(**inputs)
+    cotangent = xp.asarray(rng.standard_normal(out.shape).astype(out.dtype))
+    grads = backward(cotangent, cache)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    if len(grads) != len(wrt):
+        raise ValueError(f"{op}: backward returned {len(grads)} gradients for {len(wrt)} inputs")
+
+    def func(values):
+        value, _ = forward(**values)
+        return (value * cotangent).sum()
+
+    return [check_gradient(op, func, inputs, name, grad, rng, **kwargs) for name, grad in zip(wrt, grads)]
+
+
+def _namespace_of(array):
+    from .ops._namespace import array_namespace
+
+    return array_namespace(array)
+
+
+def _to_host(array):
+    if type(array).__module__.split(".")[0] == "cupy":
+        return array.get()
+    return numpy.asarray(array)

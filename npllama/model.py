@@ -1,0 +1,366 @@
+"""The Llama-1 model: configuration, presets, initialisation, forward, and a hand-written backward.
+
+A block (design.md, Touvron et al. 2023 §2.2):
+
+    n1 = rmsnorm(x)                                   pre-normalisation
+    q, k, v = Wq n1, Wk n1, Wv n1                     (B, T, C) each, C = H * D
+    o = attention(rope(q), rope(k), v)                causal, per head, memory-efficient
+    h = x + Wo o
+    n2 = rmsnorm(h)
+    a, b = W1 n2, W3 n2                               (B, T, F)
+    y = h + W2 (silu(a) * b)
+
+The model is: tok_embeddings -> n_layers blocks -> rmsnorm -> output (untied) -> logits (B, T, V).
+
+Selective recompute (paper §2.4): in training a block keeps only the activations that are
+expensive to compute, which are the outputs of its matrix products (q, k, v, h = x + Wo o, a, b),
+its input x, and the attention output o with its logsumexp. Backward recomputes the cheap ones,
+the two RMSNorms, RoPE and SwiGLU, from those, by calling the same forward functions on the same
+inputs, so `recompute=True` and `recompute=False` give bitwise-identical gradients.
+
+Parameters live in a flat dict under Meta's names (`layers.{i}.attention.wq.weight`, ...), with
+linear weights stored [out, in]. The namespace (NumPy or CuPy) is taken from the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy
+
+from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from .ops._namespace import array_namespace
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape of a Llama-1 model. The FFN width follows Meta's rule (see `ffn_dim`)."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"LlamaConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError("LlamaConfig: norm_eps and rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """Meta's rule: 2/3 of 4*dim, rounded up to a multiple of `multiple_of` (11008 for 4096)."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def n_params(self) -> int:
+        """Number of parameters: embeddings + blocks + final norm + untied output head."""
+        return sum(math.prod(shape) for shape in parameter_shapes(self).values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # The paper's models (Table 2); configs only, for parameter counts and shape checks.
+    "7B": LlamaConfig(dim=4096, n_layers=32, n_heads=32),
+    "13B": LlamaConfig(dim=5120, n_layers=40, n_heads=40),
+    "33B": LlamaConfig(dim=6656, n_layers=60, n_heads=52),
+    "65B": LlamaConfig(dim=8192, n_layers=80, n_heads=64),
+    # Small models that train on a laptop. `small` is the benchmark shape (dim 288, 6 layers).
+    "nano": LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=128),
+    "tiny": LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=4096, multiple_of=32, max_seq_len=256),
+    "small": LlamaConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256),
+}
+
+
+def get_preset(name: str) -> LlamaConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name (Meta's) and shape, in checkpoint order."""
+    dim, ffn, vocab = config.dim, config.ffn_dim, config.vocab_size
+    shapes = {"tok_embeddings.weight": (vocab, dim)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        for name in ("wq", "wk", "wv", "wo"):
+            shapes[p + f"attention.{name}.weight"] = (dim, dim)
+        shapes[p + "feed_forward.w1.weight"] = (ffn, dim)
+        shapes[p + "feed_forward.w2.weight"] = (dim, ffn)
+        shapes[p + "feed_forward.w3.weight"] = (ffn, dim)
+        shapes[p + "attention_norm.weight"] = (dim,)
+        shapes[p + "ffn_norm.weight"] = (dim,)
+    shapes["norm.weight"] = (dim,)
+    shapes["output.weight"] = (vocab, dim)
+    return shapes
+
+
+def init_params(config: LlamaConfig, seed: int = 0, dtype="float32", xp=numpy, std: float = 0.02):
+    """Random initial parameters, drawn on the CPU with a seeded generator (same on every backend).
+
+    Norm gains are 1. Embedding and linear weights are N(0, std^2); the two projections that write
+    into the residual stream (wo, w2) get std / sqrt(2 * n_layers), so the residual's variance
+    does not grow with depth (GPT-2's rule; the paper does not state its initialisation).
+    """
+    rng = numpy.random.default_rng(seed)
+    residual_std = std / math.sqrt(2 * config.n_layers)
+    params = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith("norm.weight"):
+            value = numpy.ones(shape)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            value = rng.normal(0.0, residual_std, size=shape)
+        else:
+            value = rng.normal(0.0, std, size=shape)
+        params[name] = xp.asarray(value.astype(dtype))
+    return params
+
+
+def rope_tables(config: LlamaConfig, n_positions: int, dtype, xp, start: int = 0):
+    """(cos, sin) for positions start .. start + n_positions - 1, each (T, D/2)."""
+    positions = xp.arange(start, start + n_positions)
+    return rope.frequencies(config.head_dim, positions, config.rope_theta, dtype=dtype, xp=xp)
+
+
+# ---------------------------------------------------------------------------------------------
+# One block
+
+
+def _layer_weights(params, i):
+    p = f"layers.{i}."
+    return {
+        "attention_norm": params[p + "attention_norm.weight"],
+        "wq": params[p + "attention.wq.weight"],
+        "wk": params[p + "attention.wk.weight"],
+        "wv": params[p + "attention.wv.weight"],
+        "wo": params[p + "attention.wo.weight"],
+        "ffn_norm": params[p + "ffn_norm.weight"],
+        "w1": params[p + "feed_forward.w1.weight"],
+        "w2": params[p + "feed_forward.w2.weight"],
+        "w3": params[p + "feed_forward.w3.weight"],
+    }
+
+
+_GRAD_NAMES = {
+    "attention_norm": "attention_norm.weight",
+    "wq": "attention.wq.weight",
+    "wk": "attention.wk.weight",
+    "wv": "attention.wv.weight",
+    "wo": "attention.wo.weight",
+    "ffn_norm": "ffn_norm.weight",
+    "w1": "feed_forward.w1.weight",
+    "w2": "feed_forward.w2.weight",
+    "w3": "feed_forward.w3.weight",
+}
+
+
+def _split_heads(x, n_heads):
+    """(B, T, C) -> (B, T, H, D)."""
+    batch, seq, dim = x.shape
+    return x.reshape(batch, seq, n_heads, dim // n_heads)
+
+
+def _to_attention_layout(x, xp):
+    """(B, T, H, D) -> contiguous (B, H, T, D), the layout the attention op tiles over."""
+    return xp.ascontiguousarray(x.transpose(0, 2, 1, 3))
+
+
+def _norm1(w, saved, config):
+    """n1 = rmsnorm(x): recomputable from the saved block input."""
+    return rmsnorm.forward(saved["x"], w["attention_norm"], config.norm_eps)
+
+
+def _rotated(w, saved, config, cos, sin, xp):
+    """rope(q), rope(k) in the attention layout: recomputable from the saved projections."""
+    q_rot, _ = rope.forward(_split_heads(saved["q"], config.n_heads), cos, sin)
+    k_rot, _ = rope.forward(_split_heads(saved["k"], config.n_heads), cos, sin)
+    return _to_attention_layout(q_rot, xp), _to_attention_layout(k_rot, xp)
+
+
+def _norm2(w, saved, config):
+    """n2 = rmsnorm(h): recomputable from the saved residual h."""
+    return rmsnorm.forward(saved["h"], w["ffn_norm"], config.norm_eps)
+
+
+def _gate(saved):
+    """silu(a) * b: recomputable from the saved W1 and W3 outputs."""
+    return swiglu.forward(saved["a"], saved["b"])
+
+
+_CHEAP = ("norm1", "rotated", "norm2", "gate")
+
+
+def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE, recompute=True):
+    """Run one block on x (B, T, C). Return (y, saved) where `saved` is what backward needs.
+
+    With recompute=True, `saved` holds only x, the projections q, k, v, the attention output and
+    its logsumexp, h and the FFN inputs a, b; backward recomputes norms, RoPE and SwiGLU.
+    """
+    xp = array_namespace(x)
+    batch, seq, dim = x.shape
+    saved = {"x": x}
+    saved["norm1"] = _norm1(w, saved, config)
+    n1 = saved["norm1"][0]
+    saved["q"], _ = linear.forward(n1, w["wq"])
+    saved["k"], _ = linear.forward(n1, w["wk"])
+    saved["v"], _ = linear.forward(n1, w["wv"])
+    saved["rotated"] = _rotated(w, saved, config, cos, sin, xp)
+    q_rot, k_rot = saved["rotated"]
+    v_heads = _to_attention_layout(_split_heads(saved["v"], config.n_heads), xp)
+    attn_out, attn_cache = attention.forward(q_rot, k_rot, v_heads, tile_size)
+    saved["attn_out"], saved["attn_lse"] = attn_out, attn_cache[4]
+    attn_flat = attn_out.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
+    projected, _ = linear.forward(attn_flat, w["wo"])
+    saved["h"] = x + projected
+    saved["norm2"] = _norm2(w, saved, config)
+    n2 = saved["norm2"][0]
+    saved["a"], _ = linear.forward(n2, w["w1"])
+    saved["b"], _ = linear.forward(n2, w["w3"])
+    saved["gate"] = _gate(saved)
+    ffn_out, _ = linear.forward(saved["gate"][0], w["w2"])
+    y = saved["h"] + ffn_out
+    if recompute:
+        for name in _CHEAP:
+            del saved[name]
+    return y, saved
+
+
+def block_backward(dy, w, saved, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE):
+    """Given dL/dy (B, T, C), return (dx, grads) with grads keyed like `_layer_weights`."""
+    xp = array_namespace(dy)
+    batch, seq, dim = dy.shape
+    # recompute what the forward pass chose not to keep (same functions, same inputs)
+    norm1 = saved["norm1"] if "norm1" in saved else _norm1(w, saved, config)
+    q_rot, k_rot = saved["rotated"] if "rotated" in saved else _rotated(w, saved, config, cos, sin, xp)
+    norm2 = saved["norm2"] if "norm2" in saved else _norm2(w, saved, config)
+    gate = saved["gate"] if "gate" in saved else _gate(saved)
+    grads = {}
+
+    # forward was: y = h + W2 g, g = silu(a) * b
+    dgate, grads["w2"] = linear.backward(dy, (gate[0], w["w2"]))
+    da, db = swiglu.backward(dgate, gate[1])
+    # forward was: a = W1 n2, b = W3 n2 (n2 feeds both, so its gradients add)
+    dn2, grads["w1"] = linear.backward(da, (norm2[0], w["w1"]))
+    dn2_from_b, grads["w3"] = linear.backward(db, (norm2[0], w["w3"]))
+    dn2 += dn2_from_b
+    # forward was: n2 = rmsnorm(h); h also reaches y directly through the residual
+    dh, grads["ffn_norm"] = rmsnorm.backward(dn2, norm2[1])
+    dh += dy
+    # forward was: h = x + Wo o, o in (B, T, C) = attention output (B, H, T, D) with heads merged
+    attn_flat = saved["attn_out"].transpose(0, 2, 1, 3).reshape(batch, seq, dim)
+    dattn_flat, grads["wo"] = linear.backward(dh, (attn_flat, w["wo"]))
+    dattn = _to_attention_layout(_split_heads(dattn_flat, config.n_heads), xp)
+    v_heads = _to_attention_layout(_split_heads(saved["v"], config.n_heads), xp)
+    attn_cache = (q_rot, k_rot, v_heads, saved["attn_out"], saved["attn_lse"], tile_size,
+                  1.0 / math.sqrt(config.head_dim))
+    dq_rot, dk_rot, dv = attention.backward(dattn, attn_cache)
+    # forward was: q_rot = rope(q), k_rot = rope(k), in (B, T, H, D) before the layout change
+    dq = rope.backward(dq_rot.transpose(0, 2, 1, 3), (cos, sin)).reshape(batch, seq, dim)
+    dk = rope.backward(dk_rot.transpose(0, 2, 1, 3), (cos, sin)).reshape(batch, seq, dim)
+    dv = dv.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
+    # forward was: q, k, v = Wq n1, Wk n1, Wv n1
+    n1 = norm1[0]
+    dn1, grads["wq"] = linear.backward(dq, (n1, w["wq"]))
+    dn1_k, grads["wk"] = linear.backward(dk, (n1, w["wk"]))
+    dn1_v, grads["wv"] = linear.backward(dv, (n1, w["wv"]))
+    dn1 += dn1_k
+    dn1 += dn1_v
+    # forward was: n1 = rmsnorm(x); x also reaches h directly through the residual
+    dx, grads["attention_norm"] = rmsnorm.backward(dn1, norm1[1])
+    dx += dh
+    return dx, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+
+
+def _check_tokens(tokens, config):
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > config.max_seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {config.max_seq_len}")
+
+
+def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE):
+    """tokens (B, T) -> logits (B, T, V), in the parameters' dtype."""
+    xp = array_namespace(params["norm.weight"])
+    tokens = xp.asarray(tokens)
+    _check_tokens(tokens, config)
+    dtype = params["norm.weight"].dtype
+    cos, sin = rope_tables(config, tokens.shape[1], dtype, xp)
+    h, _ = embedding.forward(tokens, params["tok_embeddings.weight"])
+    for i in range(config.n_layers):
+        h, _ = block_forward(_layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True)
+    normed, _ = rmsnorm.forward(h, params["norm.weight"], config.norm_eps)
+    logits, _ = linear.forward(normed, params["output.weight"])
+    return logits
+
+
+def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
+    """Mean cross-entropy of next-token targets (B, T); a Python float."""
+    xp = array_namespace(params["norm.weight"])
+    logits = forward(params, config, tokens, tile_size)
+    value, _ = cross_entropy.forward(logits, xp.asarray(targets), ignore_index)
+    return float(value)
+
+
+def loss_and_grads(params, config, tokens, targets, recompute=True,
+                   tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
+    """Return (loss, grads): the mean cross-entropy and its gradient for every parameter.
+
+    The backward pass is written out by hand, block by block, in reverse. `grads` has the same
+    names, shapes and dtypes as `params`.
+    """
+    xp = array_namespace(params["norm.weight"])
+    tokens = xp.asarray(tokens)
+    targets = xp.asarray(targets)
+    _check_tokens(tokens, config)
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
+    dtype = params["norm.weight"].dtype
+    cos, sin = rope_tables(config, tokens.shape[1], dtype, xp)
+
+    h, emb_cache = embedding.forward(tokens, params["tok_embeddings.weight"])
+    saved_blocks = []
+    for i in range(config.n_layers):
+        h, saved = block_forward(_layer_weights(params, i), h, cos, sin, config, tile_size, recompute)
+        saved_blocks.append(saved)
+    normed, norm_cache = rmsnorm.forward(h, params["norm.weight"], config.norm_eps)
+    logits, _ = linear.forward(normed, params["output.weight"])
+    value, ce_cache = cross_entropy.forward(logits, targets, ignore_index)
+    del logits  # ce_cache holds it until dlogits exists
+
+    grads = {}
+    dlogits = cross_entropy.backward(1.0, ce_cache)
+    del ce_cache
+    dnormed, grads["output.weight"] = linear.backward(dlogits, (normed, params["output.weight"]))
+    del dlogits
+    dh, grads["norm.weight"] = rmsnorm.backward(dnormed, norm_cache)
+    for i in reversed(range(config.n_layers)):
+        w = _layer_weights(params, i)
+        dh, layer_grads = block_backward(dh, w, saved_blocks.pop(), cos, sin, config, tile_size)
+        for short, grad in layer_grads.items():
+            grads[f"layers.{i}.{_GRAD_NAMES[short]}"] = grad
+    grads["tok_embeddings.weight"] = embedding.backward(dh, emb_cache)
+    grads = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
+    return float(value), grads

@@ -1,0 +1,144 @@
+"""Causal multi-head attention that never stores the T x T attention weights.
+
+Forward (per batch b and head h; s = 1/sqrt(D) unless given):
+    S = s * Q K^T            S[i, j] = -inf where key j comes after query i (causal mask)
+    L = logsumexp_j S        per-row log-normaliser, the only statistic kept
+    P = exp(S - L)           softmax(S) row by row
+    O = P V
+Backward, with Dvec = rowsum(dO * O) (equal to rowsum(P * dP), see the derivation):
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - Dvec)
+    dQ = s * dS K            dK = s * dS^T Q
+Shapes: q (B, H, Tq, D); k, v (B, H, Tk, D); O (B, H, Tq, D); L (B, H, Tq). Usually Tq = Tk = T.
+When Tq < Tk (decoding with a KV cache) the queries are the last Tq positions: query i sits at
+position Tk - Tq + i and sees keys 0 .. Tk - Tq + i.
+
+The algorithm is FlashAttention's (Dao et al., 2022; Dao, 2023), in NumPy/CuPy: queries are cut
+into tiles of `tile_size` rows and each meets the key tiles one at a time with an online softmax
+(running max m, running sum l, rescaled accumulator); key tiles wholly above the diagonal are
+skipped. Backward walks key tiles, recomputes P = exp(S - L) one tile pair at a time and
+accumulates dK, dV for the key tile and dQ for the query tile. The largest temporary is one
+(B, H, tile, tile) block: memory is linear in T. Scores, softmax and accumulators run in at least
+float32; the results have the input dtype.
+Derivation: reference/derivations.md#attention
+"""
+
+import math
+
+from ._namespace import array_namespace, compute_dtype
+
+DEFAULT_TILE_SIZE = 128
+
+
+def _causal_mask(xp, query_start, n_queries, key_start, n_keys):
+    """True where key (key_start + c) lies after the query at position (query_start + r)."""
+    query_pos = query_start + xp.arange(n_queries)[:, None]
+    key_pos = key_start + xp.arange(n_keys)[None, :]
+    return key_pos > query_pos
+
+
+def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
+    """Return (out, cache); cache holds the inputs, out and the row logsumexp L, nothing T x T."""
+    xp = array_namespace(q, k, v)
+    batch, n_heads, n_queries, head_dim = q.shape
+    n_keys = k.shape[2]
+    if n_queries > n_keys:
+        raise ValueError(f"attention: {n_queries} queries but only {n_keys} keys")
+    if tile_size < 1:
+        raise ValueError(f"attention: tile_size must be >= 1, got {tile_size}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    offset = n_keys - n_queries  # absolute position of query 0
+    ct = compute_dtype(xp, q.dtype)
+
+    out = xp.empty(q.shape, dtype=q.dtype)
+    lse = xp.empty((batch, n_heads, n_queries), dtype=ct)
+    for q0 in range(0, n_queries, tile_size):
+        q1 = min(q0 + tile_size, n_queries)
+        q_tile = q[:, :, q0:q1].astype(ct) * scale
+        row_max = xp.full((batch, n_heads, q1 - q0), -xp.inf, dtype=ct)
+        row_sum = xp.zeros((batch, n_heads, q1 - q0), dtype=ct)
+        acc = xp.zeros((batch, n_heads, q1 - q0, head_dim), dtype=ct)
+        last_visible_key = offset + q1 - 1  # the last query of the tile sees keys up to here
+        for k0 in range(0, last_visible_key + 1, tile_size):
+            k1 = min(k0 + tile_size, n_keys)
+            scores = q_tile @ k[:, :, k0:k1].astype(ct, copy=False).swapaxes(-1, -2)
+            if k1 - 1 > offset + q0:  # the tile crosses the diagonal: mask the future keys
+                mask = _causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0)
+                scores = xp.where(mask, -xp.inf, scores)
+            # online softmax: every row sees key 0 in the first tile, so new_max is finite
+            new_max = xp.maximum(row_max, scores.max(axis=-1))
+            probs = xp.exp(scores - new_max[..., None])
+            rescale = xp.exp(row_max - new_max)  # exp(-inf) = 0 on the first tile
+            row_sum = row_sum * rescale + probs.sum(axis=-1)
+            acc = acc * rescale[..., None] + probs @ v[:, :, k0:k1].astype(ct, copy=False)
+            row_max = new_max
+        out[:, :, q0:q1] = acc / row_sum[..., None]
+        lse[:, :, q0:q1] = row_max + xp.log(row_sum)
+    return out, (q, k, v, out, lse, tile_size, scale)
+
+
+def backward(dout, cache):
+    """Return (dq, dk, dv), recomputing P = exp(S - L) one tile pair at a time."""
+    q, k, v, out, lse, tile_size, scale = cache
+    xp = array_namespace(dout)
+    batch, n_heads, n_queries, head_dim = q.shape
+    n_keys = k.shape[2]
+    offset = n_keys - n_queries
+    ct = compute_dtype(xp, q.dtype)
+
+    dout_c = dout.astype(ct, copy=False)
+    # Dvec_i = sum_d dO[i, d] * O[i, d] = sum_j P[i, j] dP[i, j]: the softmax Jacobian's
+    # projection term, computed once from O instead of from the T x T P and dP.
+    dvec = (dout_c * out.astype(ct, copy=False)).sum(axis=-1)
+    dq = xp.zeros(q.shape, dtype=ct)
+    dk = xp.empty(k.shape, dtype=ct)
+    dv = xp.empty(v.shape, dtype=ct)
+    for k0 in range(0, n_keys, tile_size):
+        k1 = min(k0 + tile_size, n_keys)
+        k_tile = k[:, :, k0:k1].astype(ct, copy=False)
+        v_tile = v[:, :, k0:k1].astype(ct, copy=False)
+        dk_tile = xp.zeros(k_tile.shape, dtype=ct)
+        dv_tile = xp.zeros(v_tile.shape, dtype=ct)
+        first_query = max(0, k0 - offset)  # the first query that sees any key of this tile
+        for q0 in range((first_query // tile_size) * tile_size, n_queries, tile_size):
+            q1 = min(q0 + tile_size, n_queries)
+            q_tile = q[:, :, q0:q1].astype(ct) * scale
+            dout_tile = dout_c[:, :, q0:q1]
+            # forward was: S = s Q K^T (masked), P = exp(S - L)
+            scores = q_tile @ k_tile.swapaxes(-1, -2)
+            probs = xp.exp(scores - lse[:, :, q0:q1, None])
+            if k1 - 1 > offset + q0:
+                probs = xp.where(_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0), 0.0, probs)
+            # forward was: O = P V, so dV = P^T dO and dP = dO V^T
+            dv_tile += probs.swapaxes(-1, -2) @ dout_tile
+            dprobs = dout_tile @ v_tile.swapaxes(-1, -2)
+            # forward was: P = softmax(S) per row, so dS = P * (dP - rowsum(P * dP)) = P * (dP - Dvec)
+            dscores = probs * (dprobs - dvec[:, :, q0:q1, None])
+            # forward was: S = (s Q) K^T, so dQ = s dS K and dK = dS^T (s Q)
+            dq[:, :, q0:q1] += (dscores @ k_tile) * scale
+            dk_tile += dscores.swapaxes(-1, -2) @ q_tile
+        dk[:, :, k0:k1] = dk_tile
+        dv[:, :, k0:k1] = dv_tile
+    return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
+
+
+def naive_forward(q, k, v, scale=None):
+    """softmax(s Q K^T + causal mask) V with the whole (B, H, Tq, Tk) matrix: the test oracle.
+
+    Returns (out, lse). Quadratic memory; use only to check `forward` on small shapes.
+    """
+    xp = array_namespace(q, k, v)
+    n_queries, head_dim = q.shape[2], q.shape[3]
+    n_keys = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    ct = compute_dtype(xp, q.dtype)
+    scores = (q.astype(ct) @ k.astype(ct).swapaxes(-1, -2)) * scale
+    mask = _causal_mask(xp, n_keys - n_queries, n_queries, 0, n_keys)
+    scores = xp.where(mask, -xp.inf, scores)
+    row_max = scores.max(axis=-1, keepdims=True)
+    weights = xp.exp(scores - row_max)
+    row_sum = weights.sum(axis=-1, keepdims=True)
+    out = (weights / row_sum) @ v.astype(ct)
+    lse = (row_max + xp.log(row_sum))[..., 0]
+    return out.astype(q.dtype), lse
