@@ -5,8 +5,10 @@ with the fourth-order central difference
 
     f'(x; u) ~ [8 (f(x + h u) - f(x - h u)) - (f(x + 2h u) - f(x - 2h u))] / (12 h)
 
-whose truncation error is O(h^4), so h = 1e-3 leaves it far below the rounding error
-(~ eps_machine * |f| / h):
+whose truncation error is O(h^4), so h = 1e-3 * rms(x) leaves it far below the rounding error
+(~ eps_machine * |f| / h). The step is relative to the input's own scale: a function of x
+varies on the scale of x (RMSNorm of a single small entry is a near-step function of width
+|x|), so an absolute step would be too coarse for small inputs and too fine for large ones.
 
 * directions: u drawn at random with |u| = 1; the check compares f'(x; u) with <g, u> and its
   relative error is |f'(x; u) - <g, u>| / |g|, the error as a fraction of the steepest slope
@@ -75,6 +77,8 @@ def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_direc
         raise ValueError(f"{op}: gradient for {name} has shape {grad_host.shape}, expected {tuple(shape)}")
     size = grad_host.size
     dtype = inputs[name].dtype
+    input_rms = float(numpy.sqrt(numpy.mean(_to_host(inputs[name]).astype(numpy.float64) ** 2))) if size else 0.0
+    step = step * input_rms if input_rms > 0 else step
     grad_norm = float(numpy.linalg.norm(grad_host))
     grad_max = float(numpy.abs(grad_host).max()) if size else 0.0
     tiny = numpy.finfo(numpy.float64).tiny

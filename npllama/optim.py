@@ -1,0 +1,120 @@
+"""AdamW (Loshchilov & Hutter, 2019) with global-norm clipping and a cosine schedule with warmup.
+
+The paper's settings (Touvron et al. 2023, §2.3) are the defaults: beta1 = 0.9, beta2 = 0.95,
+weight decay 0.1, gradient clipping at global norm 1.0, 2000 warmup steps, and a cosine decay to
+10% of the peak learning rate. One step, for every parameter p with gradient g (t counts from 1):
+
+    c = min(1, clip / (|G| + 1e-6))         |G| the L2 norm of all gradients together
+    g = c * g
+    m = beta1 m + (1 - beta1) g
+    v = beta2 v + (1 - beta2) g^2
+    p = p - lr * wd * p                      decoupled decay, only for matrices (not norm gains)
+    p = p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+
+Parameters are updated in place (they are the optimiser's to change); gradients are not touched.
+The moments are kept in float32 or wider whatever the parameters' dtype.
+Derivation and references: reference/derivations.md#adamw
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .ops._namespace import array_namespace, compute_dtype
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global norm; 0 or None disables clipping
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """Linear warmup from peak/warmup to peak, then a half cosine down to final_ratio * peak."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int = 2000
+    final_ratio: float = 0.1
+
+    def __call__(self, step: int) -> float:
+        """Learning rate for step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        final_lr = self.final_ratio * self.peak_lr
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = min(max((step - self.warmup_steps) / decay_steps, 0.0), 1.0)
+        return final_lr + 0.5 * (self.peak_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class AdamWState:
+    """First and second moments per parameter, and the number of steps taken."""
+
+    m: dict = field(default_factory=dict)
+    v: dict = field(default_factory=dict)
+    step: int = 0
+
+
+def decays(name: str, param) -> bool:
+    """Weight decay applies to matrices (embeddings, linear weights), not to 1-D norm gains."""
+    return param.ndim >= 2
+
+
+def init_state(params: dict) -> AdamWState:
+    state = AdamWState()
+    for name, p in params.items():
+        xp = array_namespace(p)
+        state.m[name] = xp.zeros(p.shape, dtype=compute_dtype(xp, p.dtype))
+        state.v[name] = xp.zeros(p.shape, dtype=compute_dtype(xp, p.dtype))
+    return state
+
+
+def global_norm(grads: dict) -> float:
+    """L2 norm of all gradients taken together, accumulated in float64."""
+    total = 0.0
+    for g in grads.values():
+        xp = array_namespace(g)
+        g64 = g.astype(xp.float64, copy=False)
+        total += float((g64 * g64).sum())
+    return math.sqrt(total)
+
+
+def clip_coefficient(grad_norm: float, max_norm: float | None) -> float:
+    """The factor min(1, max_norm / (norm + 1e-6)) that clipping multiplies every gradient by."""
+    if not max_norm:
+        return 1.0
+    return min(1.0, max_norm / (grad_norm + 1e-6))
+
+
+def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWConfig = AdamWConfig()) -> dict:
+    """Update `params` in place by one AdamW step. Returns {"grad_norm", "clip"} for logging."""
+    missing = set(params) ^ set(grads)
+    if missing:
+        raise ValueError(f"AdamW: parameters and gradients differ in {sorted(missing)[:3]}")
+    grad_norm = global_norm(grads)
+    clip = clip_coefficient(grad_norm, config.grad_clip)
+    beta1, beta2 = config.betas
+    state.step += 1
+    bias1 = 1.0 - beta1**state.step
+    bias2 = 1.0 - beta2**state.step
+    for name, p in params.items():
+        xp = array_namespace(p)
+        m, v = state.m[name], state.v[name]
+        g = grads[name].astype(m.dtype, copy=False)
+        if clip != 1.0:
+            g = g * clip
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)
+        if config.weight_decay and decays(name, p):
+            p *= 1.0 - lr * config.weight_decay
+        update = m / (xp.sqrt(v / bias2) + config.eps)
+        update *= lr / bias1
+        p -= update.astype(p.dtype, copy=False)
+    return {"grad_norm": grad_norm, "clip": clip}

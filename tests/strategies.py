@@ -1,0 +1,36 @@
+"""Hypothesis strategies named after what they draw, shared by the test modules."""
+
+import numpy
+from hypothesis import strategies as st
+
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+batch_sizes = st.integers(min_value=1, max_value=3)
+seq_lens = st.integers(min_value=1, max_value=19)  # includes T = 1 and odd lengths
+head_counts = st.integers(min_value=1, max_value=4)
+head_dims = st.integers(min_value=1, max_value=32).map(lambda half: 2 * half)  # even, 2 .. 64
+model_dims = st.integers(min_value=1, max_value=24)
+value_scales = st.sampled_from([0.1, 1.0, 3.0])
+
+
+def rng_from(seed):
+    return numpy.random.default_rng(seed)
+
+
+@st.composite
+def attention_problems(draw):
+    """(batch, heads, seq, head_dim, tile_size): shapes for causal attention."""
+    batch, heads, seq, head_dim = draw(batch_sizes), draw(head_counts), draw(seq_lens), draw(head_dims)
+    tile_size = draw(st.integers(min_value=1, max_value=seq + 2))
+    return batch, heads, seq, head_dim, tile_size
+
+
+@st.composite
+def small_model_configs(draw):
+    """A LlamaConfig small enough to difference: 1-2 layers, 1-3 heads of even dim 2-6."""
+    from npllama.model import LlamaConfig
+
+    n_heads = draw(st.integers(1, 3))
+    head_dim = 2 * draw(st.integers(1, 3))
+    return LlamaConfig(dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads,
+                       vocab_size=draw(st.integers(2, 11)), multiple_of=draw(st.sampled_from([1, 4, 8])),
+                       max_seq_len=16, rope_theta=draw(st.sampled_from([100.0, 10000.0])))
