@@ -5,8 +5,10 @@ with the fourth-order central difference
 
     f'(x; u) ~ [8 (f(x + h u) - f(x - h u)) - (f(x + 2h u) - f(x - 2h u))] / (12 h)
 
-whose truncation error is O(h^4), so h = 1e-3 * rms(x) leaves it far below the rounding error
-(~ eps_machine * |f| / h). The step is relative to the input's own scale: a function of x
+whose truncation error is O((h/s)^4) for a function that varies on a scale s, so h = 1e-4 * rms(x)
+leaves it far below 1e-6 even where s is a hundred times smaller than x (an RMSNorm row whose
+entries are all near zero varies on the scale sqrt(eps)), while the rounding error
+(~ eps_machine * |f| / h) stays near 1e-11. The step is relative to the input's own scale: a function of x
 varies on the scale of x (RMSNorm of a single small entry is a near-step function of width
 |x|), so an absolute step would be too coarse for small inputs and too fine for large ones.
 
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass
 import numpy
 
 DEFAULT_RTOL = 1e-6
-DEFAULT_STEP = 1e-3
+DEFAULT_STEP = 1e-4
 
 
 @dataclass

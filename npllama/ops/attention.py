@@ -107,9 +107,9 @@ def backward(dout, cache):
             dout_tile = dout_c[:, :, q0:q1]
             # forward was: S = s Q K^T (masked), P = exp(S - L)
             scores = q_tile @ k_tile.swapaxes(-1, -2)
+            if k1 - 1 > offset + q0:  # mask before exp: a future score may exceed L by any amount
+                scores = xp.where(_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0), -xp.inf, scores)
             probs = xp.exp(scores - lse[:, :, q0:q1, None])
-            if k1 - 1 > offset + q0:
-                probs = xp.where(_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0), 0.0, probs)
             # forward was: O = P V, so dV = P^T dO and dP = dO V^T
             dv_tile += probs.swapaxes(-1, -2) @ dout_tile
             dprobs = dout_tile @ v_tile.swapaxes(-1, -2)

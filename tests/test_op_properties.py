@@ -1,0 +1,211 @@
+"""Properties a reader of the paper would check, beyond gradients."""
+
+import math
+
+import numpy
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
+                        seq_lens)
+
+# float64 results that differ only by the order of a few additions agree to ~1e-15 relative;
+# 1e-12 allows for the longer sums of tiled attention while catching any real difference.
+FLOAT64_TOL = 1e-12
+
+
+# --- attention --------------------------------------------------------------------------------
+
+@given(problem=attention_problems(), seed=seeds)
+def test_tiled_attention_equals_naive_softmax_attention_for_every_tile_size(problem, seed):
+    batch, heads, seq, head_dim, _ = problem
+    rng = rng_from(seed)
+    q, k, v = (rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(3))
+    expected_out, expected_lse = attention.naive_forward(q, k, v)
+    for tile_size in range(1, seq + 2):
+        out, cache = attention.forward(q, k, v, tile_size)
+        numpy.testing.assert_allclose(out, expected_out, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+        numpy.testing.assert_allclose(cache[4], expected_lse, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+
+
+@given(problem=attention_problems(), seed=seeds)
+def test_attention_gradients_do_not_depend_on_tile_size(problem, seed):
+    batch, heads, seq, head_dim, tile_size = problem
+    rng = rng_from(seed)
+    q, k, v, dout = (rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(4))
+    reference = attention.backward(dout, attention.forward(q, k, v, seq)[1])  # one tile: no tiling
+    tiled = attention.backward(dout, attention.forward(q, k, v, tile_size)[1])
+    for expected, got in zip(reference, tiled):
+        numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@given(seq=st.integers(2, 19), n_cached=st.integers(0, 18), head_dim=head_dims, seed=seeds,
+       tile_size=st.integers(1, 8))
+def test_attention_with_fewer_queries_than_keys_equals_the_last_rows_of_full_attention(
+        seq, n_cached, head_dim, seed, tile_size):
+    """Decoding with a KV cache: the last queries see every earlier key, nothing later."""
+    n_cached = min(n_cached, seq - 1)
+    rng = rng_from(seed)
+    q, k, v = (rng.standard_normal((2, 2, seq, head_dim)) for _ in range(3))
+    full, _ = attention.forward(q, k, v, tile_size)
+    last, _ = attention.forward(q[:, :, n_cached:], k, v, tile_size)
+    numpy.testing.assert_allclose(last, full[:, :, n_cached:], rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+
+
+@given(problem=attention_problems(), position=st.integers(0, 18), seed=seeds)
+def test_attention_is_causal(problem, position, seed):
+    """Changing keys and values after position t changes no output at or before t."""
+    batch, heads, seq, head_dim, tile_size = problem
+    position = min(position, seq - 1)
+    rng = rng_from(seed)
+    q, k, v = (rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(3))
+    out, _ = attention.forward(q, k, v, tile_size)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, position + 1:] += 10 * rng.standard_normal(k2[:, :, position + 1:].shape)
+    v2[:, :, position + 1:] += 10 * rng.standard_normal(v2[:, :, position + 1:].shape)
+    out2, _ = attention.forward(q, k2, v2, tile_size)
+    numpy.testing.assert_array_equal(out2[:, :, :position + 1], out[:, :, :position + 1])
+
+
+def test_attention_keeps_float32_in_float32():
+    rng = rng_from(0)
+    q, k, v = (rng.standard_normal((1, 2, 5, 4)).astype(numpy.float32) for _ in range(3))
+    out, cache = attention.forward(q, k, v, 2)
+    assert out.dtype == numpy.float32 and cache[4].dtype == numpy.float32
+    assert all(g.dtype == numpy.float32 for g in attention.backward(out, cache))
+
+
+# --- rope -------------------------------------------------------------------------------------
+
+@given(batch=batch_sizes, seq=seq_lens, heads=head_counts, head_dim=head_dims, seed=seeds)
+def test_rope_preserves_the_norm_of_every_pair(batch, seq, heads, head_dim, seed):
+    rng = rng_from(seed)
+    x = rng.standard_normal((batch, seq, heads, head_dim))
+    cos, sin = rope.frequencies(head_dim, numpy.arange(seq))
+    y, _ = rope.forward(x, cos, sin)
+    pair_norms = lambda a: numpy.hypot(a[..., 0::2], a[..., 1::2])
+    numpy.testing.assert_allclose(pair_norms(y), pair_norms(x), rtol=FLOAT64_TOL)
+
+
+@given(head_dim=head_dims, m=st.integers(0, 4096), n=st.integers(0, 4096), shift=st.integers(-2000, 2000),
+       seed=seeds)
+def test_rope_dot_product_depends_only_on_relative_position(head_dim, m, n, shift, seed):
+    """<rope(q, m), rope(k, n)> = <rope(q, m + s), rope(k, n + s)> for any shift s."""
+    shift = max(shift, -min(m, n))
+    rng = rng_from(seed)
+    q, k = (rng.standard_normal((1, 1, 1, head_dim)) for _ in range(2))
+
+    def rotated_dot(pos_q, pos_k):
+        cos_q, sin_q = rope.frequencies(head_dim, numpy.array([pos_q]))
+        cos_k, sin_k = rope.frequencies(head_dim, numpy.array([pos_k]))
+        return float((rope.forward(q, cos_q, sin_q)[0] * rope.forward(k, cos_k, sin_k)[0]).sum())
+
+    # angles up to ~6000 rad are rounded to ~1e-12 rad, so dot products agree to ~1e-11 * |q||k|
+    scale = numpy.linalg.norm(q) * numpy.linalg.norm(k)
+    assert abs(rotated_dot(m, n) - rotated_dot(m + shift, n + shift)) <= 1e-10 * scale
+
+
+def test_rope_uses_meta_interleaved_pairs():
+    """Position 1, head_dim 4: pair (0, 1) turns by 1 rad, pair (2, 3) by theta^(-1/2) rad."""
+    x = numpy.array([1.0, 0.0, 1.0, 0.0]).reshape(1, 1, 1, 4)
+    cos, sin = rope.frequencies(4, numpy.array([1]), theta=10000.0)
+    y, _ = rope.forward(x, cos, sin)
+    expected = [math.cos(1.0), math.sin(1.0), math.cos(0.01), math.sin(0.01)]
+    numpy.testing.assert_allclose(y.reshape(-1), expected, rtol=1e-15)
+
+
+# --- rmsnorm ----------------------------------------------------------------------------------
+
+@given(batch=batch_sizes, dim=st.integers(2, 24), factor=st.floats(1e-2, 1e3), seed=seeds)
+def test_rmsnorm_is_invariant_to_input_scale(batch, dim, factor, seed):
+    rng = rng_from(seed)
+    x = rng.standard_normal((batch, 3, dim))
+    weight = rng.standard_normal(dim)
+    eps = 0.0  # with eps = 0 the invariance is exact; eps only guards x = 0
+    numpy.testing.assert_allclose(rmsnorm.forward(factor * x, weight, eps)[0], rmsnorm.forward(x, weight, eps)[0],
+                                  rtol=1e-12)
+
+
+def test_rmsnorm_output_has_unit_rms_before_the_gain():
+    x = rng_from(3).standard_normal((4, 16)) * 7
+    y, _ = rmsnorm.forward(x, numpy.ones(16), 0.0)
+    numpy.testing.assert_allclose(numpy.sqrt((y * y).mean(-1)), 1.0, rtol=1e-14)
+
+
+def test_rmsnorm_statistics_do_not_overflow_in_float16():
+    """Squares of 1e3 overflow float16 (max 65504); the statistics run in float32."""
+    x = numpy.full((1, 8), 1000.0, dtype=numpy.float16)
+    y, _ = rmsnorm.forward(x, numpy.ones(8, dtype=numpy.float16), 1e-6)
+    assert y.dtype == numpy.float16
+    numpy.testing.assert_allclose(y.astype(float), 1.0, rtol=1e-3)
+
+
+# --- embedding, linear, swiglu ------------------------------------------------------------------
+
+def test_embedding_backward_adds_up_repeated_ids():
+    weight = numpy.zeros((4, 2))
+    ids = numpy.array([[1, 1, 3, 1]])
+    dout = numpy.arange(8.0).reshape(1, 4, 2)
+    dweight = embedding.backward(dout, embedding.forward(ids, weight)[1])
+    numpy.testing.assert_array_equal(dweight, [[0, 0], [0 + 2 + 6, 1 + 3 + 7], [0, 0], [4, 5]])
+
+
+@given(batch=batch_sizes, seq=seq_lens, n_in=model_dims, n_out=model_dims, seed=seeds)
+def test_linear_flattens_leading_dims_into_one_product(batch, seq, n_in, n_out, seed):
+    rng = rng_from(seed)
+    x, weight = rng.standard_normal((batch, seq, n_in)), rng.standard_normal((n_out, n_in))
+    y, _ = linear.forward(x, weight)
+    numpy.testing.assert_allclose(y, numpy.einsum("btk,nk->btn", x, weight), rtol=1e-12, atol=1e-12)
+
+
+def test_swiglu_is_finite_for_large_negative_and_positive_gates():
+    a = numpy.array([-1000.0, -50.0, 0.0, 50.0, 1000.0])
+    y, cache = swiglu.forward(a, numpy.ones(5))
+    assert numpy.isfinite(y).all() and numpy.isfinite(swiglu.backward(numpy.ones(5), cache)).all()
+    numpy.testing.assert_allclose(y, [0.0, -50.0 / (1 + math.exp(50.0)), 0.0, 50.0 / (1 + math.exp(-50.0)), 1000.0])
+
+
+# --- cross-entropy ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [numpy.float32, numpy.float64])
+def test_cross_entropy_is_exact_for_logits_of_magnitude_1e4(dtype):
+    rng = rng_from(4)
+    logits = (rng.uniform(-1e4, 1e4, (6, 50))).astype(dtype)
+    targets = rng.integers(0, 50, 6)
+    loss, cache = cross_entropy.forward(logits, targets)
+    # closed form in float64: logsumexp is within log(V) of the max, which dominates exactly
+    z = logits.astype(numpy.float64)
+    row_max = z.max(-1)
+    expected = numpy.mean(row_max + numpy.log(numpy.exp(z - row_max[:, None]).sum(-1)) - z[numpy.arange(6), targets])
+    # the only rounding left is float32's (m - z[y]), ~6e-8 relative, and a sum of six rows
+    assert float(loss) == pytest.approx(expected, rel=1e-6 if dtype == numpy.float32 else 1e-13)
+    dlogits = cross_entropy.backward(1.0, cache)
+    assert numpy.isfinite(dlogits).all() and dlogits.dtype == dtype
+    # each row is (softmax - onehot) / 6: it sums to zero up to float32 rounding of 50 terms
+    numpy.testing.assert_allclose(dlogits.sum(-1), 0.0, atol=1e-6)
+
+
+def test_cross_entropy_keeps_a_tiny_loss_next_to_huge_logits_in_float32():
+    """A confident row: loss = log(1 + e^-20) ~ 2e-9, though |z| = 1e4 has float32 spacing 1e-3."""
+    logits = numpy.array([[1e4, 1e4 - 20.0]], dtype=numpy.float32)
+    loss, cache = cross_entropy.forward(logits, numpy.array([0]))
+    assert float(loss) == pytest.approx(math.log1p(math.exp(-20.0)), rel=1e-6)
+    dlogits = cross_entropy.backward(1.0, cache)
+    numpy.testing.assert_allclose(dlogits, [[-math.exp(-20.0), math.exp(-20.0)]], rtol=1e-5)
+
+
+def test_cross_entropy_ignores_rows_and_averages_over_the_rest():
+    logits = numpy.log(numpy.array([[1.0, 3.0], [1.0, 1.0], [2.0, 2.0]]))
+    targets = numpy.array([1, -100, 0])
+    loss, cache = cross_entropy.forward(logits, targets)
+    assert float(loss) == pytest.approx((-math.log(0.75) - math.log(0.5)) / 2, rel=1e-14)
+    dlogits = cross_entropy.backward(1.0, cache)
+    numpy.testing.assert_allclose(dlogits, [[0.25 / 2, -0.25 / 2], [0.0, 0.0], [-0.5 / 2, 0.5 / 2]], atol=1e-15)
+
+
+def test_cross_entropy_of_only_ignored_rows_is_zero_not_nan():
+    loss, cache = cross_entropy.forward(numpy.ones((3, 4)), numpy.full(3, -100))
+    assert float(loss) == 0.0
+    numpy.testing.assert_array_equal(cross_entropy.backward(1.0, cache), 0.0)
