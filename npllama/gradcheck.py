@@ -21,6 +21,13 @@ varies on the scale of x (RMSNorm of a single small entry is a near-step functio
 
 Both are scale-free norm-wise relative errors: they cannot be inflated by an entry that happens
 to be near zero, and a wrong entry anywhere above a millionth of the gradient's size fails.
+
+A gradient can also be exactly zero (attention's dq at T = 1: one key, softmax = 1 whatever q
+is), where any relative error is rounding noise over nothing. So the denominator never drops
+below the scale the differences can resolve: one difference quotient carries a rounding error
+of about r = eps_machine * F / h, F the size of the terms summed into f, and gradients smaller
+than r * 100 / rtol (about 2e-4 F / rms(x) here) are judged against that floor, i.e. with an
+absolute tolerance of 1e-2 * r. Above it, the check is purely relative.
 An op is checked through f(x) = sum(forward(x) * w) for a fixed random cotangent w, whose
 gradient is exactly what backward(w) claims to return.
 """
@@ -66,11 +73,12 @@ def directional_derivative(func, inputs: dict, name: str, direction, step: float
 
 def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_directions: int = 4,
                    max_elements: int = 48, rtol: float = DEFAULT_RTOL, step: float = DEFAULT_STEP,
-                   label: str | None = None) -> CheckResult:
+                   f_scale: float | None = None, label: str | None = None) -> CheckResult:
     """Compare `grad` (claimed df/d inputs[name]) with finite differences of the scalar `func`.
 
     Checks `n_directions` random unit directions and up to `max_elements` single entries (all of
-    them when the tensor is that small, else a random sample without repetition).
+    them when the tensor is that small, else a random sample without repetition). `f_scale` is
+    the size of the terms summed into f (default |f(inputs)|), which sets the rounding floor.
     """
     xp = _namespace_of(inputs[name])
     grad_host = _to_host(grad).astype(numpy.float64)
@@ -83,7 +91,9 @@ def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_direc
     step = step * input_rms if input_rms > 0 else step
     grad_norm = float(numpy.linalg.norm(grad_host))
     grad_max = float(numpy.abs(grad_host).max()) if size else 0.0
-    tiny = numpy.finfo(numpy.float64).tiny
+    f_scale = abs(float(func(inputs))) if f_scale is None else f_scale
+    rounding = numpy.finfo(numpy.float64).eps * f_scale / step
+    tiny = max(rounding * 100.0 / rtol, numpy.finfo(numpy.float64).tiny)
     max_abs, max_rel = 0.0, 0.0
 
     for _ in range(n_directions):
@@ -131,7 +141,9 @@ def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, **kw
         value, _ = forward(**values)
         return (value * cotangent).sum()
 
-    return [check_gradient(op, func, inputs, name, grad, rng, **kwargs) for name, grad in zip(wrt, grads)]
+    f_scale = float(abs(out * cotangent).sum())
+    return [check_gradient(op, func, inputs, name, grad, rng, f_scale=f_scale, **kwargs)
+            for name, grad in zip(wrt, grads)]
 
 
 def _namespace_of(array):

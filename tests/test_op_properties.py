@@ -209,3 +209,16 @@ def test_cross_entropy_of_only_ignored_rows_is_zero_not_nan():
     loss, cache = cross_entropy.forward(numpy.ones((3, 4)), numpy.full(3, -100))
     assert float(loss) == 0.0
     numpy.testing.assert_array_equal(cross_entropy.backward(1.0, cache), 0.0)
+
+
+def test_cross_entropy_ignored_rows_get_zero_gradient_even_when_their_logits_are_not_finite():
+    logits = numpy.array([[0.0, 1.0], [numpy.nan, numpy.inf]])
+    loss, cache = cross_entropy.forward(logits, numpy.array([1, -100]))
+    assert math.isfinite(float(loss))
+    numpy.testing.assert_array_equal(cross_entropy.backward(1.0, cache)[1], 0.0)
+
+
+@pytest.mark.parametrize("bad_target", [-1, 5])
+def test_cross_entropy_rejects_targets_outside_the_vocabulary(bad_target):
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\)"):
+        cross_entropy.forward(numpy.zeros((2, 5)), numpy.array([0, bad_target]))

@@ -32,6 +32,8 @@ def forward(logits, targets, ignore_index=-100):
     ct = compute_dtype(xp, logits.dtype)
     counted = y != ignore_index
     n_counted = int(counted.sum())
+    if n_counted and bool(((y < 0) | (y >= vocab))[counted].any()):
+        raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index {ignore_index}")
     safe_targets = xp.where(counted, y, 0)
 
     rows = xp.arange(z.shape[0])
@@ -71,4 +73,5 @@ def backward(dloss, cache):
     target_grad = xp.where(safe_targets == argmax, -rest * row_scale / (1.0 + rest),
                            dlogits[rows, safe_targets] - row_scale)
     dlogits[rows, safe_targets] = target_grad
+    dlogits[~counted] = 0.0  # an ignored row's logits may be inf or nan; 0 * nan would be nan
     return dlogits.astype(logits.dtype, copy=False).reshape(logits.shape)

@@ -1,0 +1,136 @@
+"""The assembled model: presets, recompute, causality, dtype, and its error messages."""
+
+import math
+
+import numpy
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npllama import model
+from npllama.model import LlamaConfig
+from strategies import rng_from, seeds, small_model_configs
+
+
+def random_batch(config, batch, seq, seed):
+    rng = rng_from(seed)
+    return rng.integers(0, config.vocab_size, (batch, seq)), rng.integers(0, config.vocab_size, (batch, seq))
+
+
+@pytest.mark.parametrize("name, billions", [("7B", 6.7), ("13B", 13.0), ("33B", 32.5), ("65B", 65.2)])
+def test_paper_presets_have_the_papers_parameter_counts(name, billions):
+    # the paper rounds to one decimal: 6.7B is 6.65 .. 6.75B, well inside 1%
+    assert model.PRESETS[name].n_params() / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_7b_preset_matches_metas_shapes():
+    config = model.PRESETS["7B"]
+    assert (config.dim, config.n_layers, config.n_heads, config.head_dim, config.ffn_dim) == (4096, 32, 32, 128, 11008)
+    assert config.n_params() == 6_738_415_616  # the count Meta's 7B checkpoint holds
+
+
+def test_ffn_width_follows_metas_rule():
+    assert [model.PRESETS[n].ffn_dim for n in ("7B", "13B", "33B", "65B")] == [11008, 13824, 17920, 22016]
+
+
+def test_parameter_names_and_shapes_are_metas():
+    config = model.PRESETS["nano"]
+    params = model.init_params(config)
+    assert set(params) == set(model.parameter_shapes(config))
+    assert params["layers.1.feed_forward.w2.weight"].shape == (config.dim, config.ffn_dim)  # [out, in]
+    assert params["output.weight"].shape == (config.vocab_size, config.dim)
+    assert sum(p.size for p in params.values()) == config.n_params()
+    assert all(p.dtype == numpy.float32 for p in params.values())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dim": 10, "n_heads": 3}, "not divisible"),
+    ({"dim": 6, "n_heads": 2}, "must be even"),
+    ({"n_layers": 0}, "positive integer"),
+    ({"norm_eps": 0.0}, "must be positive"),
+])
+def test_bad_configs_are_rejected_with_a_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig(**kwargs)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="unknown preset 'huge'.*nano"):
+        model.get_preset("huge")
+
+
+def test_a_sequence_longer_than_max_seq_len_is_rejected():
+    config = model.PRESETS["nano"]
+    with pytest.raises(ValueError, match="exceeds max_seq_len 128"):
+        model.forward(model.init_params(config), config, numpy.zeros((1, 129), dtype=int))
+
+
+@given(config=small_model_configs(), batch=st.integers(1, 3), seq=st.integers(1, 12), seed=seeds,
+       tile_size=st.integers(1, 6))
+def test_recompute_on_and_off_give_bitwise_identical_gradients(config, batch, seq, seed, tile_size):
+    params = model.init_params(config, seed=seed % 1000, dtype="float32")
+    tokens, targets = random_batch(config, batch, seq, seed)
+    loss_on, grads_on = model.loss_and_grads(params, config, tokens, targets, recompute=True, tile_size=tile_size)
+    loss_off, grads_off = model.loss_and_grads(params, config, tokens, targets, recompute=False, tile_size=tile_size)
+    assert loss_on == loss_off
+    for name in params:
+        numpy.testing.assert_array_equal(grads_on[name], grads_off[name], err_msg=name)
+
+
+def test_recompute_keeps_only_the_expensive_activations():
+    config = model.PRESETS["nano"]
+    params = model.init_params(config)
+    x = rng_from(0).standard_normal((2, 8, config.dim)).astype(numpy.float32)
+    cos, sin = model.rope_tables(config, 8, numpy.float32, numpy)
+    _, kept = model.block_forward(model._layer_weights(params, 0), x, cos, sin, config, recompute=True)
+    assert set(kept) == {"x", "q", "k", "v", "attn_out", "attn_lse", "h", "a", "b"}
+    _, everything = model.block_forward(model._layer_weights(params, 0), x, cos, sin, config, recompute=False)
+    assert set(everything) > set(kept)
+
+
+@given(config=small_model_configs(), seq=st.integers(2, 12), position=st.integers(0, 10), seed=seeds)
+def test_model_is_causal(config, seq, position, seed):
+    """Changing the tokens after position t changes no logit at or before t."""
+    position = min(position, seq - 2)
+    params = model.init_params(config, seed=seed % 1000, dtype="float64", std=0.5)
+    tokens, _ = random_batch(config, 2, seq, seed)
+    changed = tokens.copy()
+    changed[:, position + 1:] = (changed[:, position + 1:] + 1) % config.vocab_size
+    before = model.forward(params, config, tokens, tile_size=3)
+    after = model.forward(params, config, changed, tile_size=3)
+    numpy.testing.assert_array_equal(after[:, :position + 1], before[:, :position + 1])
+    if config.vocab_size > 1:
+        assert not numpy.array_equal(after[:, position + 1:], before[:, position + 1:])
+
+
+def test_initial_loss_is_close_to_log_vocab():
+    """Small initial weights give nearly uniform predictions: the loss starts at about ln V."""
+    config = model.PRESETS["nano"]
+    params = model.init_params(config)
+    tokens, targets = random_batch(config, 4, 32, 0)
+    assert model.loss(params, config, tokens, targets) == pytest.approx(math.log(config.vocab_size), rel=0.01)
+
+
+def test_float32_gradients_agree_with_float64():
+    """The float32 path computes the same function: gradients agree to float32 precision."""
+    config = model.PRESETS["nano"]
+    params64 = model.init_params(config, dtype="float64")
+    params32 = {name: p.astype(numpy.float32) for name, p in params64.items()}
+    tokens, targets = random_batch(config, 2, 16, 1)
+    loss64, grads64 = model.loss_and_grads(params64, config, tokens, targets)
+    loss32, grads32 = model.loss_and_grads(params32, config, tokens, targets)
+    assert loss32 == pytest.approx(loss64, rel=1e-5)
+    for name in params64:
+        assert grads32[name].dtype == numpy.float32
+        # norm-wise: float32 rounding (~6e-8) grown by a few hundred operations in sequence
+        scale = numpy.abs(grads64[name]).max()
+        assert numpy.abs(grads32[name] - grads64[name]).max() <= 1e-4 * scale, name
+
+
+def test_gradient_descent_on_one_batch_lowers_the_loss():
+    config = model.PRESETS["nano"]
+    params = model.init_params(config, dtype="float64")
+    tokens, targets = random_batch(config, 2, 16, 2)
+    loss0, grads = model.loss_and_grads(params, config, tokens, targets)
+    stepped = {name: p - 0.5 * grads[name] for name, p in params.items()}
+    assert model.loss(stepped, config, tokens, targets) < loss0
