@@ -3,31 +3,31 @@
 For a scalar function f and its claimed gradient g = df/dx, two kinds of check, both in float64
 with the fourth-order central difference
 
-    f'(x; u) ~ [8 (f(x + h u) - f(x - h u)) - (f(x + 2h u) - f(x - 2h u))] / (12 h)
+    D(h) = [8 (f(x + h u) - f(x - h u)) - (f(x + 2h u) - f(x - 2h u))] / (12 h)  ~  f'(x; u)
 
-whose truncation error is O((h/s)^4) for a function that varies on a scale s, so h = 1e-4 * rms(x)
-leaves it far below 1e-6 even where s is a hundred times smaller than x (an RMSNorm row whose
-entries are all near zero varies on the scale sqrt(eps)), while the rounding error
-(~ eps_machine * |f| / h) stays near 1e-11. The step is relative to the input's own scale: a function of x
-varies on the scale of x (RMSNorm of a single small entry is a near-step function of width
-|x|), so an absolute step would be too coarse for small inputs and too fine for large ones.
-
-* directions: u drawn at random with |u| = 1; the check compares f'(x; u) with <g, u> and its
-  relative error is |f'(x; u) - <g, u>| / |g|, the error as a fraction of the steepest slope
+* directions: u drawn at random with |u| = 1; the check compares D with <g, u> and its
+  relative error is |D - <g, u>| / |g|, the error as a fraction of the steepest slope
   (the largest <g, u> any unit direction can give);
 * elements: u = e_i for every entry of a small tensor (or a random sample of a big one); the
-  relative error is |f'(x; e_i) - g_i| / max_j |g_j|, the error as a fraction of the largest
-  entry of the gradient.
+  relative error is |D - g_i| / max_j |g_j|, the error as a fraction of the largest entry.
 
 Both are scale-free norm-wise relative errors: they cannot be inflated by an entry that happens
 to be near zero, and a wrong entry anywhere above a millionth of the gradient's size fails.
 
+The step. D(h) has a truncation error of order (h/s)^4 when f varies on a scale s, and a
+rounding error of about r = eps_machine * F / h, F the size of the terms summed into f. The
+first step is h = 1e-4 * rms(x), relative to the input's own scale; then D(h/4) is computed too,
+and while the two disagree by more than rounding can explain, h is divided by 4 again (at most
+five times). Near a feature much narrower than x (an RMSNorm row whose entries are all near 0
+varies on the scale sqrt(eps)) the step shrinks until the difference has converged; elsewhere
+the first pair already agrees. The choice never looks at g.
+
 A gradient can also be exactly zero (attention's dq at T = 1: one key, softmax = 1 whatever q
 is), where any relative error is rounding noise over nothing. So the denominator never drops
-below the scale the differences can resolve: one difference quotient carries a rounding error
-of about r = eps_machine * F / h, F the size of the terms summed into f, and gradients smaller
-than r * 100 / rtol (about 2e-4 F / rms(x) here) are judged against that floor, i.e. with an
-absolute tolerance of 1e-2 * r. Above it, the check is purely relative.
+below the scale the differences can resolve: gradients smaller than r * 100 / rtol (about
+2e-4 F / rms(x)) are judged against that floor, i.e. with an absolute tolerance of 1e-2 * r.
+Above it, the check is purely relative.
+
 An op is checked through f(x) = sum(forward(x) * w) for a fixed random cotangent w, whose
 gradient is exactly what backward(w) claims to return.
 """
@@ -40,6 +40,8 @@ import numpy
 
 DEFAULT_RTOL = 1e-6
 DEFAULT_STEP = 1e-4
+MAX_REFINEMENTS = 5
+EPS = float(numpy.finfo(numpy.float64).eps)
 
 
 @dataclass
@@ -60,7 +62,7 @@ class CheckResult:
 
 
 def directional_derivative(func, inputs: dict, name: str, direction, step: float = DEFAULT_STEP) -> float:
-    """Fourth-order central difference of func(inputs) along `direction` in inputs[name]."""
+    """The fourth-order central difference D(step) of func(inputs) along `direction` in inputs[name]."""
     base = inputs[name]
 
     def at(t):
@@ -69,6 +71,23 @@ def directional_derivative(func, inputs: dict, name: str, direction, step: float
         return float(func(shifted))
 
     return (8.0 * (at(step) - at(-step)) - (at(2 * step) - at(-2 * step))) / (12.0 * step)
+
+
+def converged_derivative(func, inputs: dict, name: str, direction, step: float, f_scale: float,
+                         agreement: float) -> float:
+    """D(h) for h = step, step/4, ...: stop when two successive estimates agree.
+
+    They agree when they differ by less than `agreement` (a small fraction of the gradient's
+    scale) or by less than what rounding alone produces at the finer step.
+    """
+    coarse = directional_derivative(func, inputs, name, direction, step)
+    for _ in range(MAX_REFINEMENTS):
+        step /= 4.0
+        fine = directional_derivative(func, inputs, name, direction, step)
+        if abs(fine - coarse) <= max(agreement, 10.0 * EPS * f_scale / step):
+            return fine
+        coarse = fine
+    return coarse
 
 
 def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_directions: int = 4,
@@ -82,28 +101,32 @@ def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_direc
     """
     xp = _namespace_of(inputs[name])
     grad_host = _to_host(grad).astype(numpy.float64)
-    shape = inputs[name].shape
-    if grad_host.shape != tuple(shape):
-        raise ValueError(f"{op}: gradient for {name} has shape {grad_host.shape}, expected {tuple(shape)}")
+    x_host = _to_host(inputs[name]).astype(numpy.float64)
+    shape = x_host.shape
+    if grad_host.shape != shape:
+        raise ValueError(f"{op}: gradient for {name} has shape {grad_host.shape}, expected {shape}")
     size = grad_host.size
     dtype = inputs[name].dtype
-    input_rms = float(numpy.sqrt(numpy.mean(_to_host(inputs[name]).astype(numpy.float64) ** 2))) if size else 0.0
+    input_rms = float(numpy.sqrt(numpy.mean(x_host**2))) if size else 0.0
     step = step * input_rms if input_rms > 0 else step
-    grad_norm = float(numpy.linalg.norm(grad_host))
-    grad_max = float(numpy.abs(grad_host).max()) if size else 0.0
     f_scale = abs(float(func(inputs))) if f_scale is None else f_scale
-    rounding = numpy.finfo(numpy.float64).eps * f_scale / step
-    tiny = max(rounding * 100.0 / rtol, numpy.finfo(numpy.float64).tiny)
+    floor = max(EPS * f_scale / step * 100.0 / rtol, numpy.finfo(numpy.float64).tiny)
+    grad_norm = max(float(numpy.linalg.norm(grad_host)), floor)
+    grad_max = max(float(numpy.abs(grad_host).max()) if size else 0.0, floor)
     max_abs, max_rel = 0.0, 0.0
+
+    def compare(direction, analytic, scale):
+        nonlocal max_abs, max_rel
+        numeric = converged_derivative(func, inputs, name, xp.asarray(direction.astype(dtype)), step, f_scale,
+                                       agreement=1e-2 * rtol * scale)
+        abs_err = abs(numeric - analytic)
+        max_abs = max(max_abs, abs_err)
+        max_rel = max(max_rel, abs_err / max(scale, abs(numeric)))
 
     for _ in range(n_directions):
         direction = rng.standard_normal(shape)
         direction /= numpy.linalg.norm(direction) or 1.0
-        numeric = directional_derivative(func, inputs, name, xp.asarray(direction.astype(dtype)), step)
-        analytic = float((grad_host * direction).sum())
-        abs_err = abs(numeric - analytic)
-        max_abs = max(max_abs, abs_err)
-        max_rel = max(max_rel, abs_err / max(grad_norm, abs(numeric), tiny))
+        compare(direction, float((grad_host * direction).sum()), grad_norm)
 
     if size <= max_elements:
         flat_indices = numpy.arange(size)
@@ -112,11 +135,7 @@ def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_direc
     for flat in flat_indices:
         unit = numpy.zeros(size)
         unit[flat] = 1.0
-        numeric = directional_derivative(func, inputs, name, xp.asarray(unit.reshape(shape).astype(dtype)), step)
-        analytic = float(grad_host.reshape(-1)[flat])
-        abs_err = abs(numeric - analytic)
-        max_abs = max(max_abs, abs_err)
-        max_rel = max(max_rel, abs_err / max(grad_max, abs(numeric), tiny))
+        compare(unit.reshape(shape), float(grad_host.reshape(-1)[flat]), grad_max)
 
     passed = bool(numpy.isfinite(max_rel) and max_rel <= rtol)
     return CheckResult(op, label or name, max_abs, max_rel, passed, n_directions, len(flat_indices))
