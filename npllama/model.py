@@ -364,3 +364,18 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
     grads["tok_embeddings.weight"] = embedding.backward(dh, emb_cache)
     grads = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
     return float(value), grads
+
+
+def describe_presets() -> str:
+    """A table of every preset: shape and parameter count (`python -m npllama.model`)."""
+    lines = [f"{'preset':<7} {'dim':>5} {'layers':>6} {'heads':>5} {'ffn':>6} {'vocab':>6}  params"]
+    for name, c in PRESETS.items():
+        count = c.n_params()
+        human = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+        lines.append(f"{name:<7} {c.dim:>5} {c.n_layers:>6} {c.n_heads:>5} {c.ffn_dim:>6} {c.vocab_size:>6}  "
+                     f"{human} ({count:,})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe_presets())

@@ -134,3 +134,12 @@ def test_gradient_descent_on_one_batch_lowers_the_loss():
     loss0, grads = model.loss_and_grads(params, config, tokens, targets)
     stepped = {name: p - 0.5 * grads[name] for name, p in params.items()}
     assert model.loss(stepped, config, tokens, targets) < loss0
+
+
+def test_preset_table_reports_the_7b_model_as_6_7b_parameters():
+    import subprocess
+    import sys
+
+    table = subprocess.run([sys.executable, "-m", "npllama.model"], capture_output=True, text=True, check=True).stdout
+    row = next(line for line in table.splitlines() if line.startswith("7B "))
+    assert "6.7B (6,738,415,616)" in row
