@@ -18,7 +18,6 @@ one key has dq = 0 exactly; torch returns ~1e-16 there.)
 """
 
 import importlib.util
-import math
 from pathlib import Path
 
 import numpy
@@ -28,8 +27,8 @@ from hypothesis import strategies as st
 
 from npllama import model, optim
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
-from strategies import attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds, \
-    seq_lens, small_model_configs
+from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
+                        seq_lens, small_model_configs)
 
 torch = pytest.importorskip("torch", reason="the oracle tests need PyTorch: pip install '.[test]'")
 F = torch.nn.functional
