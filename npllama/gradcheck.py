@@ -25,7 +25,7 @@ the first pair already agrees. The choice never looks at g.
 A gradient can also be exactly zero (attention's dq at T = 1: one key, softmax = 1 whatever q
 is), where any relative error is rounding noise over nothing. So the denominator never drops
 below the scale the differences can resolve: gradients smaller than r * 100 / rtol (about
-2e-4 F / rms(x)) are judged against that floor, i.e. with an absolute tolerance of 1e-2 * r.
+2e-4 F / rms(x)) are judged against that floor, i.e. with an absolute tolerance of 100 r.
 Above it, the check is purely relative.
 
 An op is checked through f(x) = sum(forward(x) * w) for a fixed random cotangent w, whose

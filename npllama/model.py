@@ -189,7 +189,7 @@ def _norm1(w, saved, config):
     return rmsnorm.forward(saved["x"], w["attention_norm"], config.norm_eps)
 
 
-def _rotated(w, saved, config, cos, sin, xp):
+def _rotated(saved, config, cos, sin, xp):
     """rope(q), rope(k) in the attention layout: recomputable from the saved projections."""
     q_rot, _ = rope.forward(_split_heads(saved["q"], config.n_heads), cos, sin)
     k_rot, _ = rope.forward(_split_heads(saved["k"], config.n_heads), cos, sin)
@@ -223,11 +223,11 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
     saved["q"], _ = linear.forward(n1, w["wq"])
     saved["k"], _ = linear.forward(n1, w["wk"])
     saved["v"], _ = linear.forward(n1, w["wv"])
-    saved["rotated"] = _rotated(w, saved, config, cos, sin, xp)
+    saved["rotated"] = _rotated(saved, config, cos, sin, xp)
     q_rot, k_rot = saved["rotated"]
     v_heads = _to_attention_layout(_split_heads(saved["v"], config.n_heads), xp)
     attn_out, attn_cache = attention.forward(q_rot, k_rot, v_heads, tile_size)
-    saved["attn_out"], saved["attn_lse"] = attn_out, attn_cache[4]
+    saved["attn_out"], saved["attn_lse"] = attn_out, attn_cache.lse
     attn_flat = attn_out.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
     projected, _ = linear.forward(attn_flat, w["wo"])
     saved["h"] = x + projected
@@ -250,7 +250,7 @@ def block_backward(dy, w, saved, cos, sin, config, tile_size=attention.DEFAULT_T
     batch, seq, dim = dy.shape
     # recompute what the forward pass chose not to keep (same functions, same inputs)
     norm1 = saved["norm1"] if "norm1" in saved else _norm1(w, saved, config)
-    q_rot, k_rot = saved["rotated"] if "rotated" in saved else _rotated(w, saved, config, cos, sin, xp)
+    q_rot, k_rot = saved["rotated"] if "rotated" in saved else _rotated(saved, config, cos, sin, xp)
     norm2 = saved["norm2"] if "norm2" in saved else _norm2(w, saved, config)
     gate = saved["gate"] if "gate" in saved else _gate(saved)
     grads = {}
@@ -270,8 +270,8 @@ def block_backward(dy, w, saved, cos, sin, config, tile_size=attention.DEFAULT_T
     dattn_flat, grads["wo"] = linear.backward(dh, (attn_flat, w["wo"]))
     dattn = _to_attention_layout(_split_heads(dattn_flat, config.n_heads), xp)
     v_heads = _to_attention_layout(_split_heads(saved["v"], config.n_heads), xp)
-    attn_cache = (q_rot, k_rot, v_heads, saved["attn_out"], saved["attn_lse"], tile_size,
-                  1.0 / math.sqrt(config.head_dim))
+    attn_cache = attention.AttentionCache(q_rot, k_rot, v_heads, saved["attn_out"], saved["attn_lse"],
+                                          tile_size, 1.0 / math.sqrt(config.head_dim))
     dq_rot, dk_rot, dv = attention.backward(dattn, attn_cache)
     # forward was: q_rot = rope(q), k_rot = rope(k), in (B, T, H, D) before the layout change
     dq = rope.backward(dq_rot.transpose(0, 2, 1, 3), (cos, sin)).reshape(batch, seq, dim)
@@ -299,6 +299,9 @@ def _check_tokens(tokens, config):
         raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
     if tokens.shape[1] > config.max_seq_len:
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {config.max_seq_len}")
+    if tokens.size and not bool(((tokens >= 0) & (tokens < config.vocab_size)).all()):
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), the model's vocabulary; "
+                         f"got {int(tokens.min())} .. {int(tokens.max())}")
 
 
 def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE):

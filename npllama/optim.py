@@ -60,7 +60,7 @@ class AdamWState:
     step: int = 0
 
 
-def decays(name: str, param) -> bool:
+def decays(param) -> bool:
     """Weight decay applies to matrices (embeddings, linear weights), not to 1-D norm gains."""
     return param.ndim >= 2
 
@@ -75,13 +75,17 @@ def init_state(params: dict) -> AdamWState:
 
 
 def global_norm(grads: dict) -> float:
-    """L2 norm of all gradients taken together, accumulated in float64."""
-    total = 0.0
+    """L2 norm of all gradients taken together; each sum of squares accumulates in float64.
+
+    The per-parameter sums stay on the device and are added there: one transfer, not one per
+    parameter.
+    """
+    total = None
     for g in grads.values():
         xp = array_namespace(g)
-        g64 = g.astype(xp.float64, copy=False)
-        total += float((g64 * g64).sum())
-    return math.sqrt(total)
+        squares = xp.square(g).sum(dtype=xp.float64)
+        total = squares if total is None else total + squares
+    return math.sqrt(float(total)) if total is not None else 0.0
 
 
 def clip_coefficient(grad_norm: float, max_norm: float | None) -> float:
@@ -112,7 +116,7 @@ def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWC
         m += (1.0 - beta1) * g
         v *= beta2
         v += (1.0 - beta2) * (g * g)
-        if config.weight_decay and decays(name, p):
+        if config.weight_decay and decays(p):
             p *= 1.0 - lr * config.weight_decay
         update = m / (xp.sqrt(v / bias2) + config.eps)
         update *= lr / bias1

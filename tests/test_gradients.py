@@ -21,10 +21,6 @@ def assert_all_pass(results):
     assert not failures, "\n" + audit.format_table(results)
 
 
-def leading_shape(batch, seq):
-    return (batch, seq)
-
-
 @given(batch=batch_sizes, seq=seq_lens, vocab=st.integers(1, 9), dim=model_dims, seed=seeds)
 def test_embedding_backward_matches_finite_differences(batch, seq, vocab, dim, seed):
     rng = rng_from(seed)

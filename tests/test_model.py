@@ -65,6 +65,14 @@ def test_a_sequence_longer_than_max_seq_len_is_rejected():
         model.forward(model.init_params(config), config, numpy.zeros((1, 129), dtype=int))
 
 
+@pytest.mark.parametrize("bad_id", [-1, 512])
+def test_token_ids_outside_the_vocabulary_are_rejected(bad_id):
+    config = model.PRESETS["nano"]
+    tokens = numpy.array([[1, 2, bad_id]])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+        model.forward(model.init_params(config), config, tokens)
+
+
 @given(config=small_model_configs(), batch=st.integers(1, 3), seq=st.integers(1, 12), seed=seeds,
        tile_size=st.integers(1, 6))
 def test_recompute_on_and_off_give_bitwise_identical_gradients(config, batch, seq, seed, tile_size):

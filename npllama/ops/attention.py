@@ -25,10 +25,23 @@ Derivation: reference/derivations.md#attention
 """
 
 import math
+from typing import NamedTuple
 
 from ._namespace import array_namespace, compute_dtype
 
 DEFAULT_TILE_SIZE = 128
+
+
+class AttentionCache(NamedTuple):
+    """What backward needs: the inputs, O and the row logsumexp L, and how forward tiled and scaled."""
+
+    q: object
+    k: object
+    v: object
+    out: object
+    lse: object
+    tile_size: int
+    scale: float
 
 
 def _causal_mask(xp, query_start, n_queries, key_start, n_keys):
@@ -53,9 +66,10 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
 
     out = xp.empty(q.shape, dtype=q.dtype)
     lse = xp.empty((batch, n_heads, n_queries), dtype=ct)
+    q_scaled = q.astype(ct, copy=False) * scale  # s Q once: (s Q) K^T = s (Q K^T)
     for q0 in range(0, n_queries, tile_size):
         q1 = min(q0 + tile_size, n_queries)
-        q_tile = q[:, :, q0:q1].astype(ct) * scale
+        q_tile = q_scaled[:, :, q0:q1]
         row_max = xp.full((batch, n_heads, q1 - q0), -xp.inf, dtype=ct)
         row_sum = xp.zeros((batch, n_heads, q1 - q0), dtype=ct)
         acc = xp.zeros((batch, n_heads, q1 - q0, head_dim), dtype=ct)
@@ -75,7 +89,7 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
             row_max = new_max
         out[:, :, q0:q1] = acc / row_sum[..., None]
         lse[:, :, q0:q1] = row_max + xp.log(row_sum)
-    return out, (q, k, v, out, lse, tile_size, scale)
+    return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
 
 
 def backward(dout, cache):
@@ -91,6 +105,7 @@ def backward(dout, cache):
     # Dvec_i = sum_d dO[i, d] * O[i, d] = sum_j P[i, j] dP[i, j]: the softmax Jacobian's
     # projection term, computed once from O instead of from the T x T P and dP.
     dvec = (dout_c * out.astype(ct, copy=False)).sum(axis=-1)
+    q_scaled = q.astype(ct, copy=False) * scale
     dq = xp.zeros(q.shape, dtype=ct)
     dk = xp.empty(k.shape, dtype=ct)
     dv = xp.empty(v.shape, dtype=ct)
@@ -103,7 +118,7 @@ def backward(dout, cache):
         first_query = max(0, k0 - offset)  # the first query that sees any key of this tile
         for q0 in range((first_query // tile_size) * tile_size, n_queries, tile_size):
             q1 = min(q0 + tile_size, n_queries)
-            q_tile = q[:, :, q0:q1].astype(ct) * scale
+            q_tile = q_scaled[:, :, q0:q1]
             dout_tile = dout_c[:, :, q0:q1]
             # forward was: S = s Q K^T (masked), P = exp(S - L)
             scores = q_tile @ k_tile.swapaxes(-1, -2)

@@ -32,14 +32,14 @@ def forward(logits, targets, ignore_index=-100):
     ct = compute_dtype(xp, logits.dtype)
     counted = y != ignore_index
     n_counted = int(counted.sum())
-    if n_counted and bool(((y < 0) | (y >= vocab))[counted].any()):
+    if bool((((y < 0) | (y >= vocab)) & counted).any()):
         raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index {ignore_index}")
     safe_targets = xp.where(counted, y, 0)
 
     rows = xp.arange(z.shape[0])
     argmax = z.argmax(axis=-1)
     row_max = z[rows, argmax].astype(ct, copy=False)
-    shifted = z.astype(ct) - row_max[:, None]  # the one logits-sized temporary of forward
+    shifted = xp.subtract(z, row_max[:, None], dtype=ct)  # the one logits-sized temporary of forward
     xp.exp(shifted, out=shifted)
     shifted[rows, argmax] = 0.0  # the max's own term, exp(0) = 1, is added back through log1p
     rest = shifted.sum(axis=-1)
@@ -65,7 +65,7 @@ def backward(dloss, cache):
     # would round log(sumexp) away next to a large m, and the probabilities with it.
     rows = xp.arange(z.shape[0])
     row_scale = counted.astype(ct) * (dloss / max(n_counted, 1))
-    dlogits = z.astype(ct) - row_max[:, None]  # the one buffer
+    dlogits = xp.subtract(z, row_max[:, None], dtype=ct)  # the one buffer
     xp.exp(dlogits, out=dlogits)
     dlogits *= (row_scale / (1.0 + rest))[:, None]
     # the target entry, p_y - 1: when y is the argmax, p_y = 1 / (1 + rest), and 1/(1 + rest) - 1
