@@ -38,6 +38,9 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
+from .backend import array_namespace as _namespace_of
+from .backend import to_host as _to_host
+
 DEFAULT_RTOL = 1e-6
 DEFAULT_STEP = 1e-4
 MAX_REFINEMENTS = 5
@@ -163,15 +166,3 @@ def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, **kw
     f_scale = float(abs(out * cotangent).sum())
     return [check_gradient(op, func, inputs, name, grad, rng, f_scale=f_scale, **kwargs)
             for name, grad in zip(wrt, grads)]
-
-
-def _namespace_of(array):
-    from .ops._namespace import array_namespace
-
-    return array_namespace(array)
-
-
-def _to_host(array):
-    if type(array).__module__.split(".")[0] == "cupy":
-        return array.get()
-    return numpy.asarray(array)
