@@ -143,23 +143,27 @@ def test_nano_preset_gives_the_oracles_logits_loss_and_every_gradient(std, tile_
 
 # --- ops against torch's own functions ----------------------------------------------------------
 
-@given(problem=attention_problems(), seed=seeds, scale=st.sampled_from([0.1, 1.0, 3.0]))
-def test_attention_equals_torch_scaled_dot_product_attention_forward_and_backward(problem, seed, scale):
-    batch, heads, seq, head_dim, tile_size = problem
-    rng = rng_from(seed)
-    q, k, v = (scale * rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(3))
-    dout = rng.standard_normal((batch, heads, seq, head_dim))
+def assert_attention_matches_torch(q, k, v, dout, tile_size, **sdpa_mask):
+    """npllama's tiled attention and its backward against torch's sdpa with autograd."""
     out, cache = attention.forward(q, k, v, tile_size)
     dq, dk, dv = attention.backward(dout, cache)
-
     tq, tk, tv = leaf(q), leaf(k), leaf(v)
-    expected = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+    expected = F.scaled_dot_product_attention(tq, tk, tv, **sdpa_mask)
     expected.backward(torch.from_numpy(dout))
     # online softmax over tiles vs one softmax: a few ulps per tile, far below 1e-10
     assert_close(out, expected, rtol=1e-10, name="out")
     grad_scale = largest(tq.grad, tk.grad, tv.grad)  # dq is exactly 0 for a lone query-key pair
     for name, got, t in (("dq", dq, tq), ("dk", dk, tk), ("dv", dv, tv)):
         assert_close(got, t.grad, rtol=1e-10, name=name, scale=grad_scale)
+
+
+@given(problem=attention_problems(), seed=seeds, scale=st.sampled_from([0.1, 1.0, 3.0]))
+def test_attention_equals_torch_scaled_dot_product_attention_forward_and_backward(problem, seed, scale):
+    batch, heads, seq, head_dim, tile_size = problem
+    rng = rng_from(seed)
+    q, k, v = (scale * rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(3))
+    dout = rng.standard_normal((batch, heads, seq, head_dim))
+    assert_attention_matches_torch(q, k, v, dout, tile_size, is_causal=True)
 
 
 @given(seq=st.integers(2, 19), n_cached=st.integers(1, 18), head_dim=head_dims, seed=seeds,
@@ -173,18 +177,8 @@ def test_attention_with_a_kv_cache_equals_torch_with_a_bottom_right_causal_mask(
     q = rng.standard_normal((2, 2, seq - n_cached, head_dim))
     k, v = (rng.standard_normal((2, 2, seq, head_dim)) for _ in range(2))
     dout = rng.standard_normal(q.shape)
-    out, cache = attention.forward(q, k, v, tile_size)
-    dq, dk, dv = attention.backward(dout, cache)
-
     visible = torch.ones(seq - n_cached, seq, dtype=torch.bool).tril(diagonal=n_cached)
-    tq, tk, tv = leaf(q), leaf(k), leaf(v)
-    expected = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=visible)
-    expected.backward(torch.from_numpy(dout))
-    # as above: the same sums in a different order
-    assert_close(out, expected, rtol=1e-10, name="out")
-    grad_scale = largest(tq.grad, tk.grad, tv.grad)  # dq is exactly 0 for a lone query-key pair
-    for name, got, t in (("dq", dq, tq), ("dk", dk, tk), ("dv", dv, tv)):
-        assert_close(got, t.grad, rtol=1e-10, name=name, scale=grad_scale)
+    assert_attention_matches_torch(q, k, v, dout, tile_size, attn_mask=visible)
 
 
 def test_the_oracles_materialised_attention_equals_torch_sdpa():
