@@ -209,11 +209,15 @@ def _gate(saved):
 _CHEAP = ("norm1", "rotated", "norm2", "gate")
 
 
-def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE, recompute=True):
+def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE, recompute=True, kv=None):
     """Run one block on x (B, T, C). Return (y, saved) where `saved` is what backward needs.
 
     With recompute=True, `saved` holds only x, the projections q, k, v, the attention output and
     its logsumexp, h and the FFN inputs a, b; backward recomputes norms, RoPE and SwiGLU.
+
+    Decoding passes kv = (keys, values, start): this layer's cache arrays (B, H, max_len, D) and
+    the number of positions already in them. The new rotated keys and values are written at
+    start .. start + T - 1 and the queries attend over all start + T positions (inference only).
     """
     xp = array_namespace(x)
     batch, seq, dim = x.shape
@@ -226,6 +230,11 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
     saved["rotated"] = _rotated(saved, config, cos, sin, xp)
     q_rot, k_rot = saved["rotated"]
     v_heads = _to_attention_layout(_split_heads(saved["v"], config.n_heads), xp)
+    if kv is not None:
+        keys, values, start = kv
+        keys[:, :, start:start + seq] = k_rot
+        values[:, :, start:start + seq] = v_heads
+        k_rot, v_heads = keys[:, :, :start + seq], values[:, :, :start + seq]
     attn_out, attn_cache = attention.forward(q_rot, k_rot, v_heads, tile_size)
     saved["attn_out"], saved["attn_lse"] = attn_out, attn_cache.lse
     attn_flat = attn_out.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
@@ -304,16 +313,52 @@ def _check_tokens(tokens, config):
                          f"got {int(tokens.min())} .. {int(tokens.max())}")
 
 
-def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE):
-    """tokens (B, T) -> logits (B, T, V), in the parameters' dtype."""
+@dataclass
+class KVCache:
+    """Rotated keys and values of every layer for the positions decoded so far (inference only).
+
+    keys[i], values[i]: (B, H, max_len, D); `length` positions are filled.
+    """
+
+    keys: list
+    values: list
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+
+def init_kv_cache(config: LlamaConfig, batch: int, max_len: int | None = None, dtype="float32", xp=numpy) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` (default max_seq_len) positions."""
+    max_len = config.max_seq_len if max_len is None else max_len
+    shape = (batch, config.n_heads, max_len, config.head_dim)
+    return KVCache([xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)],
+                   [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)])
+
+
+def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_cache: KVCache | None = None):
+    """tokens (B, T) -> logits (B, T, V), in the parameters' dtype.
+
+    With a KV cache the tokens continue the cached sequence: they sit at positions
+    cache.length .. cache.length + T - 1, attend to everything cached before them, and are
+    appended to the cache. Decoding one token at a time this way gives the logits of a full
+    forward pass over the whole sequence, at O(T) instead of O(T^2) cost per token.
+    """
     xp = array_namespace(params["norm.weight"])
     tokens = xp.asarray(tokens)
     _check_tokens(tokens, config)
     dtype = params["norm.weight"].dtype
-    cos, sin = rope_tables(config, tokens.shape[1], dtype, xp)
+    start = kv_cache.length if kv_cache is not None else 0
+    if kv_cache is not None and start + tokens.shape[1] > kv_cache.capacity:
+        raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; {start} used, {tokens.shape[1]} more asked")
+    cos, sin = rope_tables(config, tokens.shape[1], dtype, xp, start=start)
     h, _ = embedding.forward(tokens, params["tok_embeddings.weight"])
     for i in range(config.n_layers):
-        h, _ = block_forward(_layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True)
+        kv = (kv_cache.keys[i], kv_cache.values[i], start) if kv_cache is not None else None
+        h, _ = block_forward(_layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True, kv=kv)
+    if kv_cache is not None:
+        kv_cache.length = start + tokens.shape[1]
     normed, _ = rmsnorm.forward(h, params["norm.weight"], config.norm_eps)
     logits, _ = linear.forward(normed, params["output.weight"])
     return logits

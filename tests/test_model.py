@@ -151,3 +151,29 @@ def test_preset_table_reports_the_7b_model_as_6_7b_parameters():
     table = subprocess.run([sys.executable, "-m", "npllama.model"], capture_output=True, text=True, check=True).stdout
     row = next(line for line in table.splitlines() if line.startswith("7B "))
     assert "6.7B (6,738,415,616)" in row
+
+
+@given(config=small_model_configs(), seq=st.integers(2, 14), prompt=st.integers(1, 13), seed=seeds,
+       tile_size=st.integers(1, 5))
+def test_kv_cache_decoding_gives_the_logits_of_a_full_forward(config, seq, prompt, seed, tile_size):
+    """Prompt in one call, then one token per call: every position's logits equal the full pass."""
+    prompt = min(prompt, seq - 1)
+    params = model.init_params(config, seed=seed % 1000, dtype="float64", std=0.5)
+    tokens, _ = random_batch(config, 2, seq, seed)
+    full = model.forward(params, config, tokens, tile_size=tile_size)
+    cache = model.init_kv_cache(config, batch=2, max_len=seq, dtype="float64")
+    pieces = [model.forward(params, config, tokens[:, :prompt], tile_size=tile_size, kv_cache=cache)]
+    for t in range(prompt, seq):
+        pieces.append(model.forward(params, config, tokens[:, t:t + 1], tile_size=tile_size, kv_cache=cache))
+    assert cache.length == seq
+    # the same sums, only split differently across tiles: float64 agrees to ~1e-15 relative
+    numpy.testing.assert_allclose(numpy.concatenate(pieces, axis=1), full, rtol=1e-11, atol=1e-12)
+
+
+def test_kv_cache_overflow_is_refused():
+    config = model.PRESETS["nano"]
+    cache = model.init_kv_cache(config, batch=1, max_len=4)
+    params = model.init_params(config)
+    model.forward(params, config, numpy.zeros((1, 3), dtype=int), kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache holds 4 positions; 3 used, 2 more"):
+        model.forward(params, config, numpy.zeros((1, 2), dtype=int), kv_cache=cache)

@@ -1,0 +1,269 @@
+"""Training data: text files -> one memory-mapped token file -> seeded (B, T+1) windows.
+
+Sources are files, folders (searched recursively for text files) or glob patterns. Each document
+(one file) is encoded as [BOS] tokens [EOS] and the documents are concatenated into a flat token
+stream, stored as a raw little-endian array (uint16 when the vocabulary fits, else uint32) with
+a JSON sidecar:
+
+    <cache>/<key>/train.bin  val.bin  tokens.json
+
+`tokens.json` records the tokenizer's fingerprint, each source's path, size and mtime, the token
+counts and the dtype; the key is a hash of the tokenizer fingerprint and the source list, so an
+unchanged corpus is tokenised once and reused, and any change (a file edited, another tokenizer)
+gets a fresh file. Files are written to a temporary name and renamed, so an interrupted
+tokenisation leaves nothing half-written behind.
+
+Validation split: a document goes to `val.bin` when a hash of its path (relative to the source
+it was found under) falls in the held-out fraction (default 5%); whole documents, never halves.
+
+Text handling: files are read as UTF-8. A file named directly that cannot be read or is not valid
+UTF-8 is an error; files found by walking a folder or matching a glob are skipped when they are
+not UTF-8 or cannot be read, and the run says how many and names the first few.
+
+The built-in default corpus is the Python standard library's own source files (`*.py` under
+`sysconfig.get_paths()['stdlib']`, without site-packages and without the test suites): about
+800 files and 12 MB of real code and English prose (docstrings, comments), present on every
+machine that runs npllama, needing no download.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".toml", ".cfg",
+                 ".ini", ".yaml", ".yml", ".js", ".ts", ".java", ".go", ".rs", ".cpp", ".hpp", ".sh", ""}
+FORMAT_VERSION = 1
+
+
+class DataError(ValueError):
+    """A problem with the training data, stated in one line."""
+
+
+@dataclass
+class Document:
+    path: Path
+    name: str  # path relative to the source it was found under: stable across machines
+    direct: bool  # named directly by the user (errors are fatal) or found by a walk/glob
+
+
+def default_corpus_files() -> list[Path]:
+    """The standard library's *.py files, without site-packages and test suites, sorted."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in stdlib.rglob("*.py"):
+        parts = set(path.relative_to(stdlib).parts[:-1])
+        if parts & {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}:
+            continue
+        files.append(path)
+    return sorted(files)
+
+
+def find_documents(sources: list[str] | None) -> list[Document]:
+    """Resolve files, folders and globs to documents; None means the built-in default corpus."""
+    if not sources:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        files = default_corpus_files()
+        if not files:
+            raise DataError(f"the default corpus is empty: no *.py files under {stdlib}; pass --data")
+        return [Document(p, str(p.relative_to(stdlib)), False) for p in files]
+    documents = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            documents.append(Document(path, path.name, True))
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))
+                           and p.suffix.lower() in TEXT_SUFFIXES)
+            if not found:
+                raise DataError(f"--data {source}: the folder holds no text files "
+                                f"(looked for {', '.join(sorted(s for s in TEXT_SUFFIXES if s))[:60]}...)")
+            documents += [Document(p, str(p.relative_to(path)), False) for p in found]
+        elif any(ch in source for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+            if not found:
+                raise DataError(f"--data {source}: the pattern matches no files")
+            documents += [Document(p, p.name, False) for p in found]
+        else:
+            raise DataError(f"--data {source}: no such file or folder")
+    return documents
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def read_documents(documents: list[Document], warn=print):
+    """Yield (document, text). Walked files that are unreadable or not UTF-8 are skipped and reported."""
+    skipped = []
+    n_read = 0
+    for doc in documents:
+        try:
+            text = doc.path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            if doc.direct:
+                raise DataError(f"--data {doc.path}: not UTF-8 text (byte {error.start}); "
+                                f"convert it (e.g. iconv -t UTF-8) or leave it out") from None
+            skipped.append(f"{doc.path} (not UTF-8)")
+            continue
+        except OSError as error:
+            if doc.direct:
+                raise DataError(f"--data {doc.path}: cannot read it ({error.strerror})") from None
+            skipped.append(f"{doc.path} ({error.strerror})")
+            continue
+        n_read += 1
+        yield doc, text
+    if skipped:
+        warn(f"skipped {len(skipped)} file(s) that are not UTF-8 or not readable, e.g. {'; '.join(skipped[:3])}")
+    if n_read == 0:
+        raise DataError("no readable UTF-8 text in the data sources; check --data")
+
+
+def is_validation(name: str, val_fraction: float) -> bool:
+    """Deterministic held-out choice by a hash of the document's stable name."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+
+
+@dataclass
+class TokenData:
+    """The tokenised corpus: two memory-mapped token streams and their description."""
+
+    train: numpy.ndarray
+    val: numpy.ndarray
+    info: dict
+    directory: Path
+
+
+def token_dtype(vocab_size: int):
+    return numpy.uint16 if vocab_size <= 2**16 else numpy.uint32
+
+
+def sources_signature(documents: list[Document]) -> list[dict]:
+    """What identifies the corpus: each file's resolved path, size and modification time."""
+    signature = []
+    for doc in documents:
+        try:
+            st = doc.path.stat()
+        except OSError as error:
+            raise DataError(f"--data {doc.path}: cannot read it ({error.strerror})") from None
+        signature.append({"path": str(doc.path.resolve()), "name": doc.name, "size": st.st_size,
+                          "mtime_ns": st.st_mtime_ns})
+    return signature
+
+
+def prepare_tokens(documents: list[Document], tokenizer, cache_dir: Path, val_fraction: float = 0.05,
+                   progress=None, warn=print) -> TokenData:
+    """Tokenise `documents` once into `cache_dir`, or reuse the files made by an earlier identical call."""
+    signature = sources_signature(documents)
+    key_material = json.dumps({"format": FORMAT_VERSION, "tokenizer": tokenizer.fingerprint,
+                               "val_fraction": val_fraction, "sources": signature}, sort_keys=True)
+    key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
+    directory = Path(cache_dir) / key
+    info_path = directory / "tokens.json"
+    if info_path.is_file():
+        try:
+            return _open_token_data(directory)
+        except (OSError, ValueError, KeyError):
+            pass  # damaged cache entry: rebuild it below
+    dtype = token_dtype(tokenizer.vocab_size)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create the token cache {directory} ({error.strerror}); pass --cache-dir") from None
+    streams = {"train": [], "val": []}
+    n_docs = {"train": 0, "val": 0}
+    iterator = read_documents(documents, warn)
+    if progress is not None:
+        iterator = progress(iterator, total=len(documents), desc="tokenizing", unit="file")
+    for doc, text in iterator:
+        split = "val" if is_validation(doc.name, val_fraction) else "train"
+        ids = tokenizer.encode(text, bos=True, eos=True)
+        streams[split].append(numpy.asarray(ids, dtype=dtype))
+        n_docs[split] += 1
+    if not streams["val"]:  # a small corpus: hold out the last document so validation exists
+        streams["val"].append(streams["train"].pop())
+        n_docs["val"], n_docs["train"] = 1, n_docs["train"] - 1
+    counts = {}
+    for split in ("train", "val"):
+        tokens = numpy.concatenate(streams[split]) if streams[split] else numpy.zeros(0, dtype=dtype)
+        counts[split] = int(tokens.size)
+        _atomic_write_bytes(directory / f"{split}.bin", tokens.astype(tokens.dtype.newbyteorder("<")).tobytes())
+    info = {"format": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(dtype).name, "n_tokens": counts,
+            "n_documents": n_docs, "val_fraction": val_fraction, "sources": signature}
+    _atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+    return _open_token_data(directory)
+
+
+def _open_token_data(directory: Path) -> TokenData:
+    info = json.loads((directory / "tokens.json").read_text())
+    dtype = numpy.dtype(info["dtype"]).newbyteorder("<")
+    arrays = {}
+    for split in ("train", "val"):
+        path = directory / f"{split}.bin"
+        expected = info["n_tokens"][split] * dtype.itemsize
+        if path.stat().st_size != expected:
+            raise ValueError(f"{path}: size {path.stat().st_size} != {expected}")
+        arrays[split] = (numpy.memmap(path, dtype=dtype, mode="r") if expected else numpy.zeros(0, dtype=dtype))
+    return TokenData(arrays["train"], arrays["val"], info, directory)
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class BatchSampler:
+    """Seeded random windows of T+1 consecutive tokens: inputs are the first T, targets the last T.
+
+    The state (the generator's bit state and the number of batches drawn) is plain JSON, so a
+    checkpoint can restore it and a resumed run draws exactly the batches it would have drawn.
+    """
+
+    def __init__(self, tokens: numpy.ndarray, batch_size: int, seq_len: int, seed: int):
+        if tokens.size < seq_len + 1:
+            raise DataError(f"the data holds {tokens.size} tokens, fewer than one window of seq_len + 1 = "
+                            f"{seq_len + 1}; use more data or a smaller --seq-len")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.rng = numpy.random.default_rng(seed)
+        self.batches_drawn = 0
+
+    def next_batch(self):
+        """Return (inputs, targets), each (B, T) int64."""
+        starts = self.rng.integers(0, self.tokens.size - self.seq_len, size=self.batch_size)
+        windows = numpy.stack([numpy.asarray(self.tokens[s:s + self.seq_len + 1]) for s in starts]).astype(numpy.int64)
+        self.batches_drawn += 1
+        return windows[:, :-1], windows[:, 1:]
+
+    def state(self) -> dict:
+        return {"bit_generator": self.rng.bit_generator.state, "batches_drawn": self.batches_drawn}
+
+    def restore(self, state: dict):
+        self.rng.bit_generator.state = state["bit_generator"]
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def fixed_batches(tokens: numpy.ndarray, batch_size: int, seq_len: int, n_batches: int):
+    """Evenly spaced, non-random windows: the same validation batches at every evaluation."""
+    n_windows = batch_size * n_batches
+    span = tokens.size - seq_len - 1
+    if span < 0:
+        return []
+    starts = numpy.linspace(0, span, num=n_windows).astype(numpy.int64)
+    windows = numpy.stack([numpy.asarray(tokens[s:s + seq_len + 1]) for s in starts]).astype(numpy.int64)
+    windows = windows.reshape(n_batches, batch_size, seq_len + 1)
+    return [(w[:, :-1], w[:, 1:]) for w in windows]
