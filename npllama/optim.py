@@ -95,12 +95,17 @@ def clip_coefficient(grad_norm: float, max_norm: float | None) -> float:
     return min(1.0, max_norm / (grad_norm + 1e-6))
 
 
-def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWConfig = AdamWConfig()) -> dict:
-    """Update `params` in place by one AdamW step. Returns {"grad_norm", "clip"} for logging."""
+def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWConfig = AdamWConfig(),
+         grad_norm: float | None = None) -> dict:
+    """Update `params` in place by one AdamW step. Returns {"grad_norm", "clip"} for logging.
+
+    `grad_norm` may be passed when the caller has already computed `global_norm(grads)` (to
+    check it is finite before touching the parameters).
+    """
     missing = set(params) ^ set(grads)
     if missing:
         raise ValueError(f"AdamW: parameters and gradients differ in {sorted(missing)[:3]}")
-    grad_norm = global_norm(grads)
+    grad_norm = global_norm(grads) if grad_norm is None else grad_norm
     clip = clip_coefficient(grad_norm, config.grad_clip)
     beta1, beta2 = config.betas
     state.step += 1
