@@ -1,0 +1,131 @@
+"""Data: sources -> memory-mapped token files (reused when unchanged) -> seeded, resumable batches."""
+
+import numpy
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npllama import data
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer: UTF-8 bytes shifted by 3 (ids 0, 1, 2 are unk, bos, eos)."""
+
+    vocab_size = 259
+    fingerprint = "bytes-v1"
+    bos_id, eos_id = 1, 2
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, text, bos=False, eos=False):
+        self.calls += 1
+        return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
+
+
+def write_corpus(folder, n_files=12):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (folder / f"doc{i:02d}.txt").write_text(f"document {i}: " + "héllo wörld " * (20 + i))
+    return folder
+
+
+def test_default_corpus_is_the_standard_library_without_tests_or_site_packages():
+    files = data.default_corpus_files()
+    assert len(files) > 300
+    assert not [f for f in files if "site-packages" in f.parts or "test" in f.parts]
+    assert sum(f.stat().st_size for f in files) > 5_000_000  # megabytes of real text
+
+
+def test_tokens_are_stored_once_and_reused_while_the_sources_are_unchanged(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    tokenizer = ByteTokenizer()
+    documents = data.find_documents([str(corpus)])
+    first = data.prepare_tokens(documents, tokenizer, tmp_path / "cache")
+    calls = tokenizer.calls
+    again = data.prepare_tokens(data.find_documents([str(corpus)]), tokenizer, tmp_path / "cache")
+    assert tokenizer.calls == calls  # nothing re-encoded
+    assert again.directory == first.directory
+    numpy.testing.assert_array_equal(again.train, first.train)
+    assert first.train.dtype == numpy.uint16 and isinstance(first.train, numpy.memmap)
+    # every document is [BOS] bytes [EOS], whole, in one of the two splits
+    total = sum(len(f.read_text().encode()) + 2 for f in corpus.iterdir())
+    assert first.train.size + first.val.size == total == sum(first.info["n_tokens"].values())
+    assert first.val.size > 0
+
+
+def test_an_edited_source_gives_a_fresh_token_file(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    tokenizer = ByteTokenizer()
+    first = data.prepare_tokens(data.find_documents([str(corpus)]), tokenizer, tmp_path / "cache")
+    (corpus / "doc00.txt").write_text("changed text, a different length")
+    second = data.prepare_tokens(data.find_documents([str(corpus)]), tokenizer, tmp_path / "cache")
+    assert second.directory != first.directory
+
+
+def test_vocabularies_beyond_uint16_use_uint32(tmp_path):
+    tokenizer = ByteTokenizer()
+    tokenizer.vocab_size = 70_000
+    tokens = data.prepare_tokens(data.find_documents([str(write_corpus(tmp_path / "c", 3))]), tokenizer,
+                                 tmp_path / "cache")
+    assert tokens.train.dtype == numpy.uint32
+
+
+def test_walked_files_that_are_not_utf8_are_skipped_and_reported(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", 3)
+    (corpus / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    warnings = []
+    tokens = data.prepare_tokens(data.find_documents([str(corpus)]), ByteTokenizer(), tmp_path / "cache",
+                                 warn=warnings.append)
+    assert len(warnings) == 1 and "skipped 1 file" in warnings[0] and "latin1.txt" in warnings[0]
+    assert tokens.train.size + tokens.val.size > 0
+
+
+def test_a_named_file_that_is_not_utf8_is_an_error(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(data.DataError, match="not UTF-8 text"):
+        data.prepare_tokens(data.find_documents([str(bad)]), ByteTokenizer(), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: str(p / "missing.txt"), "no such file or folder"),
+    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no text files"),
+    (lambda p: str(p / "*.nothing"), "matches no files"),
+])
+def test_missing_sources_are_named(tmp_path, make, message):
+    with pytest.raises(data.DataError, match=message):
+        data.find_documents([make(tmp_path)])
+
+
+def test_empty_files_give_too_little_data_for_one_window(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    tokens = data.prepare_tokens(data.find_documents([str(tmp_path / "empty.txt")]), ByteTokenizer(), tmp_path / "c")
+    with pytest.raises(data.DataError, match="fewer than one window"):
+        data.BatchSampler(tokens.train if tokens.train.size else tokens.val, 2, 64, seed=0)
+
+
+@given(seed=st.integers(0, 2**32 - 1), drawn_before=st.integers(0, 5), batch=st.integers(1, 4),
+       seq=st.integers(1, 30))
+def test_sampler_state_restores_the_exact_batch_sequence(seed, drawn_before, batch, seq):
+    tokens = numpy.arange(500, dtype=numpy.uint16)
+    sampler = data.BatchSampler(tokens, batch, seq, seed)
+    for _ in range(drawn_before):
+        sampler.next_batch()
+    state = sampler.state()
+    expected = [sampler.next_batch() for _ in range(3)]
+    restored = data.BatchSampler(tokens, batch, seq, seed=12345)
+    restored.restore(state)
+    for (x, y), (x2, y2) in zip(expected, [restored.next_batch() for _ in range(3)]):
+        numpy.testing.assert_array_equal(x, x2)
+        numpy.testing.assert_array_equal(y, y2)
+        # targets are the inputs shifted by one token
+        numpy.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+        assert x.shape == (batch, seq) and x.dtype == numpy.int64
+
+
+def test_validation_split_is_by_whole_documents_and_stable():
+    names = [f"pkg/module{i}.py" for i in range(2000)]
+    held_out = [n for n in names if data.is_validation(n, 0.05)]
+    assert 50 <= len(held_out) <= 150
+    assert held_out == [n for n in names if data.is_validation(n, 0.05)]
