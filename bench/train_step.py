@@ -1,0 +1,153 @@
+"""Benchmark one full training step (forward, backward, AdamW) of npllama against PyTorch eager.
+
+    python bench/train_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5]
+
+Each framework runs in its own fresh subprocess of this same command, on the same model shape,
+the same random batches and the same number of threads, so that their memory can be told apart:
+
+  tokens/s     B * T / (median wall time of one step), after --warmup untimed steps
+  step memory  peak resident memory during the steps (VmHWM) minus the resident memory before
+               the first step, when the model, optimizer state and batches already exist: what a
+               step allocates on top of the weights
+
+PyTorch's side is reference/torch_llama.py (Meta's model.py formulation, autograd, materialised
+attention) with torch.optim.AdamW; it is skipped with a note when torch is not installed.
+The default shape is the issue's target: dim 288, 6 layers, 6 heads, vocab 32000, seq 256, batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _batches(config, batch_size, seq_len, n, seed=0):
+    import numpy
+
+    rng = numpy.random.default_rng(seed)
+    return [rng.integers(0, config.vocab_size, (batch_size, seq_len + 1)) for _ in range(n)]
+
+
+def run_npllama(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from npllama import model, optim
+
+    config = model.get_preset(args.preset)
+    params = model.init_params(config, seed=0)
+    state = optim.init_state(params)
+    batches = _batches(config, args.batch_size, args.seq_len, args.warmup + args.steps)
+
+    def step(tokens):
+        loss, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
+        optim.step(params, grads, state, 1e-4)
+        return loss
+
+    return _measure(step, batches, args)
+
+
+def run_torch(args) -> dict:
+    import importlib.util
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from npllama import model
+
+    torch.set_num_threads(args.threads)
+    spec = importlib.util.spec_from_file_location("torch_llama", ROOT / "reference" / "torch_llama.py")
+    torch_llama = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_llama)
+    config = model.get_preset(args.preset)
+    params = {name: torch.from_numpy(p).requires_grad_() for name, p in model.init_params(config, seed=0).items()}
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=1e-4, betas=(0.9, 0.95))
+    batches = [torch.from_numpy(b) for b in _batches(config, args.batch_size, args.seq_len, args.warmup + args.steps)]
+
+    def step(tokens):
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch_llama.loss(params, config, tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        return float(loss)
+
+    return _measure(step, batches, args)
+
+
+def _measure(step, batches, args) -> dict:
+    rss_before = _rss_kib("VmRSS")
+    times, losses = [], []
+    for i, tokens in enumerate(batches):
+        started = time.perf_counter()
+        losses.append(float(step(tokens)))
+        if i >= args.warmup:
+            times.append(time.perf_counter() - started)
+    times.sort()
+    median = times[len(times) // 2]
+    return {"tokens_per_s": args.batch_size * args.seq_len / median, "step_s": median,
+            "step_memory_mib": (_rss_kib("VmHWM") - rss_before) / 1024, "first_loss": losses[0]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (NumPy's BLAS uses "
+                                                                              "its default, all cores)")
+    parser.add_argument("--worker", choices=["npllama", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = run_npllama(args) if args.worker == "npllama" else run_torch(args)
+        print(json.dumps(result))
+        return 0
+
+    common = [a for a in (argv if argv is not None else sys.argv[1:])]
+    results = {}
+    for worker in ("npllama", "torch"):
+        if worker == "torch":
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                print("torch is not installed: PyTorch eager is not measured (pip install torch==2.13.0)")
+                break
+        done = subprocess.run([sys.executable, __file__, *common, "--worker", worker], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{worker} failed:\n{done.stderr.strip()}", file=sys.stderr)
+            return 1
+        results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    print(f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} timed steps, "
+          f"{args.threads} threads, {os.cpu_count()} cores")
+    print(f"{'':16}{'tokens/s':>10}{'step s':>9}{'step memory MiB':>17}{'first loss':>12}")
+    for name, r in results.items():
+        label = "npllama (numpy)" if name == "npllama" else "PyTorch eager"
+        print(f"{label:16}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{r['step_memory_mib']:>17.0f}"
+              f"{r['first_loss']:>12.4f}")
+    if len(results) == 2:
+        ours, theirs = results["npllama"], results["torch"]
+        print(f"ratio npllama / PyTorch: speed {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
+              f"step memory {ours['step_memory_mib'] / max(theirs['step_memory_mib'], 1e-9):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
