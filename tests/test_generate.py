@@ -1,0 +1,87 @@
+"""Sampling and the generation CLI."""
+
+import subprocess
+import sys
+
+import numpy
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npllama import checkpoint, generate, model
+
+logit_vectors = st.integers(2, 40).flatmap(
+    lambda n: st.lists(st.floats(-20, 20, allow_nan=False), min_size=n, max_size=n)).map(numpy.array)
+
+
+@given(logits=logit_vectors)
+def test_temperature_zero_is_greedy(logits):
+    probs = generate.sampling_distribution(logits, 0.0, None, None)
+    assert probs[int(numpy.argmax(logits))] == 1.0 and probs.sum() == 1.0
+
+
+@given(logits=logit_vectors, top_k=st.integers(1, 40), temperature=st.floats(0.1, 3.0))
+def test_top_k_keeps_at_most_k_of_the_most_likely_tokens(logits, top_k, temperature):
+    probs = generate.sampling_distribution(logits, temperature, top_k, None)
+    kth_largest = numpy.sort(logits)[-min(top_k, logits.size)]
+    # exactly the tokens at or above the k-th largest logit survive (more than k only on ties)
+    numpy.testing.assert_array_equal(probs > 0, logits >= kth_largest)
+    assert probs.sum() == pytest.approx(1.0)
+
+
+@given(logits=logit_vectors, top_p=st.floats(0.05, 0.99))
+def test_top_p_keeps_the_smallest_most_likely_set_reaching_p(logits, top_p):
+    full = generate.sampling_distribution(logits, 1.0, None, None)
+    probs = generate.sampling_distribution(logits, 1.0, None, top_p)
+    kept = numpy.flatnonzero(probs)
+    assert full[kept].sum() >= top_p - 1e-12  # reaches p
+    smallest_kept = full[kept].min()
+    assert full[kept].sum() - smallest_kept < top_p + 1e-12  # and no token could be dropped
+    numpy.testing.assert_allclose(probs[kept], full[kept] / full[kept].sum(), rtol=1e-12)
+
+
+class CountingTokenizer:
+    """ids 3.. spell letters; eos_id = 2."""
+
+    bos_id, eos_id, vocab_size = 1, 2, 8
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] * bos + [3 + (ord(c) - ord("a")) % 5 for c in text] + [2] * eos
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i - 3) for i in ids if i >= 3)
+
+
+def test_generation_stops_at_eos_and_streams_the_same_text_it_returns():
+    config = model.LlamaConfig(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=4, max_seq_len=32)
+    params = model.init_params(config, dtype="float64")
+    params["output.weight"][:] = 0.0
+    params["output.weight"][2] = 5.0 * numpy.sign(numpy.arange(8) - 3.5)  # make EOS likely
+    streamed = []
+    text = generate.generate(params, config, CountingTokenizer(), "ab", max_new_tokens=25, temperature=1.0,
+                             seed=3, on_text=streamed.append)
+    assert "".join(streamed) == text
+    assert len(text) < 25
+
+
+def test_generate_cli_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "npllama.generate", "--checkpoint", str(tmp_path / "none")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generate_cli_streams_a_continuation_of_the_prompt(tmp_path):
+    from npllama.tokenizer import train_tokenizer
+
+    texts = ["def add(a, b):\n    return a + b\n" * 50, "print('hello world')\n" * 50]
+    tokenizer = train_tokenizer(texts, 300)
+    config = model.LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=8, max_seq_len=64)
+    params = model.init_params(config)
+    checkpoint.save_checkpoint(tmp_path, 1, config=config, params=params, state={"step": 1},
+                               tokenizer_model=tokenizer.model_bytes)
+    result = subprocess.run([sys.executable, "-m", "npllama.generate", "--checkpoint", str(tmp_path),
+                             "--prompt", "def add(", "--max-new-tokens", "10", "--seed", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def add(")
