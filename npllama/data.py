@@ -66,8 +66,11 @@ def default_corpus_files() -> list[Path]:
     return sorted(files)
 
 
-def find_documents(sources: list[str] | None) -> list[Document]:
-    """Resolve files, folders and globs to documents; None means the built-in default corpus."""
+def find_documents(sources: list[str] | None, flag: str = "--data") -> list[Document]:
+    """Resolve files, folders and globs to documents; None means the built-in default corpus.
+
+    `flag` names the command-line option the sources came from, for the error messages.
+    """
     if not sources:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         files = default_corpus_files()
@@ -83,16 +86,16 @@ def find_documents(sources: list[str] | None) -> list[Document]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))
                            and p.suffix.lower() in TEXT_SUFFIXES)
             if not found:
-                raise DataError(f"--data {source}: the folder holds no text files "
+                raise DataError(f"{flag} {source}: the folder holds no text files "
                                 f"(looked for {', '.join(sorted(s for s in TEXT_SUFFIXES if s))[:60]}...)")
             documents += [Document(p, str(p.relative_to(path)), False) for p in found]
         elif any(ch in source for ch in "*?["):
             found = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
             if not found:
-                raise DataError(f"--data {source}: the pattern matches no files")
+                raise DataError(f"{flag} {source}: the pattern matches no files")
             documents += [Document(p, p.name, False) for p in found]
         else:
-            raise DataError(f"--data {source}: no such file or folder")
+            raise DataError(f"{flag} {source}: no such file or folder")
     return documents
 
 
@@ -100,7 +103,7 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def read_documents(documents: list[Document], warn=print):
+def read_documents(documents: list[Document], warn=print, flag: str = "--data"):
     """Yield (document, text). Walked files that are unreadable or not UTF-8 are skipped and reported."""
     skipped = []
     n_read = 0
@@ -109,13 +112,13 @@ def read_documents(documents: list[Document], warn=print):
             text = doc.path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as error:
             if doc.direct:
-                raise DataError(f"--data {doc.path}: not UTF-8 text (byte {error.start}); "
+                raise DataError(f"{flag} {doc.path}: not UTF-8 text (byte {error.start}); "
                                 f"convert it (e.g. iconv -t UTF-8) or leave it out") from None
             skipped.append(f"{doc.path} (not UTF-8)")
             continue
         except OSError as error:
             if doc.direct:
-                raise DataError(f"--data {doc.path}: cannot read it ({error.strerror})") from None
+                raise DataError(f"{flag} {doc.path}: cannot read it ({error.strerror})") from None
             skipped.append(f"{doc.path} ({error.strerror})")
             continue
         n_read += 1
@@ -123,7 +126,7 @@ def read_documents(documents: list[Document], warn=print):
     if skipped:
         warn(f"skipped {len(skipped)} file(s) that are not UTF-8 or not readable, e.g. {'; '.join(skipped[:3])}")
     if n_read == 0:
-        raise DataError("no readable UTF-8 text in the data sources; check --data")
+        raise DataError(f"no readable UTF-8 text in the sources; check {flag}")
 
 
 def is_validation(name: str, val_fraction: float) -> bool:

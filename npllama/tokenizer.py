@@ -35,7 +35,6 @@ bytes also record the options, `num_threads` among them, which is why it default
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import io
 import os
@@ -418,75 +417,6 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-# --- reading a corpus from files, folders and globs -------------------------------------------
-
-TEXT_FILE_SUFFIXES = (".txt", ".py", ".md")
-
-
-def find_text_files(inputs) -> list[Path]:
-    """The files named by `inputs`: files as given, folders searched recursively for *.txt, *.py
-    and *.md, glob patterns (`**` allowed) expanded. Sorted within each input, without repeats.
-    Raises TokenizerError for an input that names nothing, or when no file is found at all.
-    """
-    files = {}
-    for spec in inputs:
-        spec = str(spec)
-        if glob.has_magic(spec):
-            matches = sorted(glob.glob(spec, recursive=True))
-            if not matches:
-                raise TokenizerError(f"input pattern {spec!r} matches no file; check the pattern")
-        elif os.path.exists(spec):
-            matches = [spec]
-        else:
-            raise TokenizerError(f"input {spec} does not exist; pass text files, folders or globs")
-        for match in map(Path, matches):
-            if match.is_dir():
-                found = sorted(p for p in match.rglob("*")
-                               if p.suffix in TEXT_FILE_SUFFIXES and p.is_file())
-                files.update(dict.fromkeys(found))
-            else:
-                files[match] = None
-    if not files:
-        raise TokenizerError("no text files found in the inputs (folders are searched for "
-                             + ", ".join("*" + s for s in TEXT_FILE_SUFFIXES) + ")")
-    return list(files)
-
-
-class TextFileReader:
-    """Iterate over the text of files, skipping (and counting) files that are not UTF-8.
-
-    A file that cannot be read, or is not valid UTF-8 (a binary file, or text in another
-    encoding), is skipped as a whole rather than decoded with replacement characters, which would
-    put U+FFFD and guessed text into the vocabulary. `skipped` lists (path, reason) afterwards.
-    """
-
-    def __init__(self, paths, progress=None):
-        self.paths = list(paths)
-        self.progress = progress or (lambda message: None)
-        self.skipped = []
-        self.files_read = 0
-        self.characters = 0
-
-    def __iter__(self):
-        for path in self.paths:
-            try:
-                text = path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as error:
-                self.skipped.append((path, f"not UTF-8 (byte {error.start})"))
-                continue
-            except OSError as error:
-                self.skipped.append((path, f"unreadable ({error.strerror})"))
-                continue
-            self.files_read += 1
-            self.characters += len(text)
-            yield text
-        self.progress(f"read {self.files_read:,} files ({self.characters:,} characters)")
-        if self.skipped:
-            first, reason = self.skipped[0]
-            self.progress(f"skipped {len(self.skipped):,} of {len(self.paths):,} files that are "
-                          f"not readable UTF-8 text (first: {first}, {reason})")
-
-
 # --- command line --------------------------------------------------------------------------------
 
 def _positive_int(value: str) -> int:
@@ -507,11 +437,12 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a tokenizer on text files",
         description="Train a Llama-style BPE tokenizer and write it as a SentencePiece .model file.",
-        epilog="Inputs: files are read whatever their name; folders are searched recursively for "
-               "*.txt, *.py and *.md; patterns such as 'corpus/**/*.txt' are expanded (quote them). "
-               "Files must be UTF-8: a file that is not (or cannot be read) is skipped as a whole, "
-               "never decoded with replacement characters; the skipped files are counted and the "
-               "first is named. Training uses at most --max-sentences lines, sampled with --seed when the "
+        epilog="Inputs are read as npllama.train reads --data: files are read whatever their name; "
+               "folders are searched recursively for text files (*.txt, *.md, *.py, ...); patterns "
+               "such as 'corpus/**/*.txt' are expanded (quote them). Text must be UTF-8: a file named "
+               "directly that is not is an error; one found in a folder or by a pattern is skipped "
+               "as a whole (never decoded with replacement characters), and the skipped files are "
+               "counted and named. Training uses at most --max-sentences lines, sampled with --seed when the "
                "corpus has more; the same inputs and options give a byte-identical model.")
     train.add_argument("--input", nargs="+", required=True, metavar="PATH",
                        help="text files, folders or glob patterns")
@@ -550,16 +481,20 @@ def _train_command(args) -> None:
     if not existing_parent.is_dir() or not os.access(existing_parent, os.W_OK):
         raise TokenizerError(f"cannot write --out {out}: {existing_parent} is not a writable "
                              "folder; choose another path")
-    files = find_text_files(args.input)
-    _say(f"reading {len(files):,} files")
-    reader = TextFileReader(files, progress=_say)
-    tokenizer = train_tokenizer(reader, args.vocab_size, seed=args.seed,
+    from .data import find_documents, read_documents
+
+    documents = find_documents([str(spec) for spec in args.input], flag="--input")
+    _say(f"reading {len(documents):,} files")
+    texts = (text for _, text in read_documents(documents, warn=_say, flag="--input"))
+    tokenizer = train_tokenizer(texts, args.vocab_size, seed=args.seed,
                                 max_sentences=args.max_sentences, progress=_say)
     tokenizer.save(out)
     print(f"wrote {out}: {tokenizer.vocab_size:,} pieces, fingerprint {tokenizer.fingerprint[:16]}")
 
 
 def main(argv=None) -> int:
+    from .data import DataError
+
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -570,7 +505,7 @@ def main(argv=None) -> int:
             print(" ".join(tokenizer.id_to_piece(i) if args.pieces else str(i) for i in ids))
         else:
             print(Tokenizer.load(args.tokenizer).decode(args.ids))
-    except (TokenizerError, OSError) as error:
+    except (TokenizerError, DataError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0
