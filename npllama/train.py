@@ -228,7 +228,7 @@ def train(args, log=None) -> int:
         if not args.resume and ckpt.find_latest(out) is None:
             raise TrainError(f"--resume: {out} holds no checkpoint to resume; pass --resume CHECKPOINT_DIR")
         resumed = ckpt.load_checkpoint(source, expected_config=config)
-    elif ckpt.find_latest(out) is not None if out.is_dir() else False:
+    elif out.is_dir() and ckpt.find_latest(out) is not None:
         raise TrainError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     _check_writable(out)
     settings = _settings_from_args(args, config)
@@ -262,6 +262,9 @@ def train(args, log=None) -> int:
             changed = [f"{k} {before.get(k)} -> {v}" for k, v in asdict(settings).items() if before.get(k) != v]
             raise TrainError(f"--resume: the run's settings differ from the checkpoint's ({', '.join(changed)}); "
                              "resume with the same flags, or start a new run with another --out")
+        if resumed.optimizer_state is None:
+            raise TrainError(f"--resume: {resumed.path} holds no optimizer state (an exported model?); "
+                             "training cannot continue exactly from it")
         params = {name: p.astype(settings.dtype, copy=False) for name, p in resumed.params.items()}
         opt_state = resumed.optimizer_state
         sampler.restore(saved["sampler"])
