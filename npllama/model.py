@@ -396,7 +396,7 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
     normed, norm_cache = rmsnorm.forward(h, params["norm.weight"], config.norm_eps)
     logits, _ = linear.forward(normed, params["output.weight"])
     value, ce_cache = cross_entropy.forward(logits, targets, ignore_index)
-    del logits  # ce_cache holds it until dlogits exists
+    del logits  # the cache keeps exp(z - max) instead, and backward turns that buffer into dlogits
 
     grads = {}
     dlogits = cross_entropy.backward(1.0, ce_cache)

@@ -53,11 +53,25 @@ class CosineSchedule:
 
 @dataclass
 class AdamWState:
-    """First and second moments per parameter, and the number of steps taken."""
+    """First and second moments per parameter, and the number of steps taken.
+
+    `scratch` is working memory for `step` (one buffer as large as the largest parameter, reused
+    for every parameter so a step allocates nothing); it holds no state and is never saved.
+    """
 
     m: dict = field(default_factory=dict)
     v: dict = field(default_factory=dict)
     step: int = 0
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def scratch_like(self, array):
+        """A scratch view with `array`'s shape and dtype."""
+        key = (array_namespace(array).__name__, str(array.dtype))
+        buffer = self.scratch.get(key)
+        if buffer is None or buffer.size < array.size:
+            buffer = self.scratch[key] = array_namespace(array).empty(max(m.size for m in self.m.values()),
+                                                                      dtype=array.dtype)
+        return buffer[: array.size].reshape(array.shape)
 
 
 def decays(param) -> bool:
@@ -75,15 +89,17 @@ def init_state(params: dict) -> AdamWState:
 
 
 def global_norm(grads: dict) -> float:
-    """L2 norm of all gradients taken together; each sum of squares accumulates in float64.
+    """L2 norm of all gradients taken together.
 
-    The per-parameter sums stay on the device and are added there: one transfer, not one per
-    parameter.
+    Each parameter's sum of squares is one dot product (BLAS, in the gradient's dtype, no
+    temporary); the per-parameter sums are added in float64 on the device, so there is one
+    transfer to the host, not one per parameter.
     """
     total = None
     for g in grads.values():
         xp = array_namespace(g)
-        squares = xp.square(g).sum(dtype=xp.float64)
+        flat = g.reshape(-1)
+        squares = xp.asarray(xp.vdot(flat, flat), dtype=xp.float64)
         total = squares if total is None else total + squares
     return math.sqrt(float(total)) if total is not None else 0.0
 
@@ -114,16 +130,25 @@ def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWC
     for name, p in params.items():
         xp = array_namespace(p)
         m, v = state.m[name], state.v[name]
-        g = grads[name].astype(m.dtype, copy=False)
-        if clip != 1.0:
-            g = g * clip
+        g = grads[name]
+        scratch = state.scratch_like(m)
+        # m = beta1 m + (1 - beta1) c g
         m *= beta1
-        m += (1.0 - beta1) * g
+        xp.multiply(g, (1.0 - beta1) * clip, out=scratch)
+        m += scratch
+        # v = beta2 v + (1 - beta2) (c g)^2
         v *= beta2
-        v += (1.0 - beta2) * (g * g)
+        xp.multiply(g, g, out=scratch)
+        scratch *= (1.0 - beta2) * clip * clip
+        v += scratch
+        # p = p - lr wd p   (decoupled decay, matrices only)
         if config.weight_decay and decays(p):
             p *= 1.0 - lr * config.weight_decay
-        update = m / (xp.sqrt(v / bias2) + config.eps)
-        update *= lr / bias1
-        p -= update.astype(p.dtype, copy=False)
+        # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+        xp.multiply(v, 1.0 / bias2, out=scratch)
+        xp.sqrt(scratch, out=scratch)
+        scratch += config.eps
+        xp.divide(m, scratch, out=scratch)
+        scratch *= lr / bias1
+        p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)
     return {"grad_norm": grad_norm, "clip": clip}

@@ -231,8 +231,8 @@ def test_cross_entropy_rejects_targets_outside_the_vocabulary(bad_target):
         cross_entropy.forward(numpy.zeros((2, 5)), numpy.array([0, bad_target]))
 
 
-def test_cross_entropy_uses_one_logits_sized_buffer_in_forward_and_in_backward():
-    """Forward's one temporary and backward's dlogits are each one logits-sized array, no cast copy."""
+def test_cross_entropy_uses_one_logits_sized_buffer_which_backward_reuses():
+    """Forward allocates one logits-sized array (exp(z - m)); backward turns it into dlogits in place."""
     import tracemalloc
 
     rng = rng_from(5)
@@ -244,11 +244,20 @@ def test_cross_entropy_uses_one_logits_sized_buffer_in_forward_and_in_backward()
         loss, cache = cross_entropy.forward(logits, targets)
         _, forward_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
+        before_backward, _ = tracemalloc.get_traced_memory()
         dlogits = cross_entropy.backward(1.0, cache)
         _, backward_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # one logits-sized buffer (8 MB) plus per-row vectors (2048 x a few 8-byte values, ~0.1 MB)
+    # forward: one logits-sized buffer (8 MB) plus per-row vectors (2048 x a few 8-byte values)
     assert forward_peak < 1.1 * logits.nbytes, forward_peak / logits.nbytes
-    assert backward_peak < 1.1 * logits.nbytes, backward_peak / logits.nbytes
+    # backward: only per-row vectors on top of what forward left
+    assert backward_peak - before_backward < 0.1 * logits.nbytes, (backward_peak - before_backward) / logits.nbytes
     assert dlogits.shape == logits.shape and dlogits.dtype == logits.dtype
+
+
+def test_cross_entropy_backward_consumes_its_cache():
+    loss, cache = cross_entropy.forward(numpy.zeros((2, 3)), numpy.array([0, 1]))
+    cross_entropy.backward(1.0, cache)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        cross_entropy.backward(1.0, cache)

@@ -1,24 +1,43 @@
 """Cross-entropy of logits against target ids: fused log-softmax and mean negative log-likelihood.
 
-Forward:   m_n = max_v z[n, v],   sumexp_n = sum_v exp(z[n, v] - m_n) = 1 + rest_n
-           loss  = (1/N') sum over counted rows n of (lse_n - z[n, y_n]),   lse_n = m_n + log sumexp_n
+Forward:   m_n = max_v z[n, v],   e[n, v] = exp(z[n, v] - m_n),   sum_v e[n, v] = 1 + rest_n
+           loss  = (1/N') sum over counted rows n of (lse_n - z[n, y_n]),   lse_n = m_n + log(1 + rest_n)
                  = (1/N') sum over counted rows n of ((m_n - z[n, y_n]) + log1p(rest_n))
            where a row is counted unless y_n == ignore_index, and N' is the number counted.
 Backward:  dz[n, v] = dloss / N' * (softmax(z)[n, v] - [v == y_n])   for counted rows, 0 otherwise
-           with softmax(z)[n, v] = exp(z[n, v] - m_n) / sumexp_n, and at v = y_n = argmax
-           softmax - 1 = -rest_n / sumexp_n (no cancellation)
+           with softmax(z)[n, v] = e[n, v] / (1 + rest_n), and at v = y_n = argmax
+           softmax - 1 = -rest_n / (1 + rest_n) (no cancellation)
 Shapes:    logits z (..., V) flattened to (N, V), N = B*T; targets (...,) integers; loss a scalar.
 
 Subtracting the row maximum keeps exp() in [0, 1], so logits of magnitude 1e4 (or 1e30) give
 the exact loss rather than inf or nan; keeping the max's own term apart (log1p(rest)) keeps a
-confident row's tiny loss in float32 too. The statistics run in at least float32. Backward
-builds dz in a single logits-sized buffer: z - m, exponentiated in place, scaled in place by
-dloss / (N' sumexp), and the target entry set. If no row is counted the loss is 0 and so is the
-gradient (PyTorch would return nan), so a batch of padding cannot poison a run.
+confident row's tiny loss in float32 too. The statistics run in at least float32.
+
+Memory: one logits-sized buffer in all. Forward computes e = exp(z - m) into one buffer and keeps
+it in the cache instead of the logits (the caller may free the logits at once); backward scales
+that same buffer in place into dz. So the cache is consumed: backward runs once per forward.
+If no row is counted the loss is 0 and so is the gradient (PyTorch would return nan), so a batch
+of padding cannot poison a run.
 Derivation: reference/derivations.md#cross-entropy
 """
 
 from ._namespace import array_namespace, compute_dtype
+
+
+class CrossEntropyCache:
+    """exp(z - m) (the buffer backward turns into dz) and the per-row statistics."""
+
+    def __init__(self, exps, shape, dtype, safe_targets, counted, n_counted, argmax, rest):
+        self.exps, self.shape, self.dtype = exps, shape, dtype
+        self.safe_targets, self.counted, self.n_counted = safe_targets, counted, n_counted
+        self.argmax, self.rest = argmax, rest
+
+    def take_exps(self):
+        """Hand over the exp buffer, once: backward writes the gradient into it."""
+        if self.exps is None:
+            raise RuntimeError("cross_entropy.backward reuses its cache's buffer and can run once per forward")
+        exps, self.exps = self.exps, None
+        return exps
 
 
 def forward(logits, targets, ignore_index=-100):
@@ -39,39 +58,36 @@ def forward(logits, targets, ignore_index=-100):
     rows = xp.arange(z.shape[0])
     argmax = z.argmax(axis=-1)
     row_max = z[rows, argmax].astype(ct, copy=False)
-    shifted = xp.subtract(z, row_max[:, None], dtype=ct)  # the one logits-sized temporary of forward
-    xp.exp(shifted, out=shifted)
-    shifted[rows, argmax] = 0.0  # the max's own term, exp(0) = 1, is added back through log1p
-    rest = shifted.sum(axis=-1)
-    del shifted
+    target_logits = z[rows, safe_targets].astype(ct, copy=False)
+    exps = xp.subtract(z, row_max[:, None], dtype=ct)  # the one logits-sized buffer
+    xp.exp(exps, out=exps)
+    exps[rows, argmax] = 0.0  # the max's own term, exp(0) = 1, is added back through log1p
+    rest = exps.sum(axis=-1)
+    exps[rows, argmax] = 1.0
     # lse - z[y] = (m - z[y]) + log1p(rest): the large parts cancel exactly before the small ones
     # are added, so a confident prediction keeps its tiny loss even when |z| is 1e4 in float32
-    target_logits = z[rows, safe_targets].astype(ct, copy=False)
     nll = xp.where(counted, (row_max - target_logits) + xp.log1p(rest), 0.0)
     loss = nll.sum() / max(n_counted, 1)
-    return loss, (logits, safe_targets, counted, n_counted, argmax, row_max, rest)
+    return loss, CrossEntropyCache(exps, logits.shape, logits.dtype, safe_targets, counted, n_counted, argmax,
+                                   rest)
 
 
 def backward(dloss, cache):
-    """Return dlogits, built in one logits-sized buffer."""
-    logits, safe_targets, counted, n_counted, argmax, row_max, rest = cache
-    xp = array_namespace(logits)
-    vocab = logits.shape[-1]
-    z = logits.reshape(-1, vocab)
-    ct = compute_dtype(xp, logits.dtype)
+    """Return dlogits, written into the cache's exp buffer (so call it once per forward)."""
+    dlogits = cache.take_exps()
+    xp = array_namespace(dlogits)
+    rows = xp.arange(dlogits.shape[0])
+    targets, rest = cache.safe_targets, cache.rest
     # forward was: loss = (1/N') sum_n (lse_n - z[n, y_n]), with d lse_n / d z[n, v] = softmax(z)[n, v]
-    # so dz[n, v] = dloss / N' * (exp(z[n, v] - m_n) / sumexp_n - [v == y_n]) on counted rows.
-    # softmax is taken as exp(z - m) / sumexp rather than exp(z - lse): lse = m + log(sumexp)
-    # would round log(sumexp) away next to a large m, and the probabilities with it.
-    rows = xp.arange(z.shape[0])
-    row_scale = counted.astype(ct) * (dloss / max(n_counted, 1))
-    dlogits = xp.subtract(z, row_max[:, None], dtype=ct)  # the one buffer
-    xp.exp(dlogits, out=dlogits)
+    # so dz[n, v] = dloss / N' * (e[n, v] / (1 + rest_n) - [v == y_n]) on counted rows.
+    # softmax is taken as e / (1 + rest) rather than exp(z - lse): lse = m + log(1 + rest) would
+    # round log(1 + rest) away next to a large m, and the probabilities with it.
+    row_scale = cache.counted.astype(dlogits.dtype) * (dloss / max(cache.n_counted, 1))
     dlogits *= (row_scale / (1.0 + rest))[:, None]
     # the target entry, p_y - 1: when y is the argmax, p_y = 1 / (1 + rest), and 1/(1 + rest) - 1
     # would cancel to 0 in float32 for a confident row; -rest / (1 + rest) is the same, exactly
-    target_grad = xp.where(safe_targets == argmax, -rest * row_scale / (1.0 + rest),
-                           dlogits[rows, safe_targets] - row_scale)
-    dlogits[rows, safe_targets] = target_grad
-    dlogits[~counted] = 0.0  # an ignored row's logits may be inf or nan; 0 * nan would be nan
-    return dlogits.astype(logits.dtype, copy=False).reshape(logits.shape)
+    target_grad = xp.where(targets == cache.argmax, -rest * row_scale / (1.0 + rest),
+                           dlogits[rows, targets] - row_scale)
+    dlogits[rows, targets] = target_grad
+    dlogits[~cache.counted] = 0.0  # an ignored row's logits may be inf or nan; 0 * nan would be nan
+    return dlogits.astype(cache.dtype, copy=False).reshape(cache.shape)
