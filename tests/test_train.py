@@ -94,6 +94,13 @@ def test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted
         numpy.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
+def test_float64_training_keeps_float64_weights(corpus, tmp_path):
+    result = train_cli(*common(corpus, tmp_path), "--steps", "3", "--dtype", "float64")
+    assert result.returncode == 0, result.stderr
+    weights = checkpoint.load_checkpoint(tmp_path / "run").params
+    assert all(w.dtype == numpy.float64 for w in weights.values())
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     result = train_cli(*common(corpus, tmp_path), "--steps", "20", "--lr", "1e30", "--warmup", "0",
                        "--checkpoint-every", "1")
@@ -182,3 +189,21 @@ def test_grad_accum_of_two_half_batches_equals_one_full_batch_step():
     for name in full:
         numpy.testing.assert_allclose((first[name] + second[name]) / 2, full[name], rtol=1e-10, atol=1e-14)
 
+
+
+def test_loss_png_is_drawn_when_matplotlib_is_installed_and_skipped_with_one_note_otherwise(tmp_path, monkeypatch):
+    from npllama import train
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 6.0 - 0.1 * s, **({"val_loss": 6.0 - 0.09 * s}
+                                                                              if s % 5 == 0 else {})}) + "\n"
+                               for s in range(1, 21)))
+    notes = []
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    train._plot(metrics, tmp_path / "loss.png", notes.append)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and notes == []
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    train._plot(metrics, tmp_path / "again.png", notes.append)
+    assert not (tmp_path / "again.png").exists()
+    assert notes == ["matplotlib is not installed: no loss.png (pip install 'npllama[plot]')"]
