@@ -13,8 +13,15 @@ unchanged corpus is tokenised once and reused, and any change (a file edited, an
 gets a fresh file. Files are written to a temporary name and renamed, so an interrupted
 tokenisation leaves nothing half-written behind.
 
-Validation split: a document goes to `val.bin` when a hash of its path (relative to the source
-it was found under) falls in the held-out fraction (default 5%); whole documents, never halves.
+Validation split: with at least MIN_DOCUMENTS_TO_SPLIT documents, a document goes to `val.bin`
+when a hash of its path (relative to the source it was found under) falls in the held-out
+fraction (default 5%): whole documents, never halves. With fewer (a single input.txt, say), and
+whenever the hash leaves a split empty, the last 5% of the concatenated token stream is held
+out instead.
+
+`tokens.json` also records a sha256 of the token streams themselves (`content_sha256`): the
+identity a checkpoint remembers, so a resumed run can tell the same data from other data even
+when the files were moved or touched.
 
 Text handling: files are read as UTF-8. A file named directly that cannot be read or is not valid
 UTF-8 is an error; files found by walking a folder or matching a glob are skipped when they are
@@ -40,7 +47,8 @@ import numpy
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".toml", ".cfg",
                  ".ini", ".yaml", ".yml", ".js", ".ts", ".java", ".go", ".rs", ".cpp", ".hpp", ".sh", ""}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MIN_DOCUMENTS_TO_SPLIT = 20
 
 
 class DataError(ValueError):
@@ -93,10 +101,22 @@ def find_documents(sources: list[str] | None, flag: str = "--data") -> list[Docu
             found = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
             if not found:
                 raise DataError(f"{flag} {source}: the pattern matches no files")
-            documents += [Document(p, p.name, False) for p in found]
+            fixed = _fixed_prefix(os.path.expanduser(source))
+            documents += [Document(p, os.path.relpath(p, fixed), False) for p in found]
         else:
             raise DataError(f"{flag} {source}: no such file or folder")
     return documents
+
+
+def _fixed_prefix(pattern: str) -> str:
+    """The folder part of a glob pattern before its first wildcard: 'corpus/**/*.txt' -> 'corpus'."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
 
 
 def _hidden(relative: Path) -> bool:
@@ -181,27 +201,38 @@ def prepare_tokens(documents: list[Document], tokenizer, cache_dir: Path, val_fr
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"cannot create the token cache {directory} ({error.strerror}); pass --cache-dir") from None
-    streams = {"train": [], "val": []}
-    n_docs = {"train": 0, "val": 0}
+    documents_tokens = []  # (split chosen by hash, tokens) in document order
+    n_characters = 0
     iterator = read_documents(documents, warn)
     if progress is not None:
         iterator = progress(iterator, total=len(documents), desc="tokenizing", unit="file")
     for doc, text in iterator:
+        n_characters += len(text)
         split = "val" if is_validation(doc.name, val_fraction) else "train"
-        ids = tokenizer.encode(text, bos=True, eos=True)
-        streams[split].append(numpy.asarray(ids, dtype=dtype))
-        n_docs[split] += 1
-    if not streams["val"]:  # a small corpus: hold out the last document so validation exists
-        streams["val"].append(streams["train"].pop())
-        n_docs["val"], n_docs["train"] = 1, n_docs["train"] - 1
-    counts = {}
+        documents_tokens.append((split, numpy.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=dtype)))
+    if n_characters == 0:
+        raise DataError(f"the data is empty: {len(documents_tokens)} file(s) without any text; check --data")
+    splits = {split: [t for s, t in documents_tokens if s == split] for split in ("train", "val")}
+    n_docs = {split: len(tokens) for split, tokens in splits.items()}
+    if len(documents_tokens) >= MIN_DOCUMENTS_TO_SPLIT and n_docs["train"] and n_docs["val"]:
+        streams = {split: numpy.concatenate(tokens) for split, tokens in splits.items()}
+        split_rule = "documents"
+    else:  # too few documents to hold whole ones out: the tail of the stream instead
+        stream = numpy.concatenate([t for _, t in documents_tokens])
+        cut = stream.size - max(1, int(round(stream.size * val_fraction)))
+        streams = {"train": stream[:cut], "val": stream[cut:]}
+        n_docs = {"train": len(documents_tokens), "val": 0}
+        split_rule = "tail"
+    content = hashlib.sha256()
     for split in ("train", "val"):
-        tokens = numpy.concatenate(streams[split]) if streams[split] else numpy.zeros(0, dtype=dtype)
-        counts[split] = int(tokens.size)
-        _atomic_write_bytes(directory / f"{split}.bin", tokens.astype(tokens.dtype.newbyteorder("<")).tobytes())
+        little_endian = streams[split].astype(streams[split].dtype.newbyteorder("<"))
+        content.update(split.encode() + little_endian.tobytes())
+        _atomic_write_bytes(directory / f"{split}.bin", little_endian.tobytes())
     info = {"format": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(dtype).name, "n_tokens": counts,
-            "n_documents": n_docs, "val_fraction": val_fraction, "sources": signature}
+            "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(dtype).name,
+            "n_tokens": {split: int(streams[split].size) for split in streams}, "n_documents": n_docs,
+            "split": split_rule, "val_fraction": val_fraction, "content_sha256": content.hexdigest(),
+            "sources": signature}
     _atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
     return _open_token_data(directory)
 

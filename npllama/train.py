@@ -69,12 +69,22 @@ def default_cache_dir() -> Path:
     return Path(base) / "npllama"
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to a flag's help unless the help already says or X is None/False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m npllama.train",
         description="Train a Llama-1 model with hand-written backward passes. With no arguments: the 'tiny' "
                     "preset on the Python standard library's source files, about 10 minutes on 2 CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsFormatter)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
                         help="array backend (cupy: the GPU backend is not available yet)")
     parser.add_argument("--preset", default="tiny", help=f"model shape: {', '.join(llama.PRESETS)}")
@@ -89,7 +99,9 @@ def _parser():
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: runs/<preset>-<date>-<time>)")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                        help="continue a run: from --out's latest checkpoint, or from the checkpoint given")
+                        help="continue the run in --out from its latest checkpoint, or from the checkpoint "
+                             "given (which must belong to --out's run, or --out must be new); the other flags "
+                             "must match the run's, except --steps (a longer run stretches the schedule)")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps in total")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
@@ -103,10 +115,16 @@ def _parser():
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch sampling")
     parser.add_argument("--eval-every", type=int, default=100, help="validation every N steps (0: only at the end)")
     parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    parser.add_argument("--checkpoint-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--checkpoint-every", type=int, default=200,
+                        help="checkpoint every N steps and at the end, with a validation loss; weights that "
+                             "diverged (non-finite) are never saved")
+    parser.add_argument("--keep-checkpoints", type=int, default=2,
+                        help="how many of the newest checkpoints to keep (0: all)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype")
     parser.add_argument("--cache-dir", default=None, help=f"tokenizer and token cache (default: {default_cache_dir()})")
     parser.add_argument("--sample-tokens", type=int, default=80, help="tokens to generate at the end (0: none)")
+    parser.add_argument("--sample-prompt", default=None,
+                        help="prompt of the final sample (default: 'def ' on the built-in corpus, else empty)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to the log)")
     return parser
 
@@ -130,6 +148,10 @@ def _validate_args(args):
         (0 <= args.min_lr_ratio <= 1, "--min-lr-ratio must lie in [0, 1]"),
         (args.eval_every >= 0 and args.eval_batches >= 1, "--eval-every must be >= 0 and --eval-batches >= 1"),
         (args.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+        (args.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
+        (args.grad_clip >= 0 and math.isfinite(args.grad_clip), "--grad-clip must be >= 0 (0: no clipping)"),
+        (args.weight_decay >= 0 and math.isfinite(args.weight_decay), "--weight-decay must be >= 0"),
+        (args.sample_tokens >= 0, "--sample-tokens must be >= 0"),
         (args.vocab_size is None or args.vocab_size >= 259, "--vocab-size must be at least 259 "
                                                             "(256 byte pieces + unk, bos, eos)"),
     ]
@@ -138,14 +160,27 @@ def _validate_args(args):
             raise TrainError(message)
 
 
-def _check_writable(out: Path):
+def _check_writable(folder: Path, flag: str):
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise TrainError(f"--out {out}: cannot write there ({error.strerror}); choose another folder") from None
+        raise TrainError(f"{flag} {folder}: cannot write there ({error.strerror}); choose another folder") from None
+
+
+def _check_memory(config, dtype: str):
+    """Refuse a model whose weights, gradients and AdamW moments alone exceed this machine's memory."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    needed = config.n_params() * numpy.dtype(dtype).itemsize * 4  # params, grads, m, v
+    if needed > physical:
+        raise TrainError(f"the model has {config.n_params():,} parameters: weights, gradients and AdamW state need "
+                         f"{needed / 2**30:.0f} GiB, more than this machine's {physical / 2**30:.0f} GiB; "
+                         "choose a smaller --preset")
 
 
 def _load_tokenizer(args, settings, documents, cache_dir: Path, resumed, log) -> Tokenizer:
@@ -155,8 +190,13 @@ def _load_tokenizer(args, settings, documents, cache_dir: Path, resumed, log) ->
         tokenizer = Tokenizer.from_bytes(resumed.tokenizer_model)
     else:
         signature = corpus.sources_signature(documents)
-        key = hashlib.sha256(json.dumps({"v": settings.vocab_size, "sources": signature},
-                                        sort_keys=True).encode()).hexdigest()[:16]
+        import sentencepiece
+
+        from .tokenizer import DEFAULT_MAX_SENTENCES, LLAMA_TRAINING_OPTIONS
+
+        recipe = {"vocab": settings.vocab_size, "sources": signature, "options": LLAMA_TRAINING_OPTIONS,
+                  "max_sentences": DEFAULT_MAX_SENTENCES, "seed": 0, "sentencepiece": sentencepiece.__version__}
+        key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = cache_dir / "tokenizers" / f"bpe-{settings.vocab_size}-{key}.model"
         if path.is_file():
             tokenizer = Tokenizer.load(path)
@@ -164,9 +204,9 @@ def _load_tokenizer(args, settings, documents, cache_dir: Path, resumed, log) ->
         else:
             log(f"training a {settings.vocab_size}-piece BPE tokenizer on {len(documents)} files ...")
             started = time.time()
-            texts = (text for _, text in corpus.read_documents(documents, warn=log))
+            # skipped files are reported once, by the tokenisation below
+            texts = (text for _, text in corpus.read_documents(documents, warn=lambda message: None))
             tokenizer = train_tokenizer(texts, settings.vocab_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(path)
             log(f"tokenizer: {path} ({time.time() - started:.0f} s)")
     if tokenizer.vocab_size != settings.vocab_size:
@@ -219,29 +259,45 @@ def train(args, log=None) -> int:
     if args.seq_len > config.max_seq_len:
         raise TrainError(f"--seq-len {args.seq_len} exceeds the {args.preset} model's maximum context of "
                          f"{config.max_seq_len}; pass --seq-len {config.max_seq_len} or less")
+    _check_memory(config, args.dtype)
+    if args.resume == "" and args.out is None:
+        raise TrainError("--resume without a checkpoint continues the run in --out; pass --out RUN_DIR")
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
+    out_had_run = out.is_dir() and ckpt.find_latest(out) is not None
     resumed = None
     if args.resume is not None:
-        source = Path(args.resume) if args.resume else out
-        if not args.resume and ckpt.find_latest(out) is None:
+        if args.resume == "" and not out_had_run:
             raise TrainError(f"--resume: {out} holds no checkpoint to resume; pass --resume CHECKPOINT_DIR")
-        resumed = ckpt.load_checkpoint(source, expected_config=config)
-    elif out.is_dir() and ckpt.find_latest(out) is not None:
+        resumed = ckpt.load_checkpoint(Path(args.resume) if args.resume else out, expected_config=config)
+        if out_had_run and resumed.path.parent.resolve() != out.resolve():
+            raise TrainError(f"--out {out} already holds another run; to continue {resumed.path} pass "
+                             f"--out {resumed.path.parent}, or choose a new --out")
+    elif out_had_run:
         raise TrainError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    _check_writable(out)
-    settings = _settings_from_args(args, config)
+    created_out = not out.exists()
+    _check_writable(out, "--out")
+    try:
+        return _train_into(args, log, config, out, cache_dir, resumed)
+    except BaseException:
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+        raise
 
+
+def _train_into(args, log, config, out: Path, cache_dir: Path, resumed) -> int:
+    _check_writable(cache_dir, "--cache-dir")
+    settings = _settings_from_args(args, config)
     documents = corpus.find_documents(args.data)
     tokenizer = _load_tokenizer(args, settings, documents, cache_dir, resumed, log)
     from tqdm import tqdm
 
     tokens = corpus.prepare_tokens(documents, tokenizer, cache_dir / "tokens",
                                    progress=None if args.no_progress else tqdm, warn=log)
-    data_id = tokens.directory.name
+    data_id = tokens.info["content_sha256"]
     log(f"data: {tokens.info['n_tokens']['train']:,} training and {tokens.info['n_tokens']['val']:,} validation "
-        f"tokens from {tokens.info['n_documents']['train'] + tokens.info['n_documents']['val']} files")
+        f"tokens from {len(documents)} files (held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
 
     sampler = corpus.BatchSampler(tokens.train, settings.batch_size, settings.seq_len, settings.seed)
     val_batches = corpus.fixed_batches(tokens.val, settings.batch_size, settings.seq_len, args.eval_batches)
@@ -249,19 +305,23 @@ def train(args, log=None) -> int:
         log(f"validation: the held-out split ({tokens.val.size} tokens) is shorter than one window; "
             "validating on training windows instead")
         val_batches = corpus.fixed_batches(tokens.train, settings.batch_size, settings.seq_len, args.eval_batches)
-    schedule = optim.CosineSchedule(settings.lr, settings.steps, settings.warmup, settings.min_lr_ratio)
     adamw = optim.AdamWConfig(weight_decay=settings.weight_decay, grad_clip=settings.grad_clip)
 
+    metrics_path = out / "metrics.jsonl"
     if resumed is not None:
         saved = resumed.state
         if saved.get("data_id") != data_id:
             raise TrainError(f"--resume: the checkpoint {resumed.path} was trained on other data (or another "
                              "tokenizer); pass the same --data, or start a new run with another --out")
-        if saved.get("settings") != asdict(settings):
-            before = saved.get("settings", {})
-            changed = [f"{k} {before.get(k)} -> {v}" for k, v in asdict(settings).items() if before.get(k) != v]
+        before = dict(saved.get("settings", {}))
+        now = asdict(settings)
+        changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if k != "steps" and before.get(k) != v]
+        if changed:
             raise TrainError(f"--resume: the run's settings differ from the checkpoint's ({', '.join(changed)}); "
                              "resume with the same flags, or start a new run with another --out")
+        if before.get("steps") != settings.steps:
+            log(f"note: --steps changed from {before.get('steps')} to {settings.steps}: the learning-rate schedule "
+                "is stretched, so the run will not match one trained for this many steps from the start")
         if resumed.optimizer_state is None:
             raise TrainError(f"--resume: {resumed.path} holds no optimizer state (an exported model?); "
                              "training cannot continue exactly from it")
@@ -269,30 +329,52 @@ def train(args, log=None) -> int:
         opt_state = resumed.optimizer_state
         sampler.restore(saved["sampler"])
         start_step = int(saved["step"])
+        if start_step >= settings.steps:
+            raise TrainError(f"--resume: the checkpoint is at step {start_step}, the run has --steps "
+                             f"{settings.steps}; pass a larger --steps to train further")
+        _truncate_metrics(metrics_path, start_step)
         log(f"resumed from {resumed.path} at step {start_step}")
     else:
         params = llama.init_params(config, seed=settings.seed, dtype=settings.dtype)
         opt_state = optim.init_state(params)
         start_step = 0
+    schedule = optim.CosineSchedule(settings.lr, settings.steps, settings.warmup, settings.min_lr_ratio)
     log(f"model: {args.preset} ({config.n_params():,} parameters), {settings.steps} steps of "
         f"{settings.batch_size * settings.grad_accum} x {settings.seq_len} tokens, output in {out}")
 
-    metrics_path = out / "metrics.jsonl"
-    last_saved = ckpt.find_latest(out)
+    last_saved = None if resumed is None else resumed.path
+    keep = args.keep_checkpoints or None
 
-    def save(step):
+    def save(step, val_loss):
+        """Checkpoint weights that are finite and give a finite validation loss, or stop the run."""
         nonlocal last_saved
+        if not math.isfinite(optim.global_norm(params)):
+            stop(step, "the weights' norm overflowed (they diverged)")
+        if not math.isfinite(val_loss):
+            stop(step, f"the validation loss became {val_loss}")
         state = {"step": step, "settings": asdict(settings), "sampler": sampler.state(), "data_id": data_id,
                  "tokenizer_fingerprint": tokenizer.fingerprint}
         last_saved = ckpt.save_checkpoint(out, step, config=config, params=params, optimizer_state=opt_state,
-                                          state=state, tokenizer_model=tokenizer.model_bytes)
+                                          state=state, tokenizer_model=tokenizer.model_bytes, keep_last=keep)
+
+    def stop(step, what):
+        progress.close()
+        where = (f"the last good checkpoint is {last_saved} (step {_step_of(last_saved)})" if last_saved
+                 else "no checkpoint had been written yet")
+        raise TrainError(f"{what} at step {step}; stopped without saving; {where}; "
+                         "start a new run (another --out) with a lower --lr")
 
     progress = tqdm(total=settings.steps, initial=start_step, disable=args.no_progress, unit="step",
                     dynamic_ncols=True, file=sys.stderr)
     tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
-    # overflow shows up as a non-finite loss or gradient norm, which stops the run with a clear
-    # message below; NumPy's per-operation warnings would only bury that message
+    # overflow shows up as a non-finite loss, gradient norm or weight, which stops the run with a
+    # clear message below; NumPy's per-operation warnings would only bury that message
     with open(metrics_path, "a") as metrics, numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if start_step == 0:
+            initial = _evaluate(params, config, val_batches)
+            metrics.write(json.dumps({"step": 0, "val_loss": initial}) + "\n")
+            progress.write(f"step 0: validation loss {initial:.4f} (ln V = {math.log(config.vocab_size):.4f})",
+                           file=sys.stderr)
         for step in range(start_step, settings.steps):
             started = time.perf_counter()
             lr = schedule(step)
@@ -311,37 +393,46 @@ def train(args, log=None) -> int:
                     g /= settings.grad_accum
             loss_value = loss_sum / settings.grad_accum
             grad_norm = optim.global_norm(grads)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                progress.close()
-                where = (f"the last good checkpoint is {last_saved} (step {_step_of(last_saved)})" if last_saved
-                         else "no checkpoint had been written yet")
-                raise TrainError(f"the loss became {loss_value} (gradient norm {grad_norm}) at step {step + 1}; "
-                                 f"stopped without saving; {where}; try a lower --lr")
+            if not math.isfinite(loss_value):
+                stop(step + 1, f"the loss became {loss_value}")
+            if not math.isfinite(grad_norm):
+                stop(step + 1, f"the gradient norm became {grad_norm} (loss {loss_value:.4f})")
             stats = optim.step(params, grads, opt_state, lr, adamw, grad_norm=grad_norm)
             elapsed = time.perf_counter() - started
             done = step + 1
             record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / elapsed}
-            if (args.eval_every and done % args.eval_every == 0) or done == settings.steps:
+            checkpoint_now = done % args.checkpoint_every == 0 or done == settings.steps
+            if (args.eval_every and done % args.eval_every == 0) or checkpoint_now:
                 record["val_loss"] = _evaluate(params, config, val_batches)
                 progress.write(f"step {done}: validation loss {record['val_loss']:.4f}", file=sys.stderr)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             progress.update(1)
-            if done % args.checkpoint_every == 0 or done == settings.steps:
-                save(done)
+            if checkpoint_now:
+                save(done, record["val_loss"])
     progress.close()
     _plot(metrics_path, out / "loss.png", log)
     log(f"checkpoint: {last_saved}")
     if args.sample_tokens > 0:
         from .generate import generate
 
-        prompt = "def "
+        prompt = args.sample_prompt if args.sample_prompt is not None else ("def " if args.data is None else "")
         log(f"sample ({args.sample_tokens} tokens, temperature 0.8):")
         text = generate(params, config, tokenizer, prompt, args.sample_tokens, temperature=0.8, seed=settings.seed)
         print(prompt + text, flush=True)
     return 0
+
+
+def _truncate_metrics(path: Path, last_step: int):
+    """Drop the log rows after `last_step` (written by the run being resumed after its checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _step_of(path) -> str:
@@ -357,7 +448,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; the last complete checkpoint is kept", file=sys.stderr)
+        print("\ninterrupted; checkpoints written so far are complete and kept", file=sys.stderr)
         return 130
 
 

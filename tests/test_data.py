@@ -98,11 +98,50 @@ def test_missing_sources_are_named(tmp_path, make, message):
         data.find_documents([make(tmp_path)])
 
 
-def test_empty_files_give_too_little_data_for_one_window(tmp_path):
+def test_files_without_any_text_are_reported_as_empty_data(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    tokens = data.prepare_tokens(data.find_documents([str(tmp_path / "empty.txt")]), ByteTokenizer(), tmp_path / "c")
+    with pytest.raises(data.DataError, match="the data is empty: 1 file"):
+        data.prepare_tokens(data.find_documents([str(tmp_path / "empty.txt")]), ByteTokenizer(), tmp_path / "c")
+
+
+def test_too_little_data_for_one_window_is_refused():
     with pytest.raises(data.DataError, match="fewer than one window"):
-        data.BatchSampler(tokens.train if tokens.train.size else tokens.val, 2, 64, seed=0)
+        data.BatchSampler(numpy.arange(10, dtype=numpy.uint16), 2, 64, seed=0)
+
+
+def test_a_single_file_holds_out_the_last_five_percent_of_its_tokens(tmp_path):
+    one = tmp_path / "input.txt"
+    one.write_text("all the text of one book. " * 2000)
+    tokens = data.prepare_tokens(data.find_documents([str(one)]), ByteTokenizer(), tmp_path / "c")
+    total = len(one.read_bytes()) + 2
+    assert tokens.info["split"] == "tail"
+    assert tokens.val.size == round(0.05 * total) and tokens.train.size + tokens.val.size == total
+
+
+def test_many_files_hold_out_whole_files(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n_files=60)
+    tokens = data.prepare_tokens(data.find_documents([str(corpus)]), ByteTokenizer(), tmp_path / "c")
+    assert tokens.info["split"] == "documents"
+    assert 0 < tokens.info["n_documents"]["val"] < 60
+    # every held-out document starts with BOS and ends with EOS: no document is cut in two
+    assert tokens.val[0] == ByteTokenizer.bos_id and tokens.val[-1] == ByteTokenizer.eos_id
+
+
+def test_token_content_hash_ignores_where_the_files_are(tmp_path):
+    first = data.prepare_tokens(data.find_documents([str(write_corpus(tmp_path / "a", 5))]), ByteTokenizer(),
+                                tmp_path / "c")
+    second = data.prepare_tokens(data.find_documents([str(write_corpus(tmp_path / "elsewhere" / "b", 5))]),
+                                 ByteTokenizer(), tmp_path / "c")
+    assert first.directory != second.directory  # another source list: another cache entry
+    assert first.info["content_sha256"] == second.info["content_sha256"]  # but the same tokens
+
+
+def test_files_found_by_a_glob_are_named_by_their_path_below_the_pattern(tmp_path):
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "README.txt").write_text(sub)
+    names = [d.name for d in data.find_documents([str(tmp_path / "**" / "README.txt")])]
+    assert names == ["x/README.txt", "y/README.txt"]
 
 
 @given(seed=st.integers(0, 2**32 - 1), drawn_before=st.integers(0, 5), batch=st.integers(1, 4),
