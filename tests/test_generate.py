@@ -71,7 +71,7 @@ def test_generate_cli_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_generate_cli_streams_a_continuation_of_the_prompt(tmp_path):
+def test_generate_cli_loads_a_checkpoint_with_its_tokenizer_and_continues_the_prompt(tmp_path):
     from npllama.tokenizer import train_tokenizer
 
     texts = ["def add(a, b):\n    return a + b\n" * 50, "print('hello world')\n" * 50]
@@ -85,3 +85,29 @@ def test_generate_cli_streams_a_continuation_of_the_prompt(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def add(")
+
+
+def test_streaming_never_splits_a_multibyte_character(monkeypatch):
+    """Byte-fallback pieces of one character arrive as several tokens; the stream shows the
+    character once it is complete, never a replacement character, and adds up to the result."""
+    from npllama.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["plain ascii text only, a b c\n" * 200], 300)
+    script = tokenizer.encode("x 中 aé")[len(tokenizer.encode("x")):] + [tokenizer.eos_id]  # after "x"
+    assert len(script) >= 7  # 中 and é are byte pieces: three and two tokens
+    config = model.LlamaConfig(dim=8, n_layers=1, n_heads=2, vocab_size=300, multiple_of=4, max_seq_len=64)
+    params = model.init_params(config)
+    calls = iter(range(len(script)))
+
+    def scripted_forward(params, config, tokens, tile_size=None, kv_cache=None):
+        logits = numpy.full((1, tokens.shape[1], config.vocab_size), -1e9, dtype=numpy.float32)
+        logits[0, -1, script[next(calls)]] = 0.0
+        return logits
+
+    monkeypatch.setattr(generate.llama, "forward", scripted_forward)
+    chunks = []
+    text = generate.generate(params, config, tokenizer, "x", max_new_tokens=20, temperature=1.0,
+                             on_text=chunks.append)
+    assert text == " 中 aé"
+    assert "".join(chunks) == text and not any("\ufffd" in chunk for chunk in chunks)
+    assert "中" in chunks[0] or any(chunk.endswith("中") for chunk in chunks)
