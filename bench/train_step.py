@@ -111,8 +111,9 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (NumPy's BLAS uses "
-                                                                              "its default, all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads; NumPy's BLAS keeps its default, all cores, so the two match only "
+                             "at the default")
     parser.add_argument("--worker", choices=["npllama", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
