@@ -9,6 +9,7 @@ the same random batches and the same number of threads, so that their memory can
   step memory  peak resident memory during the steps (VmHWM) minus the resident memory before
                the first step, when the model, optimizer state and batches already exist: what a
                step allocates on top of the weights
+  peak RSS     the process's whole peak resident memory (interpreter and libraries included)
 
 PyTorch's side is reference/torch_llama.py (Meta's model.py formulation, autograd, materialised
 attention) with torch.optim.AdamW; it is skipped with a note when torch is not installed.
@@ -100,8 +101,9 @@ def _measure(step, batches, args) -> dict:
             times.append(time.perf_counter() - started)
     times.sort()
     median = times[len(times) // 2]
+    peak = _rss_kib("VmHWM")
     return {"tokens_per_s": args.batch_size * args.seq_len / median, "step_s": median,
-            "step_memory_mib": (_rss_kib("VmHWM") - rss_before) / 1024, "first_loss": losses[0]}
+            "step_memory_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024, "first_loss": losses[0]}
 
 
 def main(argv=None):
@@ -138,11 +140,11 @@ def main(argv=None):
 
     print(f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} timed steps, "
           f"{args.threads} threads, {os.cpu_count()} cores")
-    print(f"{'':16}{'tokens/s':>10}{'step s':>9}{'step memory MiB':>17}{'first loss':>12}")
+    print(f"{'':16}{'tokens/s':>10}{'step s':>9}{'step memory MiB':>17}{'peak RSS MiB':>14}{'first loss':>12}")
     for name, r in results.items():
         label = "npllama (numpy)" if name == "npllama" else "PyTorch eager"
         print(f"{label:16}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{r['step_memory_mib']:>17.0f}"
-              f"{r['first_loss']:>12.4f}")
+              f"{r['peak_rss_mib']:>14.0f}{r['first_loss']:>12.4f}")
     if len(results) == 2:
         ours, theirs = results["npllama"], results["torch"]
         print(f"ratio npllama / PyTorch: speed {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "

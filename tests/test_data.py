@@ -168,3 +168,22 @@ def test_validation_split_is_by_whole_documents_and_stable():
     held_out = [n for n in names if data.is_validation(n, 0.05)]
     assert 50 <= len(held_out) <= 150
     assert held_out == [n for n in names if data.is_validation(n, 0.05)]
+
+
+def test_unreadable_files_are_skipped_when_walked_and_an_error_when_named(tmp_path, monkeypatch):
+    """Simulated with a read that raises PermissionError (tests run as root, who can read anything)."""
+    corpus = write_corpus(tmp_path / "corpus", 3)
+    locked = corpus / "doc01.txt"
+    real_read_bytes = type(locked).read_bytes
+
+    def read_bytes(path):
+        if path.name == locked.name:
+            raise PermissionError(13, "Permission denied")
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(type(locked), "read_bytes", read_bytes)
+    warnings = []
+    texts = list(data.read_documents(data.find_documents([str(corpus)]), warn=warnings.append))
+    assert len(texts) == 2 and "doc01.txt (Permission denied)" in warnings[0]
+    with pytest.raises(data.DataError, match="cannot read it"):
+        list(data.read_documents(data.find_documents([str(locked)])))
