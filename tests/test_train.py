@@ -177,7 +177,8 @@ def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(corpus, tmp
     assert checkpoint.find_latest(tmp_path / "run") == saved.path  # nothing newer was written
     assert all(numpy.isfinite(w).all() for w in saved.params.values())
     tokens = numpy.arange(33).reshape(1, 33) % saved.config.vocab_size
-    assert numpy.isfinite(model.loss(saved.params, saved.config, tokens[:, :-1], tokens[:, 1:]))
+    with numpy.errstate(over="ignore"):  # the weights are large (lr 1e8), only finiteness matters
+        assert numpy.isfinite(model.loss(saved.params, saved.config, tokens[:, :-1], tokens[:, 1:]))
 
 
 @pytest.mark.parametrize("make_args, fragments", [
