@@ -71,6 +71,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from .backend import to_host
+from .files import fsync_dir
 from .model import LlamaConfig, parameter_shapes
 from .optim import AdamWState
 
@@ -183,7 +184,7 @@ def save_checkpoint(
         try:
             for file_name, data in files.items():
                 _write_synced(tmp / file_name, data)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _rename_into_place(tmp, final)
         except BaseException:
             _remove(tmp)
@@ -216,13 +217,13 @@ def _rename_into_place(tmp: Path, final: Path) -> None:
     """Give the complete directory `tmp` the name `final`, never deleting an old `final` first."""
     if not final.exists():
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     _remove(old)
     os.rename(final, old)  # a kill from here ...
     os.rename(tmp, final)  # ... to here leaves the complete old version at `old` (see find_latest)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     _remove(old)
 
 
@@ -230,7 +231,7 @@ def _write_latest(run_dir: Path, name: str) -> None:
     tmp = run_dir / f".tmp-{LATEST_FILE}-{os.getpid()}"
     _write_synced(tmp, f"{name}\n".encode())
     os.replace(tmp, run_dir / LATEST_FILE)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 def _clean_up(run_dir: Path, keep: Path, keep_last: int | None) -> None:
@@ -252,7 +253,7 @@ def _clean_up(run_dir: Path, keep: Path, keep_last: int | None) -> None:
                 trash = run_dir / f".tmp-pruned-{path.name}-{os.getpid()}"
                 os.rename(path, trash)  # never a half-deleted `step-*` directory
                 _remove(trash)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 def _owned_by_another_live_process(name: str) -> bool:
@@ -274,17 +275,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames) durable. Not possible on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy
 
+from .files import write_atomically
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".toml", ".cfg",
                  ".ini", ".yaml", ".yml", ".js", ".ts", ".java", ".go", ".rs", ".cpp", ".hpp", ".sh", ""}
 FORMAT_VERSION = 2
@@ -227,13 +229,13 @@ def prepare_tokens(documents: list[Document], tokenizer, cache_dir: Path, val_fr
     for split in ("train", "val"):
         little_endian = streams[split].astype(streams[split].dtype.newbyteorder("<"))
         content.update(split.encode() + little_endian.tobytes())
-        _atomic_write_bytes(directory / f"{split}.bin", little_endian.tobytes())
+        write_atomically(directory / f"{split}.bin", little_endian.tobytes())
     info = {"format": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint,
             "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(dtype).name,
             "n_tokens": {split: int(streams[split].size) for split in streams}, "n_documents": n_docs,
             "split": split_rule, "val_fraction": val_fraction, "content_sha256": content.hexdigest(),
             "sources": signature}
-    _atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+    write_atomically(info_path, json.dumps(info, indent=1).encode())
     return _open_token_data(directory)
 
 
@@ -248,15 +250,6 @@ def _open_token_data(directory: Path) -> TokenData:
             raise ValueError(f"{path}: size {path.stat().st_size} != {expected}")
         arrays[split] = (numpy.memmap(path, dtype=dtype, mode="r") if expected else numpy.zeros(0, dtype=dtype))
     return TokenData(arrays["train"], arrays["val"], info, directory)
-
-
-def _atomic_write_bytes(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class BatchSampler:

@@ -145,22 +145,8 @@ def rope_tables(config: LlamaConfig, n_positions: int, dtype, xp, start: int = 0
 # One block
 
 
-def _layer_weights(params, i):
-    p = f"layers.{i}."
-    return {
-        "attention_norm": params[p + "attention_norm.weight"],
-        "wq": params[p + "attention.wq.weight"],
-        "wk": params[p + "attention.wk.weight"],
-        "wv": params[p + "attention.wv.weight"],
-        "wo": params[p + "attention.wo.weight"],
-        "ffn_norm": params[p + "ffn_norm.weight"],
-        "w1": params[p + "feed_forward.w1.weight"],
-        "w2": params[p + "feed_forward.w2.weight"],
-        "w3": params[p + "feed_forward.w3.weight"],
-    }
-
-
-_GRAD_NAMES = {
+# a block's weights by short name, and the suffix of each one's full (Meta) name
+_LAYER_PARAMS = {
     "attention_norm": "attention_norm.weight",
     "wq": "attention.wq.weight",
     "wk": "attention.wk.weight",
@@ -171,6 +157,10 @@ _GRAD_NAMES = {
     "w2": "feed_forward.w2.weight",
     "w3": "feed_forward.w3.weight",
 }
+
+
+def _layer_weights(params, i):
+    return {short: params[f"layers.{i}.{suffix}"] for short, suffix in _LAYER_PARAMS.items()}
 
 
 def _split_heads(x, n_heads):
@@ -408,7 +398,7 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
         w = _layer_weights(params, i)
         dh, layer_grads = block_backward(dh, w, saved_blocks.pop(), cos, sin, config, tile_size)
         for short, grad in layer_grads.items():
-            grads[f"layers.{i}.{_GRAD_NAMES[short]}"] = grad
+            grads[f"layers.{i}.{_LAYER_PARAMS[short]}"] = grad
     grads["tok_embeddings.weight"] = embedding.backward(dh, emb_cache)
     grads = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
     return float(value), grads

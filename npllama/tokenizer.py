@@ -41,10 +41,11 @@ import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import sentencepiece
+
+from .files import write_atomically
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 BYTE_PIECE_COUNT = 256  # <0x00> .. <0xFF>, the byte fallback pieces
@@ -207,7 +208,7 @@ class Tokenizer:
         """Write the model to `path` atomically: a temporary file, fsynced, then renamed."""
         path = Path(path)
         try:
-            _write_atomically(path, self._model_bytes)
+            write_atomically(path, self._model_bytes)
         except OSError as error:
             raise TokenizerError(f"cannot write tokenizer file {path}: {error.strerror}; "
                                  "choose a writable path") from None
@@ -390,34 +391,6 @@ def _protobuf_field_numbers(data: bytes) -> set[int]:
             raise ValueError("data ends inside a field")
         numbers.add(number)
     return numbers
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as readable as any file
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        directory = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)
-    except OSError:
-        pass
-    finally:
-        os.close(directory)
 
 
 # --- command line --------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from . import data as corpus
 from . import model as llama
 from . import optim
+from .files import write_atomically
 from .tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 
@@ -342,7 +343,7 @@ def _train_into(args, log, config, out: Path, cache_dir: Path, resumed) -> int:
     log(f"model: {args.preset} ({config.n_params():,} parameters), {settings.steps} steps of "
         f"{settings.batch_size * settings.grad_accum} x {settings.seq_len} tokens, output in {out}")
 
-    last_saved = None if resumed is None else resumed.path
+    last_saved = None if resumed is None else (resumed.path, resumed.step)
     keep = args.keep_checkpoints or None
 
     def save(step, val_loss):
@@ -354,12 +355,13 @@ def _train_into(args, log, config, out: Path, cache_dir: Path, resumed) -> int:
             stop(step, f"the validation loss became {val_loss}")
         state = {"step": step, "settings": asdict(settings), "sampler": sampler.state(), "data_id": data_id,
                  "tokenizer_fingerprint": tokenizer.fingerprint}
-        last_saved = ckpt.save_checkpoint(out, step, config=config, params=params, optimizer_state=opt_state,
-                                          state=state, tokenizer_model=tokenizer.model_bytes, keep_last=keep)
+        path = ckpt.save_checkpoint(out, step, config=config, params=params, optimizer_state=opt_state,
+                                    state=state, tokenizer_model=tokenizer.model_bytes, keep_last=keep)
+        last_saved = (path, step)
 
     def stop(step, what):
         progress.close()
-        where = (f"the last good checkpoint is {last_saved} (step {_step_of(last_saved)})" if last_saved
+        where = (f"the last good checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
                  else "no checkpoint had been written yet")
         raise TrainError(f"{what} at step {step}; stopped without saving; {where}; "
                          "start a new run (another --out) with a lower --lr")
@@ -414,7 +416,7 @@ def _train_into(args, log, config, out: Path, cache_dir: Path, resumed) -> int:
                 save(done, record["val_loss"])
     progress.close()
     _plot(metrics_path, out / "loss.png", log)
-    log(f"checkpoint: {last_saved}")
+    log(f"checkpoint: {last_saved[0]}")
     if args.sample_tokens > 0:
         from .generate import generate
 
@@ -430,14 +432,7 @@ def _truncate_metrics(path: Path, last_step: int):
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def _step_of(path) -> str:
-    name = Path(path).name
-    return str(int(name.split("-")[-1])) if name.startswith("step-") else "?"
+    write_atomically(path, "".join(line + "\n" for line in kept).encode())
 
 
 def main(argv=None) -> int:
