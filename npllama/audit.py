@@ -5,8 +5,10 @@
 For each op (each differentiable input and parameter) and for the whole model on a small config,
 the gradient that backward returns is compared with fourth-order central differences along
 random unit directions and entry by entry (see npllama/gradcheck.py for the exact error
-measures). Prints a table, or with --json a list of {op, wrt, max_abs_err, max_rel_err, passed}.
-Exits 1 if any check fails, 2 on bad arguments.
+measures). Prints a table, or with --json a list of {op, wrt, max_abs_err, max_rel_err, passed, problem}.
+A gradient that cannot be compared (NaN or infinite values in it or in the finite differences, a
+wrong shape or dtype) fails, and its row says why (`problem`; its errors are null in the JSON).
+Exits 1 if any check fails, naming the ops that failed; 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -89,15 +91,26 @@ def run_audit(seed=0, xp=numpy, only=None):
     return results
 
 
+def _few(names, shown=4) -> str:
+    """The first few names, and how many there are when that is not all of them."""
+    listed = ", ".join(names[:shown])
+    return listed if len(names) <= shown else f"{listed}, ... {len(names)} in all"
+
+
 def format_table(results) -> str:
     header = f"{'op':<14} {'wrt':<36} {'max abs err':>12} {'max rel err':>12}  result"
     lines = [header, "-" * len(header)]
     for r in results:
-        lines.append(f"{r.op:<14} {r.wrt:<36} {r.max_abs_err:>12.3e} {r.max_rel_err:>12.3e}  "
-                     f"{'pass' if r.passed else 'FAIL'}")
-    n_failed = sum(not r.passed for r in results)
-    lines.append(f"{len(results) - n_failed} passed, {n_failed} failed "
-                 f"(relative error limit {gradcheck.DEFAULT_RTOL:g}, float64)")
+        verdict = "pass" if r.passed else "FAIL" + (f": {r.problem}" if r.problem else "")
+        lines.append(f"{r.op:<14} {r.wrt:<36} {r.max_abs_err:>12.3e} {r.max_rel_err:>12.3e}  {verdict}")
+    failed = [r for r in results if not r.passed]
+    summary = (f"{len(results) - len(failed)} passed, {len(failed)} failed "
+               f"(relative error limit {gradcheck.DEFAULT_RTOL:g}, float64)")
+    if failed:
+        failed_ops = dict.fromkeys(r.op for r in failed)  # in order, once each
+        summary += "; failed: " + ", ".join(f"{op} ({_few([r.wrt for r in failed if r.op == op])})"
+                                            for op in failed_ops)
+    lines.append(summary)
     return "\n".join(lines)
 
 
@@ -126,7 +139,7 @@ def main(argv=None) -> int:
             parser.exit(2, f"error: --only: unknown op {', '.join(unknown)}; choose from {', '.join(OPS)}\n")
     results = run_audit(args.seed, numpy, args.only)
     if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
+        print(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))
     else:
         print(format_table(results))
     return 0 if all(r.passed for r in results) else 1

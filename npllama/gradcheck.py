@@ -30,10 +30,17 @@ Above it, the check is purely relative.
 
 An op is checked through f(x) = sum(forward(x) * w) for a fixed random cotangent w, whose
 gradient is exactly what backward(w) claims to return.
+
+What cannot be compared fails, with the reason in `CheckResult.problem`: a gradient of another
+shape or dtype than its input, a gradient with a NaN or an infinity, a forward value that is not
+finite at the input, a finite difference that is not finite (the forward blows up within a few
+steps of the input), or a backward that returns the wrong number of gradients. A NaN never
+compares as an error of 0.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy
@@ -58,20 +65,52 @@ class CheckResult:
     passed: bool
     n_directions: int = 0
     n_elements: int = 0
+    problem: str | None = None  # why the gradient could not be compared (then passed is False)
 
     def to_dict(self) -> dict:
+        """The JSON row: errors that are not finite (or were never computed) become null."""
         data = asdict(self)
-        return {key: data[key] for key in ("op", "wrt", "max_abs_err", "max_rel_err", "passed")}
+        row = {key: data[key] for key in ("op", "wrt", "max_abs_err", "max_rel_err", "passed", "problem")}
+        for key in ("max_abs_err", "max_rel_err"):
+            row[key] = row[key] if math.isfinite(row[key]) else None
+        return row
+
+
+class NotComparable(Exception):
+    """A gradient check that cannot produce a number: the message says what and where."""
+
+
+def _failed(op: str, wrt: str, problem: str) -> CheckResult:
+    return CheckResult(op, wrt, math.nan, math.nan, False, problem=problem)
+
+
+def describe_non_finite(array) -> str | None:
+    """None if every entry is finite, else e.g. "3 of 12 entries are not finite (nan), the first at (0, 2)"."""
+    finite = numpy.isfinite(array)
+    if finite.all():
+        return None
+    bad = array[~finite]
+    kinds = [kind for kind, present in (("nan", numpy.isnan(bad).any()), ("+inf", (bad == numpy.inf).any()),
+                                        ("-inf", (bad == -numpy.inf).any())) if present]
+    first = tuple(int(i) for i in numpy.argwhere(~finite)[0])
+    return f"{bad.size} of {array.size} entries are not finite ({', '.join(kinds)}), the first at {first}"
 
 
 def directional_derivative(func, inputs: dict, name: str, direction, step: float = DEFAULT_STEP) -> float:
-    """The fourth-order central difference D(step) of func(inputs) along `direction` in inputs[name]."""
+    """The fourth-order central difference D(step) of func(inputs) along `direction` in inputs[name].
+
+    Raises NotComparable if func is not finite at one of the four points.
+    """
     base = inputs[name]
 
     def at(t):
         shifted = dict(inputs)
         shifted[name] = base + t * direction
-        return float(func(shifted))
+        value = float(func(shifted))
+        if not math.isfinite(value):
+            raise NotComparable(f"the finite differences are not finite: the forward is {value} at "
+                                f"{t:+.3g} x a unit direction from the input")
+        return value
 
     return (8.0 * (at(step) - at(-step)) - (at(2 * step) - at(-2 * step))) / (12.0 * step)
 
@@ -101,18 +140,48 @@ def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_direc
     Checks `n_directions` random unit directions and up to `max_elements` single entries (all of
     them when the tensor is that small, else a random sample without repetition). `f_scale` is
     the size of the terms summed into f (default |f(inputs)|), which sets the rounding floor.
+    A gradient that cannot be compared (see the module's docstring) fails with its `problem`.
     """
+    label = label or name
+    try:
+        return _check_gradient(op, func, inputs, name, grad, rng, n_directions=n_directions,
+                               max_elements=max_elements, rtol=rtol, step=step, f_scale=f_scale, label=label)
+    except NotComparable as reason:
+        return _failed(op, label, str(reason))
+
+
+def _comparable_gradient(inputs: dict, name: str, grad) -> numpy.ndarray:
+    """grad on the host as float64, after checking its shape, dtype and finiteness against inputs[name]."""
+    grad_host = _to_host(grad)
+    expected = inputs[name]
+    if grad_host.shape != tuple(expected.shape):
+        raise NotComparable(f"the gradient has shape {grad_host.shape}, the input {tuple(expected.shape)}")
+    if grad_host.dtype != expected.dtype:
+        raise NotComparable(f"the gradient has dtype {grad_host.dtype}, the input {expected.dtype}")
+    non_finite = describe_non_finite(grad_host)
+    if non_finite:
+        raise NotComparable(f"the gradient is not finite: {non_finite}")
+    return grad_host.astype(numpy.float64)
+
+
+def _check_gradient(op, func, inputs, name, grad, rng, *, n_directions, max_elements, rtol, step, f_scale, label):
     xp = _namespace_of(inputs[name])
-    grad_host = _to_host(grad).astype(numpy.float64)
+    grad_host = _comparable_gradient(inputs, name, grad)
     x_host = _to_host(inputs[name]).astype(numpy.float64)
     shape = x_host.shape
-    if grad_host.shape != shape:
-        raise ValueError(f"{op}: gradient for {name} has shape {grad_host.shape}, expected {shape}")
     size = grad_host.size
     dtype = inputs[name].dtype
+    non_finite = describe_non_finite(x_host)
+    if non_finite:
+        raise NotComparable(f"the input is not finite: {non_finite}")
     input_rms = float(numpy.sqrt(numpy.mean(x_host**2))) if size else 0.0
     step = step * input_rms if input_rms > 0 else step
-    f_scale = abs(float(func(inputs))) if f_scale is None else f_scale
+    value = float(func(inputs))
+    if not math.isfinite(value):
+        raise NotComparable(f"the forward is {value} at the input")
+    f_scale = abs(value) if f_scale is None else f_scale
+    if not math.isfinite(f_scale):
+        raise NotComparable(f"the forward's terms are not finite at the input (their size is {f_scale})")
     floor = max(EPS * f_scale / step * 100.0 / rtol, numpy.finfo(numpy.float64).tiny)
     grad_norm = max(float(numpy.linalg.norm(grad_host)), floor)
     grad_max = max(float(numpy.abs(grad_host).max()) if size else 0.0, floor)
@@ -140,8 +209,8 @@ def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_direc
         unit[flat] = 1.0
         compare(unit.reshape(shape), float(grad_host.reshape(-1)[flat]), grad_max)
 
-    passed = bool(numpy.isfinite(max_rel) and max_rel <= rtol)
-    return CheckResult(op, label or name, max_abs, max_rel, passed, n_directions, len(flat_indices))
+    passed = bool(math.isfinite(max_rel) and max_rel <= rtol)
+    return CheckResult(op, label, max_abs, max_rel, passed, n_directions, len(flat_indices))
 
 
 def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, **kwargs) -> list[CheckResult]:
@@ -157,7 +226,8 @@ def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, **kw
     if not isinstance(grads, tuple):
         grads = (grads,)
     if len(grads) != len(wrt):
-        raise ValueError(f"{op}: backward returned {len(grads)} gradients for {len(wrt)} inputs")
+        return [_failed(op, name, f"backward returned {len(grads)} gradients for the {len(wrt)} inputs "
+                                  f"{', '.join(wrt)}") for name in wrt]
 
     def func(values):
         value, _ = forward(**values)

@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import numpy
+import pytest
+
 from npllama import audit
 
 EXPECTED_ROWS = {
@@ -21,11 +24,11 @@ def test_audit_json_lists_every_op_and_the_model_all_passing():
     result = run_cli("--json", "--seed", "3")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert all(set(row) == {"op", "wrt", "max_abs_err", "max_rel_err", "passed"} for row in rows)
+    assert all(set(row) == {"op", "wrt", "max_abs_err", "max_rel_err", "passed", "problem"} for row in rows)
     assert EXPECTED_ROWS <= {(row["op"], row["wrt"]) for row in rows}
     model_rows = {row["wrt"] for row in rows if row["op"] == "model"}
     assert model_rows == set(audit.llama.parameter_shapes(audit.AUDIT_CONFIG))
-    assert all(row["passed"] and row["max_rel_err"] <= 1e-6 for row in rows)
+    assert all(row["passed"] and row["problem"] is None and 0 <= row["max_rel_err"] <= 1e-6 for row in rows)
 
 
 def test_audit_table_ends_with_a_summary():
@@ -39,6 +42,38 @@ def test_audit_fails_with_exit_1_when_a_gradient_is_wrong(monkeypatch, capsys):
     monkeypatch.setattr(audit.swiglu, "backward", lambda dy, cache: tuple(1.001 * g for g in original(dy, cache)))
     assert audit.main(["--only", "swiglu"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def nan_like(grads):
+    return tuple(g * numpy.nan for g in grads) if isinstance(grads, tuple) else grads * numpy.nan
+
+
+@pytest.mark.parametrize("op", [op for op in audit.OPS if op != "model"])
+def test_an_op_whose_backward_returns_nan_fails_the_audit_which_names_it(op, monkeypatch, capsys):
+    module = getattr(audit, op)
+    original = module.backward
+    monkeypatch.setattr(module, "backward", lambda dy, cache: nan_like(original(dy, cache)))
+    assert audit.main(["--only", op]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line for line in lines if line.startswith(op)]
+    assert rows and all("FAIL: the gradient is not finite" in row and "(nan)" in row for row in rows), lines
+    assert f"failed: {op} (" in lines[-1], lines[-1]
+
+
+def test_a_model_gradient_with_nan_fails_the_audit_which_names_the_parameter(monkeypatch, capsys):
+    original = audit.llama.loss_and_grads
+
+    def loss_and_grads_with_a_nan(*args, **kwargs):
+        value, grads = original(*args, **kwargs)
+        grads["layers.1.ffn_norm.weight"] = grads["layers.1.ffn_norm.weight"] * numpy.nan
+        return value, grads
+
+    monkeypatch.setattr(audit.llama, "loss_and_grads", loss_and_grads_with_a_nan)
+    assert audit.main(["--only", "model", "--json"]) == 1
+    rows = json.loads(capsys.readouterr().out)  # strict JSON: no NaN literals
+    failed = [row for row in rows if not row["passed"]]
+    assert [row["wrt"] for row in failed] == ["layers.1.ffn_norm.weight"]
+    assert failed[0]["max_rel_err"] is None and "not finite" in failed[0]["problem"]
 
 
 def test_audit_rejects_an_unknown_backend_and_op_in_one_line():

@@ -1,0 +1,136 @@
+"""The checker itself: it fails a wrong gradient, and it fails whatever it cannot compare.
+
+A gradient check that passes a NaN proves nothing, so every way a comparison can go blind (a NaN
+or an infinity in the gradient, in the forward or in its finite differences; a gradient of another
+shape or dtype; a backward that returns too few gradients) is a failure that says which.
+"""
+
+import numpy
+import pytest
+
+from npllama import audit, gradcheck
+from npllama.ops import linear, rmsnorm, swiglu
+from strategies import rng_from
+
+
+def rmsnorm_inputs(seed=0):
+    rng = rng_from(seed)
+    return {"x": rng.standard_normal((2, 3, 5)), "weight": rng.standard_normal(5)}
+
+
+def check_rmsnorm(backward, forward=rmsnorm.forward, inputs=None):
+    return gradcheck.check_op("rmsnorm", forward, backward, inputs or rmsnorm_inputs(), ["x", "weight"],
+                              rng_from(1))
+
+
+def with_dx(make_dx):
+    """rmsnorm's backward with dx replaced by make_dx(dx); dweight is left correct."""
+    def backward(dy, cache):
+        dx, dweight = rmsnorm.backward(dy, cache)
+        return make_dx(dx), dweight
+    return backward
+
+
+def test_the_correct_backward_passes_with_no_problem():
+    results = check_rmsnorm(rmsnorm.backward)
+    assert [(r.passed, r.problem) for r in results] == [(True, None), (True, None)]
+    assert all(0 <= r.max_rel_err < 1e-8 for r in results)
+
+
+def test_a_slightly_wrong_backward_fails():
+    """A 0.01% error in dx: the checker must see it (a test that cannot fail is no test)."""
+    results = check_rmsnorm(with_dx(lambda dx: dx * (1 + 1e-4)))
+    assert [r.passed for r in results] == [False, True]
+    assert results[0].problem is None and results[0].max_rel_err > 1e-5
+
+
+def test_one_wrong_entry_fails():
+    rng = rng_from(1)
+
+    def linear_backward_with_one_bad_entry(dy, cache):
+        dx, dweight = linear.backward(dy, cache)
+        dweight = dweight.copy()
+        dweight[1, 2] += 1e-3 * numpy.abs(dweight).max()
+        return dx, dweight
+
+    inputs = {"x": rng.standard_normal((4, 3)), "weight": rng.standard_normal((2, 3))}
+    results = gradcheck.check_op("linear", linear.forward, linear_backward_with_one_bad_entry, inputs,
+                                 ["x", "weight"], rng)
+    assert [r.passed for r in results] == [True, False]
+
+
+@pytest.mark.parametrize("bad_value, kind", [(numpy.nan, "nan"), (numpy.inf, "+inf"), (-numpy.inf, "-inf")])
+@pytest.mark.parametrize("where", ["everywhere", "one entry"])
+def test_a_gradient_with_a_non_finite_entry_fails_and_says_so(bad_value, kind, where):
+    def plant(dx):
+        dx = dx.copy()
+        if where == "everywhere":
+            dx[...] = bad_value
+        else:
+            dx[1, 2, 3] = bad_value
+        return dx
+
+    results = check_rmsnorm(with_dx(plant))
+    assert [r.passed for r in results] == [False, True]
+    problem = results[0].problem
+    assert problem.startswith("the gradient is not finite") and kind in problem, problem
+    if where == "one entry":
+        assert "1 of 30 entries" in problem and "(1, 2, 3)" in problem, problem
+
+
+def test_non_finite_finite_differences_fail_and_say_so():
+    """A forward that is finite at the input but NaN a step away: nothing can be differenced."""
+    inputs = rmsnorm_inputs()
+    x0 = inputs["x"]
+
+    def forward_undefined_off_the_input(x, weight):
+        y, cache = rmsnorm.forward(x, weight)
+        return numpy.where(x == x0, y, numpy.nan), cache
+
+    results = check_rmsnorm(rmsnorm.backward, forward=forward_undefined_off_the_input, inputs=inputs)
+    assert not results[0].passed
+    assert results[0].problem.startswith("the finite differences are not finite: the forward is nan"), \
+        results[0].problem
+
+
+def test_a_forward_that_is_not_finite_at_the_input_fails_and_says_so():
+    def forward_with_an_infinite_output(a, b):
+        y, cache = swiglu.forward(a, b)
+        y = y.copy()
+        y[0, 0] = numpy.inf
+        return y, cache
+
+    rng = rng_from(2)
+    inputs = {"a": rng.standard_normal((2, 4)), "b": rng.standard_normal((2, 4))}
+    results = gradcheck.check_op("swiglu", forward_with_an_infinite_output, swiglu.backward, inputs, ["a", "b"], rng)
+    assert [r.passed for r in results] == [False, False]
+    assert all(r.problem == "the forward is inf at the input" for r in results), results
+
+
+def test_a_gradient_of_the_wrong_shape_fails_and_names_both_shapes():
+    results = check_rmsnorm(with_dx(lambda dx: dx[..., :4]))
+    assert not results[0].passed
+    assert results[0].problem == "the gradient has shape (2, 3, 4), the input (2, 3, 5)"
+
+
+def test_a_gradient_of_the_wrong_dtype_fails_and_names_both_dtypes():
+    """The op contract is dtype in = dtype out: a float64 check given a float32 gradient fails."""
+    results = check_rmsnorm(with_dx(lambda dx: dx.astype(numpy.float32)))
+    assert not results[0].passed
+    assert results[0].problem == "the gradient has dtype float32, the input float64"
+
+
+def test_a_backward_returning_too_few_gradients_fails_every_input():
+    results = check_rmsnorm(lambda dy, cache: rmsnorm.backward(dy, cache)[0])
+    assert [(r.wrt, r.passed) for r in results] == [("x", False), ("weight", False)]
+    assert results[0].problem == "backward returned 1 gradients for the 2 inputs x, weight"
+
+
+def test_a_failed_row_writes_null_errors_to_json_and_its_problem_to_the_table():
+    results = check_rmsnorm(with_dx(lambda dx: dx * numpy.nan))
+    row = results[0].to_dict()
+    assert row == {"op": "rmsnorm", "wrt": "x", "max_abs_err": None, "max_rel_err": None, "passed": False,
+                   "problem": row["problem"]}
+    table = audit.format_table(results)
+    assert "FAIL: the gradient is not finite" in table
+    assert table.splitlines()[-1] == "1 passed, 1 failed (relative error limit 1e-06, float64); failed: rmsnorm (x)"
