@@ -10,6 +10,9 @@ head_counts = st.integers(min_value=1, max_value=4)
 head_dims = st.integers(min_value=1, max_value=32).map(lambda half: 2 * half)  # even, 2 .. 64
 model_dims = st.integers(min_value=1, max_value=24)
 value_scales = st.sampled_from([0.1, 1.0, 3.0])
+# attention's score scale s in softmax(s Q K^T): None is the default 1/sqrt(D); the others are
+# what a caller may pass (temperature, another convention), so backward must use the one given
+softmax_scales = st.sampled_from([None, 0.05, 0.7, 2.0])
 
 
 def rng_from(seed):
@@ -24,6 +27,11 @@ def attention_problems(draw):
     return batch, heads, seq, head_dim, tile_size
 
 
+# RMSNorm epsilons: Meta's 1e-6, Hugging Face's 1e-5, and two large enough that a path which
+# silently used another epsilon than the config's would change the numbers well beyond rounding
+norm_epsilons = st.sampled_from([1e-6, 1e-5, 1e-3, 0.1])
+
+
 @st.composite
 def small_model_configs(draw):
     """A LlamaConfig small enough to difference: 1-2 layers, 1-3 heads of even dim 2-6."""
@@ -33,4 +41,5 @@ def small_model_configs(draw):
     head_dim = 2 * draw(st.integers(1, 3))
     return LlamaConfig(dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads,
                        vocab_size=draw(st.integers(2, 11)), multiple_of=draw(st.sampled_from([1, 4, 8])),
-                       max_seq_len=16, rope_theta=draw(st.sampled_from([100.0, 10000.0])))
+                       max_seq_len=16, rope_theta=draw(st.sampled_from([100.0, 10000.0])),
+                       norm_eps=draw(norm_epsilons))

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npllama import data
+from assertions import assert_same
 
 
 class ByteTokenizer:
@@ -46,7 +47,7 @@ def test_tokens_are_stored_once_and_reused_while_the_sources_are_unchanged(tmp_p
     again = data.prepare_tokens(data.find_documents([str(corpus)]), tokenizer, tmp_path / "cache")
     assert tokenizer.calls == calls  # nothing re-encoded
     assert again.directory == first.directory
-    numpy.testing.assert_array_equal(again.train, first.train)
+    assert_same(again.train, first.train)
     assert first.train.dtype == numpy.uint16 and isinstance(first.train, numpy.memmap)
     # every document is [BOS] bytes [EOS], whole, in one of the two splits
     total = sum(len(f.read_text().encode()) + 2 for f in corpus.iterdir())
@@ -156,10 +157,10 @@ def test_sampler_state_restores_the_exact_batch_sequence(seed, drawn_before, bat
     restored = data.BatchSampler(tokens, batch, seq, seed=12345)
     restored.restore(state)
     for (x, y), (x2, y2) in zip(expected, [restored.next_batch() for _ in range(3)]):
-        numpy.testing.assert_array_equal(x, x2)
-        numpy.testing.assert_array_equal(y, y2)
+        assert_same(x, x2)
+        assert_same(y, y2)
         # targets are the inputs shifted by one token
-        numpy.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+        assert_same(x[:, 1:], y[:, :-1])
         assert x.shape == (batch, seq) and x.dtype == numpy.int64
 
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npllama import checkpoint, generate, model
+from assertions import assert_close, assert_same
 
 logit_vectors = st.integers(2, 40).flatmap(
     lambda n: st.lists(st.floats(-20, 20, allow_nan=False), min_size=n, max_size=n)).map(numpy.array)
@@ -25,7 +26,7 @@ def test_top_k_keeps_at_most_k_of_the_most_likely_tokens(logits, top_k, temperat
     probs = generate.sampling_distribution(logits, temperature, top_k, None)
     kth_largest = numpy.sort(logits)[-min(top_k, logits.size)]
     # exactly the tokens at or above the k-th largest logit survive (more than k only on ties)
-    numpy.testing.assert_array_equal(probs > 0, logits >= kth_largest)
+    assert_same(probs > 0, logits >= kth_largest)
     assert probs.sum() == pytest.approx(1.0)
 
 
@@ -37,7 +38,7 @@ def test_top_p_keeps_the_smallest_most_likely_set_reaching_p(logits, top_p):
     assert full[kept].sum() >= top_p - 1e-12  # reaches p
     smallest_kept = full[kept].min()
     assert full[kept].sum() - smallest_kept < top_p + 1e-12  # and no token could be dropped
-    numpy.testing.assert_allclose(probs[kept], full[kept] / full[kept].sum(), rtol=1e-12)
+    assert_close(probs[kept], full[kept] / full[kept].sum(), rtol=1e-12)
 
 
 class CountingTokenizer:

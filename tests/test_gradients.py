@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from npllama import audit, gradcheck
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
-                        seq_lens, small_model_configs, value_scales)
+                        seq_lens, small_model_configs, softmax_scales, value_scales)
 
 
 def assert_all_pass(results):
@@ -65,12 +65,13 @@ def test_swiglu_backward_matches_finite_differences(batch, seq, width, scale, se
     assert_all_pass(gradcheck.check_op("swiglu", swiglu.forward, swiglu.backward, inputs, ["a", "b"], rng))
 
 
-@given(problem=attention_problems(), scale=value_scales, seed=seeds)
-def test_attention_backward_matches_finite_differences(problem, scale, seed):
+@given(problem=attention_problems(), scale=value_scales, softmax_scale=softmax_scales, seed=seeds)
+def test_attention_backward_matches_finite_differences(problem, scale, softmax_scale, seed):
     batch, heads, seq, head_dim, tile_size = problem
     rng = rng_from(seed)
     inputs = {name: scale * rng.standard_normal((batch, heads, seq, head_dim)) for name in ("q", "k", "v")}
-    results = gradcheck.check_op("attention", lambda q, k, v: attention.forward(q, k, v, tile_size),
+    results = gradcheck.check_op("attention",
+                                 lambda q, k, v: attention.forward(q, k, v, tile_size, scale=softmax_scale),
                                  attention.backward, inputs, ["q", "k", "v"], rng, max_elements=24)
     assert_all_pass(results)
 

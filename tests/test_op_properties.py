@@ -4,12 +4,13 @@ import math
 
 import numpy
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from assertions import assert_close, assert_differ, assert_finite, assert_same
 from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
-                        seq_lens)
+                        seq_lens, softmax_scales)
 
 # float64 results that differ only by the order of a few additions agree to ~1e-15 relative;
 # 1e-12 allows for the longer sums of tiled attention while catching any real difference.
@@ -18,27 +19,28 @@ FLOAT64_TOL = 1e-12
 
 # --- attention --------------------------------------------------------------------------------
 
-@given(problem=attention_problems(), seed=seeds)
-def test_tiled_attention_equals_naive_softmax_attention_for_every_tile_size(problem, seed):
+@given(problem=attention_problems(), softmax_scale=softmax_scales, seed=seeds)
+def test_tiled_attention_equals_naive_softmax_attention_for_every_tile_size(problem, softmax_scale, seed):
     batch, heads, seq, head_dim, _ = problem
     rng = rng_from(seed)
     q, k, v = (rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(3))
-    expected_out, expected_lse = attention.naive_forward(q, k, v)
+    expected_out, expected_lse = attention.naive_forward(q, k, v, scale=softmax_scale)
     for tile_size in range(1, seq + 2):
-        out, cache = attention.forward(q, k, v, tile_size)
-        numpy.testing.assert_allclose(out, expected_out, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
-        numpy.testing.assert_allclose(cache[4], expected_lse, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+        out, cache = attention.forward(q, k, v, tile_size, scale=softmax_scale)
+        assert_close(out, expected_out, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+        assert_close(cache[4], expected_lse, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
 
 
-@given(problem=attention_problems(), seed=seeds)
-def test_attention_gradients_do_not_depend_on_tile_size(problem, seed):
+@given(problem=attention_problems(), softmax_scale=softmax_scales, seed=seeds)
+def test_attention_gradients_do_not_depend_on_tile_size(problem, softmax_scale, seed):
     batch, heads, seq, head_dim, tile_size = problem
     rng = rng_from(seed)
     q, k, v, dout = (rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(4))
-    reference = attention.backward(dout, attention.forward(q, k, v, seq)[1])  # one tile: no tiling
-    tiled = attention.backward(dout, attention.forward(q, k, v, tile_size)[1])
+    # one tile: no tiling
+    reference = attention.backward(dout, attention.forward(q, k, v, seq, scale=softmax_scale)[1])
+    tiled = attention.backward(dout, attention.forward(q, k, v, tile_size, scale=softmax_scale)[1])
     for expected, got in zip(reference, tiled):
-        numpy.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+        assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @given(seq=st.integers(2, 19), n_cached=st.integers(0, 18), head_dim=head_dims, seed=seeds,
@@ -51,7 +53,7 @@ def test_attention_with_fewer_queries_than_keys_equals_the_last_rows_of_full_att
     q, k, v = (rng.standard_normal((2, 2, seq, head_dim)) for _ in range(3))
     full, _ = attention.forward(q, k, v, tile_size)
     last, _ = attention.forward(q[:, :, n_cached:], k, v, tile_size)
-    numpy.testing.assert_allclose(last, full[:, :, n_cached:], rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+    assert_close(last, full[:, :, n_cached:], rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
 
 
 @given(problem=attention_problems(), position=st.integers(0, 17), seed=seeds)
@@ -67,8 +69,8 @@ def test_attention_is_causal(problem, position, seed):
     k2[:, :, position + 1:] += 10 * rng.standard_normal(k2[:, :, position + 1:].shape)
     v2[:, :, position + 1:] += 10 * rng.standard_normal(v2[:, :, position + 1:].shape)
     out2, _ = attention.forward(q, k2, v2, tile_size)
-    numpy.testing.assert_array_equal(out2[:, :, :position + 1], out[:, :, :position + 1])
-    assert not numpy.array_equal(out2[:, :, position + 1:], out[:, :, position + 1:])
+    assert_same(out2[:, :, :position + 1], out[:, :, :position + 1])
+    assert_differ(out2[:, :, position + 1:], out[:, :, position + 1:])
 
 
 def test_attention_keeps_float32_in_float32():
@@ -88,7 +90,7 @@ def test_rope_preserves_the_norm_of_every_pair(batch, seq, heads, head_dim, seed
     cos, sin = rope.frequencies(head_dim, numpy.arange(seq))
     y, _ = rope.forward(x, cos, sin)
     pair_norms = lambda a: numpy.hypot(a[..., 0::2], a[..., 1::2])
-    numpy.testing.assert_allclose(pair_norms(y), pair_norms(x), rtol=FLOAT64_TOL)
+    assert_close(pair_norms(y), pair_norms(x), rtol=FLOAT64_TOL)
 
 
 @given(head_dim=head_dims, m=st.integers(0, 4096), n=st.integers(0, 4096), shift=st.integers(-2000, 2000),
@@ -115,7 +117,7 @@ def test_rope_uses_meta_interleaved_pairs():
     cos, sin = rope.frequencies(4, numpy.array([1]), theta=10000.0)
     y, _ = rope.forward(x, cos, sin)
     expected = [math.cos(1.0), math.sin(1.0), math.cos(0.01), math.sin(0.01)]
-    numpy.testing.assert_allclose(y.reshape(-1), expected, rtol=1e-15)
+    assert_close(y.reshape(-1), expected, rtol=1e-15)
 
 
 # --- rmsnorm ----------------------------------------------------------------------------------
@@ -126,14 +128,14 @@ def test_rmsnorm_is_invariant_to_input_scale(batch, dim, factor, seed):
     x = rng.standard_normal((batch, 3, dim))
     weight = rng.standard_normal(dim)
     eps = 0.0  # with eps = 0 the invariance is exact; eps only guards x = 0
-    numpy.testing.assert_allclose(rmsnorm.forward(factor * x, weight, eps)[0], rmsnorm.forward(x, weight, eps)[0],
+    assert_close(rmsnorm.forward(factor * x, weight, eps)[0], rmsnorm.forward(x, weight, eps)[0],
                                   rtol=1e-12)
 
 
 def test_rmsnorm_output_has_unit_rms_before_the_gain():
     x = rng_from(3).standard_normal((4, 16)) * 7
     y, _ = rmsnorm.forward(x, numpy.ones(16), 0.0)
-    numpy.testing.assert_allclose(numpy.sqrt((y * y).mean(-1)), 1.0, rtol=1e-14)
+    assert_close(numpy.sqrt((y * y).mean(-1)), 1.0, rtol=1e-14)
 
 
 def test_rmsnorm_statistics_do_not_overflow_in_float16():
@@ -141,7 +143,63 @@ def test_rmsnorm_statistics_do_not_overflow_in_float16():
     x = numpy.full((1, 8), 1000.0, dtype=numpy.float16)
     y, _ = rmsnorm.forward(x, numpy.ones(8, dtype=numpy.float16), 1e-6)
     assert y.dtype == numpy.float16
-    numpy.testing.assert_allclose(y.astype(float), 1.0, rtol=1e-3)
+    assert_close(y.astype(float), 1.0, rtol=1e-3)
+
+
+FLOAT16_MAX = 65504.0
+
+
+@st.composite
+def float16_rmsnorm_problems(draw):
+    """(x, g, dy) in float16 whose exact dx and dg are representable in float16 but whose
+    intermediate products dy * g and dxhat * xhat may not be: large inputs (r = 1/rms(x) small),
+    large gains and large incoming gradients (as loss scaling makes them)."""
+    rng = rng_from(draw(seeds))
+    rows, dim = draw(st.integers(1, 3)), draw(st.integers(2, 32))
+    x_scale, gain_scale, dy_scale = (draw(st.sampled_from(s)) for s in ([1e-2, 1.0, 1e2], [1.0, 30.0], [1.0, 1e3]))
+    x = (x_scale * rng.standard_normal((rows, dim))).astype(numpy.float16)
+    gain = (gain_scale * rng.uniform(0.5, 1.5, dim)).astype(numpy.float16)
+    dy = numpy.clip(dy_scale * rng.standard_normal((rows, dim)), -3e4, 3e4).astype(numpy.float16)
+    return x, gain, dy
+
+
+def float64_rmsnorm_backward(x, gain, dy, eps):
+    y, cache = rmsnorm.forward(x.astype(numpy.float64), gain.astype(numpy.float64), eps)
+    return rmsnorm.backward(dy.astype(numpy.float64), cache)
+
+
+@given(problem=float16_rmsnorm_problems())
+def test_rmsnorm_backward_in_float16_equals_float64_to_float16_precision(problem):
+    """The backward runs in float32 whatever the input dtype: float16 in, float16 out, and no
+    overflow of the intermediate products, only the final rounding."""
+    x, gain, dy = problem
+    dx64, dgain64 = float64_rmsnorm_backward(x, gain, dy, 1e-6)
+    assume(numpy.abs(dx64).max() < FLOAT16_MAX / 2 and numpy.abs(dgain64).max() < FLOAT16_MAX / 2)
+    dx, dgain = rmsnorm.backward(dy, rmsnorm.forward(x, gain, 1e-6)[1])
+    assert dx.dtype == dgain.dtype == numpy.float16
+    assert_finite(dx, dgain)
+    # dx = r * (dy g - xhat * mean(dy g xhat)) and dg = sum_rows dy * xhat: the errors are float16's
+    # roundings of xhat (kept in the cache) and of the result, under 1e-3 of the size of the terms;
+    # 4e-3 leaves a factor 4. Computing in float16 instead gives inf, or errors of order 1.
+    rstd = 1 / numpy.sqrt((x.astype(numpy.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
+    dx_terms = (rstd * numpy.abs(dy * gain.astype(numpy.float64))).max()
+    dgain_terms = numpy.abs(dy * x.astype(numpy.float64) * rstd).sum(0)
+    assert numpy.abs(dx.astype(numpy.float64) - dx64).max() <= 4e-3 * dx_terms
+    assert (numpy.abs(dgain.astype(numpy.float64) - dgain64) <= 4e-3 * dgain_terms + 1e-7).all()
+
+
+def test_rmsnorm_backward_in_float16_survives_products_beyond_float16():
+    """dy * g = 2e3 * 60 = 1.2e5 overflows float16, while dx (with r = 1/rms(x) ~ 1e-2) is ~1e3."""
+    x = numpy.array([[100.0, -200.0, 150.0, 50.0]], dtype=numpy.float16)
+    gain = numpy.full(4, 60.0, dtype=numpy.float16)
+    dy = numpy.array([[2000.0, 1000.0, -2000.0, 500.0]], dtype=numpy.float16)
+    with numpy.errstate(over="ignore"):  # the overflow is expected: it is what this test is about
+        assert not numpy.isfinite(dy * gain).all()  # the product that must not be formed in float16
+    dx, dgain = rmsnorm.backward(dy, rmsnorm.forward(x, gain, 1e-6)[1])
+    dx64, dgain64 = float64_rmsnorm_backward(x, gain, dy, 1e-6)
+    # float16 keeps 11 significant bits: 1e-3 relative is two roundings
+    assert_close(dx.astype(numpy.float64), dx64, rtol=2e-3, atol=2e-3 * numpy.abs(dx64).max())
+    assert_close(dgain.astype(numpy.float64), dgain64, rtol=2e-3)
 
 
 # --- embedding, linear, swiglu ------------------------------------------------------------------
@@ -151,7 +209,7 @@ def test_embedding_backward_adds_up_repeated_ids():
     ids = numpy.array([[1, 1, 3, 1]])
     dout = numpy.arange(8.0).reshape(1, 4, 2)
     dweight = embedding.backward(dout, embedding.forward(ids, weight)[1])
-    numpy.testing.assert_array_equal(dweight, [[0, 0], [0 + 2 + 6, 1 + 3 + 7], [0, 0], [4, 5]])
+    assert_same(dweight, [[0, 0], [0 + 2 + 6, 1 + 3 + 7], [0, 0], [4, 5]])
 
 
 @given(batch=batch_sizes, seq=seq_lens, n_in=model_dims, n_out=model_dims, seed=seeds)
@@ -159,14 +217,14 @@ def test_linear_flattens_leading_dims_into_one_product(batch, seq, n_in, n_out, 
     rng = rng_from(seed)
     x, weight = rng.standard_normal((batch, seq, n_in)), rng.standard_normal((n_out, n_in))
     y, _ = linear.forward(x, weight)
-    numpy.testing.assert_allclose(y, numpy.einsum("btk,nk->btn", x, weight), rtol=1e-12, atol=1e-12)
+    assert_close(y, numpy.einsum("btk,nk->btn", x, weight), rtol=1e-12, atol=1e-12)
 
 
 def test_swiglu_is_finite_for_large_negative_and_positive_gates():
     a = numpy.array([-1000.0, -50.0, 0.0, 50.0, 1000.0])
     y, cache = swiglu.forward(a, numpy.ones(5))
     assert numpy.isfinite(y).all() and numpy.isfinite(swiglu.backward(numpy.ones(5), cache)).all()
-    numpy.testing.assert_allclose(y, [0.0, -50.0 / (1 + math.exp(50.0)), 0.0, 50.0 / (1 + math.exp(-50.0)), 1000.0])
+    assert_close(y, [0.0, -50.0 / (1 + math.exp(50.0)), 0.0, 50.0 / (1 + math.exp(-50.0)), 1000.0])
 
 
 # --- cross-entropy ------------------------------------------------------------------------------
@@ -191,7 +249,7 @@ def test_cross_entropy_is_exact_for_logits_of_magnitude_1e4(dtype):
     expected_grad[numpy.arange(6), targets] -= 1.0
     expected_grad /= 6
     atol = 1e-8 if dtype == numpy.float32 else 1e-16
-    numpy.testing.assert_allclose(dlogits, expected_grad, rtol=0, atol=atol)
+    assert_close(dlogits, expected_grad, rtol=0, atol=atol)
 
 
 def test_cross_entropy_keeps_a_tiny_loss_next_to_huge_logits_in_float32():
@@ -200,7 +258,7 @@ def test_cross_entropy_keeps_a_tiny_loss_next_to_huge_logits_in_float32():
     loss, cache = cross_entropy.forward(logits, numpy.array([0]))
     assert float(loss) == pytest.approx(math.log1p(math.exp(-20.0)), rel=1e-6)
     dlogits = cross_entropy.backward(1.0, cache)
-    numpy.testing.assert_allclose(dlogits, [[-math.exp(-20.0), math.exp(-20.0)]], rtol=1e-5)
+    assert_close(dlogits, [[-math.exp(-20.0), math.exp(-20.0)]], rtol=1e-5)
 
 
 def test_cross_entropy_ignores_rows_and_averages_over_the_rest():
@@ -209,20 +267,20 @@ def test_cross_entropy_ignores_rows_and_averages_over_the_rest():
     loss, cache = cross_entropy.forward(logits, targets)
     assert float(loss) == pytest.approx((-math.log(0.75) - math.log(0.5)) / 2, rel=1e-14)
     dlogits = cross_entropy.backward(1.0, cache)
-    numpy.testing.assert_allclose(dlogits, [[0.25 / 2, -0.25 / 2], [0.0, 0.0], [-0.5 / 2, 0.5 / 2]], atol=1e-15)
+    assert_close(dlogits, [[0.25 / 2, -0.25 / 2], [0.0, 0.0], [-0.5 / 2, 0.5 / 2]], atol=1e-15)
 
 
 def test_cross_entropy_of_only_ignored_rows_is_zero_not_nan():
     loss, cache = cross_entropy.forward(numpy.ones((3, 4)), numpy.full(3, -100))
     assert float(loss) == 0.0
-    numpy.testing.assert_array_equal(cross_entropy.backward(1.0, cache), 0.0)
+    assert_same(cross_entropy.backward(1.0, cache), 0.0)
 
 
 def test_cross_entropy_ignored_rows_get_zero_gradient_even_when_their_logits_are_not_finite():
     logits = numpy.array([[0.0, 1.0], [numpy.nan, numpy.inf]])
     loss, cache = cross_entropy.forward(logits, numpy.array([1, -100]))
     assert math.isfinite(float(loss))
-    numpy.testing.assert_array_equal(cross_entropy.backward(1.0, cache)[1], 0.0)
+    assert_same(cross_entropy.backward(1.0, cache)[1], 0.0)
 
 
 @pytest.mark.parametrize("bad_target", [-1, 5])

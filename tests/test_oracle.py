@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 
 from npllama import model, optim
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+import assertions
 from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
-                        seq_lens, small_model_configs)
+                        seq_lens, small_model_configs, softmax_scales)
 
 torch = pytest.importorskip("torch", reason="the oracle tests need PyTorch: pip install '.[test]'")
 F = torch.nn.functional
@@ -63,7 +64,7 @@ def assert_close(got, expected, rtol, name="", scale=None):
     expected array's largest entry)."""
     expected = as_numpy(expected)
     scale = largest(expected) if scale is None else scale
-    numpy.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale, err_msg=name)
+    assertions.assert_close(as_numpy(got), expected, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
 def leaf(array):
@@ -143,12 +144,12 @@ def test_nano_preset_gives_the_oracles_logits_loss_and_every_gradient(std, tile_
 
 # --- ops against torch's own functions ----------------------------------------------------------
 
-def assert_attention_matches_torch(q, k, v, dout, tile_size, **sdpa_mask):
+def assert_attention_matches_torch(q, k, v, dout, tile_size, softmax_scale=None, **sdpa_mask):
     """npllama's tiled attention and its backward against torch's sdpa with autograd."""
-    out, cache = attention.forward(q, k, v, tile_size)
+    out, cache = attention.forward(q, k, v, tile_size, scale=softmax_scale)
     dq, dk, dv = attention.backward(dout, cache)
     tq, tk, tv = leaf(q), leaf(k), leaf(v)
-    expected = F.scaled_dot_product_attention(tq, tk, tv, **sdpa_mask)
+    expected = F.scaled_dot_product_attention(tq, tk, tv, scale=softmax_scale, **sdpa_mask)
     expected.backward(torch.from_numpy(dout))
     # online softmax over tiles vs one softmax: a few ulps per tile, far below 1e-10
     assert_close(out, expected, rtol=1e-10, name="out")
@@ -157,13 +158,14 @@ def assert_attention_matches_torch(q, k, v, dout, tile_size, **sdpa_mask):
         assert_close(got, t.grad, rtol=1e-10, name=name, scale=grad_scale)
 
 
-@given(problem=attention_problems(), seed=seeds, scale=st.sampled_from([0.1, 1.0, 3.0]))
-def test_attention_equals_torch_scaled_dot_product_attention_forward_and_backward(problem, seed, scale):
+@given(problem=attention_problems(), seed=seeds, scale=st.sampled_from([0.1, 1.0, 3.0]), softmax_scale=softmax_scales)
+def test_attention_equals_torch_scaled_dot_product_attention_forward_and_backward(problem, seed, scale,
+                                                                                 softmax_scale):
     batch, heads, seq, head_dim, tile_size = problem
     rng = rng_from(seed)
     q, k, v = (scale * rng.standard_normal((batch, heads, seq, head_dim)) for _ in range(3))
     dout = rng.standard_normal((batch, heads, seq, head_dim))
-    assert_attention_matches_torch(q, k, v, dout, tile_size, is_causal=True)
+    assert_attention_matches_torch(q, k, v, dout, tile_size, softmax_scale, is_causal=True)
 
 
 @given(seq=st.integers(2, 19), n_cached=st.integers(1, 18), head_dim=head_dims, seed=seeds,
@@ -209,7 +211,7 @@ def test_rmsnorm_equals_metas_rmsnorm_forward_and_backward(batch, seq, dim, seed
     # both sides then miss the exact value by ~1e-6 relative). The absolute rounding is relative
     # to those terms, so that is the scale the tolerance is taken against.
     term_scale = float(numpy.abs(dy * weight * cache[2]).max())
-    numpy.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-12, atol=1e-12 * term_scale, err_msg="dx")
+    assertions.assert_close(dx, tx.grad.numpy(), rtol=1e-12, atol=1e-12 * term_scale, err_msg="dx")
     assert_close(dweight, tweight.grad, rtol=1e-12, name="dweight")
 
 
@@ -287,7 +289,7 @@ def test_embedding_equals_torch_embedding_and_sums_repeated_ids(batch, seq, voca
     tweight = leaf(weight)
     expected = F.embedding(torch.from_numpy(ids), tweight)
     expected.backward(torch.from_numpy(dout))
-    numpy.testing.assert_array_equal(out, expected.detach().numpy())  # a gather: exact
+    assertions.assert_same(out, expected.detach().numpy())  # a gather: exact
     # a sum of up to B*T rows in some order: a few ulps of the sum's terms
     assert_close(dweight, tweight.grad, rtol=1e-12, name="dweight")
 

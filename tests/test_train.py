@@ -1,6 +1,7 @@
 """The training CLI end to end: it learns, resumes exactly after SIGKILL, and refuses bad input in one line."""
 
 import json
+import math
 import re
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file
 
 from npllama import checkpoint, data, model
 from npllama.tokenizer import train_tokenizer
+from assertions import assert_close, assert_same
 
 NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
 
@@ -105,7 +107,7 @@ def test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted
     got = load_file(run / "step-00000016" / "model.safetensors")
     assert expected.keys() == got.keys()
     for name in expected:
-        numpy.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+        assert_same(got[name], expected[name], err_msg=name)
     # the metrics log reads as one run: every step once, in order
     steps_logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(0, 17))
@@ -137,25 +139,57 @@ def test_resume_can_extend_a_finished_run(corpus, tmp_path, finished_run):
     assert checkpoint.load_checkpoint(finished_run).step == 4
 
 
-def test_grad_accum_two_half_batches_take_the_step_of_one_full_batch(corpus, tmp_path):
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grad_accum_two_half_batches_take_the_clipped_steps_of_one_full_batch(corpus, tmp_path):
     """--grad-accum 2 --batch-size 2 draws the same 4 windows as --batch-size 4 and averages the two
-    half-batch gradients, which equals the full batch's gradient: the same weights after a step."""
-    base = common(corpus, tmp_path, "accum") + ["--steps", "1", "--dtype", "float64", "--grad-clip", "0"]
-    base[base.index("--batch-size") + 1] = "2"
-    accumulated = train_cli(*base, "--grad-accum", "2")
-    full = common(corpus, tmp_path, "full") + ["--steps", "1", "--dtype", "float64", "--grad-clip", "0"]
-    full[full.index("--batch-size") + 1] = "4"
-    whole = train_cli(*full)
-    assert accumulated.returncode == 0 and whole.returncode == 0, accumulated.stderr + whole.stderr
+    half-batch gradients, which equals the full batch's gradient: the same loss, the same gradient
+    norm (clipping must measure the average, not the sum) and the same weights after three steps
+    clipped to a norm well below the gradient's."""
+    runs = {}
+    for name, batch_size, accum in (("accum", "2", "2"), ("full", "4", "1")):
+        args = common(corpus, tmp_path, name) + ["--steps", "3", "--dtype", "float64", "--grad-clip", "0.05",
+                                                 "--grad-accum", accum]
+        args[args.index("--batch-size") + 1] = batch_size
+        result = train_cli(*args)
+        assert result.returncode == 0, result.stderr
+        runs[name] = read_metrics(tmp_path / name)[1:]  # the step rows
+    for accumulated, whole in zip(runs["accum"], runs["full"]):
+        assert math.isfinite(whole["loss"]) and whole["grad_norm"] > 0.05  # clipping is active
+        # two sums of half the terms vs one sum: float64 rounding, ~1e-15 relative; 1e-9 still
+        # catches any real difference (a norm of the sum instead of the mean is off by 2x)
+        assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-9)
+        assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-9)
     a = checkpoint.load_checkpoint(tmp_path / "accum").params
     b = checkpoint.load_checkpoint(tmp_path / "full").params
     initial = model.init_params(checkpoint.load_checkpoint(tmp_path / "full").config, seed=0, dtype="float64")
     for name in a:
-        # (g1 + g2) / 2 vs g over the union: equal up to float64 rounding of the sums, which the
-        # update (after subtracting the initial weights) shows as <= 3e-11 relative here; a real
-        # difference between the two paths (a missing average, another batch) is of order 1
-        numpy.testing.assert_allclose(a[name] - initial[name], b[name] - initial[name], rtol=1e-6, atol=1e-12,
-                                      err_msg=name)
+        # the update (after subtracting the initial weights) agrees to float64 rounding of the
+        # sums, <= 3e-11 relative here; a real difference (a missing average, another batch) is of order 1
+        assert_close(a[name] - initial[name], b[name] - initial[name], rtol=1e-6, atol=1e-12, err_msg=name)
+
+
+def test_step_k_takes_and_logs_the_schedules_learning_rate_for_k(corpus, tmp_path):
+    """Step k (1-based in the log) runs at schedule(k - 1): warmup 4 gives peak/4, peak/2, 3 peak/4,
+    peak, then the cosine reaches 0.1 peak at --steps. AdamW's first step moves a norm gain (never
+    decayed) by lr * g / (|g| + eps): the largest move is lr within eps / |g|, so the weights say
+    which learning rate was applied, independently of what the log says."""
+    peak = 1e-2
+    result = train_cli(*common(corpus, tmp_path), "--steps", "6", "--warmup", "4", "--lr", str(peak),
+                       "--dtype", "float64", "--checkpoint-every", "1", "--keep-checkpoints", "0")
+    assert result.returncode == 0, result.stderr
+    logged = [row["lr"] for row in read_metrics(tmp_path / "run")[1:]]
+    # steps 0..3 warm up linearly; step 4 is the cosine's start (peak), step 5 halfway to 0.1 peak
+    expected = [peak * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 0.1 + 0.45)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    after_one_step = checkpoint.load_checkpoint(tmp_path / "run" / "step-00000001").params
+    for name, gain in after_one_step.items():
+        if name.endswith("norm.weight"):  # initialised to 1
+            largest_move = numpy.abs(gain - 1.0).max()
+            # |g| of the largest entries is ~1e-3 or more, so eps / |g| <= 1e-5
+            assert largest_move == pytest.approx(expected[0], rel=1e-4), name
 
 
 def test_float64_training_keeps_float64_weights(corpus, tmp_path):

@@ -24,20 +24,24 @@ def forward(x, weight, eps=1e-6):
 
 
 def backward(dy, cache):
-    """Return (dx, dweight)."""
+    """Return (dx, dweight), computed in float32 or wider and returned in dy's dtype.
+
+    In float16 the products dy * g and dxhat * xhat overflow (65504) long before dx does, since
+    dx carries the factor r = 1/rms(x); so every product and sum runs in the compute dtype.
+    """
     xhat, weight, rstd = cache
     xp = array_namespace(dy)
     dim = xhat.shape[-1]
+    ct = compute_dtype(xp, dy.dtype)
+    dy_c = dy.astype(ct, copy=False)
+    xhat_c = xhat.astype(ct, copy=False)
     # forward was: y = xhat * g
     # so dg = sum over rows of dy * xhat, and dxhat = dy * g
-    dweight = (dy * xhat).reshape(-1, dim).sum(axis=0)
-    dxhat = dy * weight
+    dweight = (dy_c * xhat_c).reshape(-1, dim).sum(axis=0)
+    dxhat = dy_c * weight.astype(ct, copy=False)
     # forward was: xhat = x * r, with r = (mean(x^2) + eps)^(-1/2)
     # so dr/dx_c = -r^3 x_c / C, and dx = r * dxhat - x * r^3 * mean(dxhat * x)
     #                                    = r * (dxhat - xhat * mean(dxhat * xhat))
-    ct = compute_dtype(xp, dy.dtype)
-    dxhat = dxhat.astype(ct, copy=False)
-    xhat_c = xhat.astype(ct, copy=False)
     proj = xp.mean(dxhat * xhat_c, axis=-1, keepdims=True)
-    dx = (rstd * (dxhat - xhat_c * proj)).astype(dy.dtype, copy=False)
-    return dx, dweight
+    dx = rstd * (dxhat - xhat_c * proj)
+    return dx.astype(dy.dtype, copy=False), dweight.astype(weight.dtype, copy=False)
