@@ -1,0 +1,200 @@
+"""Does the test suite catch plausible bugs? Plant each one and see.
+
+    python scripts/mutation_check.py                  # every mutant in scripts/mutants.py
+    python scripts/mutation_check.py --only NAME ...  # some of them
+    python scripts/mutation_check.py --list           # the catalogue, nothing run
+    python scripts/mutation_check.py --jobs 2         # mutants run in parallel (default: CPU count)
+
+For every mutant of the catalogue (scripts/mutants.py): copy the repository's package, tests and
+reference into a scratch folder, replace the mutant's snippet, and run the tests it names there
+(`pytest -x`, Hypothesis seed 0, the `mutation` profile: ci's examples, no shrinking). A failing test kills the mutant; passing
+tests let it SURVIVE. The unmutated copy runs the same tests first and must pass, or nothing
+that follows would mean anything. Prints a table (mutant, killed by, seconds) and the score.
+
+Exit status: 0 when every mutant is killed; 1 when one survives, times out, or no longer
+matches the code (its snippet is not in its file exactly once: update the catalogue); 2 when the
+unmutated tests fail or the arguments are wrong. Runs on demand, not in CI (minutes, not seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from mutants import CATALOGUE, Mutant  # noqa: E402  (scripts/ is not a package)
+
+COPIED = ("npllama", "tests", "reference", "pyproject.toml")
+TIMEOUT_S = 600
+
+
+@dataclass
+class Outcome:
+    mutant: Mutant
+    verdict: str  # "killed", "SURVIVED", "TIMEOUT", "STALE", "ERROR"
+    detail: str  # the test that killed it, or what went wrong
+    seconds: float
+
+    @property
+    def killed(self) -> bool:
+        return self.verdict == "killed"
+
+
+def stale_reason(mutant: Mutant, root: Path = REPO) -> str | None:
+    """Why `mutant` cannot be applied to the code under `root`, or None if it can."""
+    path = root / mutant.file
+    if not path.is_file():
+        return f"{mutant.file} does not exist"
+    count = path.read_text().count(mutant.find)
+    if count != 1:
+        return f"its snippet occurs {count} times in {mutant.file} (must be exactly once)"
+    if mutant.find == mutant.replace:
+        return "its replacement equals its snippet"
+    return None
+
+
+def scratch_copy(prefix: str) -> Path:
+    """A fresh copy of what the tests need, outside the repository."""
+    folder = Path(tempfile.mkdtemp(prefix=f"npllama-{prefix}-"))
+    ignore = shutil.ignore_patterns("__pycache__", ".hypothesis", ".pytest_cache", "*.pyc")
+    for name in COPIED:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=ignore)
+        else:
+            shutil.copy2(source, folder / name)
+    return folder
+
+
+def pytest_in(folder: Path, tests, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run pytest on `tests` inside `folder`, importing npllama from there and nowhere else."""
+    env = dict(os.environ, PYTHONPATH=str(folder), PYTHONDONTWRITEBYTECODE="1",
+               NPLLAMA_HYPOTHESIS_PROFILE="mutation", NPLLAMA_CACHE=str(folder / ".cache"))
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
+               "--hypothesis-seed=0", *tests]
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def first_failure(output: str) -> str:
+    """The first failed test in pytest's short summary, without its file path."""
+    match = re.search(r"^FAILED (.+?)(?: - |$)", output, re.M)  # a parameter id may hold spaces
+    if not match:
+        return "a failing test"
+    return match.group(1).split("::", 1)[-1]
+
+
+def run_mutant(mutant: Mutant, keep: bool = False) -> Outcome:
+    started = time.perf_counter()
+    reason = stale_reason(mutant)
+    if reason:
+        return Outcome(mutant, "STALE", reason, 0.0)
+    folder = scratch_copy("mutant")
+    try:
+        path = folder / mutant.file
+        path.write_text(path.read_text().replace(mutant.find, mutant.replace))
+        try:
+            result = pytest_in(folder, mutant.tests)
+        except subprocess.TimeoutExpired:
+            return Outcome(mutant, "TIMEOUT", f"its tests ran over {TIMEOUT_S} s", time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        if result.returncode == 0:
+            return Outcome(mutant, "SURVIVED", f"{len(mutant.tests)} test(s) passed", seconds)
+        if result.returncode == 1:
+            return Outcome(mutant, "killed", first_failure(result.stdout), seconds)
+        tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["no output"]
+        return Outcome(mutant, "ERROR", f"pytest exited {result.returncode}: {tail[0]}", seconds)
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_baseline(mutants) -> str | None:
+    """Run every named test on an unmutated copy: None if they pass, else what went wrong."""
+    tests = list(dict.fromkeys(test for m in mutants for test in m.tests))
+    folder = scratch_copy("baseline")
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import npllama; print(npllama.__file__)"], cwd=folder,
+                               env=dict(os.environ, PYTHONPATH=str(folder)), capture_output=True, text=True)
+        imported = Path(probe.stdout.strip() or ".").resolve()
+        if folder.resolve() not in imported.parents:
+            return f"the scratch copy imports npllama from {imported}, not from itself"
+        result = pytest_in(folder, tests)
+        if result.returncode != 0:
+            return f"the unmutated tests fail ({first_failure(result.stdout)}); fix them first"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def format_table(outcomes, seconds: float, jobs: int) -> str:
+    width = max(len(o.mutant.name) for o in outcomes)
+    lines = [f"{'mutant':<{width}}  {'file':<28} {'result':<9} {'s':>6}  killed by / why",
+             "-" * (width + 70)]
+    for o in outcomes:
+        lines.append(f"{o.mutant.name:<{width}}  {o.mutant.file:<28} {o.verdict:<9} {o.seconds:>6.1f}  {o.detail}")
+    killed = sum(o.killed for o in outcomes)
+    lines.append(f"score: {killed}/{len(outcomes)} killed ({100 * killed / len(outcomes):.0f}%) "
+                 f"in {seconds / 60:.1f} min with {jobs} job(s)")
+    return "\n".join(lines)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="python scripts/mutation_check.py",
+                                     description="Plant each bug of scripts/mutants.py and check that a test catches it.")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    parser.add_argument("--list", action="store_true", help="list the catalogue and exit")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants run at once")
+    parser.add_argument("--keep", action="store_true", help="keep each mutant's scratch folder (for debugging)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    mutants = CATALOGUE
+    if args.only:
+        names = {m.name for m in CATALOGUE}
+        unknown = [name for name in args.only if name not in names]
+        if unknown:
+            parser.exit(2, f"error: --only: no mutant named {', '.join(unknown)}; see --list\n")
+        mutants = [m for m in CATALOGUE if m.name in args.only]
+    if args.jobs < 1:
+        parser.exit(2, "error: --jobs must be at least 1\n")
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:<44} {m.file:<28} {m.bug}")
+        print(f"{len(mutants)} mutants")
+        return 0
+
+    started = time.perf_counter()
+    print(f"baseline: running the {len(mutants)} mutants' tests on the unmutated code ...", file=sys.stderr)
+    problem = check_baseline(mutants)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    outcomes = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_mutant, m, args.keep): m for m in mutants}
+        for done, future in enumerate(as_completed(futures), 1):
+            outcome = future.result()
+            outcomes[outcome.mutant.name] = outcome
+            print(f"[{done}/{len(mutants)}] {outcome.mutant.name}: {outcome.verdict} "
+                  f"({outcome.detail}, {outcome.seconds:.1f} s)", file=sys.stderr, flush=True)
+    ordered = [outcomes[m.name] for m in mutants]
+    print(format_table(ordered, time.perf_counter() - started, args.jobs))
+    return 0 if all(o.killed for o in ordered) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
