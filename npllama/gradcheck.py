@@ -112,7 +112,12 @@ def directional_derivative(func, inputs: dict, name: str, direction, step: float
                                 f"{t:+.3g} x a unit direction from the input")
         return value
 
-    return (8.0 * (at(step) - at(-step)) - (at(2 * step) - at(-2 * step))) / (12.0 * step)
+    with numpy.errstate(over="ignore", invalid="ignore"):  # finite values whose differences overflow
+        estimate = (8.0 * (at(step) - at(-step)) - (at(2 * step) - at(-2 * step))) / (12.0 * step)
+    if not math.isfinite(estimate):
+        raise NotComparable(f"the finite differences are not finite: the forward is finite near the input, "
+                            f"but its differences overflow to {estimate} (step {step:.3g})")
+    return estimate
 
 
 def converged_derivative(func, inputs: dict, name: str, direction, step: float, f_scale: float,
@@ -164,16 +169,26 @@ def _comparable_gradient(inputs: dict, name: str, grad) -> numpy.ndarray:
     return grad_host.astype(numpy.float64)
 
 
+def _norm(array) -> float:
+    """|array|, without the overflow of squaring entries above 1e154."""
+    with numpy.errstate(over="ignore"):  # the overflow is the case handled below
+        norm = float(numpy.linalg.norm(array))
+    if math.isinf(norm):
+        largest = float(numpy.abs(array).max())
+        norm = largest * float(numpy.linalg.norm(array / largest))
+    return norm
+
+
 def _check_gradient(op, func, inputs, name, grad, rng, *, n_directions, max_elements, rtol, step, f_scale, label):
     xp = _namespace_of(inputs[name])
-    grad_host = _comparable_gradient(inputs, name, grad)
     x_host = _to_host(inputs[name]).astype(numpy.float64)
-    shape = x_host.shape
-    size = grad_host.size
-    dtype = inputs[name].dtype
     non_finite = describe_non_finite(x_host)
     if non_finite:
         raise NotComparable(f"the input is not finite: {non_finite}")
+    grad_host = _comparable_gradient(inputs, name, grad)
+    shape = x_host.shape
+    size = grad_host.size
+    dtype = inputs[name].dtype
     input_rms = float(numpy.sqrt(numpy.mean(x_host**2))) if size else 0.0
     step = step * input_rms if input_rms > 0 else step
     value = float(func(inputs))
@@ -183,8 +198,10 @@ def _check_gradient(op, func, inputs, name, grad, rng, *, n_directions, max_elem
     if not math.isfinite(f_scale):
         raise NotComparable(f"the forward's terms are not finite at the input (their size is {f_scale})")
     floor = max(EPS * f_scale / step * 100.0 / rtol, numpy.finfo(numpy.float64).tiny)
-    grad_norm = max(float(numpy.linalg.norm(grad_host)), floor)
+    grad_norm = max(_norm(grad_host), floor)
     grad_max = max(float(numpy.abs(grad_host).max()) if size else 0.0, floor)
+    if not (math.isfinite(floor) and math.isfinite(grad_norm)):
+        raise NotComparable(f"the scales overflow float64: |gradient| = {grad_norm:.3g}, rounding floor {floor:.3g}")
     max_abs, max_rel = 0.0, 0.0
 
     def compare(direction, analytic, scale):
@@ -192,8 +209,12 @@ def _check_gradient(op, func, inputs, name, grad, rng, *, n_directions, max_elem
         numeric = converged_derivative(func, inputs, name, xp.asarray(direction.astype(dtype)), step, f_scale,
                                        agreement=1e-2 * rtol * scale)
         abs_err = abs(numeric - analytic)
+        rel_err = abs_err / max(scale, abs(numeric))
+        if not (math.isfinite(analytic) and math.isfinite(rel_err)):
+            raise NotComparable(f"the comparison overflows float64: <gradient, direction> = {analytic:.3g}, "
+                                f"finite difference {numeric:.3g}")
         max_abs = max(max_abs, abs_err)
-        max_rel = max(max_rel, abs_err / max(scale, abs(numeric)))
+        max_rel = max(max_rel, rel_err)
 
     for _ in range(n_directions):
         direction = rng.standard_normal(shape)

@@ -11,9 +11,11 @@ reference into a scratch folder, replace the mutant's snippet, and run the tests
 tests let it SURVIVE. The unmutated copy runs the same tests first and must pass, or nothing
 that follows would mean anything. Prints a table (mutant, killed by, seconds) and the score.
 
-Exit status: 0 when every mutant is killed; 1 when one survives, times out, or no longer
-matches the code (its snippet is not in its file exactly once: update the catalogue); 2 when the
-unmutated tests fail or the arguments are wrong. Runs on demand, not in CI (minutes, not seconds).
+Results: killed (a test failed: exit status 1 of pytest), SURVIVED (the tests passed), TIMEOUT
+(over 600 s; the run and everything it started is killed), STALE (the snippet is not in its file
+exactly once: update the catalogue), ERROR (pytest could not run the tests: exit status 2 to 5,
+e.g. a test that no longer exists). Exit status: 0 when every mutant is killed; 1 otherwise; 2
+when the unmutated tests fail or the arguments are wrong. Runs on demand, not in CI (minutes).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,13 +80,26 @@ def scratch_copy(prefix: str) -> Path:
     return folder
 
 
+def scratch_env(folder: Path) -> dict:
+    """The environment under which `folder`'s npllama is the one imported, by tests and CLIs alike."""
+    return dict(os.environ, PYTHONPATH=str(folder), PYTHONDONTWRITEBYTECODE="1",
+                NPLLAMA_HYPOTHESIS_PROFILE="mutation", NPLLAMA_CACHE=str(folder / ".cache"))
+
+
 def pytest_in(folder: Path, tests, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
-    """Run pytest on `tests` inside `folder`, importing npllama from there and nowhere else."""
-    env = dict(os.environ, PYTHONPATH=str(folder), PYTHONDONTWRITEBYTECODE="1",
-               NPLLAMA_HYPOTHESIS_PROFILE="mutation", NPLLAMA_CACHE=str(folder / ".cache"))
+    """Run pytest on `tests` inside `folder`. On a timeout, kill it and every process it started
+    (training CLIs, ...), then raise subprocess.TimeoutExpired."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider",
                "--hypothesis-seed=0", *tests]
-    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen(command, cwd=folder, env=scratch_env(folder), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def first_failure(output: str) -> str:
@@ -124,12 +140,16 @@ def check_baseline(mutants) -> str | None:
     tests = list(dict.fromkeys(test for m in mutants for test in m.tests))
     folder = scratch_copy("baseline")
     try:
-        probe = subprocess.run([sys.executable, "-c", "import npllama; print(npllama.__file__)"], cwd=folder,
-                               env=dict(os.environ, PYTHONPATH=str(folder)), capture_output=True, text=True)
+        # from a neutral folder, as a CLI started by a test in another folder would import it
+        probe = subprocess.run([sys.executable, "-c", "import npllama; print(npllama.__file__)"],
+                               cwd=tempfile.gettempdir(), env=scratch_env(folder), capture_output=True, text=True)
         imported = Path(probe.stdout.strip() or ".").resolve()
         if folder.resolve() not in imported.parents:
             return f"the scratch copy imports npllama from {imported}, not from itself"
-        result = pytest_in(folder, tests)
+        try:
+            result = pytest_in(folder, tests)
+        except subprocess.TimeoutExpired:
+            return f"the unmutated tests ran over {TIMEOUT_S} s"
         if result.returncode != 0:
             return f"the unmutated tests fail ({first_failure(result.stdout)}); fix them first"
     finally:

@@ -93,6 +93,45 @@ def test_non_finite_finite_differences_fail_and_say_so():
         results[0].problem
 
 
+def test_finite_differences_that_overflow_fail_and_say_so():
+    """f = 1.7e308 tanh(1e30 x0) is finite everywhere, but its differences around 0 overflow:
+    a NaN estimate must not vanish from the running maximum (max(0, nan) is 0)."""
+    x = numpy.array([0.0, 0.5])
+    result = gradcheck.check_gradient("steep", lambda v: 1.7e308 * numpy.tanh(1e30 * v["x"][0]), {"x": x}, "x",
+                                      numpy.array([1.0, 0.0]), rng_from(3), f_scale=1.0)
+    assert not result.passed
+    assert result.problem.startswith("the finite differences are not finite") and "overflow" in result.problem, \
+        result.problem
+
+
+def test_a_gradient_too_large_to_square_still_fails_where_it_is_wrong():
+    """One entry of 1e160 is wrong by 1e160; its square overflows, which must not make every
+    relative error err / inf = 0 (the entry checks sample 8 of 200 and may miss it)."""
+    rng = rng_from(4)
+    x = rng.standard_normal(200)
+    wrong = 2 * x  # the gradient of sum(x^2) ...
+    wrong[17] = 1e160  # ... but one entry
+    for seed in range(5):
+        result = gradcheck.check_gradient("square", lambda v: (v["x"] ** 2).sum(), {"x": x}, "x", wrong,
+                                          rng_from(seed), max_elements=8)
+        assert not result.passed and result.max_rel_err > 1e-2, result
+
+
+def test_a_non_finite_input_fails_and_says_so_before_looking_at_the_gradient():
+    inputs = rmsnorm_inputs()
+    inputs["x"][0, 1, 2] = numpy.nan
+    result = gradcheck.check_gradient("rmsnorm", lambda v: 0.0, inputs, "x", inputs["x"] * numpy.nan, rng_from(5))
+    assert not result.passed
+    assert result.problem == "the input is not finite: 1 of 30 entries are not finite (nan), the first at (0, 1, 2)"
+
+
+def test_a_non_finite_scale_of_the_forwards_terms_fails_and_says_so():
+    x = rng_from(6).standard_normal(4)
+    result = gradcheck.check_gradient("square", lambda v: (v["x"] ** 2).sum(), {"x": x}, "x", 2 * x, rng_from(6),
+                                      f_scale=numpy.inf)
+    assert not result.passed and result.problem.startswith("the forward's terms are not finite"), result.problem
+
+
 def test_a_forward_that_is_not_finite_at_the_input_fails_and_says_so():
     def forward_with_an_infinite_output(a, b):
         y, cache = swiglu.forward(a, b)
@@ -111,6 +150,21 @@ def test_a_gradient_of_the_wrong_shape_fails_and_names_both_shapes():
     results = check_rmsnorm(with_dx(lambda dx: dx[..., :4]))
     assert not results[0].passed
     assert results[0].problem == "the gradient has shape (2, 3, 4), the input (2, 3, 5)"
+
+
+def test_a_transposed_gradient_of_the_right_size_fails_and_names_both_shapes():
+    """dW as x^T dy is [in, out], the input's size but not its shape: it must not be reshaped to fit."""
+    rng = rng_from(7)
+    inputs = {"x": rng.standard_normal((4, 3)), "weight": rng.standard_normal((2, 3))}
+
+    def linear_backward_with_dweight_transposed(dy, cache):
+        dx, dweight = linear.backward(dy, cache)
+        return dx, dweight.T
+
+    results = gradcheck.check_op("linear", linear.forward, linear_backward_with_dweight_transposed, inputs,
+                                 ["x", "weight"], rng)
+    assert [r.passed for r in results] == [True, False]
+    assert results[1].problem == "the gradient has shape (3, 2), the input (2, 3)"
 
 
 def test_a_gradient_of_the_wrong_dtype_fails_and_names_both_dtypes():

@@ -128,7 +128,7 @@ def test_float32_gradients_agree_with_float64():
     tokens, targets = random_batch(config, 2, 16, 1)
     loss64, grads64 = model.loss_and_grads(params64, config, tokens, targets)
     loss32, grads32 = model.loss_and_grads(params32, config, tokens, targets)
-    assert loss32 == pytest.approx(loss64, rel=1e-5)
+    assert_close(loss32, loss64, rtol=1e-5)
     for name in params64:
         assert grads32[name].dtype == numpy.float32
         # norm-wise: float32 rounding (~6e-8) grown by a few hundred operations in sequence

@@ -149,18 +149,24 @@ def test_rmsnorm_statistics_do_not_overflow_in_float16():
 FLOAT16_MAX = 65504.0
 
 
+FLOAT16_ROUNDING = 2.0**-11  # unit roundoff of float16 (11 significant bits)
+FLOAT16_SUBNORMAL_ROUNDING = 2.0**-25  # half the spacing of float16's subnormals
+
+
 @st.composite
-def float16_rmsnorm_problems(draw):
-    """(x, g, dy) in float16 whose exact dx and dg are representable in float16 but whose
-    intermediate products dy * g and dxhat * xhat may not be: large inputs (r = 1/rms(x) small),
-    large gains and large incoming gradients (as loss scaling makes them)."""
+def loss_scaled_float16_rmsnorm_problems(draw):
+    """(x, g, dy) in float16 as loss-scaled training makes them: large inputs (r = 1/rms(x) small),
+    gains up to 60 and incoming gradients up to 3e4. One entry always has dy * g = 2000 * 60 =
+    1.2e5, beyond float16's 65504, while dx = r * (...) stays far inside it."""
     rng = rng_from(draw(seeds))
     rows, dim = draw(st.integers(1, 3)), draw(st.integers(2, 32))
-    x_scale, gain_scale, dy_scale = (draw(st.sampled_from(s)) for s in ([1e-2, 1.0, 1e2], [1.0, 30.0], [1.0, 1e3]))
-    x = (x_scale * rng.standard_normal((rows, dim))).astype(numpy.float16)
-    gain = (gain_scale * rng.uniform(0.5, 1.5, dim)).astype(numpy.float16)
-    dy = numpy.clip(dy_scale * rng.standard_normal((rows, dim)), -3e4, 3e4).astype(numpy.float16)
-    return x, gain, dy
+    x_scale, gain_scale, dy_scale = (draw(st.sampled_from(s)) for s in ([10.0, 1e2, 1e3], [1.0, 30.0], [1.0, 1e3]))
+    x = x_scale * rng.standard_normal((rows, dim))
+    gain = gain_scale * rng.uniform(0.5, 1.5, dim)
+    dy = numpy.clip(dy_scale * rng.standard_normal((rows, dim)), -3e4, 3e4)
+    overflowing = draw(st.integers(0, dim - 1))
+    gain[overflowing], dy[0, overflowing] = 60.0, draw(st.sampled_from([-2000.0, 2000.0]))
+    return tuple(a.astype(numpy.float16) for a in (x, gain, dy))
 
 
 def float64_rmsnorm_backward(x, gain, dy, eps):
@@ -168,24 +174,27 @@ def float64_rmsnorm_backward(x, gain, dy, eps):
     return rmsnorm.backward(dy.astype(numpy.float64), cache)
 
 
-@given(problem=float16_rmsnorm_problems())
+@given(problem=loss_scaled_float16_rmsnorm_problems())
 def test_rmsnorm_backward_in_float16_equals_float64_to_float16_precision(problem):
-    """The backward runs in float32 whatever the input dtype: float16 in, float16 out, and no
-    overflow of the intermediate products, only the final rounding."""
+    """The backward runs in float32 whatever the input dtype: float16 in, float16 out, no overflow
+    of the intermediate products, and the float64 result up to float16's roundings."""
     x, gain, dy = problem
     dx64, dgain64 = float64_rmsnorm_backward(x, gain, dy, 1e-6)
     assume(numpy.abs(dx64).max() < FLOAT16_MAX / 2 and numpy.abs(dgain64).max() < FLOAT16_MAX / 2)
     dx, dgain = rmsnorm.backward(dy, rmsnorm.forward(x, gain, 1e-6)[1])
     assert dx.dtype == dgain.dtype == numpy.float16
-    assert_finite(dx, dgain)
-    # dx = r * (dy g - xhat * mean(dy g xhat)) and dg = sum_rows dy * xhat: the errors are float16's
-    # roundings of xhat (kept in the cache) and of the result, under 1e-3 of the size of the terms;
-    # 4e-3 leaves a factor 4. Computing in float16 instead gives inf, or errors of order 1.
-    rstd = 1 / numpy.sqrt((x.astype(numpy.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
-    dx_terms = (rstd * numpy.abs(dy * gain.astype(numpy.float64))).max()
-    dgain_terms = numpy.abs(dy * x.astype(numpy.float64) * rstd).sum(0)
-    assert numpy.abs(dx.astype(numpy.float64) - dx64).max() <= 4e-3 * dx_terms
-    assert (numpy.abs(dgain.astype(numpy.float64) - dgain64) <= 4e-3 * dgain_terms + 1e-7).all()
+    assert_finite(dx, dgain)  # computed in float16, the planted dy * g is inf and so is dx
+    # The only errors are float16's roundings of xhat (kept in the cache) and of the result: at most
+    # 2u of the size of the terms summed (u = 2^-11), plus, for dg, a subnormal xhat's absolute
+    # rounding times |dy|. Over 20,000 draws the worst error was 0.74 (dx) and 0.96 (dg) of these
+    # bounds; the test allows twice the bound.
+    x64, dy64 = x.astype(numpy.float64), dy.astype(numpy.float64)
+    rstd = 1 / numpy.sqrt((x64**2).mean(-1, keepdims=True) + 1e-6)
+    dx_bound = 2 * FLOAT16_ROUNDING * (rstd * numpy.abs(dy64 * gain.astype(numpy.float64))).max()
+    dgain_bound = (2 * FLOAT16_ROUNDING * numpy.abs(dy64 * x64 * rstd).sum(0)
+                   + FLOAT16_SUBNORMAL_ROUNDING * (numpy.abs(dy64).sum(0) + 1))
+    assert numpy.abs(dx.astype(numpy.float64) - dx64).max() <= 2 * dx_bound
+    assert (numpy.abs(dgain.astype(numpy.float64) - dgain64) <= 2 * dgain_bound).all()
 
 
 def test_rmsnorm_backward_in_float16_survives_products_beyond_float16():
@@ -240,7 +249,7 @@ def test_cross_entropy_is_exact_for_logits_of_magnitude_1e4(dtype):
     row_max = z.max(-1)
     expected = numpy.mean(row_max + numpy.log(numpy.exp(z - row_max[:, None]).sum(-1)) - z[numpy.arange(6), targets])
     # the only rounding left is float32's (m - z[y]), ~6e-8 relative, and a sum of six rows
-    assert float(loss) == pytest.approx(expected, rel=1e-6 if dtype == numpy.float32 else 1e-13)
+    assert_close(float(loss), expected, rtol=1e-6 if dtype == numpy.float32 else 1e-13)
     dlogits = cross_entropy.backward(1.0, cache)
     assert dlogits.dtype == dtype
     # closed form in float64: (softmax - onehot) / N; float32 rounds each entry to ~6e-8 of 1/N

@@ -1,7 +1,6 @@
 """The training CLI end to end: it learns, resumes exactly after SIGKILL, and refuses bad input in one line."""
 
 import json
-import math
 import re
 import signal
 import subprocess
@@ -156,12 +155,13 @@ def test_grad_accum_two_half_batches_take_the_clipped_steps_of_one_full_batch(co
         result = train_cli(*args)
         assert result.returncode == 0, result.stderr
         runs[name] = read_metrics(tmp_path / name)[1:]  # the step rows
+    assert len(runs["accum"]) == len(runs["full"]) == 3
     for accumulated, whole in zip(runs["accum"], runs["full"]):
-        assert math.isfinite(whole["loss"]) and whole["grad_norm"] > 0.05  # clipping is active
+        assert whole["grad_norm"] > 0.05  # clipping is active
         # two sums of half the terms vs one sum: float64 rounding, ~1e-15 relative; 1e-9 still
         # catches any real difference (a norm of the sum instead of the mean is off by 2x)
-        assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-9)
-        assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-9)
+        assert_close(accumulated["loss"], whole["loss"], rtol=1e-9)
+        assert_close(accumulated["grad_norm"], whole["grad_norm"], rtol=1e-9)
     a = checkpoint.load_checkpoint(tmp_path / "accum").params
     b = checkpoint.load_checkpoint(tmp_path / "full").params
     initial = model.init_params(checkpoint.load_checkpoint(tmp_path / "full").config, seed=0, dtype="float64")
