@@ -21,6 +21,7 @@ import numpy
 
 from . import gradcheck
 from . import model as llama
+from .backend import BACKENDS, BackendError, get_backend
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 
 OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "cross_entropy", "model")
@@ -120,7 +121,8 @@ def _parser():
         description="Check every hand-derived gradient of npllama against finite differences (float64).")
     parser.add_argument("--seed", type=int, default=0, help="seed for inputs, directions and entries (default 0)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("--backend", default="numpy", help="array backend: numpy (cupy: not yet available)")
+    parser.add_argument("--backend", default="numpy",
+                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")
     parser.add_argument("--only", nargs="+", metavar="OP", help=f"check only these ops: {', '.join(OPS)}")
     return parser
 
@@ -128,16 +130,15 @@ def _parser():
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.backend == "cupy":
-        parser.exit(2, "error: --backend cupy: the GPU backend is not implemented yet; "
-                       "use --backend numpy\n")
-    if args.backend != "numpy":
-        parser.exit(2, f"error: --backend {args.backend!r} is unknown; use --backend numpy\n")
+    try:
+        xp = get_backend(args.backend)
+    except BackendError as error:
+        parser.exit(2, f"error: {error}\n")
     if args.only:
         unknown = sorted(set(args.only) - set(OPS))
         if unknown:
             parser.exit(2, f"error: --only: unknown op {', '.join(unknown)}; choose from {', '.join(OPS)}\n")
-    results = run_audit(args.seed, numpy, args.only)
+    results = run_audit(args.seed, xp, args.only)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))
     else:

@@ -19,6 +19,7 @@ import sys
 import numpy
 
 from . import model as llama
+from .backend import BACKENDS, BackendError, array_namespace, get_backend, to_host
 
 
 def sampling_distribution(logits, temperature: float, top_k: int | None, top_p: float | None):
@@ -51,8 +52,6 @@ def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, 
 
     `on_text(piece)` is called with each new piece of decoded text as it appears.
     """
-    from .backend import array_namespace, to_host
-
     xp = array_namespace(params["norm.weight"])
     rng = numpy.random.default_rng(seed)
     prompt_ids = tokenizer.encode(prompt, bos=True)
@@ -100,7 +99,8 @@ def _parser():
     parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--backend", default="numpy", help="numpy (cupy: not available yet)")
+    parser.add_argument("--backend", default="numpy",
+                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")
     return parser
 
 
@@ -110,14 +110,16 @@ def main(argv=None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.backend != "numpy":
-        parser.exit(2, f"error: --backend {args.backend}: only numpy is available in this release\n")
+    try:
+        xp = get_backend(args.backend)
+    except BackendError as error:
+        parser.exit(2, f"error: {error}\n")
     if args.max_new_tokens < 1:
         parser.exit(2, "error: --max-new-tokens must be at least 1\n")
     if args.temperature < 0 or not (0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
         parser.exit(2, "error: need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1\n")
     try:
-        checkpoint = load_checkpoint(args.checkpoint)
+        checkpoint = load_checkpoint(args.checkpoint, xp=xp)
         if checkpoint.tokenizer_model is None:
             raise TokenizerError(f"{checkpoint.path}: the checkpoint holds no tokenizer.model")
         tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model)

@@ -45,8 +45,7 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from .backend import array_namespace as _namespace_of
-from .backend import to_host as _to_host
+from .backend import array_namespace, to_host
 
 DEFAULT_RTOL = 1e-6
 DEFAULT_STEP = 1e-4
@@ -157,7 +156,7 @@ def check_gradient(op: str, func, inputs: dict, name: str, grad, rng, *, n_direc
 
 def _comparable_gradient(inputs: dict, name: str, grad) -> numpy.ndarray:
     """grad on the host as float64, after checking its shape, dtype and finiteness against inputs[name]."""
-    grad_host = _to_host(grad)
+    grad_host = to_host(grad)
     expected = inputs[name]
     if grad_host.shape != tuple(expected.shape):
         raise NotComparable(f"the gradient has shape {grad_host.shape}, the input {tuple(expected.shape)}")
@@ -180,8 +179,8 @@ def _norm(array) -> float:
 
 
 def _check_gradient(op, func, inputs, name, grad, rng, *, n_directions, max_elements, rtol, step, f_scale, label):
-    xp = _namespace_of(inputs[name])
-    x_host = _to_host(inputs[name]).astype(numpy.float64)
+    xp = array_namespace(inputs[name])
+    x_host = to_host(inputs[name]).astype(numpy.float64)
     non_finite = describe_non_finite(x_host)
     if non_finite:
         raise NotComparable(f"the input is not finite: {non_finite}")
@@ -240,7 +239,7 @@ def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, **kw
     `forward(**inputs)` returns (out, cache); `backward(dout, cache)` returns the gradients of
     the inputs named in `wrt`, in that order (a bare array when there is one).
     """
-    xp = _namespace_of(next(iter(inputs.values())))
+    xp = array_namespace(next(iter(inputs.values())))
     out, cache = forward(**inputs)
     cotangent = xp.asarray(rng.standard_normal(out.shape).astype(out.dtype))
     grads = backward(cotangent, cache)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy
 
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
-from .ops._namespace import array_namespace
+from .backend import array_namespace
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .ops._namespace import array_namespace, compute_dtype
+from .backend import array_namespace, compute_dtype
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from . import data as corpus
 from . import model as llama
 from . import optim
+from .backend import BACKENDS, BackendError, get_backend
 from .files import write_atomically
 from .tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
@@ -86,8 +87,8 @@ def _parser():
         description="Train a Llama-1 model with hand-written backward passes. With no arguments: the 'tiny' "
                     "preset on the Python standard library's source files, about 10 minutes on 2 CPU cores.",
         formatter_class=_DefaultsFormatter)
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
-                        help="array backend (cupy: the GPU backend is not available yet)")
+    parser.add_argument("--backend", default="numpy",
+                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")
     parser.add_argument("--preset", default="tiny", help=f"model shape: {', '.join(llama.PRESETS)}")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="override the preset's vocabulary size (the tokenizer is trained to match)")
@@ -250,8 +251,7 @@ def _plot(metrics_path: Path, out_path: Path, log):
 def train(args, log=None) -> int:
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     _validate_args(args)
-    if args.backend == "cupy":
-        raise TrainError("--backend cupy: the GPU backend is not available yet; use --backend numpy")
+    get_backend(args.backend)  # a backend that is unknown or not available stops here, in one line
     if args.preset not in llama.PRESETS:
         raise TrainError(f"--preset {args.preset}: unknown preset; choose one of {', '.join(llama.PRESETS)}")
     config = llama.get_preset(args.preset)
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return train(args)
-    except (TrainError, corpus.DataError, ckpt.CheckpointError, TokenizerError) as error:
+    except (TrainError, BackendError, corpus.DataError, ckpt.CheckpointError, TokenizerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -417,6 +417,12 @@ CATALOGUE = [
            '        self.rng.bit_generator.state = state["bit_generator"]\n', "",
            (DATA + "test_sampler_state_restores_the_exact_batch_sequence",),
            "restoring a sampler keeps its own random state"),
+    # --- backends -------------------------------------------------------------------------------
+    Mutant("backend-cupy-silently-numpy", "npllama/backend.py",
+           '    if name == "cupy":\n        raise BackendError(',
+           '    if name == "cupy":\n        return numpy\n        raise BackendError(',
+           ("tests/test_backend.py::test_a_backend_that_cannot_be_used_is_refused_in_one_line",),
+           "--backend cupy quietly runs on NumPy instead of saying the GPU backend is not available"),
     # --- the gradient checker itself ------------------------------------------------------------
     Mutant("gradcheck-blind-to-nan", "npllama/gradcheck.py",
            "    non_finite = describe_non_finite(grad_host)\n    if non_finite:\n",

@@ -1,4 +1,5 @@
-"""Nothing in npllama/ops calls NumPy directly: every array function comes from the input's namespace."""
+"""Nothing in npllama/ops calls NumPy directly: every array function comes from the input's namespace,
+which npllama.backend (the one module that recognises a CuPy array) hands out."""
 
 import ast
 import pathlib
@@ -6,7 +7,7 @@ import pathlib
 import npllama.ops
 
 OPS_DIR = pathlib.Path(npllama.ops.__file__).parent
-NAMESPACE_HELPER = "_namespace.py"
+PACKAGE_DIR = OPS_DIR.parent
 
 
 def numpy_uses(path):
@@ -27,16 +28,40 @@ def numpy_uses(path):
     return uses
 
 
+def npllama_imports(path):
+    """The npllama modules a file imports, as written (`..backend`, `.linear`, ...)."""
+    tree = ast.parse(path.read_text())
+    return {"." * node.level + (node.module or "") for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level > 0}
+
+
 def test_ops_never_call_numpy_on_array_data():
     files = sorted(OPS_DIR.glob("*.py"))
     assert len(files) >= 8
-    offenders = {f.name: numpy_uses(f) for f in files if f.name != NAMESPACE_HELPER and numpy_uses(f)}
+    offenders = {f.name: numpy_uses(f) for f in files if numpy_uses(f)}
     assert not offenders, offenders
 
 
-def test_the_namespace_helper_only_hands_numpy_back():
-    uses = numpy_uses(OPS_DIR / NAMESPACE_HELPER)
-    assert [what for _, what in uses] == ["import numpy"]
+def test_ops_import_nothing_of_npllama_but_the_backend():
+    imports = {f.name: npllama_imports(f) - {"..backend", "."} for f in OPS_DIR.glob("*.py")}
+    assert not any(imports.values()), imports
+
+
+def recognises_arrays(path):
+    """Whether a file imports CuPy or reads a type's __module__: the two ways to tell a CuPy array."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(n.name.split(".")[0] == "cupy" for n in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "cupy":
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == "__module__":
+            return True
+    return False
+
+
+def test_only_the_backend_module_recognises_a_cupy_array():
+    files = {f.relative_to(PACKAGE_DIR).as_posix() for f in PACKAGE_DIR.rglob("*.py") if recognises_arrays(f)}
+    assert files == {"backend.py"}, files
 
 
 def test_the_checker_sees_a_numpy_call(tmp_path):

@@ -27,7 +27,7 @@ Derivation: reference/derivations.md#attention
 import math
 from typing import NamedTuple
 
-from ._namespace import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype
 
 DEFAULT_TILE_SIZE = 128
 

@@ -21,7 +21,7 @@ of padding cannot poison a run.
 Derivation: reference/derivations.md#cross-entropy
 """
 
-from ._namespace import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype
 
 
 class CrossEntropyCache:

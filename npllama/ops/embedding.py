@@ -7,7 +7,7 @@ Shapes:    ids (B, T) integers in [0, V); weight (V, C); out and dout (B, T, C).
 Derivation: reference/derivations.md#embedding
 """
 
-from ._namespace import array_namespace
+from ..backend import array_namespace
 
 
 def forward(ids, weight):

@@ -10,7 +10,7 @@ Shapes:    x, y (..., C); g (C,); r (..., 1).
 Derivation: reference/derivations.md#rmsnorm
 """
 
-from ._namespace import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype
 
 
 def forward(x, weight, eps=1e-6):

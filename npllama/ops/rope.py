@@ -14,7 +14,7 @@ checkpoints (convert.py) instead of supporting both here.
 Derivation: reference/derivations.md#rope
 """
 
-from ._namespace import array_namespace
+from ..backend import array_namespace
 
 
 def frequencies(head_dim, positions, theta=10000.0, dtype=None, xp=None):

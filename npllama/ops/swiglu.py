@@ -7,7 +7,7 @@ Shapes:    a, b, y (..., F), F the FFN width; a = W1 x and b = W3 x in the Llama
 Derivation: reference/derivations.md#swiglu
 """
 
-from ._namespace import array_namespace
+from ..backend import array_namespace
 
 
 def _sigmoid(xp, a):
