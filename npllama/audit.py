@@ -22,6 +22,7 @@ import numpy
 from . import gradcheck
 from . import model as llama
 from .backend import BACKENDS, BackendError, get_backend
+from .params import NORM, parameter_table
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 
 OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "cross_entropy", "model")
@@ -71,9 +72,9 @@ def audit_model(seed, xp, config=AUDIT_CONFIG, batch=2, seq=7, recompute=True):
     rng = numpy.random.default_rng(seed)
     # a larger init than training's 0.02 so every path carries a gradient well above rounding
     params = llama.init_params(config, seed=seed, dtype="float64", xp=xp, std=0.5)
-    for name in params:
-        if name.endswith("norm.weight"):
-            params[name] = xp.asarray(1.0 + 0.3 * rng.standard_normal(params[name].shape))
+    for name, spec in parameter_table(config).items():
+        if spec.role == NORM:
+            params[name] = xp.asarray(1.0 + 0.3 * rng.standard_normal(spec.shape))
     tokens = xp.asarray(rng.integers(0, config.vocab_size, (batch, seq)))
     targets = xp.asarray(rng.integers(0, config.vocab_size, (batch, seq)))
     _, grads = llama.loss_and_grads(params, config, tokens, targets, recompute=recompute, tile_size=3)

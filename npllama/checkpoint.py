@@ -6,7 +6,7 @@ A checkpoint is a directory:
 
     config.json             LlamaConfig.to_dict() plus {"format": 1}
     model.safetensors       the parameters under Meta's names (`layers.0.attention.wq.weight`, ...),
-                            all float32 or all float64, shapes as `model.parameter_shapes(config)`
+                            all float32 or all float64, shapes as `params.parameter_shapes(config)`
     optimizer.safetensors   (optional) the AdamW moments, `m.<name>` and `v.<name>` for every
                             parameter, all float32 or all float64
     tokenizer.model         (optional) the SentencePiece model, the caller's bytes unchanged
@@ -72,7 +72,8 @@ from safetensors import safe_open
 
 from .backend import to_host
 from .files import fsync_dir
-from .model import LlamaConfig, parameter_shapes
+from .model import LlamaConfig
+from .params import parameter_shapes
 from .optim import AdamWState
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]

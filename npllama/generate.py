@@ -20,6 +20,7 @@ import numpy
 
 from . import model as llama
 from .backend import BACKENDS, BackendError, array_namespace, get_backend, to_host
+from .params import FINAL_NORM
 
 
 def sampling_distribution(logits, temperature: float, top_k: int | None, top_p: float | None):
@@ -52,14 +53,14 @@ def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, 
 
     `on_text(piece)` is called with each new piece of decoded text as it appears.
     """
-    xp = array_namespace(params["norm.weight"])
+    xp = array_namespace(params[FINAL_NORM])
     rng = numpy.random.default_rng(seed)
     prompt_ids = tokenizer.encode(prompt, bos=True)
     budget = min(max_new_tokens, config.max_seq_len - len(prompt_ids))
     if budget <= 0:
         raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {config.max_seq_len}")
     cache = llama.init_kv_cache(config, batch=1, max_len=len(prompt_ids) + budget,
-                                dtype=params["norm.weight"].dtype, xp=xp)
+                                dtype=params[FINAL_NORM].dtype, xp=xp)
     logits = llama.forward(params, config, xp.asarray([prompt_ids]), kv_cache=cache)[0, -1]
     new_ids: list[int] = []
     shown = ""

@@ -19,7 +19,8 @@ the two RMSNorms, RoPE and SwiGLU, from those, by calling the same forward funct
 inputs, so `recompute=True` and `recompute=False` give bitwise-identical gradients.
 
 Parameters live in a flat dict under Meta's names (`layers.{i}.attention.wq.weight`, ...), with
-linear weights stored [out, in]. The namespace (NumPy or CuPy) is taken from the parameters.
+linear weights stored [out, in]; npllama/params.py is the table of names, shapes and roles. The
+namespace (NumPy or CuPy) is taken from the parameters.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy
 
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .backend import array_namespace
+from .params import (FINAL_NORM, NORM, OUTPUT_HEAD, TOK_EMBEDDINGS, layer_name, layer_weights, parameter_shapes,
+                     parameter_table)
 
 
 @dataclass(frozen=True)
@@ -96,24 +99,6 @@ def get_preset(name: str) -> LlamaConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-def parameter_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name (Meta's) and shape, in checkpoint order."""
-    dim, ffn, vocab = config.dim, config.ffn_dim, config.vocab_size
-    shapes = {"tok_embeddings.weight": (vocab, dim)}
-    for i in range(config.n_layers):
-        p = f"layers.{i}."
-        for name in ("wq", "wk", "wv", "wo"):
-            shapes[p + f"attention.{name}.weight"] = (dim, dim)
-        shapes[p + "feed_forward.w1.weight"] = (ffn, dim)
-        shapes[p + "feed_forward.w2.weight"] = (dim, ffn)
-        shapes[p + "feed_forward.w3.weight"] = (ffn, dim)
-        shapes[p + "attention_norm.weight"] = (dim,)
-        shapes[p + "ffn_norm.weight"] = (dim,)
-    shapes["norm.weight"] = (dim,)
-    shapes["output.weight"] = (vocab, dim)
-    return shapes
-
-
 def init_params(config: LlamaConfig, seed: int = 0, dtype="float32", xp=numpy, std: float = 0.02):
     """Random initial parameters, drawn on the CPU with a seeded generator (same on every backend).
 
@@ -124,13 +109,13 @@ def init_params(config: LlamaConfig, seed: int = 0, dtype="float32", xp=numpy, s
     rng = numpy.random.default_rng(seed)
     residual_std = std / math.sqrt(2 * config.n_layers)
     params = {}
-    for name, shape in parameter_shapes(config).items():
-        if name.endswith("norm.weight"):
-            value = numpy.ones(shape)
-        elif name.endswith(("wo.weight", "w2.weight")):
-            value = rng.normal(0.0, residual_std, size=shape)
+    for name, spec in parameter_table(config).items():
+        if spec.role == NORM:
+            value = numpy.ones(spec.shape)
+        elif spec.residual:
+            value = rng.normal(0.0, residual_std, size=spec.shape)
         else:
-            value = rng.normal(0.0, std, size=shape)
+            value = rng.normal(0.0, std, size=spec.shape)
         params[name] = xp.asarray(value.astype(dtype))
     return params
 
@@ -143,24 +128,6 @@ def rope_tables(config: LlamaConfig, n_positions: int, dtype, xp, start: int = 0
 
 # ---------------------------------------------------------------------------------------------
 # One block
-
-
-# a block's weights by short name, and the suffix of each one's full (Meta) name
-_LAYER_PARAMS = {
-    "attention_norm": "attention_norm.weight",
-    "wq": "attention.wq.weight",
-    "wk": "attention.wk.weight",
-    "wv": "attention.wv.weight",
-    "wo": "attention.wo.weight",
-    "ffn_norm": "ffn_norm.weight",
-    "w1": "feed_forward.w1.weight",
-    "w2": "feed_forward.w2.weight",
-    "w3": "feed_forward.w3.weight",
-}
-
-
-def _layer_weights(params, i):
-    return {short: params[f"layers.{i}.{suffix}"] for short, suffix in _LAYER_PARAMS.items()}
 
 
 def _split_heads(x, n_heads):
@@ -244,7 +211,7 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
 
 
 def block_backward(dy, w, saved, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE):
-    """Given dL/dy (B, T, C), return (dx, grads) with grads keyed like `_layer_weights`."""
+    """Given dL/dy (B, T, C), return (dx, grads) with grads keyed by short name, like `layer_weights`."""
     xp = array_namespace(dy)
     batch, seq, dim = dy.shape
     # recompute what the forward pass chose not to keep (same functions, same inputs)
@@ -335,28 +302,28 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     appended to the cache. Decoding one token at a time this way gives the logits of a full
     forward pass over the whole sequence, at O(T) instead of O(T^2) cost per token.
     """
-    xp = array_namespace(params["norm.weight"])
+    xp = array_namespace(params[FINAL_NORM])
     tokens = xp.asarray(tokens)
     _check_tokens(tokens, config)
-    dtype = params["norm.weight"].dtype
+    dtype = params[FINAL_NORM].dtype
     start = kv_cache.length if kv_cache is not None else 0
     if kv_cache is not None and start + tokens.shape[1] > kv_cache.capacity:
         raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; {start} used, {tokens.shape[1]} more asked")
     cos, sin = rope_tables(config, tokens.shape[1], dtype, xp, start=start)
-    h, _ = embedding.forward(tokens, params["tok_embeddings.weight"])
+    h, _ = embedding.forward(tokens, params[TOK_EMBEDDINGS])
     for i in range(config.n_layers):
         kv = (kv_cache.keys[i], kv_cache.values[i], start) if kv_cache is not None else None
-        h, _ = block_forward(_layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True, kv=kv)
+        h, _ = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True, kv=kv)
     if kv_cache is not None:
         kv_cache.length = start + tokens.shape[1]
-    normed, _ = rmsnorm.forward(h, params["norm.weight"], config.norm_eps)
-    logits, _ = linear.forward(normed, params["output.weight"])
+    normed, _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
+    logits, _ = linear.forward(normed, params[OUTPUT_HEAD])
     return logits
 
 
 def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
     """Mean cross-entropy of next-token targets (B, T); a Python float."""
-    xp = array_namespace(params["norm.weight"])
+    xp = array_namespace(params[FINAL_NORM])
     logits = forward(params, config, tokens, tile_size)
     value, _ = cross_entropy.forward(logits, xp.asarray(targets), ignore_index)
     return float(value)
@@ -369,37 +336,37 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
     The backward pass is written out by hand, block by block, in reverse. `grads` has the same
     names, shapes and dtypes as `params`.
     """
-    xp = array_namespace(params["norm.weight"])
+    xp = array_namespace(params[FINAL_NORM])
     tokens = xp.asarray(tokens)
     targets = xp.asarray(targets)
     _check_tokens(tokens, config)
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
-    dtype = params["norm.weight"].dtype
+    dtype = params[FINAL_NORM].dtype
     cos, sin = rope_tables(config, tokens.shape[1], dtype, xp)
 
-    h, emb_cache = embedding.forward(tokens, params["tok_embeddings.weight"])
+    h, emb_cache = embedding.forward(tokens, params[TOK_EMBEDDINGS])
     saved_blocks = []
     for i in range(config.n_layers):
-        h, saved = block_forward(_layer_weights(params, i), h, cos, sin, config, tile_size, recompute)
+        h, saved = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute)
         saved_blocks.append(saved)
-    normed, norm_cache = rmsnorm.forward(h, params["norm.weight"], config.norm_eps)
-    logits, _ = linear.forward(normed, params["output.weight"])
+    normed, norm_cache = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
+    logits, _ = linear.forward(normed, params[OUTPUT_HEAD])
     value, ce_cache = cross_entropy.forward(logits, targets, ignore_index)
     del logits  # the cache keeps exp(z - max) instead, and backward turns that buffer into dlogits
 
     grads = {}
     dlogits = cross_entropy.backward(1.0, ce_cache)
     del ce_cache
-    dnormed, grads["output.weight"] = linear.backward(dlogits, (normed, params["output.weight"]))
+    dnormed, grads[OUTPUT_HEAD] = linear.backward(dlogits, (normed, params[OUTPUT_HEAD]))
     del dlogits
-    dh, grads["norm.weight"] = rmsnorm.backward(dnormed, norm_cache)
+    dh, grads[FINAL_NORM] = rmsnorm.backward(dnormed, norm_cache)
     for i in reversed(range(config.n_layers)):
-        w = _layer_weights(params, i)
+        w = layer_weights(params, i)
         dh, layer_grads = block_backward(dh, w, saved_blocks.pop(), cos, sin, config, tile_size)
         for short, grad in layer_grads.items():
-            grads[f"layers.{i}.{_LAYER_PARAMS[short]}"] = grad
-    grads["tok_embeddings.weight"] = embedding.backward(dh, emb_cache)
+            grads[layer_name(i, short)] = grad
+    grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
     grads = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
     return float(value), grads
 

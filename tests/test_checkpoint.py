@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npllama import model, optim
+from npllama import params as params_table
 from npllama.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -40,7 +41,8 @@ def nasty_params(config, dtype="float32", seed=0):
     """Random parameters with the values a lossy round trip would change: NaN with a payload,
     infinities, -0.0, subnormals."""
     rng = rng_from(seed)
-    params = {name: rng.standard_normal(shape).astype(dtype) for name, shape in model.parameter_shapes(config).items()}
+    params = {name: rng.standard_normal(shape).astype(dtype)
+              for name, shape in params_table.parameter_shapes(config).items()}
     bits = numpy.uint32 if dtype == "float32" else numpy.uint64
     payload_nan = numpy.array([0x7FC0_0123 if dtype == "float32" else 0x7FF8_0000_0000_0123], bits).view(dtype)[0]
     specials = [payload_nan, numpy.inf, -numpy.inf, -0.0, numpy.finfo(dtype).smallest_subnormal]
@@ -183,9 +185,9 @@ def test_a_checkpoint_directory_holds_exactly_the_documented_files(tmp_path):
     assert document["state"] == {"step": 42, "lr": 3e-4}
     for name, digest in document["checksums"].items():
         assert hashlib.sha256((directory / name).read_bytes()).hexdigest() == digest
-    assert list(safetensors.numpy.load_file(directory / "model.safetensors")) == sorted(model.parameter_shapes(NANO))
+    assert list(safetensors.numpy.load_file(directory / "model.safetensors")) == sorted(params_table.parameter_shapes(NANO))
     moments = safetensors.numpy.load_file(directory / "optimizer.safetensors")
-    assert set(moments) == {f"{m}.{name}" for m in "mv" for name in model.parameter_shapes(NANO)}
+    assert set(moments) == {f"{m}.{name}" for m in "mv" for name in params_table.parameter_shapes(NANO)}
 
 
 def test_cupy_arrays_are_copied_to_the_host_with_get(tmp_path):
@@ -569,11 +571,12 @@ WRITER = r"""
 import sys
 import numpy
 from npllama import checkpoint, model, optim
+from npllama import params as params_table
 
 run_dir = sys.argv[1]
 config = model.LlamaConfig(dim=256, n_layers=2, n_heads=4, vocab_size=4096, multiple_of=32, max_seq_len=64)
 step = 0 if checkpoint.find_latest(run_dir) is None else checkpoint.load_checkpoint(run_dir).step + 1
-shapes = model.parameter_shapes(config)
+shapes = params_table.parameter_shapes(config)
 params = {name: numpy.empty(shape, "float32") for name, shape in shapes.items()}
 moments = optim.AdamWState({n: numpy.empty(s, "float32") for n, s in shapes.items()},
                            {n: numpy.empty(s, "float32") for n, s in shapes.items()})

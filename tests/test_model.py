@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from npllama import model
+from npllama import params as params_table
 from npllama.model import LlamaConfig
 from assertions import assert_close, assert_differ, assert_same
 from strategies import rng_from, seeds, small_model_configs
@@ -37,7 +38,7 @@ def test_ffn_width_follows_metas_rule():
 def test_parameter_names_and_shapes_are_metas():
     config = model.PRESETS["nano"]
     params = model.init_params(config)
-    assert set(params) == set(model.parameter_shapes(config))
+    assert set(params) == set(params_table.parameter_shapes(config))
     assert params["layers.1.feed_forward.w2.weight"].shape == (config.dim, config.ffn_dim)  # [out, in]
     assert params["output.weight"].shape == (config.vocab_size, config.dim)
     assert sum(p.size for p in params.values()) == config.n_params()
@@ -91,9 +92,9 @@ def test_recompute_keeps_only_the_expensive_activations():
     params = model.init_params(config)
     x = rng_from(0).standard_normal((2, 8, config.dim)).astype(numpy.float32)
     cos, sin = model.rope_tables(config, 8, numpy.float32, numpy)
-    _, kept = model.block_forward(model._layer_weights(params, 0), x, cos, sin, config, recompute=True)
+    _, kept = model.block_forward(params_table.layer_weights(params, 0), x, cos, sin, config, recompute=True)
     assert set(kept) == {"x", "q", "k", "v", "attn_out", "attn_lse", "h", "a", "b"}
-    _, everything = model.block_forward(model._layer_weights(params, 0), x, cos, sin, config, recompute=False)
+    _, everything = model.block_forward(params_table.layer_weights(params, 0), x, cos, sin, config, recompute=False)
     assert set(everything) > set(kept)
 
 

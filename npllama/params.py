@@ -1,0 +1,90 @@
+"""The one table of Llama-1's parameters: Meta's names, shapes and roles, derived from the config.
+
+Every other module asks this one for a parameter's name, shape or role instead of spelling it:
+
+    tok_embeddings.weight                     (V, C)   embedding
+    layers.{i}.attention.{wq,wk,wv}.weight    (C, C)   linear
+    layers.{i}.attention.wo.weight            (C, C)   linear, writes into the residual stream
+    layers.{i}.feed_forward.{w1,w3}.weight    (F, C)   linear
+    layers.{i}.feed_forward.w2.weight         (C, F)   linear, writes into the residual stream
+    layers.{i}.{attention,ffn}_norm.weight    (C,)     norm gain
+    norm.weight                               (C,)     norm gain
+    output.weight                             (V, C)   output head (untied from the embedding)
+
+Linear weights are [out, in], as in Meta's and PyTorch's checkpoints. The order of the table is
+the checkpoint order. Roles decide initialisation (norm gains start at 1; the two projections
+into the residual stream get a smaller standard deviation) and weight decay (everything but the
+norm gains). The config only needs `dim`, `n_layers`, `vocab_size` and `ffn_dim`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EMBEDDING, LINEAR, NORM, OUTPUT = "embedding", "linear", "norm", "output"
+
+TOK_EMBEDDINGS = "tok_embeddings.weight"
+FINAL_NORM = "norm.weight"
+OUTPUT_HEAD = "output.weight"
+
+# a block's weights by the short name the block code uses, and the suffix of each one's full name
+LAYER_SUFFIXES = {
+    "attention_norm": "attention_norm.weight",
+    "wq": "attention.wq.weight",
+    "wk": "attention.wk.weight",
+    "wv": "attention.wv.weight",
+    "wo": "attention.wo.weight",
+    "ffn_norm": "ffn_norm.weight",
+    "w1": "feed_forward.w1.weight",
+    "w2": "feed_forward.w2.weight",
+    "w3": "feed_forward.w3.weight",
+}
+_RESIDUAL_WRITERS = ("wo", "w2")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its full name, shape and role."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str  # EMBEDDING, LINEAR, NORM or OUTPUT
+    residual: bool = False  # a projection that writes into the residual stream (wo, w2)
+
+    @property
+    def decays(self) -> bool:
+        """AdamW's decoupled weight decay applies to matrices, not to norm gains."""
+        return self.role != NORM
+
+
+def layer_name(layer: int, short: str) -> str:
+    """`layers.{layer}.<suffix>` for a block weight's short name ("wq", "ffn_norm", ...)."""
+    return f"layers.{layer}.{LAYER_SUFFIXES[short]}"
+
+
+def layer_weights(params: dict, layer: int) -> dict:
+    """One block's weights, keyed by short name."""
+    return {short: params[layer_name(layer, short)] for short in LAYER_SUFFIXES}
+
+
+def _layer_spec(config, layer: int, short: str) -> ParamSpec:
+    dim, ffn = config.dim, config.ffn_dim
+    if short.endswith("norm"):
+        return ParamSpec(layer_name(layer, short), (dim,), NORM)
+    shape = {"w1": (ffn, dim), "w2": (dim, ffn), "w3": (ffn, dim)}.get(short, (dim, dim))
+    return ParamSpec(layer_name(layer, short), shape, LINEAR, residual=short in _RESIDUAL_WRITERS)
+
+
+def parameter_table(config) -> dict[str, ParamSpec]:
+    """Every parameter of the model, in checkpoint order."""
+    order = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attention_norm", "ffn_norm")
+    specs = [ParamSpec(TOK_EMBEDDINGS, (config.vocab_size, config.dim), EMBEDDING)]
+    specs += [_layer_spec(config, layer, short) for layer in range(config.n_layers) for short in order]
+    specs += [ParamSpec(FINAL_NORM, (config.dim,), NORM),
+              ParamSpec(OUTPUT_HEAD, (config.vocab_size, config.dim), OUTPUT)]
+    return {spec.name: spec for spec in specs}
+
+
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in checkpoint order."""
+    return {name: spec.shape for name, spec in parameter_table(config).items()}
