@@ -1,6 +1,6 @@
 """The Llama-1 model: configuration, presets, initialisation, forward, and a hand-written backward.
 
-A block (design.md, Touvron et al. 2023 §2.2):
+A block (Touvron et al. 2023 §2.2):
 
     n1 = rmsnorm(x)                                   pre-normalisation
     q, k, v = Wq n1, Wk n1, Wv n1                     (B, T, C) each, C = H * D
@@ -382,5 +382,15 @@ def describe_presets() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """`python -m npllama.model`: the preset table."""
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m npllama.model",
+                            description="Print every preset: its shape and parameter count.").parse_args(argv)
     print(describe_presets())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

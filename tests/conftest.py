@@ -1,4 +1,5 @@
-"""Hypothesis settings profiles, chosen by NPLLAMA_HYPOTHESIS_PROFILE (default: ci).
+"""Hypothesis settings profiles, chosen by NPLLAMA_HYPOTHESIS_PROFILE (default: ci), and the
+skip of `gpu` tests where CuPy sees no CUDA device.
 
 ci        few examples per property: the whole suite stays well under 10 minutes on 2 cores
 thorough  many examples; for a release or after touching an op
@@ -8,6 +9,7 @@ mutation  ci's examples without shrinking: scripts/mutation_check.py only needs 
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 settings.register_profile(
@@ -23,3 +25,23 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow], phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 settings.load_profile(os.environ.get("NPLLAMA_HYPOTHESIS_PROFILE", "ci"))
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when CuPy is installed and sees a CUDA device, else why not (the skip reason)."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install '.[gpu]')"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # no driver, no device: CuPy raises its own runtime errors
+        return f"CuPy sees no CUDA device ({type(error).__name__}: {error})"
+    return None if count else "CuPy sees no CUDA device"
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    reason = cuda_unavailable_reason() if gpu_tests else None
+    for item in gpu_tests if reason else []:
+        item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))

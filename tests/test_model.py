@@ -179,3 +179,14 @@ def test_kv_cache_overflow_is_refused():
     model.forward(params, config, numpy.zeros((1, 3), dtype=int), kv_cache=cache)
     with pytest.raises(ValueError, match="KV cache holds 4 positions; 3 used, 2 more"):
         model.forward(params, config, numpy.zeros((1, 2), dtype=int), kv_cache=cache)
+
+
+@pytest.mark.parametrize("module", ["train", "generate", "audit", "tokenizer", "model"])
+def test_every_command_answers_help_with_its_usage(module):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", f"npllama.{module}", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m npllama.{module}"), result.stdout[:200]
