@@ -22,8 +22,8 @@ import numpy
 from . import gradcheck
 from . import model as llama
 from .backend import BACKENDS, BackendError, get_backend
-from .params import NORM, parameter_table
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from .params import NORM, parameter_table
 
 OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "cross_entropy", "model")
 

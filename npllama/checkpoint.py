@@ -73,8 +73,8 @@ from safetensors import safe_open
 from .backend import to_host
 from .files import fsync_dir
 from .model import LlamaConfig
-from .params import parameter_shapes
 from .optim import AdamWState
+from .params import parameter_shapes
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
 

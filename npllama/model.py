@@ -30,10 +30,18 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .backend import array_namespace
-from .params import (FINAL_NORM, NORM, OUTPUT_HEAD, TOK_EMBEDDINGS, layer_name, layer_weights, parameter_shapes,
-                     parameter_table)
+from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from .params import (
+    FINAL_NORM,
+    NORM,
+    OUTPUT_HEAD,
+    TOK_EMBEDDINGS,
+    layer_name,
+    layer_weights,
+    parameter_shapes,
+    parameter_table,
+)
 
 
 @dataclass(frozen=True)
@@ -308,7 +316,8 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     dtype = params[FINAL_NORM].dtype
     start = kv_cache.length if kv_cache is not None else 0
     if kv_cache is not None and start + tokens.shape[1] > kv_cache.capacity:
-        raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; {start} used, {tokens.shape[1]} more asked")
+        raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; {start} used, "
+                         f"{tokens.shape[1]} more asked")
     cos, sin = rope_tables(config, tokens.shape[1], dtype, xp, start=start)
     h, _ = embedding.forward(tokens, params[TOK_EMBEDDINGS])
     for i in range(config.n_layers):

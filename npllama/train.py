@@ -298,7 +298,8 @@ def _train_into(args, log, config, out: Path, cache_dir: Path, resumed) -> int:
                                    progress=None if args.no_progress else tqdm, warn=log)
     data_id = tokens.info["content_sha256"]
     log(f"data: {tokens.info['n_tokens']['train']:,} training and {tokens.info['n_tokens']['val']:,} validation "
-        f"tokens from {len(documents)} files (held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
+        f"tokens from {len(documents)} files "
+        f"(held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
 
     sampler = corpus.BatchSampler(tokens.train, settings.batch_size, settings.seq_len, settings.seed)
     val_batches = corpus.fixed_batches(tokens.val, settings.batch_size, settings.seq_len, args.eval_batches)

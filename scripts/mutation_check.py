@@ -7,9 +7,9 @@
 
 For every mutant of the catalogue (scripts/mutants.py): copy the repository's package, tests and
 reference into a scratch folder, replace the mutant's snippet, and run the tests it names there
-(`pytest -x`, Hypothesis seed 0, the `mutation` profile: ci's examples, no shrinking). A failing test kills the mutant; passing
-tests let it SURVIVE. The unmutated copy runs the same tests first and must pass, or nothing
-that follows would mean anything. Prints a table (mutant, killed by, seconds) and the score.
+(`pytest -x`, Hypothesis seed 0, the `mutation` profile: ci's examples, no shrinking). A failing
+test kills the mutant; passing tests let it SURVIVE. The unmutated copy runs the same tests first
+and must pass, or nothing that follows would mean anything. Prints a table (mutant, killed by, seconds) and the score.
 
 Results: killed (a test failed: exit status 1 of pytest), SURVIVED (the tests passed), TIMEOUT
 (over 600 s; the run and everything it started is killed), STALE (the snippet is not in its file
@@ -170,8 +170,9 @@ def format_table(outcomes, seconds: float, jobs: int) -> str:
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python scripts/mutation_check.py",
-                                     description="Plant each bug of scripts/mutants.py and check that a test catches it.")
+    parser = argparse.ArgumentParser(
+        prog="python scripts/mutation_check.py",
+        description="Plant each bug of scripts/mutants.py and check that a test catches it.")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
     parser.add_argument("--list", action="store_true", help="list the catalogue and exit")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants run at once")

@@ -52,7 +52,8 @@ def test_reductions_run_in_at_least_float32():
     assert backend.compute_dtype(numpy, numpy.float64) == numpy.float64
 
 
-@pytest.mark.parametrize("command", [["npllama.train", "--out", "{tmp}/run"], ["npllama.generate", "--checkpoint", "{tmp}"],
+@pytest.mark.parametrize("command", [["npllama.train", "--out", "{tmp}/run"],
+                                     ["npllama.generate", "--checkpoint", "{tmp}"],
                                      ["npllama.audit"]], ids=lambda command: command[0])
 def test_every_entry_point_refuses_an_unavailable_backend_with_the_same_line(command, tmp_path):
     args = [arg.format(tmp=tmp_path) for arg in command]

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npllama import data
 from assertions import assert_same
+from npllama import data
 
 
 class ByteTokenizer:

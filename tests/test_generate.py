@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npllama import checkpoint, generate, model
 from assertions import assert_close, assert_same
+from npllama import checkpoint, generate, model
 
 logit_vectors = st.integers(2, 40).flatmap(
     lambda n: st.lists(st.floats(-20, 20, allow_nan=False), min_size=n, max_size=n)).map(numpy.array)

@@ -12,8 +12,19 @@ from hypothesis import strategies as st
 
 from npllama import audit, gradcheck
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
-from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
-                        seq_lens, small_model_configs, softmax_scales, value_scales)
+from strategies import (
+    attention_problems,
+    batch_sizes,
+    head_counts,
+    head_dims,
+    model_dims,
+    rng_from,
+    seeds,
+    seq_lens,
+    small_model_configs,
+    softmax_scales,
+    value_scales,
+)
 
 
 def assert_all_pass(results):

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from assertions import assert_close, assert_differ, assert_same
 from npllama import model
 from npllama import params as params_table
 from npllama.model import LlamaConfig
-from assertions import assert_close, assert_differ, assert_same
 from strategies import rng_from, seeds, small_model_configs
 
 

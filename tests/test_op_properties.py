@@ -7,10 +7,19 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from assertions import assert_close, assert_differ, assert_finite, assert_same
-from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
-                        seq_lens, softmax_scales)
+from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from strategies import (
+    attention_problems,
+    batch_sizes,
+    head_counts,
+    head_dims,
+    model_dims,
+    rng_from,
+    seeds,
+    seq_lens,
+    softmax_scales,
+)
 
 # float64 results that differ only by the order of a few additions agree to ~1e-15 relative;
 # 1e-12 allows for the longer sums of tiled attention while catching any real difference.
@@ -89,7 +98,9 @@ def test_rope_preserves_the_norm_of_every_pair(batch, seq, heads, head_dim, seed
     x = rng.standard_normal((batch, seq, heads, head_dim))
     cos, sin = rope.frequencies(head_dim, numpy.arange(seq))
     y, _ = rope.forward(x, cos, sin)
-    pair_norms = lambda a: numpy.hypot(a[..., 0::2], a[..., 1::2])
+    def pair_norms(a):
+        return numpy.hypot(a[..., 0::2], a[..., 1::2])
+
     assert_close(pair_norms(y), pair_norms(x), rtol=FLOAT64_TOL)
 
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npllama import optim
 from assertions import assert_close, assert_differ, assert_same
+from npllama import optim
 from strategies import rng_from, seeds
 
 

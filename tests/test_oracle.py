@@ -25,11 +25,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import assertions
 from npllama import model, optim
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
-import assertions
-from strategies import (attention_problems, batch_sizes, head_counts, head_dims, model_dims, rng_from, seeds,
-                        seq_lens, small_model_configs, softmax_scales)
+from strategies import (
+    attention_problems,
+    batch_sizes,
+    head_counts,
+    head_dims,
+    model_dims,
+    rng_from,
+    seeds,
+    seq_lens,
+    small_model_configs,
+    softmax_scales,
+)
 
 torch = pytest.importorskip("torch", reason="the oracle tests need PyTorch: pip install '.[test]'")
 F = torch.nn.functional

@@ -12,9 +12,9 @@ import numpy
 import pytest
 from safetensors.numpy import load_file
 
+from assertions import assert_close, assert_same
 from npllama import checkpoint, data, model
 from npllama.tokenizer import train_tokenizer
-from assertions import assert_close, assert_same
 
 NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
 
@@ -79,7 +79,7 @@ def test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted
 
     run = tmp_path / "killed"
     killed_mid_write = False
-    for attempt in range(8):  # a write takes milliseconds: retry until a kill lands inside one
+    for _ in range(8):  # a write takes milliseconds: retry until a kill lands inside one
         resume = ["--resume"] if (run / "latest").exists() else []
         process = subprocess.Popen([sys.executable, "-m", "npllama.train", *common(corpus, tmp_path, "killed"),
                                     *steps, *resume], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
