@@ -21,7 +21,8 @@ import numpy
 
 from . import gradcheck
 from . import model as llama
-from .backend import BACKENDS, BackendError, get_backend
+from .backend import BACKENDS, get_backend
+from .errors import NpllamaError
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .params import NORM, parameter_table
 
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         xp = get_backend(args.backend)
-    except BackendError as error:
+    except NpllamaError as error:
         parser.exit(2, f"error: {error}\n")
     if args.only:
         unknown = sorted(set(args.only) - set(OPS))

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import numpy
 
+from .errors import NpllamaError
+
 __all__ = ["BACKENDS", "BackendError", "array_namespace", "compute_dtype", "get_backend", "is_cupy_array",
            "to_host"]
 
 BACKENDS = ("numpy", "cupy")
 
 
-class BackendError(ValueError):
+class BackendError(NpllamaError):
     """A --backend that cannot be used, in one line: which, why, what to pass instead."""
 
 

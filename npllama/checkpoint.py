@@ -71,6 +71,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from .backend import to_host
+from .errors import NpllamaError
 from .files import fsync_dir
 from .model import LlamaConfig
 from .optim import AdamWState
@@ -94,7 +95,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 _FEW = 3  # how many names an error lists before "..."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NpllamaError):
     """A checkpoint that cannot be used. The message is one line: what, where, how to fix it."""
 
     def __init__(self, what: str, where, fix: str):

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy
 
+from .errors import NpllamaError
 from .files import write_atomically
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".toml", ".cfg",
@@ -53,7 +54,7 @@ FORMAT_VERSION = 2
 MIN_DOCUMENTS_TO_SPLIT = 20
 
 
-class DataError(ValueError):
+class DataError(NpllamaError):
     """A problem with the training data, stated in one line."""
 
 

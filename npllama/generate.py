@@ -19,8 +19,13 @@ import sys
 import numpy
 
 from . import model as llama
-from .backend import BACKENDS, BackendError, array_namespace, get_backend, to_host
+from .backend import BACKENDS, array_namespace, get_backend, to_host
+from .errors import NpllamaError
 from .params import FINAL_NORM
+
+
+class GenerateError(NpllamaError):
+    """A generation request the model cannot serve (a prompt longer than its context)."""
 
 
 def sampling_distribution(logits, temperature: float, top_k: int | None, top_p: float | None):
@@ -58,7 +63,8 @@ def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, 
     prompt_ids = tokenizer.encode(prompt, bos=True)
     budget = min(max_new_tokens, config.max_seq_len - len(prompt_ids))
     if budget <= 0:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {config.max_seq_len}")
+        raise GenerateError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {config.max_seq_len}; "
+                            "shorten --prompt")
     cache = llama.init_kv_cache(config, batch=1, max_len=len(prompt_ids) + budget,
                                 dtype=params[FINAL_NORM].dtype, xp=xp)
     logits = llama.forward(params, config, xp.asarray([prompt_ids]), kv_cache=cache)[0, -1]
@@ -106,14 +112,14 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import load_checkpoint
     from .tokenizer import Tokenizer, TokenizerError
 
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         xp = get_backend(args.backend)
-    except BackendError as error:
+    except NpllamaError as error:
         parser.exit(2, f"error: {error}\n")
     if args.max_new_tokens < 1:
         parser.exit(2, "error: --max-new-tokens must be at least 1\n")
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
                  args.temperature, args.top_k, args.top_p if args.top_p < 1 else None, args.seed,
                  on_text=lambda piece: print(piece, end="", flush=True))
         print()
-    except (CheckpointError, TokenizerError, ValueError) as error:
+    except NpllamaError as error:
         print(f"\nerror: {error}" if args.prompt else f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import sentencepiece
 
+from .errors import NpllamaError
 from .files import write_atomically
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -84,7 +85,7 @@ _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 _NORMALIZER_SPEC_FIELD = 3
 
 
-class TokenizerError(ValueError):
+class TokenizerError(NpllamaError):
     """A tokenizer file or argument that cannot be used; the message says what to do."""
 
 
@@ -469,8 +470,6 @@ def _train_command(args) -> None:
 
 
 def main(argv=None) -> int:
-    from .data import DataError
-
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -481,7 +480,7 @@ def main(argv=None) -> int:
             print(" ".join(tokenizer.id_to_piece(i) if args.pieces else str(i) for i in ids))
         else:
             print(Tokenizer.load(args.tokenizer).decode(args.ids))
-    except (TokenizerError, DataError, OSError) as error:
+    except (NpllamaError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0

@@ -36,12 +36,13 @@ from . import checkpoint as ckpt
 from . import data as corpus
 from . import model as llama
 from . import optim
-from .backend import BACKENDS, BackendError, get_backend
+from .backend import BACKENDS, get_backend
+from .errors import NpllamaError
 from .files import write_atomically
-from .tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from .tokenizer import Tokenizer, train_tokenizer
 
 
-class TrainError(ValueError):
+class TrainError(NpllamaError):
     """A problem with the run's settings or state, stated in one line."""
 
 
@@ -440,7 +441,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return train(args)
-    except (TrainError, BackendError, corpus.DataError, ckpt.CheckpointError, TokenizerError) as error:
+    except NpllamaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,35 @@
+"""One error type for bad input, caught by every command; anything else is a bug and is not hidden."""
+
+import pytest
+
+from npllama import backend, checkpoint, data, generate, tokenizer, train
+from npllama.errors import NpllamaError
+
+
+@pytest.mark.parametrize("error", [backend.BackendError, checkpoint.CheckpointError, data.DataError,
+                                   tokenizer.TokenizerError, train.TrainError, generate.GenerateError])
+def test_every_kind_of_bad_input_is_an_npllama_error(error):
+    assert issubclass(error, NpllamaError)
+
+
+@pytest.mark.parametrize("command, argv", [(generate.main, ["--checkpoint", "x"]),
+                                           (train.main, ["--resume", "x", "--out", "y"])])
+def test_a_bug_is_not_reported_as_bad_input(command, argv, monkeypatch):
+    """A plain ValueError from inside is a bug: it propagates with its traceback instead of becoming
+    'error: ...' and exit status 2."""
+    def buggy_load(*args, **kwargs):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", buggy_load)
+    with pytest.raises(ValueError, match="a bug"):
+        command(argv)
+
+
+def test_bad_input_is_one_line_and_exit_status_2(monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise checkpoint.CheckpointError("no such file or directory", "x", "check the path")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", missing)
+    assert generate.main(["--checkpoint", "x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: checkpoint x: no such file or directory; check the path"]
