@@ -22,7 +22,7 @@ import numpy
 from . import gradcheck
 from . import model as llama
 from .backend import BACKENDS, get_backend
-from .errors import NpllamaError
+from .errors import NpllamaError, few
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .params import NORM, parameter_table
 
@@ -94,12 +94,6 @@ def run_audit(seed=0, xp=numpy, only=None):
     return results
 
 
-def _few(names, shown=4) -> str:
-    """The first few names, and how many there are when that is not all of them."""
-    listed = ", ".join(names[:shown])
-    return listed if len(names) <= shown else f"{listed}, ... {len(names)} in all"
-
-
 def format_table(results) -> str:
     header = f"{'op':<14} {'wrt':<36} {'max abs err':>12} {'max rel err':>12}  result"
     lines = [header, "-" * len(header)]
@@ -111,7 +105,7 @@ def format_table(results) -> str:
                f"(relative error limit {gradcheck.DEFAULT_RTOL:g}, float64)")
     if failed:
         failed_ops = dict.fromkeys(r.op for r in failed)  # in order, once each
-        summary += "; failed: " + ", ".join(f"{op} ({_few([r.wrt for r in failed if r.op == op])})"
+        summary += "; failed: " + ", ".join(f"{op} ({few([r.wrt for r in failed if r.op == op], shown=4)})"
                                             for op in failed_ops)
     lines.append(summary)
     return "\n".join(lines)

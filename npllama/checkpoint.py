@@ -71,7 +71,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from .backend import to_host
-from .errors import NpllamaError
+from .errors import NpllamaError, few
 from .files import fsync_dir
 from .model import LlamaConfig
 from .optim import AdamWState
@@ -92,7 +92,6 @@ CHECKSUMMED_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE)
 _STEP_DIR = re.compile(r"step-(\d{8,})")
 _OLD_DIR = re.compile(r"\.old-step-(\d{8,})-\d+")  # a checkpoint set aside while its step is re-saved
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_FEW = 3  # how many names an error lists before "..."
 
 
 class CheckpointError(NpllamaError):
@@ -492,9 +491,9 @@ def _tensor_problem(found: dict, expected: dict) -> str | None:
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s): {_few(missing)}")
+            parts.append(f"missing {len(missing)} tensor(s): {few(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {few(unexpected)}")
         return " and ".join(parts)
     for name, shape in expected.items():
         if tuple(found[name][0]) != tuple(shape):
@@ -504,14 +503,10 @@ def _tensor_problem(found: dict, expected: dict) -> str | None:
         dtypes.setdefault(dtype, []).append(name)
     for dtype, names in dtypes.items():
         if dtype not in ("float32", "float64"):
-            return f"{_few(names)} {'is' if len(names) == 1 else 'are'} {dtype}; checkpoints hold float32 or float64"
+            return f"{few(names)} {'is' if len(names) == 1 else 'are'} {dtype}; checkpoints hold float32 or float64"
     if len(dtypes) > 1:
-        return "mixed dtypes: " + ", ".join(f"{dtype} ({_few(names)})" for dtype, names in dtypes.items())
+        return "mixed dtypes: " + ", ".join(f"{dtype} ({few(names)})" for dtype, names in dtypes.items())
     return None
-
-
-def _few(names: list) -> str:
-    return ", ".join(names[:_FEW]) + (f", ... ({len(names) - _FEW} more)" if len(names) > _FEW else "")
 
 
 def _step_dirs(run_dir: Path) -> list:

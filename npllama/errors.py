@@ -9,3 +9,10 @@ GenerateError), and the message says what is wrong, where, and how to fix it.
 
 class NpllamaError(ValueError):
     """Bad input to a command, in one line: what, where, how to fix it."""
+
+
+def few(names, shown: int = 3) -> str:
+    """The first `shown` names, then how many more: keeps a one-line message one line."""
+    names = list(names)
+    listed = ", ".join(names[:shown])
+    return listed + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
