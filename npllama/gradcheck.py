@@ -236,7 +236,7 @@ def _check_gradient(op, func, inputs, name, grad, rng, *, n_directions, max_elem
 def check_op(op: str, forward, backward, inputs: dict, wrt: list[str], rng, **kwargs) -> list[CheckResult]:
     """Check every differentiable input of an op.
 
-    `forward(**inputs)` returns (out, cache); `backward(dout, cache)` returns the gradients of
+    `forward(**inputs)` returns (out, cache); `backward(dy, cache)` returns the gradients of
     the inputs named in `wrt`, in that order (a bare array when there is one).
     """
     xp = array_namespace(next(iter(inputs.values())))

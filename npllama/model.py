@@ -12,11 +12,15 @@ A block (Touvron et al. 2023 §2.2):
 
 The model is: tok_embeddings -> n_layers blocks -> rmsnorm -> output (untied) -> logits (B, T, V).
 
+Every op's backward takes exactly the cache its forward returned (npllama/ops); the block never
+opens or builds one, so another attention implementation slots in without a change here.
+
 Selective recompute (paper §2.4): in training a block keeps only the activations that are
-expensive to compute, which are the outputs of its matrix products (q, k, v, h = x + Wo o, a, b),
-its input x, and the attention output o with its logsumexp. Backward recomputes the cheap ones,
-the two RMSNorms, RoPE and SwiGLU, from those, by calling the same forward functions on the same
-inputs, so `recompute=True` and `recompute=False` give bitwise-identical gradients.
+expensive to compute: the outputs of its matrix products (h = x + Wo o, a, b), its input x, and
+attention's cache (rope(q), rope(k), v, the output o and its logsumexp). Backward recomputes the
+cheap ones, the two RMSNorms, SwiGLU and the head merge, by calling the same forward functions on
+the same inputs, so `recompute=True` and `recompute=False` give bitwise-identical gradients. The
+policy is `KEPT_ACTIVATIONS`, `KEPT_CACHES` and `_recompute`, side by side.
 
 Parameters live in a flat dict under Meta's names (`layers.{i}.attention.wq.weight`, ...), with
 linear weights stored [out, in]; npllama/params.py is the table of names, shapes and roles. The
@@ -149,117 +153,130 @@ def _to_attention_layout(x, xp):
     return xp.ascontiguousarray(x.transpose(0, 2, 1, 3))
 
 
-def _norm1(w, saved, config):
-    """n1 = rmsnorm(x): recomputable from the saved block input."""
-    return rmsnorm.forward(saved["x"], w["attention_norm"], config.norm_eps)
+def _merge_heads(x):
+    """(B, H, T, D) -> (B, T, C): the attention layout back to one row of C features per position."""
+    batch, n_heads, seq, head_dim = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch, seq, n_heads * head_dim)
 
 
-def _rotated(saved, config, cos, sin, xp):
-    """rope(q), rope(k) in the attention layout: recomputable from the saved projections."""
-    q_rot, _ = rope.forward(_split_heads(saved["q"], config.n_heads), cos, sin)
-    k_rot, _ = rope.forward(_split_heads(saved["k"], config.n_heads), cos, sin)
-    return _to_attention_layout(q_rot, xp), _to_attention_layout(k_rot, xp)
+@dataclass
+class BlockCache:
+    """What block_backward takes: exactly what block_forward returned.
+
+    `ops` maps each op of the block to the cache its forward returned, by the name of its weight
+    (`wq`, `attention_norm`, ...) or of the op (`rope_q`, `rope_k`, `attention`, `swiglu`).
+    Under selective recompute `ops` holds only the caches in `KEPT_CACHES` and `activations` the
+    arrays in `KEPT_ACTIVATIONS`, from which `_recompute` rebuilds the rest.
+    """
+
+    ops: dict
+    activations: dict | None = None
 
 
-def _norm2(w, saved, config):
-    """n2 = rmsnorm(h): recomputable from the saved residual h."""
-    return rmsnorm.forward(saved["h"], w["ffn_norm"], config.norm_eps)
-
-
-def _gate(saved):
-    """silu(a) * b: recomputable from the saved W1 and W3 outputs."""
-    return swiglu.forward(saved["a"], saved["b"])
-
-
-_CHEAP = ("norm1", "rotated", "norm2", "gate")
+# Selective recompute (paper §2.4), the whole policy. Kept: the block input x, the residual h and
+# the FFN projections a, b (outputs of matrix products), the attention output, and the caches of
+# attention (its inputs, output and row logsumexp, whatever the implementation keeps) and of RoPE
+# (two small tables). Recomputed: the two RMSNorms, SwiGLU and the head merge, which are
+# elementwise and cheap, and with them the inputs of the seven linears.
+KEPT_ACTIVATIONS = ("x", "attn_out", "h", "a", "b")
+KEPT_CACHES = ("rope_q", "rope_k", "attention")
 
 
 def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE, recompute=True, kv=None):
-    """Run one block on x (B, T, C). Return (y, saved) where `saved` is what backward needs.
+    """Run one block on x (B, T, C). Return (y, cache) where `cache` (a BlockCache) is what backward needs.
 
-    With recompute=True, `saved` holds only x, the projections q, k, v, the attention output and
-    its logsumexp, h and the FFN inputs a, b; backward recomputes norms, RoPE and SwiGLU.
+    With recompute=True the cache keeps only what `KEPT_ACTIVATIONS` and `KEPT_CACHES` name.
 
     Decoding passes kv = (keys, values, start): this layer's cache arrays (B, H, max_len, D) and
     the number of positions already in them. The new rotated keys and values are written at
     start .. start + T - 1 and the queries attend over all start + T positions (inference only).
     """
     xp = array_namespace(x)
-    batch, seq, dim = x.shape
-    saved = {"x": x}
-    saved["norm1"] = _norm1(w, saved, config)
-    n1 = saved["norm1"][0]
-    saved["q"], _ = linear.forward(n1, w["wq"])
-    saved["k"], _ = linear.forward(n1, w["wk"])
-    saved["v"], _ = linear.forward(n1, w["wv"])
-    saved["rotated"] = _rotated(saved, config, cos, sin, xp)
-    q_rot, k_rot = saved["rotated"]
-    v_heads = _to_attention_layout(_split_heads(saved["v"], config.n_heads), xp)
+    seq = x.shape[1]
+    ops = {}
+    n1, ops["attention_norm"] = rmsnorm.forward(x, w["attention_norm"], config.norm_eps)
+    q, ops["wq"] = linear.forward(n1, w["wq"])
+    k, ops["wk"] = linear.forward(n1, w["wk"])
+    v, ops["wv"] = linear.forward(n1, w["wv"])
+    q_rot, ops["rope_q"] = rope.forward(_split_heads(q, config.n_heads), cos, sin)
+    k_rot, ops["rope_k"] = rope.forward(_split_heads(k, config.n_heads), cos, sin)
+    q_heads, k_heads = _to_attention_layout(q_rot, xp), _to_attention_layout(k_rot, xp)
+    v_heads = _to_attention_layout(_split_heads(v, config.n_heads), xp)
     if kv is not None:
         keys, values, start = kv
-        keys[:, :, start:start + seq] = k_rot
+        keys[:, :, start:start + seq] = k_heads
         values[:, :, start:start + seq] = v_heads
-        k_rot, v_heads = keys[:, :, :start + seq], values[:, :, :start + seq]
-    attn_out, attn_cache = attention.forward(q_rot, k_rot, v_heads, tile_size)
-    saved["attn_out"], saved["attn_lse"] = attn_out, attn_cache.lse
-    attn_flat = attn_out.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
-    projected, _ = linear.forward(attn_flat, w["wo"])
-    saved["h"] = x + projected
-    saved["norm2"] = _norm2(w, saved, config)
-    n2 = saved["norm2"][0]
-    saved["a"], _ = linear.forward(n2, w["w1"])
-    saved["b"], _ = linear.forward(n2, w["w3"])
-    saved["gate"] = _gate(saved)
-    ffn_out, _ = linear.forward(saved["gate"][0], w["w2"])
-    y = saved["h"] + ffn_out
-    if recompute:
-        for name in _CHEAP:
-            del saved[name]
-    return y, saved
+        k_heads, v_heads = keys[:, :, :start + seq], values[:, :, :start + seq]
+    attn_out, ops["attention"] = attention.forward(q_heads, k_heads, v_heads, tile_size)
+    projected, ops["wo"] = linear.forward(_merge_heads(attn_out), w["wo"])
+    h = x + projected
+    n2, ops["ffn_norm"] = rmsnorm.forward(h, w["ffn_norm"], config.norm_eps)
+    a, ops["w1"] = linear.forward(n2, w["w1"])
+    b, ops["w3"] = linear.forward(n2, w["w3"])
+    gate, ops["swiglu"] = swiglu.forward(a, b)
+    ffn_out, ops["w2"] = linear.forward(gate, w["w2"])
+    y = h + ffn_out
+    if not recompute:
+        return y, BlockCache(ops)
+    activations = {"x": x, "attn_out": attn_out, "h": h, "a": a, "b": b}
+    return y, BlockCache({name: ops[name] for name in KEPT_CACHES},
+                         {name: activations[name] for name in KEPT_ACTIVATIONS})
 
 
-def block_backward(dy, w, saved, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE):
+def _recompute(w, cache, config):
+    """The op caches the forward pass dropped, rebuilt from what it kept.
+
+    The same forwards run on the same inputs, so the gradients are bitwise those of a block that
+    kept everything. The linears' products are not computed again: their outputs were kept (or
+    were only needed to compute what was kept), and their caches need only their inputs.
+    """
+    kept = cache.activations
+    ops = dict(cache.ops)
+    n1, ops["attention_norm"] = rmsnorm.forward(kept["x"], w["attention_norm"], config.norm_eps)
+    for name in ("wq", "wk", "wv"):
+        ops[name] = linear.save_for_backward(n1, w[name])
+    ops["wo"] = linear.save_for_backward(_merge_heads(kept["attn_out"]), w["wo"])
+    n2, ops["ffn_norm"] = rmsnorm.forward(kept["h"], w["ffn_norm"], config.norm_eps)
+    ops["w1"] = linear.save_for_backward(n2, w["w1"])
+    ops["w3"] = linear.save_for_backward(n2, w["w3"])
+    gate, ops["swiglu"] = swiglu.forward(kept["a"], kept["b"])
+    ops["w2"] = linear.save_for_backward(gate, w["w2"])
+    return ops
+
+
+def block_backward(dy, w, cache, config):
     """Given dL/dy (B, T, C), return (dx, grads) with grads keyed by short name, like `layer_weights`."""
     xp = array_namespace(dy)
     batch, seq, dim = dy.shape
-    # recompute what the forward pass chose not to keep (same functions, same inputs)
-    norm1 = saved["norm1"] if "norm1" in saved else _norm1(w, saved, config)
-    q_rot, k_rot = saved["rotated"] if "rotated" in saved else _rotated(saved, config, cos, sin, xp)
-    norm2 = saved["norm2"] if "norm2" in saved else _norm2(w, saved, config)
-    gate = saved["gate"] if "gate" in saved else _gate(saved)
+    ops = cache.ops if cache.activations is None else _recompute(w, cache, config)
     grads = {}
 
     # forward was: y = h + W2 g, g = silu(a) * b
-    dgate, grads["w2"] = linear.backward(dy, (gate[0], w["w2"]))
-    da, db = swiglu.backward(dgate, gate[1])
+    dgate, grads["w2"] = linear.backward(dy, ops["w2"])
+    da, db = swiglu.backward(dgate, ops["swiglu"])
     # forward was: a = W1 n2, b = W3 n2 (n2 feeds both, so its gradients add)
-    dn2, grads["w1"] = linear.backward(da, (norm2[0], w["w1"]))
-    dn2_from_b, grads["w3"] = linear.backward(db, (norm2[0], w["w3"]))
+    dn2, grads["w1"] = linear.backward(da, ops["w1"])
+    dn2_from_b, grads["w3"] = linear.backward(db, ops["w3"])
     dn2 += dn2_from_b
     # forward was: n2 = rmsnorm(h); h also reaches y directly through the residual
-    dh, grads["ffn_norm"] = rmsnorm.backward(dn2, norm2[1])
+    dh, grads["ffn_norm"] = rmsnorm.backward(dn2, ops["ffn_norm"])
     dh += dy
-    # forward was: h = x + Wo o, o in (B, T, C) = attention output (B, H, T, D) with heads merged
-    attn_flat = saved["attn_out"].transpose(0, 2, 1, 3).reshape(batch, seq, dim)
-    dattn_flat, grads["wo"] = linear.backward(dh, (attn_flat, w["wo"]))
+    # forward was: h = x + Wo o, o = the attention output (B, H, T, D) with its heads merged
+    dattn_flat, grads["wo"] = linear.backward(dh, ops["wo"])
     dattn = _to_attention_layout(_split_heads(dattn_flat, config.n_heads), xp)
-    v_heads = _to_attention_layout(_split_heads(saved["v"], config.n_heads), xp)
-    attn_cache = attention.AttentionCache(q_rot, k_rot, v_heads, saved["attn_out"], saved["attn_lse"],
-                                          tile_size, 1.0 / math.sqrt(config.head_dim))
-    dq_rot, dk_rot, dv = attention.backward(dattn, attn_cache)
-    # forward was: q_rot = rope(q), k_rot = rope(k), in (B, T, H, D) before the layout change
-    dq = rope.backward(dq_rot.transpose(0, 2, 1, 3), (cos, sin)).reshape(batch, seq, dim)
-    dk = rope.backward(dk_rot.transpose(0, 2, 1, 3), (cos, sin)).reshape(batch, seq, dim)
-    dv = dv.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
+    dq_heads, dk_heads, dv_heads = attention.backward(dattn, ops["attention"])
+    # forward was: q_heads = rope(q), k_heads = rope(k), in (B, T, H, D) before the layout change
+    dq = rope.backward(dq_heads.transpose(0, 2, 1, 3), ops["rope_q"]).reshape(batch, seq, dim)
+    dk = rope.backward(dk_heads.transpose(0, 2, 1, 3), ops["rope_k"]).reshape(batch, seq, dim)
+    dv = dv_heads.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
     # forward was: q, k, v = Wq n1, Wk n1, Wv n1
-    n1 = norm1[0]
-    dn1, grads["wq"] = linear.backward(dq, (n1, w["wq"]))
-    dn1_k, grads["wk"] = linear.backward(dk, (n1, w["wk"]))
-    dn1_v, grads["wv"] = linear.backward(dv, (n1, w["wv"]))
-    dn1 += dn1_k
-    dn1 += dn1_v
+    dn1, grads["wq"] = linear.backward(dq, ops["wq"])
+    dn1_from_k, grads["wk"] = linear.backward(dk, ops["wk"])
+    dn1_from_v, grads["wv"] = linear.backward(dv, ops["wv"])
+    dn1 += dn1_from_k
+    dn1 += dn1_from_v
     # forward was: n1 = rmsnorm(x); x also reaches h directly through the residual
-    dx, grads["attention_norm"] = rmsnorm.backward(dn1, norm1[1])
+    dx, grads["attention_norm"] = rmsnorm.backward(dn1, ops["attention_norm"])
     dx += dh
     return dx, grads
 
@@ -355,24 +372,23 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
     cos, sin = rope_tables(config, tokens.shape[1], dtype, xp)
 
     h, emb_cache = embedding.forward(tokens, params[TOK_EMBEDDINGS])
-    saved_blocks = []
+    block_caches = []
     for i in range(config.n_layers):
-        h, saved = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute)
-        saved_blocks.append(saved)
+        h, block_cache = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute)
+        block_caches.append(block_cache)
     normed, norm_cache = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
-    logits, _ = linear.forward(normed, params[OUTPUT_HEAD])
+    logits, head_cache = linear.forward(normed, params[OUTPUT_HEAD])
     value, ce_cache = cross_entropy.forward(logits, targets, ignore_index)
     del logits  # the cache keeps exp(z - max) instead, and backward turns that buffer into dlogits
 
     grads = {}
     dlogits = cross_entropy.backward(1.0, ce_cache)
     del ce_cache
-    dnormed, grads[OUTPUT_HEAD] = linear.backward(dlogits, (normed, params[OUTPUT_HEAD]))
+    dnormed, grads[OUTPUT_HEAD] = linear.backward(dlogits, head_cache)
     del dlogits
     dh, grads[FINAL_NORM] = rmsnorm.backward(dnormed, norm_cache)
     for i in reversed(range(config.n_layers)):
-        w = layer_weights(params, i)
-        dh, layer_grads = block_backward(dh, w, saved_blocks.pop(), cos, sin, config, tile_size)
+        dh, layer_grads = block_backward(dh, layer_weights(params, i), block_caches.pop(), config)
         for short, grad in layer_grads.items():
             grads[layer_name(i, short)] = grad
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)

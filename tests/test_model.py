@@ -92,10 +92,37 @@ def test_recompute_keeps_only_the_expensive_activations():
     params = model.init_params(config)
     x = rng_from(0).standard_normal((2, 8, config.dim)).astype(numpy.float32)
     cos, sin = model.rope_tables(config, 8, numpy.float32, numpy)
-    _, kept = model.block_forward(params_table.layer_weights(params, 0), x, cos, sin, config, recompute=True)
-    assert set(kept) == {"x", "q", "k", "v", "attn_out", "attn_lse", "h", "a", "b"}
-    _, everything = model.block_forward(params_table.layer_weights(params, 0), x, cos, sin, config, recompute=False)
-    assert set(everything) > set(kept)
+    weights = params_table.layer_weights(params, 0)
+    _, kept = model.block_forward(weights, x, cos, sin, config, recompute=True)
+    assert set(kept.activations) == {"x", "attn_out", "h", "a", "b"}
+    assert set(kept.ops) == {"rope_q", "rope_k", "attention"}
+    _, everything = model.block_forward(weights, x, cos, sin, config, recompute=False)
+    assert everything.activations is None and set(everything.ops) > set(kept.ops)
+    # (B, T, C)-sized arrays kept: x, attn_out, h and attention's q, k, v; (B, T, F): a, b.
+    # The recomputed RMSNorms, SwiGLU and the linears' inputs would add three of each more.
+    kept_bytes = sum(array.nbytes for array in distinct_arrays(kept))
+    activation = x.nbytes
+    ffn_activation = activation * config.ffn_dim // config.dim
+    lse_bytes = 2 * config.n_heads * 8 * 4
+    assert kept_bytes == 6 * activation + 2 * ffn_activation + lse_bytes + cos.nbytes + sin.nbytes
+
+
+def distinct_arrays(block_cache):
+    """Every array a BlockCache holds, each counted once however many caches share it."""
+    import dataclasses
+
+    found = {}
+    pending = [block_cache]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, numpy.ndarray):
+            root = item if item.base is None else item.base
+            found[id(root)] = root
+        elif dataclasses.is_dataclass(item):
+            pending.extend(getattr(item, field.name) for field in dataclasses.fields(item))
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return list(found.values())
 
 
 @given(config=small_model_configs(), seq=st.integers(2, 12), position=st.integers(0, 10), seed=seeds)

@@ -37,7 +37,7 @@ def test_tiled_attention_equals_naive_softmax_attention_for_every_tile_size(prob
     for tile_size in range(1, seq + 2):
         out, cache = attention.forward(q, k, v, tile_size, scale=softmax_scale)
         assert_close(out, expected_out, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
-        assert_close(cache[4], expected_lse, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+        assert_close(cache.lse, expected_lse, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
 
 
 @given(problem=attention_problems(), softmax_scale=softmax_scales, seed=seeds)
@@ -86,7 +86,7 @@ def test_attention_keeps_float32_in_float32():
     rng = rng_from(0)
     q, k, v = (rng.standard_normal((1, 2, 5, 4)).astype(numpy.float32) for _ in range(3))
     out, cache = attention.forward(q, k, v, 2)
-    assert out.dtype == numpy.float32 and cache[4].dtype == numpy.float32
+    assert out.dtype == numpy.float32 and cache.lse.dtype == numpy.float32
     assert all(g.dtype == numpy.float32 for g in attention.backward(out, cache))
 
 

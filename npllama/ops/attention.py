@@ -25,14 +25,15 @@ Derivation: reference/derivations.md#attention
 """
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from ..backend import array_namespace, compute_dtype
 
 DEFAULT_TILE_SIZE = 128
 
 
-class AttentionCache(NamedTuple):
+@dataclass(frozen=True)
+class AttentionCache:
     """What backward needs: the inputs, O and the row logsumexp L, and how forward tiled and scaled."""
 
     q: object
@@ -92,19 +93,20 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
     return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
 
 
-def backward(dout, cache):
-    """Return (dq, dk, dv), recomputing P = exp(S - L) one tile pair at a time."""
-    q, k, v, out, lse, tile_size, scale = cache
-    xp = array_namespace(dout)
+def backward(dy, cache):
+    """Return (dq, dk, dv) given dy = dO, recomputing P = exp(S - L) one tile pair at a time."""
+    q, k, v, out, lse = cache.q, cache.k, cache.v, cache.out, cache.lse
+    tile_size, scale = cache.tile_size, cache.scale
+    xp = array_namespace(dy)
     batch, n_heads, n_queries, head_dim = q.shape
     n_keys = k.shape[2]
     offset = n_keys - n_queries
     ct = compute_dtype(xp, q.dtype)
 
-    dout_c = dout.astype(ct, copy=False)
+    dy_c = dy.astype(ct, copy=False)
     # Dvec_i = sum_d dO[i, d] * O[i, d] = sum_j P[i, j] dP[i, j]: the softmax Jacobian's
     # projection term, computed once from O instead of from the T x T P and dP.
-    dvec = (dout_c * out.astype(ct, copy=False)).sum(axis=-1)
+    dvec = (dy_c * out.astype(ct, copy=False)).sum(axis=-1)
     q_scaled = q.astype(ct, copy=False) * scale
     dq = xp.zeros(q.shape, dtype=ct)
     dk = xp.empty(k.shape, dtype=ct)
@@ -119,15 +121,15 @@ def backward(dout, cache):
         for q0 in range((first_query // tile_size) * tile_size, n_queries, tile_size):
             q1 = min(q0 + tile_size, n_queries)
             q_tile = q_scaled[:, :, q0:q1]
-            dout_tile = dout_c[:, :, q0:q1]
+            dy_tile = dy_c[:, :, q0:q1]
             # forward was: S = s Q K^T (masked), P = exp(S - L)
             scores = q_tile @ k_tile.swapaxes(-1, -2)
             if k1 - 1 > offset + q0:  # mask before exp: a future score may exceed L by any amount
                 scores = xp.where(_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0), -xp.inf, scores)
             probs = xp.exp(scores - lse[:, :, q0:q1, None])
             # forward was: O = P V, so dV = P^T dO and dP = dO V^T
-            dv_tile += probs.swapaxes(-1, -2) @ dout_tile
-            dprobs = dout_tile @ v_tile.swapaxes(-1, -2)
+            dv_tile += probs.swapaxes(-1, -2) @ dy_tile
+            dprobs = dy_tile @ v_tile.swapaxes(-1, -2)
             # forward was: P = softmax(S) per row, so dS = P * (dP - rowsum(P * dP)) = P * (dP - Dvec)
             dscores = probs * (dprobs - dvec[:, :, q0:q1, None])
             # forward was: S = (s Q) K^T, so dQ = s dS K and dK = dS^T (s Q)

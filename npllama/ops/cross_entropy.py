@@ -1,13 +1,14 @@
 """Cross-entropy of logits against target ids: fused log-softmax and mean negative log-likelihood.
 
 Forward:   m_n = max_v z[n, v],   e[n, v] = exp(z[n, v] - m_n),   sum_v e[n, v] = 1 + rest_n
-           loss  = (1/N') sum over counted rows n of (lse_n - z[n, y_n]),   lse_n = m_n + log(1 + rest_n)
-                 = (1/N') sum over counted rows n of ((m_n - z[n, y_n]) + log1p(rest_n))
-           where a row is counted unless y_n == ignore_index, and N' is the number counted.
-Backward:  dz[n, v] = dloss / N' * (softmax(z)[n, v] - [v == y_n])   for counted rows, 0 otherwise
-           with softmax(z)[n, v] = e[n, v] / (1 + rest_n), and at v = y_n = argmax
+           loss  = (1/N') sum over counted rows n of (lse_n - z[n, t_n]),   lse_n = m_n + log(1 + rest_n)
+                 = (1/N') sum over counted rows n of ((m_n - z[n, t_n]) + log1p(rest_n))
+           where a row is counted unless t_n == ignore_index, and N' is the number counted.
+Backward:  dz[n, v] = dy / N' * (softmax(z)[n, v] - [v == t_n])   for counted rows, 0 otherwise
+           with softmax(z)[n, v] = e[n, v] / (1 + rest_n), and at v = t_n = argmax
            softmax - 1 = -rest_n / (1 + rest_n) (no cancellation)
-Shapes:    logits z (..., V) flattened to (N, V), N = B*T; targets (...,) integers; loss a scalar.
+Shapes:    logits z (..., V) flattened to (N, V), N = B*T; targets t (...,) integers; loss a scalar;
+           dy = dL/dloss, the incoming gradient, a scalar.
 
 Subtracting the row maximum keeps exp() in [0, 1], so logits of magnitude 1e4 (or 1e30) give
 the exact loss rather than inf or nan; keeping the max's own term apart (log1p(rest)) keeps a
@@ -21,23 +22,24 @@ of padding cannot poison a run.
 Derivation: reference/derivations.md#cross-entropy
 """
 
+from dataclasses import dataclass
+
 from ..backend import array_namespace, compute_dtype
 
 
+@dataclass
 class CrossEntropyCache:
-    """exp(z - m) (the buffer backward turns into dz) and the per-row statistics."""
+    """exp(z - m), the buffer backward turns into dz (None once backward has taken it), and the
+    per-row statistics. The one op cache that is not frozen, because backward consumes it."""
 
-    def __init__(self, exps, shape, dtype, safe_targets, counted, n_counted, argmax, rest):
-        self.exps, self.shape, self.dtype = exps, shape, dtype
-        self.safe_targets, self.counted, self.n_counted = safe_targets, counted, n_counted
-        self.argmax, self.rest = argmax, rest
-
-    def take_exps(self):
-        """Hand over the exp buffer, once: backward writes the gradient into it."""
-        if self.exps is None:
-            raise RuntimeError("cross_entropy.backward reuses its cache's buffer and can run once per forward")
-        exps, self.exps = self.exps, None
-        return exps
+    exps: object
+    shape: tuple
+    dtype: object
+    safe_targets: object
+    counted: object
+    n_counted: int
+    argmax: object
+    rest: object
 
 
 def forward(logits, targets, ignore_index=-100):
@@ -45,15 +47,15 @@ def forward(logits, targets, ignore_index=-100):
     xp = array_namespace(logits)
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)
-    y = targets.reshape(-1)
-    if y.shape[0] != z.shape[0]:
-        raise ValueError(f"cross_entropy: {z.shape[0]} rows of logits but {y.shape[0]} targets")
+    t = targets.reshape(-1)
+    if t.shape[0] != z.shape[0]:
+        raise ValueError(f"cross_entropy: {z.shape[0]} rows of logits but {t.shape[0]} targets")
     ct = compute_dtype(xp, logits.dtype)
-    counted = y != ignore_index
+    counted = t != ignore_index
     n_counted = int(counted.sum())
-    if bool((((y < 0) | (y >= vocab)) & counted).any()):
+    if bool((((t < 0) | (t >= vocab)) & counted).any()):
         raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index {ignore_index}")
-    safe_targets = xp.where(counted, y, 0)
+    safe_targets = xp.where(counted, t, 0)
 
     rows = xp.arange(z.shape[0])
     argmax = z.argmax(axis=-1)
@@ -64,7 +66,7 @@ def forward(logits, targets, ignore_index=-100):
     exps[rows, argmax] = 0.0  # the max's own term, exp(0) = 1, is added back through log1p
     rest = exps.sum(axis=-1)
     exps[rows, argmax] = 1.0
-    # lse - z[y] = (m - z[y]) + log1p(rest): the large parts cancel exactly before the small ones
+    # lse - z[t] = (m - z[t]) + log1p(rest): the large parts cancel exactly before the small ones
     # are added, so a confident prediction keeps its tiny loss even when |z| is 1e4 in float32
     nll = xp.where(counted, (row_max - target_logits) + xp.log1p(rest), 0.0)
     loss = nll.sum() / max(n_counted, 1)
@@ -72,19 +74,21 @@ def forward(logits, targets, ignore_index=-100):
                                    rest)
 
 
-def backward(dloss, cache):
-    """Return dlogits, written into the cache's exp buffer (so call it once per forward)."""
-    dlogits = cache.take_exps()
+def backward(dy, cache):
+    """Return dlogits given dy = dL/dloss, written into the cache's exp buffer (so call it once per forward)."""
+    if cache.exps is None:
+        raise RuntimeError("cross_entropy.backward reuses its cache's buffer and can run once per forward")
+    dlogits, cache.exps = cache.exps, None
     xp = array_namespace(dlogits)
     rows = xp.arange(dlogits.shape[0])
     targets, rest = cache.safe_targets, cache.rest
-    # forward was: loss = (1/N') sum_n (lse_n - z[n, y_n]), with d lse_n / d z[n, v] = softmax(z)[n, v]
-    # so dz[n, v] = dloss / N' * (e[n, v] / (1 + rest_n) - [v == y_n]) on counted rows.
+    # forward was: loss = (1/N') sum_n (lse_n - z[n, t_n]), with d lse_n / d z[n, v] = softmax(z)[n, v]
+    # so dz[n, v] = dy / N' * (e[n, v] / (1 + rest_n) - [v == t_n]) on counted rows.
     # softmax is taken as e / (1 + rest) rather than exp(z - lse): lse = m + log(1 + rest) would
     # round log(1 + rest) away next to a large m, and the probabilities with it.
-    row_scale = cache.counted.astype(dlogits.dtype) * (dloss / max(cache.n_counted, 1))
+    row_scale = cache.counted.astype(dlogits.dtype) * (dy / max(cache.n_counted, 1))
     dlogits *= (row_scale / (1.0 + rest))[:, None]
-    # the target entry, p_y - 1: when y is the argmax, p_y = 1 / (1 + rest), and 1/(1 + rest) - 1
+    # the target entry, p_t - 1: when t is the argmax, p_t = 1 / (1 + rest), and 1/(1 + rest) - 1
     # would cancel to 0 in float32 for a confident row; -rest / (1 + rest) is the same, exactly
     target_grad = xp.where(targets == cache.argmax, -rest * row_scale / (1.0 + rest),
                            dlogits[rows, targets] - row_scale)

@@ -1,29 +1,38 @@
 """Token embedding: a row gather.
 
-Forward:   out[b, t, :] = weight[ids[b, t], :]
-Backward:  dweight[v, :] = sum over every (b, t) with ids[b, t] == v of dout[b, t, :]
+Forward:   y[b, t, :] = weight[ids[b, t], :]
+Backward:  dweight[v, :] = sum over every (b, t) with ids[b, t] == v of dy[b, t, :]
            (a scatter-add: a token id that occurs several times collects every one of its rows)
-Shapes:    ids (B, T) integers in [0, V); weight (V, C); out and dout (B, T, C).
+Shapes:    ids (B, T) integers in [0, V); weight (V, C); y and dy (B, T, C).
 Derivation: reference/derivations.md#embedding
 """
+
+from dataclasses import dataclass
 
 from ..backend import array_namespace
 
 
+@dataclass(frozen=True)
+class EmbeddingCache:
+    """What backward needs: the ids and the weight's shape (not the weight itself)."""
+
+    ids: object
+    weight_shape: tuple
+
+
 def forward(ids, weight):
-    """Gather the rows of `weight` named by `ids`. Returns (out, cache)."""
-    out = weight[ids]
-    return out, (ids, weight.shape)
+    """Gather the rows of `weight` named by `ids`. Returns (y, cache)."""
+    y = weight[ids]
+    return y, EmbeddingCache(ids, weight.shape)
 
 
-def backward(dout, cache):
+def backward(dy, cache):
     """Return dweight. `ids` are integers and have no gradient."""
-    ids, weight_shape = cache
-    xp = array_namespace(dout)
-    dim = weight_shape[-1]
-    # forward was: out[b, t] = weight[ids[b, t]]
+    xp = array_namespace(dy)
+    dim = cache.weight_shape[-1]
+    # forward was: y[b, t] = weight[ids[b, t]]
     # so every position routes its gradient to the row it read; repeated ids must add up, which a
-    # plain `dweight[ids] = dout` would not do (the last write would win). ufunc.at is unbuffered.
-    dweight = xp.zeros(weight_shape, dtype=dout.dtype)
-    xp.add.at(dweight, ids.reshape(-1), dout.reshape(-1, dim))
+    # plain `dweight[ids] = dy` would not do (the last write would win). ufunc.at is unbuffered.
+    dweight = xp.zeros(cache.weight_shape, dtype=dy.dtype)
+    xp.add.at(dweight, cache.ids.reshape(-1), dy.reshape(-1, dim))
     return dweight

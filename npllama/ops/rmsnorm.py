@@ -10,7 +10,18 @@ Shapes:    x, y (..., C); g (C,); r (..., 1).
 Derivation: reference/derivations.md#rmsnorm
 """
 
+from dataclasses import dataclass
+
 from ..backend import array_namespace, compute_dtype
+
+
+@dataclass(frozen=True)
+class RMSNormCache:
+    """What backward needs: the normalised input, the gain and the per-row 1/rms."""
+
+    xhat: object
+    weight: object
+    rstd: object
 
 
 def forward(x, weight, eps=1e-6):
@@ -20,7 +31,7 @@ def forward(x, weight, eps=1e-6):
     rstd = 1.0 / xp.sqrt(xp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     xhat = (xf * rstd).astype(x.dtype, copy=False)
     y = xhat * weight
-    return y, (xhat, weight, rstd)
+    return y, RMSNormCache(xhat, weight, rstd)
 
 
 def backward(dy, cache):
@@ -29,7 +40,7 @@ def backward(dy, cache):
     In float16 the products dy * g and dxhat * xhat overflow (65504) long before dx does, since
     dx carries the factor r = 1/rms(x); so every product and sum runs in the compute dtype.
     """
-    xhat, weight, rstd = cache
+    xhat, weight, rstd = cache.xhat, cache.weight, cache.rstd
     xp = array_namespace(dy)
     dim = xhat.shape[-1]
     ct = compute_dtype(xp, dy.dtype)

@@ -14,7 +14,17 @@ checkpoints (convert.py) instead of supporting both here.
 Derivation: reference/derivations.md#rope
 """
 
+from dataclasses import dataclass
+
 from ..backend import array_namespace
+
+
+@dataclass(frozen=True)
+class RopeCache:
+    """What backward needs: the angles' cos and sin tables (T, D/2)."""
+
+    cos: object
+    sin: object
 
 
 def frequencies(head_dim, positions, theta=10000.0, dtype=None, xp=None):
@@ -46,12 +56,11 @@ def _rotate(x, cos, sin):
 
 def forward(x, cos, sin):
     """Return (y, cache): x rotated pairwise by the angles of its positions."""
-    return _rotate(x, cos, sin), (cos, sin)
+    return _rotate(x, cos, sin), RopeCache(cos, sin)
 
 
 def backward(dy, cache):
     """Return dx: dy rotated back (the transpose of a rotation is its inverse)."""
-    cos, sin = cache
     # forward was: y = R(angle) x, with R = [[cos, -sin], [sin, cos]] on each pair
     # so dx = R(angle)^T dy = R(-angle) dy: same cos, negated sin
-    return _rotate(dy, cos, -sin)
+    return _rotate(dy, cache.cos, -cache.sin)

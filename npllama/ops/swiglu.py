@@ -7,7 +7,18 @@ Shapes:    a, b, y (..., F), F the FFN width; a = W1 x and b = W3 x in the Llama
 Derivation: reference/derivations.md#swiglu
 """
 
+from dataclasses import dataclass
+
 from ..backend import array_namespace
+
+
+@dataclass(frozen=True)
+class SwiGLUCache:
+    """What backward needs: both inputs and sigmoid(a)."""
+
+    a: object
+    b: object
+    sigmoid: object
 
 
 def _sigmoid(xp, a):
@@ -30,12 +41,12 @@ def forward(a, b):
     """Return (y, cache)."""
     xp = array_namespace(a)
     sig = _sigmoid(xp, a)
-    return a * sig * b, (a, b, sig)
+    return a * sig * b, SwiGLUCache(a, b, sig)
 
 
 def backward(dy, cache):
     """Return (da, db)."""
-    a, b, sig = cache
+    a, b, sig = cache.a, cache.b, cache.sigmoid
     # forward was: y = a * s * b, s = sigmoid(a), ds/da = s * (1 - s)
     # so dy/db = a * s  and  dy/da = b * (s + a * s * (1 - s)) = b * s * (1 + a * (1 - s))
     db = dy * a * sig
