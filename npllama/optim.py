@@ -34,21 +34,24 @@ class AdamWConfig:
 
 @dataclass(frozen=True)
 class CosineSchedule:
-    """Linear warmup from peak/warmup to peak, then a half cosine down to final_ratio * peak."""
+    """Linear warmup from lr/warmup to the peak `lr`, then a half cosine down to min_lr_ratio * lr at `steps`.
 
-    peak_lr: float
-    total_steps: int
-    warmup_steps: int = 2000
-    final_ratio: float = 0.1
+    The fields are named as the training flags that set them (--lr, --steps, --warmup, --min-lr-ratio).
+    """
+
+    lr: float
+    steps: int
+    warmup: int = 2000
+    min_lr_ratio: float = 0.1
 
     def __call__(self, step: int) -> float:
         """Learning rate for step `step` (0-based)."""
-        if step < self.warmup_steps:
-            return self.peak_lr * (step + 1) / self.warmup_steps
-        final_lr = self.final_ratio * self.peak_lr
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = min(max((step - self.warmup_steps) / decay_steps, 0.0), 1.0)
-        return final_lr + 0.5 * (self.peak_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        final_lr = self.min_lr_ratio * self.lr
+        decay_steps = max(self.steps - self.warmup, 1)
+        progress = min(max((step - self.warmup) / decay_steps, 0.0), 1.0)
+        return final_lr + 0.5 * (self.lr - final_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Train a Llama-1 model from raw text: `python -m npllama.train`.
+"""Train a Llama-1 model from raw text: `python -m npllama.train`, or `train(TrainConfig(...))`.
 
 With no arguments it trains the `tiny` preset (dim 128, 4 layers, 4 heads, 1.9M parameters) on
 the built-in corpus (the Python standard library's source files, found on this machine) with a
@@ -15,19 +15,19 @@ one AdamW step at the learning rate of a cosine schedule with linear warmup. Out
     latest             the name of the newest complete checkpoint
 
 `--resume` continues a run exactly: the resumed steps give bitwise the parameters an
-uninterrupted run would have given (on the CPU, same machine).
+uninterrupted run would have given (on the CPU, same machine). The settings are
+npllama/train_config.py's `TrainConfig`, which also makes the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -36,131 +36,53 @@ from . import checkpoint as ckpt
 from . import data as corpus
 from . import model as llama
 from . import optim
-from .backend import BACKENDS, get_backend
+from .backend import get_backend
 from .errors import NpllamaError
 from .files import write_atomically
 from .tokenizer import Tokenizer, train_tokenizer
+from .train_config import TrainConfig, TrainError, default_cache_dir, from_command_line, saved_settings
+
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "main"]
 
 
-class TrainError(NpllamaError):
-    """A problem with the run's settings or state, stated in one line."""
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run leaves: its folder, its newest checkpoint and final validation loss, the sample."""
+
+    out: Path
+    checkpoint: Path
+    step: int
+    val_loss: float
+    sample: str | None
 
 
 @dataclass
-class TrainSettings:
-    """Everything that determines a run's numbers (saved in each checkpoint's state.json)."""
+class Run:
+    """What stays fixed while a run trains: its settings, model, data and where it writes."""
 
-    preset: str
-    vocab_size: int
-    steps: int
-    batch_size: int
-    seq_len: int
-    lr: float
-    warmup: int
-    min_lr_ratio: float
-    weight_decay: float
-    grad_clip: float
-    grad_accum: int
-    seed: int
-    dtype: str
+    config: TrainConfig
+    model_config: llama.LlamaConfig
+    out: Path
+    tokenizer: Tokenizer
+    data_id: str
+    val_batches: list
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("NPLLAMA_CACHE"):
-        return Path(os.environ["NPLLAMA_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "npllama"
+@dataclass
+class RunState:
+    """What each step changes: the weights, AdamW's moments, the sampler's position, the step count,
+    and the newest checkpoint as (path, step)."""
 
-
-class _DefaultsFormatter(argparse.HelpFormatter):
-    """Append "(default: X)" to a flag's help unless the help already says or X is None/False."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return text + " (default: %(default)s)"
-
-
-def _parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m npllama.train",
-        description="Train a Llama-1 model with hand-written backward passes. With no arguments: the 'tiny' "
-                    "preset on the Python standard library's source files, about 10 minutes on 2 CPU cores.",
-        formatter_class=_DefaultsFormatter)
-    parser.add_argument("--backend", default="numpy",
-                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")
-    parser.add_argument("--preset", default="tiny", help=f"model shape: {', '.join(llama.PRESETS)}")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="override the preset's vocabulary size (the tokenizer is trained to match)")
-    parser.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                        help="text files, folders or globs (default: the Python standard library's *.py files). "
-                             "Files found in folders/globs that are not UTF-8 are skipped and counted; "
-                             "a file named directly that is not UTF-8 is an error")
-    parser.add_argument("--tokenizer", default=None, metavar="FILE",
-                        help="a SentencePiece tokenizer.model (default: train one on the data, cached)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="output folder (default: runs/<preset>-<date>-<time>)")
-    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                        help="continue the run in --out from its latest checkpoint, or from the checkpoint "
-                             "given (which must belong to --out's run, or --out must be new); the other flags "
-                             "must match the run's, except --steps (a longer run stretches the schedule)")
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps in total")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="warmup steps (default: 10%% of --steps; the paper used 2000)")
-    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (paper: 0.1)")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (paper: 0.1)")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (paper: 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and batch sampling")
-    parser.add_argument("--eval-every", type=int, default=100, help="validation every N steps (0: only at the end)")
-    parser.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")
-    parser.add_argument("--checkpoint-every", type=int, default=200,
-                        help="checkpoint every N steps and at the end, with a validation loss; weights that "
-                             "diverged (non-finite) are never saved")
-    parser.add_argument("--keep-checkpoints", type=int, default=2,
-                        help="how many of the newest checkpoints to keep (0: all)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="parameter dtype")
-    parser.add_argument("--cache-dir", default=None, help=f"tokenizer and token cache (default: {default_cache_dir()})")
-    parser.add_argument("--sample-tokens", type=int, default=80, help="tokens to generate at the end (0: none)")
-    parser.add_argument("--sample-prompt", default=None,
-                        help="prompt of the final sample (default: 'def ' on the built-in corpus, else empty)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to the log)")
-    return parser
-
-
-def _settings_from_args(args, config) -> TrainSettings:
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
-    return TrainSettings(preset=args.preset, vocab_size=config.vocab_size, steps=args.steps,
-                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=warmup,
-                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                         grad_accum=args.grad_accum, seed=args.seed, dtype=args.dtype)
-
-
-def _validate_args(args):
-    checks = [
-        (args.steps >= 1, "--steps must be at least 1"),
-        (args.batch_size >= 1, "--batch-size must be at least 1"),
-        (args.seq_len >= 1, "--seq-len must be at least 1"),
-        (args.grad_accum >= 1, "--grad-accum must be at least 1"),
-        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a positive number"),
-        (args.warmup is None or args.warmup >= 0, "--warmup must be >= 0"),
-        (0 <= args.min_lr_ratio <= 1, "--min-lr-ratio must lie in [0, 1]"),
-        (args.eval_every >= 0 and args.eval_batches >= 1, "--eval-every must be >= 0 and --eval-batches >= 1"),
-        (args.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-        (args.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
-        (args.grad_clip >= 0 and math.isfinite(args.grad_clip), "--grad-clip must be >= 0 (0: no clipping)"),
-        (args.weight_decay >= 0 and math.isfinite(args.weight_decay), "--weight-decay must be >= 0"),
-        (args.sample_tokens >= 0, "--sample-tokens must be >= 0"),
-        (args.vocab_size is None or args.vocab_size >= 259, "--vocab-size must be at least 259 "
-                                                            "(256 byte pieces + unk, bos, eos)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise TrainError(message)
+    params: dict
+    opt_state: optim.AdamWState
+    sampler: corpus.BatchSampler
+    step: int
+    last_checkpoint: tuple | None = None
+    val_loss: float = math.nan
 
 
 def _check_writable(folder: Path, flag: str):
@@ -186,9 +108,10 @@ def _check_memory(config, dtype: str):
                          "choose a smaller --preset")
 
 
-def _load_tokenizer(args, settings, documents, cache_dir: Path, resumed, log) -> Tokenizer:
-    if args.tokenizer:
-        tokenizer = Tokenizer.load(args.tokenizer)
+def _load_tokenizer(config: TrainConfig, vocab_size: int, documents, cache_dir: Path, resumed, log) -> Tokenizer:
+    """--tokenizer, else the resumed checkpoint's, else one trained on the data (cached by recipe)."""
+    if config.tokenizer:
+        tokenizer = Tokenizer.load(config.tokenizer)
     elif resumed is not None and resumed.tokenizer_model is not None:
         tokenizer = Tokenizer.from_bytes(resumed.tokenizer_model)
     else:
@@ -197,24 +120,24 @@ def _load_tokenizer(args, settings, documents, cache_dir: Path, resumed, log) ->
 
         from .tokenizer import DEFAULT_MAX_SENTENCES, LLAMA_TRAINING_OPTIONS
 
-        recipe = {"vocab": settings.vocab_size, "sources": signature, "options": LLAMA_TRAINING_OPTIONS,
+        recipe = {"vocab": vocab_size, "sources": signature, "options": LLAMA_TRAINING_OPTIONS,
                   "max_sentences": DEFAULT_MAX_SENTENCES, "seed": 0, "sentencepiece": sentencepiece.__version__}
         key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = cache_dir / "tokenizers" / f"bpe-{settings.vocab_size}-{key}.model"
+        path = cache_dir / "tokenizers" / f"bpe-{vocab_size}-{key}.model"
         if path.is_file():
             tokenizer = Tokenizer.load(path)
             log(f"tokenizer: {path} (cached, {tokenizer.vocab_size} pieces)")
         else:
-            log(f"training a {settings.vocab_size}-piece BPE tokenizer on {len(documents)} files ...")
+            log(f"training a {vocab_size}-piece BPE tokenizer on {len(documents)} files ...")
             started = time.time()
             # skipped files are reported once, by the tokenisation below
             texts = (text for _, text in corpus.read_documents(documents, warn=lambda message: None))
-            tokenizer = train_tokenizer(texts, settings.vocab_size)
+            tokenizer = train_tokenizer(texts, vocab_size)
             tokenizer.save(path)
             log(f"tokenizer: {path} ({time.time() - started:.0f} s)")
-    if tokenizer.vocab_size != settings.vocab_size:
+    if tokenizer.vocab_size != vocab_size:
         raise TrainError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
-                         f"{settings.vocab_size}; pass --vocab-size {tokenizer.vocab_size} or a matching --tokenizer")
+                         f"{vocab_size}; pass --vocab-size {tokenizer.vocab_size} or a matching --tokenizer")
     return tokenizer
 
 
@@ -249,184 +172,232 @@ def _plot(metrics_path: Path, out_path: Path, log):
     plt.close(fig)
 
 
-def train(args, log=None) -> int:
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    _validate_args(args)
-    get_backend(args.backend)  # a backend that is unknown or not available stops here, in one line
-    if args.preset not in llama.PRESETS:
-        raise TrainError(f"--preset {args.preset}: unknown preset; choose one of {', '.join(llama.PRESETS)}")
-    config = llama.get_preset(args.preset)
-    if args.vocab_size is not None:
-        config = llama.LlamaConfig(**{**config.to_dict(), "vocab_size": args.vocab_size})
-    if args.seq_len > config.max_seq_len:
-        raise TrainError(f"--seq-len {args.seq_len} exceeds the {args.preset} model's maximum context of "
-                         f"{config.max_seq_len}; pass --seq-len {config.max_seq_len} or less")
-    _check_memory(config, args.dtype)
-    if args.resume == "" and args.out is None:
-        raise TrainError("--resume without a checkpoint continues the run in --out; pass --out RUN_DIR")
-    out = Path(args.out) if args.out else Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+def train(config: TrainConfig, log=None) -> TrainResult:
+    """Run the training `config` describes; `log` gets the progress notes (default: stderr).
 
-    out_had_run = out.is_dir() and ckpt.find_latest(out) is not None
-    resumed = None
-    if args.resume is not None:
-        if args.resume == "" and not out_had_run:
-            raise TrainError(f"--resume: {out} holds no checkpoint to resume; pass --resume CHECKPOINT_DIR")
-        resumed = ckpt.load_checkpoint(Path(args.resume) if args.resume else out, expected_config=config)
-        if out_had_run and resumed.path.parent.resolve() != out.resolve():
-            raise TrainError(f"--out {out} already holds another run; to continue {resumed.path} pass "
-                             f"--out {resumed.path.parent}, or choose a new --out")
-    elif out_had_run:
-        raise TrainError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    Bad settings, data or checkpoints raise a TrainError (or another NpllamaError) in one line,
+    before anything is written where possible; a run that fails before writing leaves no folder.
+    """
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    get_backend(config.backend)  # a backend that is unknown or not available stops here, in one line
+    model_config = _model_config(config)
+    _check_memory(model_config, config.dtype)
+    out = _output_folder(config)
+    resumed = _checkpoint_to_resume(config, model_config, out)
     created_out = not out.exists()
     _check_writable(out, "--out")
     try:
-        return _train_into(args, log, config, out, cache_dir, resumed)
+        return _train_into(config, model_config, out, resumed, log)
     except BaseException:
         if created_out and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
         raise
 
 
-def _train_into(args, log, config, out: Path, cache_dir: Path, resumed) -> int:
-    _check_writable(cache_dir, "--cache-dir")
-    settings = _settings_from_args(args, config)
-    documents = corpus.find_documents(args.data)
-    tokenizer = _load_tokenizer(args, settings, documents, cache_dir, resumed, log)
+def _model_config(config: TrainConfig) -> llama.LlamaConfig:
+    model_config = llama.get_preset(config.preset)
+    if config.vocab_size is not None:
+        model_config = llama.LlamaConfig(**{**model_config.to_dict(), "vocab_size": config.vocab_size})
+    if config.seq_len > model_config.max_seq_len:
+        raise TrainError(f"--seq-len {config.seq_len} exceeds the {config.preset} model's maximum context of "
+                         f"{model_config.max_seq_len}; pass --seq-len {model_config.max_seq_len} or less")
+    return model_config
+
+
+def _output_folder(config: TrainConfig) -> Path:
+    if config.resume == "" and config.out is None:
+        raise TrainError("--resume without a checkpoint continues the run in --out; pass --out RUN_DIR")
+    return Path(config.out) if config.out else Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path):
+    """The checkpoint --resume names (or None), after checking it belongs to --out's run."""
+    out_had_run = out.is_dir() and ckpt.find_latest(out) is not None
+    if config.resume is None:
+        if out_had_run:
+            raise TrainError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+        return None
+    if config.resume == "" and not out_had_run:
+        raise TrainError(f"--resume: {out} holds no checkpoint to resume; pass --resume CHECKPOINT_DIR")
+    resumed = ckpt.load_checkpoint(Path(config.resume) if config.resume else out, expected_config=model_config)
+    if out_had_run and resumed.path.parent.resolve() != out.resolve():
+        raise TrainError(f"--out {out} already holds another run; to continue {resumed.path} pass "
+                         f"--out {resumed.path.parent}, or choose a new --out")
+    return resumed
+
+
+def _train_into(config: TrainConfig, model_config, out: Path, resumed, log) -> TrainResult:
     from tqdm import tqdm
 
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    _check_writable(cache_dir, "--cache-dir")
+    documents = corpus.find_documents(config.data)
+    tokenizer = _load_tokenizer(config, model_config.vocab_size, documents, cache_dir, resumed, log)
     tokens = corpus.prepare_tokens(documents, tokenizer, cache_dir / "tokens",
-                                   progress=None if args.no_progress else tqdm, warn=log)
-    data_id = tokens.info["content_sha256"]
+                                   progress=None if config.no_progress else tqdm, warn=log)
     log(f"data: {tokens.info['n_tokens']['train']:,} training and {tokens.info['n_tokens']['val']:,} validation "
         f"tokens from {len(documents)} files "
         f"(held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
+    run = Run(config, model_config, out, tokenizer, tokens.info["content_sha256"],
+              _validation_batches(config, tokens, log))
+    sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
+    state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler)
+    log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
+        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}")
 
-    sampler = corpus.BatchSampler(tokens.train, settings.batch_size, settings.seq_len, settings.seed)
-    val_batches = corpus.fixed_batches(tokens.val, settings.batch_size, settings.seq_len, args.eval_batches)
-    if not val_batches:
-        log(f"validation: the held-out split ({tokens.val.size} tokens) is shorter than one window; "
-            "validating on training windows instead")
-        val_batches = corpus.fixed_batches(tokens.train, settings.batch_size, settings.seq_len, args.eval_batches)
-    adamw = optim.AdamWConfig(weight_decay=settings.weight_decay, grad_clip=settings.grad_clip)
+    _training_loop(run, state)
 
-    metrics_path = out / "metrics.jsonl"
-    if resumed is not None:
-        saved = resumed.state
-        if saved.get("data_id") != data_id:
-            raise TrainError(f"--resume: the checkpoint {resumed.path} was trained on other data (or another "
-                             "tokenizer); pass the same --data, or start a new run with another --out")
-        before = dict(saved.get("settings", {}))
-        now = asdict(settings)
-        changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if k != "steps" and before.get(k) != v]
-        if changed:
-            raise TrainError(f"--resume: the run's settings differ from the checkpoint's ({', '.join(changed)}); "
-                             "resume with the same flags, or start a new run with another --out")
-        if before.get("steps") != settings.steps:
-            log(f"note: --steps changed from {before.get('steps')} to {settings.steps}: the learning-rate schedule "
-                "is stretched, so the run will not match one trained for this many steps from the start")
-        if resumed.optimizer_state is None:
-            raise TrainError(f"--resume: {resumed.path} holds no optimizer state (an exported model?); "
-                             "training cannot continue exactly from it")
-        params = {name: p.astype(settings.dtype, copy=False) for name, p in resumed.params.items()}
-        opt_state = resumed.optimizer_state
-        sampler.restore(saved["sampler"])
-        start_step = int(saved["step"])
-        if start_step >= settings.steps:
-            raise TrainError(f"--resume: the checkpoint is at step {start_step}, the run has --steps "
-                             f"{settings.steps}; pass a larger --steps to train further")
-        _truncate_metrics(metrics_path, start_step)
-        log(f"resumed from {resumed.path} at step {start_step}")
-    else:
-        params = llama.init_params(config, seed=settings.seed, dtype=settings.dtype)
-        opt_state = optim.init_state(params)
-        start_step = 0
-    schedule = optim.CosineSchedule(settings.lr, settings.steps, settings.warmup, settings.min_lr_ratio)
-    log(f"model: {args.preset} ({config.n_params():,} parameters), {settings.steps} steps of "
-        f"{settings.batch_size * settings.grad_accum} x {settings.seq_len} tokens, output in {out}")
-
-    last_saved = None if resumed is None else (resumed.path, resumed.step)
-    keep = args.keep_checkpoints or None
-
-    def save(step, val_loss):
-        """Checkpoint weights that are finite and give a finite validation loss, or stop the run."""
-        nonlocal last_saved
-        if not math.isfinite(optim.global_norm(params)):
-            stop(step, "the weights' norm overflowed (they diverged)")
-        if not math.isfinite(val_loss):
-            stop(step, f"the validation loss became {val_loss}")
-        state = {"step": step, "settings": asdict(settings), "sampler": sampler.state(), "data_id": data_id,
-                 "tokenizer_fingerprint": tokenizer.fingerprint}
-        path = ckpt.save_checkpoint(out, step, config=config, params=params, optimizer_state=opt_state,
-                                    state=state, tokenizer_model=tokenizer.model_bytes, keep_last=keep)
-        last_saved = (path, step)
-
-    def stop(step, what):
-        progress.close()
-        where = (f"the last good checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
-                 else "no checkpoint had been written yet")
-        raise TrainError(f"{what} at step {step}; stopped without saving; {where}; "
-                         "start a new run (another --out) with a lower --lr")
-
-    progress = tqdm(total=settings.steps, initial=start_step, disable=args.no_progress, unit="step",
-                    dynamic_ncols=True, file=sys.stderr)
-    tokens_per_step = settings.batch_size * settings.seq_len * settings.grad_accum
-    # overflow shows up as a non-finite loss, gradient norm or weight, which stops the run with a
-    # clear message below; NumPy's per-operation warnings would only bury that message
-    with open(metrics_path, "a") as metrics, numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        if start_step == 0:
-            initial = _evaluate(params, config, val_batches)
-            metrics.write(json.dumps({"step": 0, "val_loss": initial}) + "\n")
-            progress.write(f"step 0: validation loss {initial:.4f} (ln V = {math.log(config.vocab_size):.4f})",
-                           file=sys.stderr)
-        for step in range(start_step, settings.steps):
-            started = time.perf_counter()
-            lr = schedule(step)
-            loss_sum, grads = 0.0, None
-            for _ in range(settings.grad_accum):
-                inputs, targets = sampler.next_batch()
-                micro_loss, micro_grads = llama.loss_and_grads(params, config, inputs, targets)
-                loss_sum += micro_loss
-                if grads is None:
-                    grads = micro_grads
-                else:
-                    for name, g in micro_grads.items():
-                        grads[name] += g
-            if settings.grad_accum > 1:
-                for g in grads.values():
-                    g /= settings.grad_accum
-            loss_value = loss_sum / settings.grad_accum
-            grad_norm = optim.global_norm(grads)
-            if not math.isfinite(loss_value):
-                stop(step + 1, f"the loss became {loss_value}")
-            if not math.isfinite(grad_norm):
-                stop(step + 1, f"the gradient norm became {grad_norm} (loss {loss_value:.4f})")
-            stats = optim.step(params, grads, opt_state, lr, adamw, grad_norm=grad_norm)
-            elapsed = time.perf_counter() - started
-            done = step + 1
-            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": stats["grad_norm"],
-                      "tokens_per_s": tokens_per_step / elapsed}
-            checkpoint_now = done % args.checkpoint_every == 0 or done == settings.steps
-            if (args.eval_every and done % args.eval_every == 0) or checkpoint_now:
-                record["val_loss"] = _evaluate(params, config, val_batches)
-                progress.write(f"step {done}: validation loss {record['val_loss']:.4f}", file=sys.stderr)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            progress.update(1)
-            if checkpoint_now:
-                save(done, record["val_loss"])
-    progress.close()
-    _plot(metrics_path, out / "loss.png", log)
-    log(f"checkpoint: {last_saved[0]}")
-    if args.sample_tokens > 0:
+    _plot(run.metrics_path, out / "loss.png", log)
+    log(f"checkpoint: {state.last_checkpoint[0]}")
+    sample = None
+    if config.sample_tokens > 0:
         from .generate import generate
 
-        prompt = args.sample_prompt if args.sample_prompt is not None else ("def " if args.data is None else "")
-        log(f"sample ({args.sample_tokens} tokens, temperature 0.8):")
-        text = generate(params, config, tokenizer, prompt, args.sample_tokens, temperature=0.8, seed=settings.seed)
-        print(prompt + text, flush=True)
-    return 0
+        prompt = config.sample_prompt if config.sample_prompt is not None else ("def " if config.data is None else "")
+        log(f"sample ({config.sample_tokens} tokens, temperature 0.8):")
+        sample = prompt + generate(state.params, model_config, tokenizer, prompt, config.sample_tokens,
+                                   temperature=0.8, seed=config.seed)
+    return TrainResult(out, state.last_checkpoint[0], state.step, state.val_loss, sample)
+
+
+def _validation_batches(config: TrainConfig, tokens, log) -> list:
+    batches = corpus.fixed_batches(tokens.val, config.batch_size, config.seq_len, config.eval_batches)
+    if not batches:
+        log(f"validation: the held-out split ({tokens.val.size} tokens) is shorter than one window; "
+            "validating on training windows instead")
+        batches = corpus.fixed_batches(tokens.train, config.batch_size, config.seq_len, config.eval_batches)
+    return batches
+
+
+def _fresh_state(run: Run, sampler) -> RunState:
+    params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype)
+    return RunState(params, optim.init_state(params), sampler, step=0)
+
+
+def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
+    """The state saved in `resumed`, after checking that the run's data and settings are the checkpoint's."""
+    saved = resumed.state
+    if saved.get("data_id") != run.data_id:
+        raise TrainError(f"--resume: the checkpoint {resumed.path} was trained on other data (or another "
+                         "tokenizer); pass the same --data, or start a new run with another --out")
+    before = dict(saved.get("settings", {}))
+    now = saved_settings(run.config, run.model_config.vocab_size)
+    changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if k != "steps" and before.get(k) != v]
+    if changed:
+        raise TrainError(f"--resume: the run's settings differ from the checkpoint's ({', '.join(changed)}); "
+                         "resume with the same flags, or start a new run with another --out")
+    if before.get("steps") != run.config.steps:
+        log(f"note: --steps changed from {before.get('steps')} to {run.config.steps}: the learning-rate schedule "
+            "is stretched, so the run will not match one trained for this many steps from the start")
+    if resumed.optimizer_state is None:
+        raise TrainError(f"--resume: {resumed.path} holds no optimizer state (an exported model?); "
+                         "training cannot continue exactly from it")
+    start_step = int(saved["step"])
+    if start_step >= run.config.steps:
+        raise TrainError(f"--resume: the checkpoint is at step {start_step}, the run has --steps "
+                         f"{run.config.steps}; pass a larger --steps to train further")
+    sampler.restore(saved["sampler"])
+    params = {name: p.astype(run.config.dtype, copy=False) for name, p in resumed.params.items()}
+    _truncate_metrics(run.metrics_path, start_step)
+    log(f"resumed from {resumed.path} at step {start_step}")
+    return RunState(params, resumed.optimizer_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step))
+
+
+def _training_loop(run: Run, state: RunState):
+    """From state.step to --steps: learning rate, micro-steps, checks, AdamW step, log, evaluate, checkpoint."""
+    from tqdm import tqdm
+
+    config = run.config
+    schedule = optim.CosineSchedule(config.lr, config.steps, config.effective_warmup, config.min_lr_ratio)
+    adamw = optim.AdamWConfig(weight_decay=config.weight_decay, grad_clip=config.grad_clip)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
+    progress = tqdm(total=config.steps, initial=state.step, disable=config.no_progress, unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+    # overflow shows up as a non-finite loss, gradient norm or weight, which stops the run with a
+    # clear message below; NumPy's per-operation warnings would only bury that message
+    with progress, open(run.metrics_path, "a") as metrics, \
+            numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if state.step == 0:
+            state.val_loss = _evaluate(state.params, run.model_config, run.val_batches)
+            _write_row(metrics, {"step": 0, "val_loss": state.val_loss})
+            progress.write(f"step 0: validation loss {state.val_loss:.4f} "
+                           f"(ln V = {math.log(run.model_config.vocab_size):.4f})", file=sys.stderr)
+        for step in range(state.step, config.steps):
+            started = time.perf_counter()
+            lr = schedule(step)
+            loss, grads = _accumulated_loss_and_grads(run, state)
+            grad_norm = optim.global_norm(grads)
+            if not math.isfinite(loss):
+                raise _diverged(state, step + 1, f"the loss became {loss}")
+            if not math.isfinite(grad_norm):
+                raise _diverged(state, step + 1, f"the gradient norm became {grad_norm} (loss {loss:.4f})")
+            stats = optim.step(state.params, grads, state.opt_state, lr, adamw, grad_norm=grad_norm)
+            state.step = step + 1
+            record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
+                      "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+            if _checkpoint_due(config, state.step) or _evaluation_due(config, state.step):
+                state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches)
+                progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}", file=sys.stderr)
+            _write_row(metrics, record)
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            progress.update(1)
+            if _checkpoint_due(config, state.step):
+                _save_checkpoint(run, state)
+
+
+def _accumulated_loss_and_grads(run: Run, state: RunState):
+    """The mean loss and gradient over --grad-accum micro-batches (equal to one batch that many times larger)."""
+    loss_sum, grads = 0.0, None
+    for _ in range(run.config.grad_accum):
+        inputs, targets = state.sampler.next_batch()
+        micro_loss, micro_grads = llama.loss_and_grads(state.params, run.model_config, inputs, targets)
+        loss_sum += micro_loss
+        if grads is None:
+            grads = micro_grads
+        else:
+            for name, grad in micro_grads.items():
+                grads[name] += grad
+    if run.config.grad_accum > 1:
+        for grad in grads.values():
+            grad /= run.config.grad_accum
+    return loss_sum / run.config.grad_accum, grads
+
+
+def _evaluation_due(config: TrainConfig, step: int) -> bool:
+    return bool(config.eval_every) and step % config.eval_every == 0
+
+
+def _checkpoint_due(config: TrainConfig, step: int) -> bool:
+    """Every --checkpoint-every steps, and at the last step."""
+    return step % config.checkpoint_every == 0 or step == config.steps
+
+
+def _save_checkpoint(run: Run, state: RunState):
+    """Checkpoint weights that are finite and give a finite validation loss, or stop the run."""
+    if not math.isfinite(optim.global_norm(state.params)):
+        raise _diverged(state, state.step, "the weights' norm overflowed (they diverged)")
+    if not math.isfinite(state.val_loss):
+        raise _diverged(state, state.step, f"the validation loss became {state.val_loss}")
+    saved = {"step": state.step, "settings": saved_settings(run.config, run.model_config.vocab_size),
+             "sampler": state.sampler.state(), "data_id": run.data_id,
+             "tokenizer_fingerprint": run.tokenizer.fingerprint}
+    path = ckpt.save_checkpoint(run.out, state.step, config=run.model_config, params=state.params,
+                                optimizer_state=state.opt_state, state=saved,
+                                tokenizer_model=run.tokenizer.model_bytes,
+                                keep_last=run.config.keep_checkpoints or None)
+    state.last_checkpoint = (path, state.step)
+
+
+def _diverged(state: RunState, step: int, what: str) -> TrainError:
+    where = (f"the last good checkpoint is {state.last_checkpoint[0]} (step {state.last_checkpoint[1]})"
+             if state.last_checkpoint else "no checkpoint had been written yet")
+    return TrainError(f"{what} at step {step}; stopped without saving; {where}; "
+                      "start a new run (another --out) with a lower --lr")
+
+
+def _write_row(metrics, row: dict):
+    metrics.write(json.dumps(row) + "\n")
+    metrics.flush()
 
 
 def _truncate_metrics(path: Path, last_step: int):
@@ -438,9 +409,11 @@ def _truncate_metrics(path: Path, last_step: int):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return train(args)
+        result = train(from_command_line(argv))
+        if result.sample is not None:
+            print(result.sample, flush=True)
+        return 0
     except NpllamaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

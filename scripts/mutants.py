@@ -309,18 +309,18 @@ CATALOGUE = [
             ORACLE + "test_adamw_with_clipping_and_cosine_schedule_equals_torch_adamw"),
            "v accumulates c g^2 instead of (c g)^2"),
     Mutant("schedule-warmup-starts-at-zero", "npllama/optim.py",
-           "            return self.peak_lr * (step + 1) / self.warmup_steps\n",
-           "            return self.peak_lr * step / self.warmup_steps\n",
+           "            return self.lr * (step + 1) / self.warmup\n",
+           "            return self.lr * step / self.warmup\n",
            (OPTIM + "test_schedule_warms_up_linearly_then_decays_by_cosine_to_ten_percent",),
            "the first step has learning rate 0"),
     Mutant("schedule-decays-to-zero", "npllama/optim.py",
-           "        final_lr = self.final_ratio * self.peak_lr\n",
+           "        final_lr = self.min_lr_ratio * self.lr\n",
            "        final_lr = 0.0\n",
            (OPTIM + "test_schedule_warms_up_linearly_then_decays_by_cosine_to_ten_percent",),
            "the cosine ends at 0 instead of 10% of the peak"),
     Mutant("schedule-decay-over-all-steps", "npllama/optim.py",
-           "        decay_steps = max(self.total_steps - self.warmup_steps, 1)\n",
-           "        decay_steps = max(self.total_steps, 1)\n",
+           "        decay_steps = max(self.steps - self.warmup, 1)\n",
+           "        decay_steps = max(self.steps, 1)\n",
            (OPTIM + "test_schedule_warms_up_linearly_then_decays_by_cosine_to_ten_percent",),
            "the cosine spans every step, warmup included, so it never reaches its end"),
     # --- the training loop ----------------------------------------------------------------------
@@ -330,35 +330,36 @@ CATALOGUE = [
            (TRAIN + "test_step_k_takes_and_logs_the_schedules_learning_rate_for_k",),
            "step k runs at the schedule's learning rate for step k + 1"),
     Mutant("train-clips-the-norm-before-averaging", "npllama/train.py",
-           "            if settings.grad_accum > 1:\n"
-           "                for g in grads.values():\n"
-           "                    g /= settings.grad_accum\n"
-           "            loss_value = loss_sum / settings.grad_accum\n"
            "            grad_norm = optim.global_norm(grads)\n",
-           "            grad_norm = optim.global_norm(grads)\n"
-           "            if settings.grad_accum > 1:\n"
-           "                for g in grads.values():\n"
-           "                    g /= settings.grad_accum\n"
-           "            loss_value = loss_sum / settings.grad_accum\n",
+           "            grad_norm = optim.global_norm(grads) * config.grad_accum\n",
            (TRAIN + "test_grad_accum_two_half_batches_take_the_clipped_steps_of_one_full_batch",),
            "with --grad-accum, clipping measures the norm of the summed micro-batch gradients"),
+    Mutant("train-sums-micro-batch-gradients", "npllama/train.py",
+           "    if run.config.grad_accum > 1:\n"
+           "        for grad in grads.values():\n"
+           "            grad /= run.config.grad_accum\n", "",
+           (TRAIN + "test_grad_accum_two_half_batches_take_the_clipped_steps_of_one_full_batch",),
+           "with --grad-accum, the micro-batch gradients are summed, not averaged (clipping then "
+           "measures the sum)"),
     Mutant("train-accumulation-overwrites", "npllama/train.py",
-           "                        grads[name] += g\n",
-           "                        grads[name] = g\n",
+           "                grads[name] += grad\n",
+           "                grads[name] = grad\n",
            (TRAIN + "test_grad_accum_two_half_batches_take_the_clipped_steps_of_one_full_batch",),
            "each micro-batch replaces the gradient instead of adding to it"),
     Mutant("resume-forgets-the-sampler", "npllama/train.py",
-           '        sampler.restore(saved["sampler"])\n', "",
+           '    sampler.restore(saved["sampler"])\n', "",
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run draws its batches from the start of the sampler's sequence again"),
     Mutant("resume-forgets-the-optimizer", "npllama/train.py",
-           "        opt_state = resumed.optimizer_state\n",
-           "        opt_state = optim.init_state(params)\n",
+           "    return RunState(params, resumed.optimizer_state, sampler, start_step, "
+           "last_checkpoint=(resumed.path, resumed.step))\n",
+           "    return RunState(params, optim.init_state(params), sampler, start_step, "
+           "last_checkpoint=(resumed.path, resumed.step))\n",
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run restarts AdamW's moments from zero"),
     Mutant("resume-skips-a-step", "npllama/train.py",
-           '        start_step = int(saved["step"])\n',
-           '        start_step = int(saved["step"]) + 1\n',
+           '    start_step = int(saved["step"])\n',
+           '    start_step = int(saved["step"]) + 1\n',
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run starts one step after its checkpoint"),
     # --- checkpoints ----------------------------------------------------------------------------

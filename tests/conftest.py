@@ -1,5 +1,5 @@
-"""Hypothesis settings profiles, chosen by NPLLAMA_HYPOTHESIS_PROFILE (default: ci), and the
-skip of `gpu` tests where CuPy sees no CUDA device.
+"""Hypothesis settings profiles, chosen by NPLLAMA_HYPOTHESIS_PROFILE (default: ci), the small
+training corpus the training tests share, and the skip of `gpu` tests where CuPy sees no CUDA device.
 
 ci        few examples per property: the whole suite stays well under 10 minutes on 2 cores
 thorough  many examples; for a release or after touching an op
@@ -25,6 +25,21 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow], phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 settings.load_profile(os.environ.get("NPLLAMA_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A few standard-library files and a 512-piece tokenizer trained on them, made once."""
+    from npllama import data
+    from npllama.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for path in data.default_corpus_files()[:40]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    texts = (text for _, text in data.read_documents(data.find_documents([str(folder)])))
+    tokenizer_path = folder.parent / "tokenizer-512.model"
+    train_tokenizer(texts, 512).save(tokenizer_path)
+    return folder, tokenizer_path
 
 
 def cuda_unavailable_reason() -> str | None:

@@ -75,7 +75,7 @@ def test_step_does_not_modify_the_gradients():
 def test_paper_defaults():
     config = optim.AdamWConfig()
     assert (config.betas, config.weight_decay, config.grad_clip) == ((0.9, 0.95), 0.1, 1.0)
-    assert optim.CosineSchedule(3e-4, 10_000).warmup_steps == 2000
+    assert optim.CosineSchedule(3e-4, 10_000).warmup == 2000
 
 
 @given(peak=st.floats(1e-5, 1.0), warmup=st.integers(1, 50), decay=st.integers(1, 200))

@@ -334,7 +334,7 @@ def test_adamw_with_clipping_and_cosine_schedule_equals_torch_adamw(seed, peak_l
               rng.standard_normal((4, 4)), "layers.0.ffn_norm.weight": 1.0 + 0.3 * rng.standard_normal(4),
               "norm.weight": 1.0 + 0.3 * rng.standard_normal(4)}
     config = optim.AdamWConfig(betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, grad_clip=grad_clip)
-    schedule = optim.CosineSchedule(peak_lr=peak_lr, total_steps=8, warmup_steps=3)
+    schedule = optim.CosineSchedule(lr=peak_lr, steps=8, warmup=3)
     state = optim.init_state(params)
 
     tparams = {name: torch.tensor(p, dtype=torch.float64, requires_grad=True) for name, p in params.items()}

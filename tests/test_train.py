@@ -13,22 +13,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from assertions import assert_close, assert_same
-from npllama import checkpoint, data, model
-from npllama.tokenizer import train_tokenizer
+from npllama import checkpoint, model
 
 NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A few standard-library files and a 512-piece tokenizer trained on them, made once."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for path in data.default_corpus_files()[:40]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    texts = (text for _, text in data.read_documents(data.find_documents([str(folder)])))
-    tokenizer_path = folder.parent / "tokenizer-512.model"
-    train_tokenizer(texts, 512).save(tokenizer_path)
-    return folder, tokenizer_path
 
 
 def train_cli(*args, cwd=None, **popen):

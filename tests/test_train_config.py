@@ -1,0 +1,97 @@
+"""The run config: one dataclass whose fields are the flags of `python -m npllama.train`, whose rules
+are its validation, and which runs the same from Python as from the command line."""
+
+import dataclasses
+import math
+import re
+
+import pytest
+from safetensors.numpy import load_file
+
+from npllama import train
+from npllama.train_config import TrainConfig, TrainError, flag, from_command_line, parser, saved_settings
+
+
+def test_no_flags_give_the_dataclass_defaults():
+    assert from_command_line([]) == TrainConfig()
+
+
+def test_the_parser_has_exactly_one_flag_per_field():
+    options = {option for action in parser()._actions for option in action.option_strings} - {"-h", "--help"}
+    assert options == {flag(spec.name) for spec in dataclasses.fields(TrainConfig)}
+
+
+def test_flags_parse_into_the_fields_of_the_same_name():
+    parsed = from_command_line(["--batch-size", "4", "--lr", "1e-3", "--data", "a.txt", "b/", "--resume",
+                                "--no-progress", "--warmup", "7", "--dtype", "float64"])
+    assert parsed == TrainConfig(batch_size=4, lr=1e-3, data=["a.txt", "b/"], resume="", no_progress=True,
+                                 warmup=7, dtype="float64")
+    assert from_command_line(["--resume", "runs/x/step-00000002"]).resume == "runs/x/step-00000002"
+
+
+# (field, a value its rule refuses, a fragment of the message)
+REFUSED = [
+    ("steps", 0, "--steps must be at least 1"),
+    ("batch_size", 0, "--batch-size must be at least 1"),
+    ("seq_len", -3, "--seq-len must be at least 1"),
+    ("grad_accum", 0, "--grad-accum must be at least 1"),
+    ("lr", 0.0, "--lr must be a positive number"),
+    ("lr", math.nan, "--lr must be a positive number"),
+    ("lr", math.inf, "--lr must be a positive number"),
+    ("warmup", -1, "--warmup must be >= 0"),
+    ("min_lr_ratio", 1.5, "--min-lr-ratio must lie in [0, 1]"),
+    ("weight_decay", -0.1, "--weight-decay must be >= 0"),
+    ("grad_clip", -1.0, "--grad-clip must be >= 0 (0: no clipping)"),
+    ("grad_clip", math.inf, "--grad-clip must be >= 0"),
+    ("eval_every", -1, "--eval-every must be at least 0"),
+    ("eval_batches", 0, "--eval-batches must be at least 1"),
+    ("checkpoint_every", 0, "--checkpoint-every must be at least 1"),
+    ("keep_checkpoints", -1, "--keep-checkpoints must be at least 0"),
+    ("sample_tokens", -1, "--sample-tokens must be at least 0"),
+    ("vocab_size", 100, "--vocab-size must be at least 259"),
+    ("preset", "huge", "--preset huge: unknown preset; choose one of 7B, 13B"),
+]
+
+
+@pytest.mark.parametrize("name, value, message", REFUSED)
+def test_a_refused_value_fails_the_same_way_from_python_and_from_the_command_line(name, value, message):
+    with pytest.raises(TrainError, match="^" + re.escape(message)) as from_python:
+        TrainConfig(**{name: value})
+    with pytest.raises(TrainError) as from_cli:
+        from_command_line([flag(name), str(value)])
+    assert str(from_cli.value) == str(from_python.value)
+    assert "\n" not in str(from_python.value)
+
+
+@pytest.mark.parametrize("name, value", [("steps", "5"), ("steps", 5.0), ("lr", "1e-3"), ("no_progress", 1),
+                                         ("data", "corpus/"), ("steps", True), ("preset", None)])
+def test_a_value_of_the_wrong_type_from_python_is_named_with_its_flag(name, value):
+    with pytest.raises(TrainError, match=f"^{flag(name)} "):
+        TrainConfig(**{name: value})
+
+
+def test_the_saved_settings_are_the_ones_checkpoints_have_always_stored():
+    """Checkpoints written before the run config existed must still resume: same keys, same meaning."""
+    settings = saved_settings(TrainConfig(steps=50), vocab_size=4096)
+    assert settings == {"preset": "tiny", "vocab_size": 4096, "steps": 50, "batch_size": 16, "seq_len": 128,
+                        "lr": 2e-3, "warmup": 5, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
+                        "grad_accum": 1, "seed": 0, "dtype": "float32"}
+
+
+def test_train_from_python_writes_what_the_command_line_writes(corpus, tmp_path):
+    """`train(TrainConfig(...))` is the command without a subprocess: same checkpoint, bit for bit."""
+    folder, tokenizer = corpus
+    flags = ["--preset", "nano", "--batch-size", "2", "--seq-len", "16", "--steps", "3", "--no-progress",
+             "--data", str(folder), "--tokenizer", str(tokenizer), "--cache-dir", str(tmp_path / "cache"),
+             "--sample-tokens", "5"]
+    notes = []
+    result = train.train(from_command_line(flags + ["--out", str(tmp_path / "python")]), log=notes.append)
+    assert train.main(flags + ["--out", str(tmp_path / "cli")]) == 0
+    assert result.out == tmp_path / "python" and result.step == 3 and math.isfinite(result.val_loss)
+    assert result.checkpoint == tmp_path / "python" / "step-00000003"
+    assert isinstance(result.sample, str) and any(note.startswith("sample") for note in notes)
+    python_weights = load_file(result.checkpoint / "model.safetensors")
+    cli_weights = load_file(tmp_path / "cli" / "step-00000003" / "model.safetensors")
+    assert python_weights.keys() == cli_weights.keys()
+    for name in python_weights:
+        assert python_weights[name].tobytes() == cli_weights[name].tobytes(), name
