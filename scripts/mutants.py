@@ -363,48 +363,48 @@ CATALOGUE = [
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run starts one step after its checkpoint"),
     # --- checkpoints ----------------------------------------------------------------------------
-    Mutant("checkpoint-optimizer-step-not-restored", "npllama/checkpoint.py",
+    Mutant("checkpoint-optimizer-step-not-restored", "npllama/checkpoint/format.py",
            '            step=document["optimizer_step"],\n',
            "            step=0,\n",
            (CHECKPOINT + "test_save_then_load_is_bitwise_for_params_moments_state_and_tokenizer",
             CHECKPOINT + "test_adamw_step_count_comes_back_so_bias_correction_continues"),
            "AdamW's step count t is not restored, so bias correction restarts"),
-    Mutant("checkpoint-moments-swapped", "npllama/checkpoint.py",
+    Mutant("checkpoint-moments-swapped", "npllama/checkpoint/format.py",
            '            m={name: moments[f"m.{name}"] for name in params},\n',
            '            m={name: moments[f"v.{name}"] for name in params},\n',
            (CHECKPOINT + "test_save_then_load_is_bitwise_for_params_moments_state_and_tokenizer",),
            "the first moment is loaded from the second moment's tensors"),
-    Mutant("checkpoint-missing-file-skipped", "npllama/checkpoint.py",
+    Mutant("checkpoint-missing-file-skipped", "npllama/checkpoint/format.py",
            '            raise CheckpointError("file is missing", file, fix)\n',
            "            continue\n",
            (CHECKPOINT + "test_a_missing_file_is_named",),
            "a file listed in state.json but missing is skipped instead of reported"),
-    Mutant("checkpoint-self-checksum-unchecked", "npllama/checkpoint.py",
+    Mutant("checkpoint-self-checksum-unchecked", "npllama/checkpoint/format.py",
            '    if document.get("self_sha256") != _self_sha256(document):\n',
            '    if "self_sha256" not in document:\n',
            (CHECKPOINT + "test_a_changed_state_json_is_caught_by_its_own_checksum",),
            "state.json's own checksum is present but never compared"),
-    Mutant("checkpoint-latest-before-the-rename", "npllama/checkpoint.py",
-           "            fsync_dir(tmp)\n"
-           "            _rename_into_place(tmp, final)\n"
-           "        except BaseException:\n"
-           "            _remove(tmp)\n"
-           "            raise\n"
-           "        _write_latest(run_dir, name)\n",
-           "            fsync_dir(tmp)\n"
-           "            _write_latest(run_dir, name)\n"
-           "            _rename_into_place(tmp, final)\n"
-           "        except BaseException:\n"
-           "            _remove(tmp)\n"
-           "            raise\n",
+    Mutant("checkpoint-latest-before-the-rename", "npllama/checkpoint/run_folder.py",
+           "        fsync_dir(tmp)\n"
+           "        _rename_into_place(tmp, final)\n"
+           "    except BaseException:\n"
+           "        _remove(tmp)\n"
+           "        raise\n"
+           "    write_atomically(run_dir / LATEST_FILE, f\"{name}\\n\".encode())\n",
+           "        fsync_dir(tmp)\n"
+           "        write_atomically(run_dir / LATEST_FILE, f\"{name}\\n\".encode())\n"
+           "        _rename_into_place(tmp, final)\n"
+           "    except BaseException:\n"
+           "        _remove(tmp)\n"
+           "        raise\n",
            (CHECKPOINT + "test_a_crash_at_any_file_system_call_of_a_save_leaves_the_last_complete_checkpoint",),
            "'latest' names the new checkpoint before its directory exists"),
-    Mutant("checkpoint-prunes-the-newest", "npllama/checkpoint.py",
+    Mutant("checkpoint-prunes-the-newest", "npllama/checkpoint/run_folder.py",
            "        checkpoints = sorted(_step_dirs(run_dir), key=_step_of, reverse=True)\n",
            "        checkpoints = sorted(_step_dirs(run_dir), key=_step_of)\n",
            (CHECKPOINT + "test_keep_last_keeps_only_the_newest_checkpoints",),
            "keep_last keeps the oldest checkpoints"),
-    Mutant("checkpoint-set-aside-version-ignored", "npllama/checkpoint.py",
+    Mutant("checkpoint-set-aside-version-ignored", "npllama/checkpoint/run_folder.py",
            "    if set_aside:\n        return set_aside[-1]\n    raise CheckpointError(f\"'latest' names",
            "    raise CheckpointError(f\"'latest' names",
            (CHECKPOINT + "test_a_kill_between_the_renames_of_a_re_save_leaves_the_old_version_loadable",),

@@ -1,7 +1,7 @@
 """Checkpoints: bitwise round trips, one-line errors for every kind of damage, atomic saves.
 
 The tests read and rewrite checkpoint files by hand, from the format documented in
-npllama/checkpoint.py, without the module's private helpers: they are a second reader of the format.
+npllama/checkpoint/format.py, without the package's private helpers: they are a second reader of the format.
 """
 
 import hashlib
