@@ -81,6 +81,15 @@ LLAMA_TRAINING_OPTIONS = dict(
 # A serialized ModelProto fragment: normalizer_spec (field 3) { add_dummy_prefix (field 3): false }.
 # A protobuf parser merges a message field that appears twice, the later values winning, so
 # appending this to a model's bytes gives the same model without the dummy prefix space.
+#
+# Why these two pieces of protobuf by hand (this fragment, and `_protobuf_field_numbers` below)
+# rather than SentencePiece's own API: SentencePiece 0.2.1 had
+# `SentencePieceProcessor.OverrideNormalizerSpec(add_dummy_prefix=False)`, but 0.2.3, the current
+# release, rewrote its bindings without it; and its ModelProto module (`sentencepiece_model_pb2`)
+# needs the `protobuf` package at the very major version it was generated with (7.x for 0.2.3),
+# which would pin the protobuf of every environment npllama is installed into. Both pieces work
+# the same with every SentencePiece 0.2.x, and tests/test_tokenizer.py checks them against
+# SentencePiece's behaviour (truncated models refused; encoding after U+2581 without the prefix).
 _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 _NORMALIZER_SPEC_FIELD = 3
 
