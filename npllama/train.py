@@ -21,6 +21,7 @@ npllama/train_config.py's `TrainConfig`, which also makes the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -229,6 +230,7 @@ def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path):
 def _train_into(config: TrainConfig, model_config, out: Path, resumed, log) -> TrainResult:
     from tqdm import tqdm
 
+    config = _with_fixed_warmup(config, resumed)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     _check_writable(cache_dir, "--cache-dir")
     documents = corpus.find_documents(config.data)
@@ -258,6 +260,15 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, log) -> T
         sample = prompt + generate(state.params, model_config, tokenizer, prompt, config.sample_tokens,
                                    temperature=0.8, seed=config.seed)
     return TrainResult(out, state.last_checkpoint[0], state.step, state.val_loss, sample)
+
+
+def _with_fixed_warmup(config: TrainConfig, resumed) -> TrainConfig:
+    """The warmup is fixed when a run starts (--warmup, or 10% of --steps) and saved with it, so a
+    resumed run without --warmup keeps its run's warmup and a larger --steps only stretches the cosine."""
+    if config.warmup is not None:
+        return config
+    saved = resumed.state.get("settings", {}).get("warmup") if resumed is not None else None
+    return dataclasses.replace(config, warmup=saved if isinstance(saved, int) else config.effective_warmup)
 
 
 def _validation_batches(config: TrainConfig, tokens, log) -> list:

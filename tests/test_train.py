@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from assertions import assert_close, assert_same
-from npllama import checkpoint, model
+from npllama import checkpoint, model, optim
 
 NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
 
@@ -123,6 +123,22 @@ def test_resume_can_extend_a_finished_run(corpus, tmp_path, finished_run):
     assert result.returncode == 0, result.stderr
     assert "--steps changed from 2 to 4" in result.stderr
     assert checkpoint.load_checkpoint(finished_run).step == 4
+
+
+def test_resume_with_more_steps_keeps_the_runs_warmup_and_stretches_the_cosine(corpus, tmp_path):
+    """The default warmup (10% of --steps) is fixed when the run starts: 20 steps warm up for 2, and
+    resuming with --steps 40 keeps 2 (not 4) and decays over the 38 steps after it."""
+    first = train_cli(*common(corpus, tmp_path), "--steps", "20", "--checkpoint-every", "10", "--lr", "1e-2")
+    assert first.returncode == 0, first.stderr
+    longer = train_cli(*common(corpus, tmp_path), "--steps", "40", "--lr", "1e-2", "--resume")
+    assert longer.returncode == 0, longer.stderr
+    assert "--steps changed from 20 to 40" in longer.stderr
+    logged = {row["step"]: row["lr"] for row in read_metrics(tmp_path / "run") if "lr" in row}
+    stretched = optim.CosineSchedule(1e-2, 40, warmup=2)
+    assert [logged[step] for step in range(21, 41)] == pytest.approx([stretched(step - 1) for step in range(21, 41)],
+                                                                     rel=1e-12)
+    assert json.loads((tmp_path / "run" / "step-00000040" / "state.json").read_text())["state"]["settings"][
+        "warmup"] == 2
 
 
 def read_metrics(run: Path) -> list[dict]:
