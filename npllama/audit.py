@@ -13,7 +13,6 @@ Exits 1 if any check fails, naming the ops that failed; 2 on bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -22,6 +21,7 @@ import numpy
 from . import gradcheck
 from . import model as llama
 from .backend import BACKENDS, get_backend
+from .cli import OneLineParser, integer
 from .errors import NpllamaError, few
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .params import NORM, parameter_table
@@ -112,10 +112,11 @@ def format_table(results) -> str:
 
 
 def _parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m npllama.audit",
         description="Check every hand-derived gradient of npllama against finite differences (float64).")
-    parser.add_argument("--seed", type=int, default=0, help="seed for inputs, directions and entries (default 0)")
+    parser.add_argument("--seed", type=integer(minimum=0), default=0,
+                        help="seed for inputs, directions and entries (default 0)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--backend", default="numpy",
                         help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")

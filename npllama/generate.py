@@ -13,15 +13,17 @@ make up one character appear together).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy
 
 from . import model as llama
 from .backend import BACKENDS, array_namespace, get_backend, to_host
+from .cli import OneLineParser, integer, real
 from .errors import NpllamaError
 from .params import FINAL_NORM
+
+INITIAL_CACHE_ROOM = 256  # new positions the KV cache holds before it first grows
 
 
 class GenerateError(NpllamaError):
@@ -65,8 +67,10 @@ def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, 
     if budget <= 0:
         raise GenerateError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {config.max_seq_len}; "
                             "shorten --prompt")
-    cache = llama.init_kv_cache(config, batch=1, max_len=len(prompt_ids) + budget,
-                                dtype=params[FINAL_NORM].dtype, xp=xp)
+    # the cache starts small and doubles as decoding goes on: --max-new-tokens may be far more than
+    # the text that comes before EOS, and a model's max_seq_len far more than memory holds
+    capacity = len(prompt_ids) + min(budget, INITIAL_CACHE_ROOM)
+    cache = llama.init_kv_cache(config, batch=1, max_len=capacity, dtype=params[FINAL_NORM].dtype, xp=xp)
     logits = llama.forward(params, config, xp.asarray([prompt_ids]), kv_cache=cache)[0, -1]
     new_ids: list[int] = []
     shown = ""
@@ -89,6 +93,8 @@ def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, 
             shown = text
         if len(new_ids) == budget:
             break
+        if cache.length == cache.capacity:
+            llama.grow_kv_cache(cache, min(2 * cache.capacity, len(prompt_ids) + budget))
         logits = llama.forward(params, config, xp.asarray([[next_id]]), kv_cache=cache)[0, -1]
     text = continuation()
     if on_text is not None and len(text) > len(shown):
@@ -97,15 +103,17 @@ def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, 
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="python -m npllama.generate",
-                                     description="Generate text from an npllama checkpoint with KV-cache decoding.")
+    parser = OneLineParser(prog="python -m npllama.generate",
+                           description="Generate text from an npllama checkpoint with KV-cache decoding.")
     parser.add_argument("--checkpoint", required=True, help="a training run's output folder or one checkpoint folder")
     parser.add_argument("--prompt", default="", help="text to continue (default: empty, start from BOS)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="stop after this many tokens (default 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--max-new-tokens", type=integer(minimum=1), default=200,
+                        help="stop after this many tokens (default 200)")
+    parser.add_argument("--temperature", type=real(minimum=0), default=0.8, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=integer(minimum=1), default=None, help="keep only the k most likely tokens")
+    parser.add_argument("--top-p", type=real(minimum=0, maximum=1, above=True), default=0.95,
+                        help="nucleus sampling mass, in (0, 1] (default 0.95; 1 = off)")
+    parser.add_argument("--seed", type=integer(minimum=0), default=0, help="sampling seed (default 0)")
     parser.add_argument("--backend", default="numpy",
                         help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")
     return parser
@@ -117,26 +125,28 @@ def main(argv=None) -> int:
 
     parser = _parser()
     args = parser.parse_args(argv)
+    printed = []  # the prompt is printed with the first new text, after every check has passed
+
+    def show(piece):
+        if not printed:
+            printed.append(True)
+            print(args.prompt, end="", flush=True)
+        print(piece, end="", flush=True)
+
     try:
         xp = get_backend(args.backend)
-    except NpllamaError as error:
-        parser.exit(2, f"error: {error}\n")
-    if args.max_new_tokens < 1:
-        parser.exit(2, "error: --max-new-tokens must be at least 1\n")
-    if args.temperature < 0 or not (0 < args.top_p <= 1) or (args.top_k is not None and args.top_k < 1):
-        parser.exit(2, "error: need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 1\n")
-    try:
-        checkpoint = load_checkpoint(args.checkpoint, xp=xp)
+        checkpoint = load_checkpoint(args.checkpoint, xp=xp, flag="--checkpoint")
         if checkpoint.tokenizer_model is None:
-            raise TokenizerError(f"{checkpoint.path}: the checkpoint holds no tokenizer.model")
+            raise TokenizerError(f"--checkpoint {checkpoint.path}: the checkpoint holds no tokenizer.model; "
+                                 "pass a checkpoint written by npllama.train")
         tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model)
-        print(args.prompt, end="", flush=True)
         generate(checkpoint.params, checkpoint.config, tokenizer, args.prompt, args.max_new_tokens,
-                 args.temperature, args.top_k, args.top_p if args.top_p < 1 else None, args.seed,
-                 on_text=lambda piece: print(piece, end="", flush=True))
+                 args.temperature, args.top_k, args.top_p if args.top_p < 1 else None, args.seed, on_text=show)
+        if not printed:
+            show("")
         print()
     except NpllamaError as error:
-        print(f"\nerror: {error}" if args.prompt else f"error: {error}", file=sys.stderr)
+        print(f"\nerror: {error}" if printed else f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print()

@@ -319,6 +319,15 @@ def init_kv_cache(config: LlamaConfig, batch: int, max_len: int | None = None, d
                    [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)])
 
 
+def grow_kv_cache(cache: KVCache, capacity: int) -> None:
+    """Give `cache` room for `capacity` positions, keeping the ones it holds (to decode further than planned)."""
+    for arrays in (cache.keys, cache.values):
+        for layer, old in enumerate(arrays):
+            grown = array_namespace(old).zeros(old.shape[:2] + (capacity,) + old.shape[3:], dtype=old.dtype)
+            grown[:, :, :cache.length] = old[:, :, :cache.length]
+            arrays[layer] = grown
+
+
 def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_cache: KVCache | None = None):
     """tokens (B, T) -> logits (B, T, V), in the parameters' dtype.
 
@@ -409,10 +418,10 @@ def describe_presets() -> str:
 
 def main(argv=None) -> int:
     """`python -m npllama.model`: the preset table."""
-    import argparse
+    from .cli import OneLineParser
 
-    argparse.ArgumentParser(prog="python -m npllama.model",
-                            description="Print every preset: its shape and parameter count.").parse_args(argv)
+    OneLineParser(prog="python -m npllama.model",
+                  description="Print every preset: its shape and parameter count.").parse_args(argv)
     print(describe_presets())
     return 0
 

@@ -34,7 +34,6 @@ bytes also record the options, `num_threads` among them, which is why it default
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import sentencepiece
 
+from .cli import OneLineParser, integer
 from .errors import NpllamaError
 from .files import write_atomically
 
@@ -405,15 +405,8 @@ def _protobuf_field_numbers(data: bytes) -> set[int]:
 
 # --- command line --------------------------------------------------------------------------------
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
-    return number
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="python -m npllama.tokenizer",
         description="Train, and use, a SentencePiece BPE tokenizer with the options of Llama "
                     "(split digits, byte fallback, identity normalization, unk/bos/eos = 0/1/2).",
@@ -432,12 +425,12 @@ def _parser() -> argparse.ArgumentParser:
                "corpus has more; the same inputs and options give a byte-identical model.")
     train.add_argument("--input", nargs="+", required=True, metavar="PATH",
                        help="text files, folders or glob patterns")
-    train.add_argument("--vocab-size", type=_positive_int, required=True, metavar="N",
+    train.add_argument("--vocab-size", type=integer(minimum=1), required=True, metavar="N",
                        help=f"number of pieces (at least {MIN_VOCAB_SIZE}; Llama: 32000)")
     train.add_argument("--out", required=True, metavar="FILE", help="the .model file to write")
-    train.add_argument("--max-sentences", type=_positive_int, default=DEFAULT_MAX_SENTENCES,
+    train.add_argument("--max-sentences", type=integer(minimum=1), default=DEFAULT_MAX_SENTENCES,
                        metavar="N", help="train on at most N lines (default %(default)s)")
-    train.add_argument("--seed", type=int, default=0,
+    train.add_argument("--seed", type=integer(minimum=0), default=0,
                        help="seed of the line sampling (default %(default)s)")
 
     encode = commands.add_parser("encode", help="print the token ids of a text",

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .backend import BACKENDS
+from .cli import OneLineParser
 from .errors import NpllamaError
 from .model import PRESETS
 
@@ -93,7 +94,7 @@ class TrainConfig:
                                    rule=_non_negative())
     grad_clip: float = _setting(1.0, "max global gradient norm (paper: 1.0)", saved=True,
                                 rule=_non_negative(" (0: no clipping)"))
-    seed: int = _setting(0, "seed for initialisation and batch sampling", saved=True)
+    seed: int = _setting(0, "seed for initialisation and batch sampling", saved=True, rule=_at_least(0))
     eval_every: int = _setting(100, "validation every N steps (0: only at the end)", rule=_at_least(0))
     eval_batches: int = _setting(8, "validation batches per evaluation", rule=_at_least(1))
     checkpoint_every: int = _setting(200, "checkpoint every N steps and at the end, with a validation loss; "
@@ -169,7 +170,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 def parser() -> argparse.ArgumentParser:
     """The command line of `python -m npllama.train`, one flag per field of TrainConfig."""
-    result = argparse.ArgumentParser(
+    result = OneLineParser(
         prog="python -m npllama.train",
         description="Train a Llama-1 model with hand-written backward passes. With no arguments: the 'tiny' "
                     "preset on the Python standard library's source files, about 10 minutes on 2 CPU cores.",

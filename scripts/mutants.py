@@ -358,7 +358,8 @@ CATALOGUE = [
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run restarts AdamW's moments from zero"),
     Mutant("resume-derives-warmup-from-the-new-steps", "npllama/train.py",
-           "    return dataclasses.replace(config, warmup=saved if isinstance(saved, int) else config.effective_warmup)\n",
+           "    return dataclasses.replace(config, warmup=saved if isinstance(saved, int) "
+           "else config.effective_warmup)\n",
            "    return dataclasses.replace(config, warmup=config.effective_warmup)\n",
            (TRAIN + "test_resume_with_more_steps_keeps_the_runs_warmup_and_stretches_the_cosine",),
            "a resumed run without --warmup takes 10% of the new --steps, so a longer run is refused"),

@@ -77,8 +77,8 @@ def test_a_model_gradient_with_nan_fails_the_audit_which_names_the_parameter(mon
     assert failed[0]["max_rel_err"] is None and "not finite" in failed[0]["problem"]
 
 
-def test_audit_rejects_an_unknown_backend_and_op_in_one_line():
-    for args in (["--backend", "cupy"], ["--backend", "jax"], ["--only", "conv2d"]):
+def test_audit_rejects_an_unknown_backend_op_and_a_bad_seed_in_one_line():
+    for args in (["--backend", "cupy"], ["--backend", "jax"], ["--only", "conv2d"], ["--seed", "-1"], ["--seed", "x"]):
         result = run_cli(*args)
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -357,7 +357,7 @@ def test_a_failed_load_changes_nothing_on_disk(tmp_path):
 
 
 def test_a_path_without_a_checkpoint_gives_one_line(tmp_path):
-    load_error(tmp_path / "nowhere", "no such file or directory")
+    load_error(tmp_path / "nowhere", "no such file or folder")
     load_error(tmp_path, "no checkpoint here")
 
 

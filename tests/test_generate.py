@@ -112,3 +112,79 @@ def test_streaming_never_splits_a_multibyte_character(monkeypatch):
     assert text == " 中 aé"
     assert "".join(chunks) == text and not any("\ufffd" in chunk for chunk in chunks)
     assert "中" in chunks[0] or any(chunk.endswith("中") for chunk in chunks)
+
+
+def test_a_kv_cache_that_grows_while_decoding_gives_the_text_of_one_allocated_in_full(monkeypatch):
+    """The cache starts with room for a few tokens and doubles: the text is the same, token for token."""
+    config = model.LlamaConfig(dim=8, n_layers=2, n_heads=2, vocab_size=8, multiple_of=4, max_seq_len=64)
+    params = model.init_params(config, dtype="float64", std=0.5)
+    class NeverStops(CountingTokenizer):
+        eos_id = 99  # no token id reaches it: decoding runs for all 40 tokens
+
+    texts = {}
+    for room in (1000, 3):
+        monkeypatch.setattr(generate, "INITIAL_CACHE_ROOM", room)
+        texts[room] = generate.generate(params, config, NeverStops(), "ab", max_new_tokens=40,
+                                        temperature=1.0, top_p=None, seed=5)
+    assert texts[3] == texts[1000] and len(texts[3]) > 10  # ids 0..2 decode to nothing
+
+
+def small_checkpoint(folder, max_seq_len=64):
+    from npllama.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n" * 50, "print('hello world')\n" * 50], 300)
+    config = model.LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=8, max_seq_len=max_seq_len)
+    checkpoint.save_checkpoint(folder, 1, config=config, params=model.init_params(config),
+                               tokenizer_model=tokenizer.model_bytes)
+    return folder
+
+
+def generate_cli(*args):
+    return subprocess.run([sys.executable, "-m", "npllama.generate", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "nan", "argument --temperature: must be >= 0"),
+    ("--temperature", "-1", "argument --temperature: must be >= 0"),
+    ("--top-p", "1.5", "argument --top-p: must be in (0, 1]"),
+    ("--top-p", "0", "argument --top-p: must be in (0, 1]"),
+    ("--top-k", "0", "argument --top-k: must be at least 1"),
+    ("--max-new-tokens", "0", "argument --max-new-tokens: must be at least 1"),
+    ("--seed", "-1", "argument --seed: must be at least 0"),
+])
+def test_a_bad_sampling_flag_is_named_in_one_line(tmp_path, flag, value, message):
+    result = generate_cli("--checkpoint", str(tmp_path), flag, value)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {message}") and len(result.stderr.splitlines()) == 1
+
+
+def test_a_prompt_too_long_is_refused_before_anything_is_printed(tmp_path):
+    result = generate_cli("--checkpoint", str(small_checkpoint(tmp_path, max_seq_len=8)), "--prompt", "print(" * 20)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: the prompt is") and "shorten --prompt" in result.stderr
+
+
+def test_checkpoint_errors_name_generates_own_flag(tmp_path):
+    result = generate_cli("--checkpoint", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "--checkpoint" in result.stderr and "--resume" not in result.stderr
+
+
+def test_a_huge_context_and_token_budget_allocate_only_what_is_decoded(monkeypatch):
+    """max_seq_len 2^33 and max_new_tokens 10^9 (a 238 GiB cache if allocated up front): the KV
+    cache starts with room for INITIAL_CACHE_ROOM tokens and grows only as decoding goes on."""
+    config = model.LlamaConfig(dim=8, n_layers=1, n_heads=2, vocab_size=8, multiple_of=4, max_seq_len=2**33)
+    params = model.init_params(config, dtype="float64")
+    params["output.weight"][:] = 0.0
+    params["output.weight"][2] = 5.0 * numpy.sign(numpy.arange(8) - 3.5)  # make EOS likely
+    asked = []
+    real_init = model.init_kv_cache
+
+    def recording_init(*args, **kwargs):
+        asked.append(kwargs["max_len"])
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(generate.llama, "init_kv_cache", recording_init)
+    text = generate.generate(params, config, CountingTokenizer(), "ab", max_new_tokens=10**9, temperature=1.0,
+                             seed=3)
+    assert asked == [3 + generate.INITIAL_CACHE_ROOM] and len(text) < 100

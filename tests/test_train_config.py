@@ -48,6 +48,7 @@ REFUSED = [
     ("checkpoint_every", 0, "--checkpoint-every must be at least 1"),
     ("keep_checkpoints", -1, "--keep-checkpoints must be at least 0"),
     ("sample_tokens", -1, "--sample-tokens must be at least 0"),
+    ("seed", -1, "--seed must be at least 0"),
     ("vocab_size", 100, "--vocab-size must be at least 259"),
     ("preset", "huge", "--preset huge: unknown preset; choose one of 7B, 13B"),
 ]

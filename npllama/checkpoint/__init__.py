@@ -61,14 +61,16 @@ def save_checkpoint(
         ) from error
 
 
-def load_checkpoint(path, *, expected_config: LlamaConfig | None = None, xp=numpy) -> Checkpoint:
+def load_checkpoint(path, *, expected_config: LlamaConfig | None = None, xp=numpy,
+                    flag: str = "--resume") -> Checkpoint:
     """Load and fully validate a checkpoint folder, or the one a run folder's `latest` names.
 
     Every check runs before anything is returned (format.read): state.json's own checksum, each
     file's sha256, the config (and that it equals `expected_config`, if given), the step its
     folder's name gives, and each tensor's name, shape and dtype. Arrays are returned as `xp`
-    arrays (NumPy by default, or CuPy). Any problem raises a one-line CheckpointError.
+    arrays (NumPy by default, or CuPy). Any problem raises a one-line CheckpointError whose fix names
+    `flag`, the command's argument that gave `path` (`--resume` for train, `--checkpoint` for generate).
     """
-    directory = run_folder.resolve(Path(path), format.FILES)
+    directory = run_folder.resolve(Path(path), format.FILES, flag)
     return format.read(directory, expected_config=expected_config, expected_step=run_folder.step_named_by(directory),
-                       xp=xp)
+                       xp=xp, flag=flag)

@@ -159,16 +159,16 @@ def _self_sha256(document: dict) -> str:
 
 
 def read(directory: Path, *, expected_config: LlamaConfig | None = None, expected_step: int | None = None,
-         xp=numpy) -> Checkpoint:
+         xp=numpy, flag: str = "--resume") -> Checkpoint:
     """Read and fully validate the checkpoint folder `directory`.
 
     Every check runs before anything is returned: state.json's own checksum, each file's sha256,
     the config (and that it equals `expected_config`, if given), the step (that it equals
     `expected_step`, the one the folder's name gives, if any), and each tensor's name, shape and
     dtype. Arrays are returned as `xp` arrays (NumPy by default, or CuPy). Any problem raises a
-    one-line CheckpointError.
+    one-line CheckpointError, whose fix names `flag`, the argument the folder came from.
     """
-    fix = f"delete {directory} or pass --resume with another checkpoint"
+    fix = f"delete {directory}, or give {flag} another checkpoint"
 
     document = _read_state(directory, fix)
     if expected_step is not None and expected_step != document["step"]:
@@ -190,7 +190,7 @@ def read(directory: Path, *, expected_config: LlamaConfig | None = None, expecte
         raise CheckpointError(
             f"checkpoint of another model ({config_differences(config.to_dict(), expected_config.to_dict())})",
             directory / CONFIG_FILE,
-            "run with the checkpoint's model settings, or pass --resume with a checkpoint of this model",
+            f"run with the checkpoint's model settings, or give {flag} a checkpoint of this model",
         )
 
     params = _read_tensors(directory / MODEL_FILE, _expected_shapes(config), fix, xp)

@@ -132,17 +132,18 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def find_latest(run_dir) -> Path | None:
+def find_latest(run_dir, flag: str = "--resume") -> Path | None:
     """The checkpoint `run_dir/latest` names; without `latest`, the highest `step-*`; else None.
 
-    Raises CheckpointError when `latest` exists but names nothing usable.
+    Raises CheckpointError when `latest` exists but names nothing usable; its fix names `flag`, the
+    command's argument that takes a checkpoint.
     """
     run_dir = Path(run_dir)
     latest = run_dir / LATEST_FILE
     if not latest.is_file():
         steps = sorted(_step_dirs(run_dir), key=_step_of)
         return steps[-1] if steps else None
-    fix = f"delete {latest} to fall back to the newest step-* directory, or pass --resume with a checkpoint"
+    fix = f"delete {latest} to fall back to the newest step-* folder, or give {flag} a checkpoint folder"
     try:
         name = latest.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
@@ -158,25 +159,23 @@ def find_latest(run_dir) -> Path | None:
     raise CheckpointError(f"'latest' names {name}, which does not exist", latest, fix)
 
 
-def resolve(path: Path, checkpoint_files: tuple) -> Path:
+def resolve(path: Path, checkpoint_files: tuple, flag: str) -> Path:
     """A checkpoint folder as given (one holding any of `checkpoint_files`), or the one a run
-    folder's `latest` names."""
+    folder's `latest` names. Messages name `flag`, the argument the path came from."""
     if not path.exists():
         # A checkpoint being replaced by a killed re-save: its complete old version (find_latest).
         set_aside = sorted(path.parent.glob(f".old-{path.name}-*"))
         if _STEP_DIR.fullmatch(path.name) and set_aside:
             return set_aside[-1]
-        raise CheckpointError("no such file or directory", path, "check the path, or start without --resume")
+        raise CheckpointError("no such file or folder", path, f"check the path given to {flag}")
     if not path.is_dir():
-        raise CheckpointError("not a directory", path, "pass a checkpoint directory or a run directory")
+        raise CheckpointError("not a folder", path, f"give {flag} a checkpoint folder or a run folder")
     if any((path / name).exists() for name in checkpoint_files):
         return path
-    latest = find_latest(path)
+    latest = find_latest(path, flag)
     if latest is None:
-        raise CheckpointError(
-            "no checkpoint here (no 'latest' file, no step-* directory, no state.json)", path,
-            "check the path, or start without --resume",
-        )
+        raise CheckpointError("no checkpoint here (no 'latest' file, no step-* folder, no state.json)", path,
+                              f"check the path given to {flag}")
     return latest
 
 
