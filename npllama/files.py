@@ -1,4 +1,5 @@
-"""Durable file writes shared by the tokenizer, the token cache, the training log and checkpoints.
+"""Durable file writes shared by the tokenizer, the token cache, the training log and checkpoints,
+and the lock that makes one process the only writer of a run folder.
 
 Every temporary file or folder npllama writes is named `.tmp-<final name>-<pid>` beside its final
 name (`temporary_sibling`), so that whoever finds one later can tell a leftover of a process that
@@ -7,10 +8,49 @@ died (delete it) from the work of a process still running (leave it): `owned_by_
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 TEMPORARY_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"
+
+
+class FolderInUse(Exception):
+    """Another process holds a folder's lock; `holder` is its process id as it wrote it (or "")."""
+
+    def __init__(self, folder: Path, holder: str):
+        self.folder, self.holder = folder, holder
+        super().__init__(f"{folder} is locked by process {holder or '(unknown)'}")
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path):
+    """Hold an exclusive lock on `folder` for the duration of the block, or raise FolderInUse.
+
+    The lock is flock(2) on `folder/.lock`, which holds the holder's process id. The kernel
+    releases it when the process ends, however it ends (SIGKILL included), so a lock is never
+    stale; the file stays behind and the next holder rewrites it. Two locks of one process on the
+    same folder also exclude each other (flock binds to the open file, not to the process). Where
+    flock does not exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUse(folder, os.read(fd, 32).decode(errors="replace").strip()) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def temporary_sibling(path: Path, process: int | None = None) -> Path:

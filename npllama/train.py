@@ -21,6 +21,7 @@ npllama/train_config.py's `TrainConfig`, which also makes the command line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,11 +36,10 @@ import numpy
 
 from . import checkpoint as ckpt
 from . import data as corpus
+from . import files, optim
 from . import model as llama
-from . import optim
 from .backend import get_backend
 from .errors import NpllamaError
-from .files import write_atomically
 from .tokenizer import Tokenizer, train_tokenizer
 from .train_config import TrainConfig, TrainError, default_cache_dir, from_command_line, saved_settings
 
@@ -184,15 +184,33 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     model_config = _model_config(config)
     _check_memory(model_config, config.dtype)
     out = _output_folder(config)
-    resumed = _checkpoint_to_resume(config, model_config, out)
     created_out = not out.exists()
     _check_writable(out, "--out")
     try:
-        return _train_into(config, model_config, out, resumed, log)
+        with _only_writer_of(out):
+            resumed = _checkpoint_to_resume(config, model_config, out)
+            return _train_into(config, model_config, out, resumed, log)
     except BaseException:
-        if created_out and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+        if created_out:
+            _remove_if_nothing_written(out)  # a run that failed before writing anything leaves no folder
         raise
+
+
+@contextlib.contextmanager
+def _only_writer_of(out: Path):
+    """Hold --out's lock for the whole run: a second training into it, resume included, is refused."""
+    try:
+        with files.exclusive_lock(out):
+            yield
+    except files.FolderInUse as busy:
+        raise TrainError(f"--out {out} is in use by another training (process {busy.holder or 'unknown'}); "
+                         "wait for it to end, or choose another --out") from None
+
+
+def _remove_if_nothing_written(out: Path):
+    if out.is_dir() and {entry.name for entry in out.iterdir()} <= {files.LOCK_FILE}:
+        (out / files.LOCK_FILE).unlink(missing_ok=True)
+        out.rmdir()
 
 
 def _model_config(config: TrainConfig) -> llama.LlamaConfig:
@@ -416,7 +434,7 @@ def _truncate_metrics(path: Path, last_step: int):
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    write_atomically(path, "".join(line + "\n" for line in kept).encode())
+    files.write_atomically(path, "".join(line + "\n" for line in kept).encode())
 
 
 def main(argv=None) -> int:

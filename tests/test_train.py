@@ -14,28 +14,7 @@ from safetensors.numpy import load_file
 
 from assertions import assert_close, assert_same
 from npllama import checkpoint, model, optim
-
-NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
-
-
-def train_cli(*args, cwd=None, **popen):
-    return subprocess.run([sys.executable, "-m", "npllama.train", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, **popen)
-
-
-def common(corpus, tmp_path, out="run"):
-    folder, tokenizer = corpus
-    return [*NANO, "--data", str(folder), "--tokenizer", str(tokenizer), "--out", str(tmp_path / out),
-            "--cache-dir", str(tmp_path / "cache")]
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+from training import assert_one_line_error, common, contents, read_metrics, train_cli
 
 
 def test_training_lowers_the_validation_loss_and_writes_metrics_checkpoint_and_sample(corpus, tmp_path):
@@ -111,11 +90,11 @@ def test_a_single_text_file_is_enough_to_train(corpus, tmp_path):
 def test_resuming_into_another_runs_folder_is_refused(corpus, tmp_path, finished_run):
     other = train_cli(*common(corpus, tmp_path, "other"), "--steps", "2")
     assert other.returncode == 0, other.stderr
-    before = {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()}
+    before = contents(tmp_path / "other")
     result = train_cli(*common(corpus, tmp_path, "other"), "--steps", "4", "--resume",
                        str(finished_run / "step-00000002"))
     assert_one_line_error(result, "already holds another run", f"--out {finished_run}")
-    assert before == {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()}
+    assert before == contents(tmp_path / "other")
 
 
 def test_resume_can_extend_a_finished_run(corpus, tmp_path, finished_run):
@@ -139,10 +118,6 @@ def test_resume_with_more_steps_keeps_the_runs_warmup_and_stretches_the_cosine(c
                                                                      rel=1e-12)
     assert json.loads((tmp_path / "run" / "step-00000040" / "state.json").read_text())["state"]["settings"][
         "warmup"] == 2
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_grad_accum_two_half_batches_take_the_clipped_steps_of_one_full_batch(corpus, tmp_path):
@@ -254,10 +229,10 @@ def finished_run(corpus, tmp_path):
 
 
 def test_an_existing_run_is_never_overwritten(corpus, tmp_path, finished_run):
-    before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    before = contents(finished_run)
     result = train_cli(*common(corpus, tmp_path), "--steps", "2")
     assert_one_line_error(result, "already holds a run", "--resume")
-    assert before == {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
+    assert before == contents(finished_run)
 
 
 def test_resuming_a_checkpoint_of_another_config_is_refused(corpus, tmp_path, finished_run):

@@ -1,0 +1,37 @@
+"""Running `python -m npllama.train` from the tests: the small settings, and how a refusal looks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
+
+
+def train_cli(*args, cwd=None, **popen):
+    return subprocess.run([sys.executable, "-m", "npllama.train", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, **popen)
+
+
+def common(corpus, tmp_path, out="run"):
+    folder, tokenizer = corpus
+    return [*NANO, "--data", str(folder), "--tokenizer", str(tokenizer), "--out", str(tmp_path / out),
+            "--cache-dir", str(tmp_path / "cache")]
+
+
+def contents(run: Path) -> dict:
+    """Every file of a run folder and its bytes, except the lock (which holds its last holder's pid)."""
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
