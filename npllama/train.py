@@ -27,7 +27,10 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +44,60 @@ from . import model as llama
 from .backend import get_backend
 from .errors import NpllamaError
 from .tokenizer import Tokenizer, train_tokenizer
-from .train_config import TrainConfig, TrainError, default_cache_dir, from_command_line, saved_settings
+from .train_config import TrainConfig, TrainError, command_line, default_cache_dir, from_command_line, saved_settings
 
-__all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "main"]
+__all__ = ["TrainConfig", "TrainError", "TrainInterrupted", "TrainResult", "train", "main"]
+
+
+class TrainInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run; the message says what was saved and how to resume.
+
+    `exit_status` is 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports it.
+    """
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
+
+
+class _StopRequests:
+    """SIGINT and SIGTERM while a run trains: the first asks the loop to stop after its step (and
+    checkpoint); a second, or one that comes before the loop has begun, stops at once."""
+
+    def __init__(self):
+        self.signal_number = None  # the first signal received
+        self.deferring = False  # True while the training loop can stop cleanly at its next step
+
+    def __call__(self, signal_number, frame):
+        if self.deferring and self.signal_number is None:
+            self.signal_number = signal_number
+            return
+        self.signal_number = self.signal_number or signal_number
+        raise _StopNow(signal_number)
+
+
+class _StopNow(BaseException):
+    """Raised inside whatever runs when a signal must stop the run at once (never caught as an Exception)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Route SIGINT and SIGTERM to a _StopRequests for the block (where signals can be handled:
+    the main thread), and restore the previous handlers after it."""
+    requests = _StopRequests()
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+    previous = {number: signal.signal(number, requests) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass(frozen=True)
@@ -67,6 +121,7 @@ class Run:
     tokenizer: Tokenizer
     data_id: str
     val_batches: list
+    stops: _StopRequests
 
     @property
     def metrics_path(self) -> Path:
@@ -187,13 +242,26 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     created_out = not out.exists()
     _check_writable(out, "--out")
     try:
-        with _only_writer_of(out):
+        with _only_writer_of(out), _stop_requests() as stops:
             resumed = _checkpoint_to_resume(config, model_config, out)
-            return _train_into(config, model_config, out, resumed, log)
-    except BaseException:
+            return _train_into(config, model_config, out, resumed, stops, log)
+    except _StopNow as stop:
+        raise _interrupted(config, out, stop.signal_number) from None
+    finally:
         if created_out:
             _remove_if_nothing_written(out)  # a run that failed before writing anything leaves no folder
-        raise
+
+
+def _interrupted(config: TrainConfig, out: Path, signal_number: int) -> TrainInterrupted:
+    """What a signal left: the newest checkpoint and the command that resumes from it."""
+    name = signal.Signals(signal_number).name
+    latest = ckpt.find_latest(out) if out.is_dir() else None
+    if latest is None:
+        return TrainInterrupted(f"stopped by {name} before the first checkpoint; nothing to resume", signal_number)
+    resume = shlex.join(["python", "-m", "npllama.train",
+                         *command_line(dataclasses.replace(config, out=str(out), resume=""))])
+    return TrainInterrupted(f"stopped by {name}; the newest checkpoint is {latest}; resume with: {resume}",
+                            signal_number)
 
 
 @contextlib.contextmanager
@@ -245,7 +313,7 @@ def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path):
     return resumed
 
 
-def _train_into(config: TrainConfig, model_config, out: Path, resumed, log) -> TrainResult:
+def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, log) -> TrainResult:
     from tqdm import tqdm
 
     config = _with_fixed_warmup(config, resumed)
@@ -259,13 +327,15 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, log) -> T
         f"tokens from {len(documents)} files "
         f"(held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
     run = Run(config, model_config, out, tokenizer, tokens.info["content_sha256"],
-              _validation_batches(config, tokens, log))
+              _validation_batches(config, tokens, log), stops)
     sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
     state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
         f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}")
 
     _training_loop(run, state)
+    if stops.signal_number is not None:
+        raise _StopNow(stops.signal_number)  # the loop stopped early and saved a checkpoint
 
     _plot(run.metrics_path, out / "loss.png", log)
     log(f"checkpoint: {state.last_checkpoint[0]}")
@@ -333,7 +403,10 @@ def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
 
 
 def _training_loop(run: Run, state: RunState):
-    """From state.step to --steps: learning rate, micro-steps, checks, AdamW step, log, evaluate, checkpoint."""
+    """From state.step to --steps: learning rate, micro-steps, checks, AdamW step, log, evaluate, checkpoint.
+
+    A first SIGINT or SIGTERM ends the loop after the step it arrives in, with a checkpoint.
+    """
     from tqdm import tqdm
 
     config = run.config
@@ -351,6 +424,7 @@ def _training_loop(run: Run, state: RunState):
             _write_row(metrics, {"step": 0, "val_loss": state.val_loss})
             progress.write(f"step 0: validation loss {state.val_loss:.4f} "
                            f"(ln V = {math.log(run.model_config.vocab_size):.4f})", file=sys.stderr)
+        run.stops.deferring = True
         for step in range(state.step, config.steps):
             started = time.perf_counter()
             lr = schedule(step)
@@ -364,14 +438,18 @@ def _training_loop(run: Run, state: RunState):
             state.step = step + 1
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
-            if _checkpoint_due(config, state.step) or _evaluation_due(config, state.step):
+            checkpoint_now = _checkpoint_due(config, state.step) or run.stops.signal_number is not None
+            if checkpoint_now or _evaluation_due(config, state.step):
                 state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches)
                 progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}", file=sys.stderr)
             _write_row(metrics, record)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             progress.update(1)
-            if _checkpoint_due(config, state.step):
+            if checkpoint_now:
                 _save_checkpoint(run, state)
+            if run.stops.signal_number is not None:
+                break
+        run.stops.deferring = False
 
 
 def _accumulated_loss_and_grads(run: Run, state: RunState):
@@ -446,8 +524,11 @@ def main(argv=None) -> int:
     except NpllamaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; checkpoints written so far are complete and kept", file=sys.stderr)
+    except TrainInterrupted as interrupted:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return interrupted.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before the run could route it (while Python was starting up)
+        print("\nstopped by SIGINT before training began; nothing was written", file=sys.stderr)
         return 130
 
 

@@ -197,3 +197,19 @@ def saved_settings(config: TrainConfig, vocab_size: int) -> dict:
     settings = {spec.name: getattr(config, spec.name) for spec in fields(config) if spec.metadata["saved"]}
     settings.update(vocab_size=vocab_size, warmup=config.effective_warmup)
     return settings
+
+
+def command_line(config: TrainConfig) -> list[str]:
+    """The flags that give `config` (those of the fields that differ from their defaults)."""
+    flags = []
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        if value == spec.default:
+            continue
+        if value is True or (spec.name == "resume" and value == ""):
+            flags.append(flag(spec.name))
+        elif isinstance(value, (list, tuple)):
+            flags += [flag(spec.name), *map(str, value)]
+        else:
+            flags += [flag(spec.name), str(value)]
+    return flags
