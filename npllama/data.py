@@ -230,14 +230,22 @@ def prepare_tokens(documents: list[Document], tokenizer, cache_dir: Path, val_fr
     for split in ("train", "val"):
         little_endian = streams[split].astype(streams[split].dtype.newbyteorder("<"))
         content.update(split.encode() + little_endian.tobytes())
-        write_atomically(directory / f"{split}.bin", little_endian.tobytes())
+        _write_cache_file(directory / f"{split}.bin", little_endian.tobytes())
     info = {"format": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint,
             "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(dtype).name,
             "n_tokens": {split: int(streams[split].size) for split in streams}, "n_documents": n_docs,
             "split": split_rule, "val_fraction": val_fraction, "content_sha256": content.hexdigest(),
             "sources": signature}
-    write_atomically(info_path, json.dumps(info, indent=1).encode())
+    _write_cache_file(info_path, json.dumps(info, indent=1).encode())
     return _open_token_data(directory)
+
+
+def _write_cache_file(path: Path, data: bytes):
+    try:
+        write_atomically(path, data)
+    except OSError as error:
+        raise DataError(f"cannot write the token cache {path} ({error.strerror}); free some space there, "
+                        "or pass --cache-dir with another folder") from None
 
 
 def _open_token_data(directory: Path) -> TokenData:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -211,7 +212,7 @@ def _plot(metrics_path: Path, out_path: Path, log):
     except ImportError:
         log("matplotlib is not installed: no loss.png (pip install 'npllama[plot]')")
         return
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -224,8 +225,10 @@ def _plot(metrics_path: Path, out_path: Path, log):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    _write_file(out_path, image.getvalue())
 
 
 def train(config: TrainConfig, log=None) -> TrainResult:
@@ -267,12 +270,16 @@ def _interrupted(config: TrainConfig, out: Path, signal_number: int) -> TrainInt
 @contextlib.contextmanager
 def _only_writer_of(out: Path):
     """Hold --out's lock for the whole run: a second training into it, resume included, is refused."""
-    try:
-        with files.exclusive_lock(out):
-            yield
-    except files.FolderInUse as busy:
-        raise TrainError(f"--out {out} is in use by another training (process {busy.holder or 'unknown'}); "
-                         "wait for it to end, or choose another --out") from None
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(files.exclusive_lock(out))
+        except files.FolderInUse as busy:
+            raise TrainError(f"--out {out} is in use by another training (process {busy.holder or 'unknown'}); "
+                             "wait for it to end, or choose another --out") from None
+        except OSError as error:
+            raise TrainError(f"--out {out}: cannot create its lock file ({error.strerror}); free some space or "
+                             "choose another --out") from None
+        yield
 
 
 def _remove_if_nothing_written(out: Path):
@@ -329,7 +336,7 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     run = Run(config, model_config, out, tokenizer, tokens.info["content_sha256"],
               _validation_batches(config, tokens, log), stops)
     sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
-    state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler)
+    state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler, log)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
         f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}")
 
@@ -368,7 +375,8 @@ def _validation_batches(config: TrainConfig, tokens, log) -> list:
     return batches
 
 
-def _fresh_state(run: Run, sampler) -> RunState:
+def _fresh_state(run: Run, sampler, log) -> RunState:
+    _set_aside_metrics(run.metrics_path, log)
     params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype)
     return RunState(params, optim.init_state(params), sampler, step=0)
 
@@ -397,7 +405,7 @@ def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
                          f"{run.config.steps}; pass a larger --steps to train further")
     sampler.restore(saved["sampler"])
     params = {name: p.astype(run.config.dtype, copy=False) for name, p in resumed.params.items()}
-    _truncate_metrics(run.metrics_path, start_step)
+    _repair_metrics(run.metrics_path, start_step, log)
     log(f"resumed from {resumed.path} at step {start_step}")
     return RunState(params, resumed.optimizer_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step))
 
@@ -417,7 +425,7 @@ def _training_loop(run: Run, state: RunState):
                     dynamic_ncols=True, file=sys.stderr)
     # overflow shows up as a non-finite loss, gradient norm or weight, which stops the run with a
     # clear message below; NumPy's per-operation warnings would only bury that message
-    with progress, open(run.metrics_path, "a") as metrics, \
+    with progress, open(run.metrics_path, "ab", buffering=0) as metrics, \
             numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if state.step == 0:
             state.val_loss = _evaluate(state.params, run.model_config, run.val_batches)
@@ -503,16 +511,59 @@ def _diverged(state: RunState, step: int, what: str) -> TrainError:
 
 
 def _write_row(metrics, row: dict):
-    metrics.write(json.dumps(row) + "\n")
-    metrics.flush()
+    """Append one JSON line to the log, an unbuffered file: what a failed write leaves is on disk,
+    never held in a buffer that closing the file would try, and fail, to write again."""
+    line = (json.dumps(row) + "\n").encode()
+    try:
+        while line:
+            line = line[metrics.write(line):]
+    except OSError as error:
+        raise TrainError(f"cannot write {metrics.name} ({error.strerror}); free some space or make the folder "
+                         "writable, then continue with --resume") from None
 
 
-def _truncate_metrics(path: Path, last_step: int):
-    """Drop the log rows after `last_step` (written by the run being resumed after its checkpoint)."""
+def _repair_metrics(path: Path, last_step: int, log):
+    """Keep the log rows up to the checkpoint's step; drop those written after it by the run being
+    resumed, and any line a kill or a full disk cut short. Says what it dropped, in one line."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    files.write_atomically(path, "".join(line + "\n" for line in kept).encode())
+    kept, after, unreadable = [], 0, 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            unreadable += 1
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+        else:
+            after += 1
+    if after or unreadable:
+        log(f"{path.name}: dropped {after} row(s) after step {last_step} and {unreadable} unreadable line(s)")
+        _write_file(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _set_aside_metrics(path: Path, log):
+    """A fresh run's log starts empty: one left by a run that wrote no checkpoint is renamed, not appended to."""
+    if not path.exists():
+        return
+    number = 1
+    while (kept := path.with_name(f"metrics-unfinished-{number}.jsonl")).exists():
+        number += 1
+    try:
+        os.rename(path, kept)
+    except OSError as error:
+        raise TrainError(f"cannot rename {path} ({error.strerror}); move it away or choose another --out") from None
+    log(f"{path.name} of an earlier run that wrote no checkpoint is kept as {kept.name}")
+
+
+def _write_file(path: Path, data: bytes):
+    """Write a run's file atomically, or stop with one line saying which and why."""
+    try:
+        files.write_atomically(path, data)
+    except OSError as error:
+        raise TrainError(f"cannot write {path} ({error.strerror}); free some space or make the folder writable, "
+                         "then continue with --resume") from None
 
 
 def main(argv=None) -> int:
@@ -527,6 +578,10 @@ def main(argv=None) -> int:
     except TrainInterrupted as interrupted:
         print(f"\n{interrupted}", file=sys.stderr)
         return interrupted.exit_status
+    except OSError as error:  # a read or write the messages above did not foresee: still one line
+        print(f"error: {error.filename or 'a file'}: {error.strerror or error}; check free space and permissions",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C before the run could route it (while Python was starting up)
         print("\nstopped by SIGINT before training began; nothing was written", file=sys.stderr)
         return 130
