@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy
 
 from .errors import NpllamaError
-from .files import write_atomically
+from .files import kind_of, write_atomically
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".toml", ".cfg",
                  ".ini", ".yaml", ".yml", ".js", ".ts", ".java", ".go", ".rs", ".cpp", ".hpp", ".sh", ""}
@@ -106,6 +106,9 @@ def find_documents(sources: list[str] | None, flag: str = "--data") -> list[Docu
                 raise DataError(f"{flag} {source}: the pattern matches no files")
             fixed = _fixed_prefix(os.path.expanduser(source))
             documents += [Document(p, os.path.relpath(p, fixed), False) for p in found]
+        elif kind_of(path) is not None:
+            raise DataError(f"{flag} {source}: it is a {kind_of(path)}, not a file or folder of text; "
+                            "pass regular files")
         else:
             raise DataError(f"{flag} {source}: no such file or folder")
     return documents

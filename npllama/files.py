@@ -10,10 +10,58 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
+
+from .errors import NpllamaError
 
 TEMPORARY_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
+
+
+class FileProblem(NpllamaError):
+    """A file that cannot be read as one: missing, not a regular file, or larger than such a file can be."""
+
+
+def kind_of(path: Path) -> str | None:
+    """What `path` is ("regular file", "folder", "FIFO", "character device", ...), following links;
+    None when nothing is there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"unreadable entry ({error.strerror})"
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes; else a one-line
+    FileProblem naming `what` (the flag or role of the file, e.g. "--tokenizer") and the fix.
+
+    Never opens a FIFO or a device (which could block or never end) and never reads more than
+    `limit` + 1 bytes, even from a file that grows while it is read.
+    """
+    path = Path(path)
+    kind = kind_of(path)
+    if kind is None:
+        raise FileProblem(f"{what} {path}: no such file; check the path")
+    if kind != "regular file":
+        raise FileProblem(f"{what} {path}: it is a {kind}, not a regular file; pass a file")
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)
+    except OSError as error:
+        raise FileProblem(f"{what} {path}: cannot read it ({error.strerror}); check its permissions") from None
+    if len(data) > limit:
+        raise FileProblem(f"{what} {path}: larger than {limit:,} bytes, more than such a file can be; "
+                          "check that it is the right file")
+    return data
 
 
 class FolderInUse(Exception):

@@ -46,7 +46,7 @@ import sentencepiece
 
 from .cli import OneLineParser, integer
 from .errors import NpllamaError
-from .files import write_atomically
+from .files import FileProblem, kind_of, read_regular_file, write_atomically
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 BYTE_PIECE_COUNT = 256  # <0x00> .. <0xFF>, the byte fallback pieces
@@ -58,6 +58,10 @@ MIN_VOCAB_SIZE = BYTE_PIECE_COUNT + 3  # byte pieces + unk, bos, eos
 LINE_CHUNK_CHARS = 4096
 MAX_SENTENCE_BYTES = 4 * LINE_CHUNK_CHARS
 DEFAULT_MAX_SENTENCES = 1_000_000  # about 40 MB of code: some 20 s of training for 32000 pieces
+
+# Meta's tokenizer.model is 0.5 MB and a 256k-piece model about 4 MB; a "model" of more than this
+# is not one, and reading it whole (a device, a growing file) must not take the machine's memory.
+MAX_MODEL_BYTES = 64 * 2**20
 
 WHITESPACE_SYMBOL = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
 
@@ -112,7 +116,7 @@ class Tokenizer:
         self._processor_without_dummy_prefix = None  # built when first needed
 
     @classmethod
-    def load(cls, path) -> Tokenizer:
+    def load(cls, path, what: str = "tokenizer file") -> Tokenizer:
         """Load a SentencePiece model file (ours, or Meta's tokenizer.model).
 
         Missing, empty, truncated and unparsable files raise TokenizerError. A model file has no
@@ -123,14 +127,13 @@ class Tokenizer:
         if path.is_dir():
             raise TokenizerError(f"{path} is a folder, not a tokenizer file; pass the .model file "
                                  "in it (for a checkpoint: DIR/tokenizer.model)")
-        try:
-            model_bytes = path.read_bytes()
-        except FileNotFoundError:
+        if kind_of(path) is None:
             raise TokenizerError(f"tokenizer file {path} does not exist; train one with "
-                                 "`python -m npllama.tokenizer train` or check the path") from None
-        except OSError as error:
-            raise TokenizerError(f"cannot read tokenizer file {path}: {error.strerror}; "
-                                 "check its permissions") from None
+                                 "`python -m npllama.tokenizer train` or check the path")
+        try:
+            model_bytes = read_regular_file(path, MAX_MODEL_BYTES, what)
+        except FileProblem as problem:
+            raise TokenizerError(str(problem)) from None
         return cls(model_bytes, source=f"tokenizer file {path}")
 
     @classmethod
@@ -477,11 +480,11 @@ def main(argv=None) -> int:
         if args.command == "train":
             _train_command(args)
         elif args.command == "encode":
-            tokenizer = Tokenizer.load(args.tokenizer)
+            tokenizer = Tokenizer.load(args.tokenizer, what="--tokenizer")
             ids = tokenizer.encode(args.text, bos=args.bos, eos=args.eos)
             print(" ".join(tokenizer.id_to_piece(i) if args.pieces else str(i) for i in ids))
         else:
-            print(Tokenizer.load(args.tokenizer).decode(args.ids))
+            print(Tokenizer.load(args.tokenizer, what="--tokenizer").decode(args.ids))
     except (NpllamaError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

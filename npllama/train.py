@@ -168,7 +168,7 @@ def _check_memory(config, dtype: str):
 def _load_tokenizer(config: TrainConfig, vocab_size: int, documents, cache_dir: Path, resumed, log) -> Tokenizer:
     """--tokenizer, else the resumed checkpoint's, else one trained on the data (cached by recipe)."""
     if config.tokenizer:
-        tokenizer = Tokenizer.load(config.tokenizer)
+        tokenizer = Tokenizer.load(config.tokenizer, what="--tokenizer")
     elif resumed is not None and resumed.tokenizer_model is not None:
         tokenizer = Tokenizer.from_bytes(resumed.tokenizer_model)
     else:
@@ -525,8 +525,11 @@ def _write_row(metrics, row: dict):
 def _repair_metrics(path: Path, last_step: int, log):
     """Keep the log rows up to the checkpoint's step; drop those written after it by the run being
     resumed, and any line a kill or a full disk cut short. Says what it dropped, in one line."""
-    if not path.is_file():
+    kind = files.kind_of(path)
+    if kind is None:
         return
+    if kind != "regular file":
+        raise TrainError(f"{path} is a {kind}, not the run's log; move it away, then resume")
     kept, after, unreadable = [], 0, 0
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:

@@ -230,3 +230,49 @@ def test_a_fresh_run_keeps_the_log_of_a_run_that_wrote_no_checkpoint_apart(corpu
         result.stderr
     assert (tmp_path / "run" / "metrics-unfinished-1.jsonl").read_text().endswith('"loss": 6.1')
     assert [row["step"] for row in read_metrics(tmp_path / "run")] == [0, 1, 2]
+
+
+# --- files that are not files, or never end -------------------------------------------------------
+
+
+def special_files(tmp_path):
+    """A FIFO (opening it would block), /dev/zero (reading it never ends), a folder."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return {"FIFO": fifo, "character device": Path("/dev/zero"), "folder": tmp_path / "a-folder"}
+
+
+needs_fifos = pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(),
+                                 reason="needs FIFOs and /dev/zero")
+
+
+@needs_fifos
+@pytest.mark.parametrize("kind", ["FIFO", "character device"])
+def test_a_special_file_as_tokenizer_or_data_is_named_for_what_it_is(corpus, tmp_path, kind):
+    special = special_files(tmp_path)[kind]
+    for flag in ("--tokenizer", "--data"):
+        result = train_cli(*common(corpus, tmp_path), "--steps", "2", flag, str(special))
+        assert_one_line_error(result, f"{flag} {special}: it is a {kind}")
+        assert not (tmp_path / "run").exists()
+    encode = subprocess.run([sys.executable, "-m", "npllama.tokenizer", "encode", "--tokenizer", str(special), "x"],
+                            capture_output=True, text=True, timeout=60)
+    assert encode.returncode == 2 and f"it is a {kind}" in encode.stderr and len(encode.stderr.splitlines()) == 1
+
+
+@needs_fifos
+@pytest.mark.parametrize("name", ["state.json", "config.json", "model.safetensors", "latest"])
+@pytest.mark.parametrize("kind", ["FIFO", "character device"])
+def test_a_checkpoint_file_replaced_by_a_special_file_is_refused_without_blocking(corpus, tmp_path, name, kind):
+    assert train_cli(*common(corpus, tmp_path), "--steps", "2").returncode == 0
+    target = tmp_path / "run" / ("latest" if name == "latest" else f"step-00000002/{name}")
+    target.unlink()
+    special = special_files(tmp_path)[kind]
+    if kind == "FIFO":
+        os.mkfifo(target)
+    else:
+        target.symlink_to(special)
+    for command in (["npllama.train", *common(corpus, tmp_path), "--steps", "4", "--resume"],
+                    ["npllama.generate", "--checkpoint", str(tmp_path / "run")]):
+        result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and str(target) in result.stderr, result.stderr

@@ -41,6 +41,7 @@ import safetensors.numpy
 from safetensors import safe_open
 
 from ..backend import to_host
+from ..files import FileProblem, kind_of, read_regular_file
 from ..model import LlamaConfig
 from ..optim import AdamWState
 from ..params import parameter_shapes
@@ -56,6 +57,8 @@ TOKENIZER_FILE = "tokenizer.model"
 CHECKSUMMED_FILES = (CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, TOKENIZER_FILE)
 FILES = (STATE_FILE, *CHECKSUMMED_FILES)
 
+# state.json holds the sampler's and the caller's state (kilobytes), config.json a dozen numbers
+MAX_JSON_BYTES = 16 * 2**20
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -176,8 +179,11 @@ def read(directory: Path, *, expected_config: LlamaConfig | None = None, expecte
                               fix)
     for file_name, expected in document["checksums"].items():
         file = directory / file_name
-        if not file.is_file():
+        kind = kind_of(file)
+        if kind is None:
             raise CheckpointError("file is missing", file, fix)
+        if kind != "regular file":  # hashing a FIFO or a device could block, or never end
+            raise CheckpointError(f"it is a {kind}, not a regular file", file, fix)
         actual = _sha256_file(file)
         if actual != expected:
             raise CheckpointError(
@@ -213,11 +219,11 @@ def read(directory: Path, *, expected_config: LlamaConfig | None = None, expecte
 
 def _read_state(directory: Path, fix: str) -> dict:
     file = directory / STATE_FILE
-    if not file.is_file():
+    if kind_of(file) is None:
         raise CheckpointError("file is missing (an unfinished or damaged checkpoint)", file, fix)
     try:
-        document = json.loads(file.read_bytes())
-    except (ValueError, OSError) as error:
+        document = json.loads(_read_small(file, fix))
+    except ValueError as error:
         raise CheckpointError(f"not valid JSON ({error})", file, fix) from None
     if not isinstance(document, dict):
         raise CheckpointError("not a JSON object", file, fix)
@@ -240,9 +246,18 @@ def _read_state(directory: Path, fix: str) -> dict:
     return document
 
 
+def _read_small(file: Path, fix: str) -> bytes:
+    """A JSON file of the checkpoint, read only if it is a regular file of at most MAX_JSON_BYTES."""
+    try:
+        return read_regular_file(file, MAX_JSON_BYTES, "checkpoint file")
+    except FileProblem as problem:
+        what = str(problem).split(": ", 1)[1].split(";")[0]  # the problem without the path and the fix
+        raise CheckpointError(what, file, fix) from None
+
+
 def _read_config(file: Path, fix: str) -> LlamaConfig:
     try:
-        fields = json.loads(file.read_bytes())
+        fields = json.loads(_read_small(file, fix))
         if not isinstance(fields, dict):
             raise ValueError("not a JSON object")
     except ValueError as error:

@@ -39,8 +39,11 @@ from pathlib import Path
 
 from ..files import (
     TEMPORARY_PREFIX,
+    FileProblem,
     fsync_dir,
+    kind_of,
     owned_by_a_live_process,
+    read_regular_file,
     temporary_sibling,
     write_atomically,
     write_synced,
@@ -140,13 +143,13 @@ def find_latest(run_dir, flag: str = "--resume") -> Path | None:
     """
     run_dir = Path(run_dir)
     latest = run_dir / LATEST_FILE
-    if not latest.is_file():
+    if kind_of(latest) is None:
         steps = sorted(_step_dirs(run_dir), key=_step_of)
         return steps[-1] if steps else None
     fix = f"delete {latest} to fall back to the newest step-* folder, or give {flag} a checkpoint folder"
     try:
-        name = latest.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
+        name = read_regular_file(latest, 1024, "'latest'").decode("utf-8").strip()
+    except (FileProblem, UnicodeDecodeError) as error:
         raise CheckpointError(f"cannot read 'latest' ({error})", latest, fix) from None
     if not _STEP_DIR.fullmatch(name):
         raise CheckpointError(f"'latest' should name a step-NNNNNNNN directory, it holds {name[:40]!r}", latest, fix)
