@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy
 
 from .errors import NpllamaError
-from .files import kind_of, write_atomically
+from .files import kind_of, temporary_sibling, write_atomically, writing_atomically
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".json", ".html", ".tex", ".csv", ".toml", ".cfg",
                  ".ini", ".yaml", ".yml", ".js", ".ts", ".java", ".go", ".rs", ".cpp", ".hpp", ".sh", ""}
@@ -202,53 +202,85 @@ def prepare_tokens(documents: list[Document], tokenizer, cache_dir: Path, val_fr
             return _open_token_data(directory)
         except (OSError, ValueError, KeyError):
             pass  # damaged cache entry: rebuild it below
-    dtype = token_dtype(tokenizer.vocab_size)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"cannot create the token cache {directory} ({error.strerror}); pass --cache-dir") from None
-    documents_tokens = []  # (split chosen by hash, tokens) in document order
-    n_characters = 0
     iterator = read_documents(documents, warn)
     if progress is not None:
         iterator = progress(iterator, total=len(documents), desc="tokenizing", unit="file")
-    for doc, text in iterator:
-        n_characters += len(text)
-        split = "val" if is_validation(doc.name, val_fraction) else "train"
-        documents_tokens.append((split, numpy.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=dtype)))
-    if n_characters == 0:
-        raise DataError(f"the data is empty: {len(documents_tokens)} file(s) without any text; check --data")
-    splits = {split: [t for s, t in documents_tokens if s == split] for split in ("train", "val")}
-    n_docs = {split: len(tokens) for split, tokens in splits.items()}
-    if len(documents_tokens) >= MIN_DOCUMENTS_TO_SPLIT and n_docs["train"] and n_docs["val"]:
-        streams = {split: numpy.concatenate(tokens) for split, tokens in splits.items()}
-        split_rule = "documents"
-    else:  # too few documents to hold whole ones out: the tail of the stream instead
-        stream = numpy.concatenate([t for _, t in documents_tokens])
-        cut = stream.size - max(1, int(round(stream.size * val_fraction)))
-        streams = {"train": stream[:cut], "val": stream[cut:]}
-        n_docs = {"train": len(documents_tokens), "val": 0}
-        split_rule = "tail"
-    content = hashlib.sha256()
-    for split in ("train", "val"):
-        little_endian = streams[split].astype(streams[split].dtype.newbyteorder("<"))
-        content.update(split.encode() + little_endian.tobytes())
-        _write_cache_file(directory / f"{split}.bin", little_endian.tobytes())
-    info = {"format": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(dtype).name,
-            "n_tokens": {split: int(streams[split].size) for split in streams}, "n_documents": n_docs,
-            "split": split_rule, "val_fraction": val_fraction, "content_sha256": content.hexdigest(),
-            "sources": signature}
-    _write_cache_file(info_path, json.dumps(info, indent=1).encode())
+    dtype = _little_endian(tokenizer.vocab_size)
+    stream_path = temporary_sibling(directory / "tokens.stream")
+    try:
+        with open(stream_path, "w+b") as stream:
+            spans, n_characters = _tokenize_into(stream, iterator, tokenizer, val_fraction)
+            if n_characters == 0:
+                raise DataError(f"the data is empty: {len(spans)} file(s) without any text; check --data")
+            stream.flush()
+            tokens = numpy.memmap(stream, dtype=dtype, mode="r") if stream.tell() else numpy.zeros(0, dtype=dtype)
+            ranges, n_docs, split_rule = _split(spans, tokens.size, val_fraction)
+            content = hashlib.sha256()
+            for split in ("train", "val"):
+                content.update(split.encode())
+                with writing_atomically(directory / f"{split}.bin") as out:
+                    for first, count in ranges[split]:
+                        for block in range(first, first + count, COPY_BLOCK_TOKENS):
+                            data = tokens[block:min(block + COPY_BLOCK_TOKENS, first + count)].tobytes()
+                            content.update(data)
+                            out.write(data)
+            del tokens
+        info = {"format": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint,
+                "vocab_size": tokenizer.vocab_size, "dtype": numpy.dtype(token_dtype(tokenizer.vocab_size)).name,
+                "n_tokens": {split: sum(count for _, count in ranges[split]) for split in ("train", "val")},
+                "n_documents": n_docs, "split": split_rule, "val_fraction": val_fraction,
+                "content_sha256": content.hexdigest(), "sources": signature}
+        write_atomically(info_path, json.dumps(info, indent=1).encode())
+    except OSError as error:
+        raise DataError(f"cannot write the token cache {directory} ({error.strerror}); free some space there, "
+                        "or pass --cache-dir with another folder") from None
+    finally:
+        stream_path.unlink(missing_ok=True)
     return _open_token_data(directory)
 
 
-def _write_cache_file(path: Path, data: bytes):
-    try:
-        write_atomically(path, data)
-    except OSError as error:
-        raise DataError(f"cannot write the token cache {path} ({error.strerror}); free some space there, "
-                        "or pass --cache-dir with another folder") from None
+# Documents are tokenised one at a time into one stream file, and the splits are copied out of it
+# in blocks: memory follows the largest document (and encode_in_chunks bounds even that), not the
+# corpus.
+COPY_BLOCK_TOKENS = 1 << 22
+
+
+def _little_endian(vocab_size: int):
+    return numpy.dtype(token_dtype(vocab_size)).newbyteorder("<")
+
+
+def _tokenize_into(stream, documents, tokenizer, val_fraction: float):
+    """Append each document's tokens, [BOS] text [EOS], to `stream`; return its spans
+    [(split, first token, token count)] in order, and the number of characters read."""
+    dtype = _little_endian(tokenizer.vocab_size)
+    spans, position, n_characters = [], 0, 0
+    for doc, text in documents:
+        n_characters += len(text)
+        count = 0
+        chunks = (tokenizer.encode_in_chunks(text, bos=True, eos=True) if hasattr(tokenizer, "encode_in_chunks")
+                  else [tokenizer.encode(text, bos=True, eos=True)])  # any object with encode() will do
+        for ids in chunks:
+            stream.write(numpy.asarray(ids, dtype=dtype).tobytes())
+            count += len(ids)
+        split = "val" if is_validation(doc.name, val_fraction) else "train"
+        spans.append((split, position, count))
+        position += count
+    return spans, n_characters
+
+
+def _split(spans: list, n_tokens: int, val_fraction: float):
+    """({split: [(first, count)]}, documents per split, rule): whole documents by their hash when
+    there are enough of them in both splits, else the last val_fraction of the stream."""
+    n_docs = {split: sum(1 for s, _, _ in spans if s == split) for split in ("train", "val")}
+    if len(spans) >= MIN_DOCUMENTS_TO_SPLIT and n_docs["train"] and n_docs["val"]:
+        ranges = {split: [(first, count) for s, first, count in spans if s == split] for split in ("train", "val")}
+        return ranges, n_docs, "documents"
+    cut = n_tokens - max(1, int(round(n_tokens * val_fraction)))
+    return {"train": [(0, cut)], "val": [(cut, n_tokens - cut)]}, {"train": len(spans), "val": 0}, "tail"
 
 
 def _open_token_data(directory: Path) -> TokenData:

@@ -116,16 +116,24 @@ def write_synced(path: Path, data: bytes) -> None:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one.
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    with writing_atomically(path) as file:
+        file.write(data)
 
-    The temporary sibling is written and fsynced, renamed over `path` (atomic), and the folder is
-    fsynced so the rename itself is durable.
-    """
+
+@contextlib.contextmanager
+def writing_atomically(path: Path):
+    """A file to write `path` through, bit by bit: it is the temporary sibling, fsynced and renamed
+    over `path` (atomic) when the block ends, then the folder is fsynced so the rename is durable.
+    An error (or a kill) in the block leaves `path` as it was; the temporary is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(path)
     try:
-        write_synced(temporary, data)
+        with open(temporary, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

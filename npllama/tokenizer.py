@@ -64,6 +64,7 @@ DEFAULT_MAX_SENTENCES = 1_000_000  # about 40 MB of code: some 20 s of training 
 MAX_MODEL_BYTES = 64 * 2**20
 
 WHITESPACE_SYMBOL = "\u2581"  # "▁": how SentencePiece writes a space inside a piece
+ENCODE_CHUNK_CHARS = 1 << 20  # encode_in_chunks: about 1M characters (some 40 MB of Python ints) at a time
 
 # The options of Meta's tokenizer.model (its trainer_spec and normalizer_spec).
 LLAMA_TRAINING_OPTIONS = dict(
@@ -114,6 +115,7 @@ class Tokenizer:
         self._processor = _processor_from_bytes(self._model_bytes, source)
         self._literal_whitespace_symbol_ids = self._byte_piece_ids(WHITESPACE_SYMBOL.encode())
         self._processor_without_dummy_prefix = None  # built when first needed
+        self._cuttable_vocabulary = None  # decided when first needed
 
     @classmethod
     def load(cls, path, what: str = "tokenizer file") -> Tokenizer:
@@ -181,16 +183,52 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, not {type(text).__name__}")
         ids = [self._special_id("bos", self.bos_id)] if bos else []
+        ids += self._encode_part(text, at_start=True)
+        if eos:
+            ids.append(self._special_id("eos", self.eos_id))
+        return ids
+
+    def encode_in_chunks(self, text: str, bos: bool = False, eos: bool = False,
+                         chunk_chars: int = ENCODE_CHUNK_CHARS):
+        """`encode(text, bos, eos)` as a sequence of lists whose concatenation is exactly that, each
+        from at most about `chunk_chars` characters, so a long text never becomes one list of ids
+        (some 40 bytes an id in Python) all at once.
+
+        The text is cut only where no piece of this vocabulary can cross: after a newline (no piece
+        holds one) or before a single space between two other characters (a space begins a piece or
+        continues a run of spaces, never ends one). A vocabulary where either is not so is encoded
+        whole, in one chunk.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, not {type(text).__name__}")
+        if not self._cuttable():
+            yield self.encode(text, bos, eos)
+            return
+        start = 0
+        while start < len(text):
+            end = _cut_point(text, start, chunk_chars)
+            ids = [self._special_id("bos", self.bos_id)] if bos and start == 0 else []
+            ids += self._encode_part(text[start:end], at_start=start == 0)
+            if eos and end == len(text):
+                ids.append(self._special_id("eos", self.eos_id))
+            yield ids
+            start = end
+        if not text:
+            yield self.encode(text, bos, eos)
+
+    def _encode_part(self, text: str, at_start: bool) -> list[int]:
+        """Ids of `text`, with SentencePiece's dummy prefix space only if it begins the whole text."""
+        processor = self._processor if at_start else self._without_dummy_prefix()
         try:
-            if self._literal_whitespace_symbol_ids and WHITESPACE_SYMBOL in text:
-                first, *after_each_symbol = text.split(WHITESPACE_SYMBOL)
-                ids += self._processor.encode(first)
-                for segment in after_each_symbol:
-                    ids += self._literal_whitespace_symbol_ids
-                    # Not the start of the text: no dummy prefix space in front of this segment.
-                    ids += self._without_dummy_prefix().encode(segment)
-            else:
-                ids += self._processor.encode(text)
+            if not (self._literal_whitespace_symbol_ids and WHITESPACE_SYMBOL in text):
+                return processor.encode(text)
+            first, *after_each_symbol = text.split(WHITESPACE_SYMBOL)
+            ids = processor.encode(first)
+            for segment in after_each_symbol:
+                ids += self._literal_whitespace_symbol_ids
+                # Not the start of the text: no dummy prefix space in front of this segment.
+                ids += self._without_dummy_prefix().encode(segment)
+            return ids
         except RuntimeError:  # what SentencePiece raises for a str that UTF-8 cannot encode
             try:
                 text.encode("utf-8")
@@ -198,9 +236,15 @@ class Tokenizer:
                 raise TokenizerError(f"text is not valid Unicode ({error}); "
                                      "decode it with errors='replace' first") from None
             raise
-        if eos:
-            ids.append(self._special_id("eos", self.eos_id))
-        return ids
+
+    def _cuttable(self) -> bool:
+        """Whether encode_in_chunks may cut: no piece holds a newline, and every piece holding "▁"
+        holds it only at its start (whitespace-only pieces included)."""
+        if self._cuttable_vocabulary is None:
+            pieces = [self._processor.id_to_piece(i) for i in range(self.vocab_size)]
+            self._cuttable_vocabulary = not any(
+                "\n" in piece or WHITESPACE_SYMBOL in piece.lstrip(WHITESPACE_SYMBOL) for piece in pieces)
+        return self._cuttable_vocabulary
 
     def decode(self, ids) -> str:
         """The text of a sequence of ids; BOS and EOS (control pieces) decode to nothing."""
@@ -245,6 +289,25 @@ class Tokenizer:
             self._processor_without_dummy_prefix = sentencepiece.SentencePieceProcessor(
                 model_proto=self._model_bytes + _NO_DUMMY_PREFIX)
         return self._processor_without_dummy_prefix
+
+
+def _cut_point(text: str, start: int, chunk_chars: int) -> int:
+    """The end of the chunk that begins at `start`: the last safe cut at most `chunk_chars` after it,
+    else the first one beyond; the end of the text when there is none."""
+    limit = start + chunk_chars
+    if limit >= len(text):
+        return len(text)
+    for cut in range(limit, start, -1):
+        if _safe_cut(text, cut):
+            return cut
+    return next((cut for cut in range(limit + 1, len(text)) if _safe_cut(text, cut)), len(text))
+
+
+def _safe_cut(text: str, cut: int) -> bool:
+    """Whether no piece can cross between text[cut - 1] and text[cut]: after a newline, or before
+    a single space between two other characters."""
+    return text[cut - 1] == "\n" or (text[cut] == " " and text[cut - 1] != " " and cut + 1 < len(text)
+                                      and text[cut + 1] != " ")
 
 
 def train_tokenizer(texts, vocab_size: int, *, seed: int = 0,

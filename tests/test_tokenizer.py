@@ -188,6 +188,25 @@ def test_text_of_spaces_nul_and_sentencepiece_space_symbol_round_trips(tokenizer
     assert tokenizer.decode(tokenizer.encode(text, bos=bos, eos=eos)) == text
 
 
+# texts with the places a chunk may be cut (newlines, lone spaces) and the places it must not
+# (runs of spaces, a space at either end, U+2581 beside a space), among words of real code
+code_words = st.sampled_from(["def", "x", "return", "(self)", "12", "é", "  ", "\t", "::", "__init__"])
+chunkable_texts = st.lists(tricky_characters | code_words, max_size=40).map("".join)
+
+
+@given(text=chunkable_texts, chunk_chars=st.integers(1, 12), bos=st.booleans(), eos=st.booleans())
+def test_encoding_in_chunks_gives_exactly_the_ids_of_encoding_whole(tokenizer, text, chunk_chars, bos, eos):
+    chunks = list(tokenizer.encode_in_chunks(text, bos=bos, eos=eos, chunk_chars=chunk_chars))
+    assert [i for chunk in chunks for i in chunk] == tokenizer.encode(text, bos=bos, eos=eos)
+
+
+def test_a_long_line_is_encoded_in_chunks_of_about_the_size_asked(tokenizer):
+    line = "value = compute(first, second) + other " * 2000  # 78,000 characters, no newline
+    chunks = list(tokenizer.encode_in_chunks(line, chunk_chars=1000))
+    assert len(chunks) >= 78 and max(map(len, chunks)) < 1000
+    assert [i for chunk in chunks for i in chunk] == tokenizer.encode(line)
+
+
 def test_plain_sentencepiece_reads_u2581_as_a_space_which_encode_works_around(tokenizer):
     # Why Tokenizer.encode splits the text at U+2581: SentencePiece alone loses it. If this test
     # fails, SentencePiece has changed, and the workaround may no longer be needed.
