@@ -50,6 +50,10 @@ from .train_config import TrainConfig, TrainError, command_line, default_cache_d
 __all__ = ["TrainConfig", "TrainError", "TrainInterrupted", "TrainResult", "train", "main"]
 
 
+class Diverged(TrainError):
+    """The loss, the gradient norm, the weights or the validation loss stopped being finite."""
+
+
 class TrainInterrupted(Exception):
     """SIGINT or SIGTERM stopped the run; the message says what was saved and how to resume.
 
@@ -235,7 +239,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     """Run the training `config` describes; `log` gets the progress notes (default: stderr).
 
     Bad settings, data or checkpoints raise a TrainError (or another NpllamaError) in one line,
-    before anything is written where possible; a run that fails before writing leaves no folder.
+    before anything is written where possible. A run that created --out and ends without a
+    checkpoint leaves no folder, unless it diverged (its log shows how).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     get_backend(config.backend)  # a backend that is unknown or not available stops here, in one line
@@ -244,15 +249,19 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     out = _output_folder(config)
     created_out = not out.exists()
     _check_writable(out, "--out")
+    keep_log = False
     try:
         with _only_writer_of(out), _stop_requests() as stops:
             resumed = _checkpoint_to_resume(config, model_config, out)
             return _train_into(config, model_config, out, resumed, stops, log)
     except _StopNow as stop:
         raise _interrupted(config, out, stop.signal_number) from None
+    except Diverged:
+        keep_log = True
+        raise
     finally:
         if created_out:
-            _remove_if_nothing_written(out)  # a run that failed before writing anything leaves no folder
+            _remove_unless_of_value(out, keep_log)
 
 
 def _interrupted(config: TrainConfig, out: Path, signal_number: int) -> TrainInterrupted:
@@ -282,9 +291,16 @@ def _only_writer_of(out: Path):
         yield
 
 
-def _remove_if_nothing_written(out: Path):
-    if out.is_dir() and {entry.name for entry in out.iterdir()} <= {files.LOCK_FILE}:
-        (out / files.LOCK_FILE).unlink(missing_ok=True)
+def _remove_unless_of_value(out: Path, keep_log: bool):
+    """Remove the folder this run created if it holds nothing to resume (no checkpoint) and nothing
+    but what the run itself wrote there (its lock, its log unless `keep_log`, its plot)."""
+    if not out.is_dir() or any(out.glob("step-*")):
+        return
+    written_here = {files.LOCK_FILE, "loss.png"} | (set() if keep_log else {"metrics.jsonl"})
+    entries = list(out.iterdir())
+    if all(entry.name in written_here and entry.is_file() for entry in entries):
+        for entry in entries:
+            entry.unlink()
         out.rmdir()
 
 
@@ -503,11 +519,11 @@ def _save_checkpoint(run: Run, state: RunState):
     state.last_checkpoint = (path, state.step)
 
 
-def _diverged(state: RunState, step: int, what: str) -> TrainError:
+def _diverged(state: RunState, step: int, what: str) -> Diverged:
     where = (f"the last good checkpoint is {state.last_checkpoint[0]} (step {state.last_checkpoint[1]})"
              if state.last_checkpoint else "no checkpoint had been written yet")
-    return TrainError(f"{what} at step {step}; stopped without saving; {where}; "
-                      "start a new run (another --out) with a lower --lr")
+    return Diverged(f"{what} at step {step}; stopped without saving; {where}; "
+                    "start a new run (another --out) with a lower --lr")
 
 
 def _write_row(metrics, row: dict):

@@ -276,3 +276,18 @@ def test_a_checkpoint_file_replaced_by_a_special_file_is_refused_without_blockin
         result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and str(target) in result.stderr, result.stderr
+
+
+@needs_rlimit
+def test_a_fresh_run_that_cannot_write_its_first_checkpoint_leaves_no_folder(corpus, tmp_path):
+    assert train_cli(*common(corpus, tmp_path, "warm-up"), "--steps", "1").returncode == 0  # fills the cache
+    result = train_with_file_size_limit(100_000, *common(corpus, tmp_path), "--steps", "3")
+    assert_one_line_error(result, "cannot write checkpoint")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_that_diverges_keeps_its_log(corpus, tmp_path):
+    result = train_cli(*common(corpus, tmp_path), "--steps", "40", "--lr", "1e8", "--warmup", "1000",
+                       "--checkpoint-every", "1000", "--eval-batches", "1")
+    assert_one_line_error(result, "no checkpoint had been written yet")
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name != ".lock"] == ["metrics.jsonl"]
