@@ -34,6 +34,10 @@ CHECKPOINT = "tests/test_checkpoint.py::"
 DATA = "tests/test_data.py::"
 AUDIT = "tests/test_audit.py::"
 GRADCHECK = "tests/test_gradcheck.py::"
+FAULTS = "tests/test_faults.py::"
+FILES = "tests/test_files.py::"
+TOKENIZER = "tests/test_tokenizer.py::"
+GENERATE = "tests/test_generate.py::"
 
 OPS = "npllama/ops/"
 
@@ -368,6 +372,43 @@ CATALOGUE = [
            '    start_step = int(saved["step"]) + 1\n',
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run starts one step after its checkpoint"),
+    # --- faults: locks, signals, full disks, bounded reads -------------------------------------
+    Mutant("lock-never-taken", "npllama/files.py",
+           "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n",
+           "            pass\n",
+           (FAULTS + "test_a_training_into_a_folder_another_process_holds_is_refused_naming_it",),
+           "the run folder's lock is never taken, so two trainings write into one folder"),
+    Mutant("signal-stops-without-a-checkpoint", "npllama/train.py",
+           "            checkpoint_now = _checkpoint_due(config, state.step) or run.stops.signal_number is not None\n",
+           "            checkpoint_now = _checkpoint_due(config, state.step)\n",
+           (FAULTS + "test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_it_bitwise",),
+           "SIGINT/SIGTERM end the loop without saving, losing the steps since the last checkpoint"),
+    Mutant("log-repair-keeps-rows-after-the-checkpoint", "npllama/train.py",
+           "        if isinstance(step, int) and step <= last_step:\n",
+           "        if isinstance(step, int):\n",
+           (FAULTS + "test_a_log_cut_short_by_a_full_disk_is_repaired_on_resume_and_the_run_ends_bitwise",),
+           "a resumed run keeps the log rows the interrupted run wrote after its checkpoint"),
+    Mutant("fresh-run-appends-to-an-old-log", "npllama/train.py",
+           "    _set_aside_metrics(run.metrics_path, log)\n", "",
+           (FAULTS + "test_a_fresh_run_keeps_the_log_of_a_run_that_wrote_no_checkpoint_apart",),
+           "a fresh run appends its rows to the log of an earlier run in the same folder"),
+    Mutant("read-limit-off-by-one-block", "npllama/files.py",
+           "    if len(data) > limit:\n",
+           "    if len(data) > limit + 1:\n",
+           (FILES + "test_a_regular_file_over_its_limit_is_refused_without_reading_it_all",),
+           "a file one byte over its size limit is read as if it fitted"),
+    Mutant("chunk-cut-inside-a-run-of-spaces", "npllama/tokenizer.py",
+           "    return text[cut - 1] == \"\\n\" or (text[cut] == \" \" and text[cut - 1] != \" \" "
+           "and cut + 1 < len(text)\n",
+           "    return text[cut - 1] == \"\\n\" or (text[cut] == \" \" and cut + 1 < len(text)\n",
+           (TOKENIZER + "test_encoding_in_chunks_gives_exactly_the_ids_of_encoding_whole",
+            TOKENIZER + "test_every_chunk_size_gives_the_whole_texts_ids_around_runs_of_spaces"),
+           "a long text is cut at the second space of a run, where a whitespace piece crosses"),
+    Mutant("kv-cache-never-grows", "npllama/generate.py",
+           "        if cache.length == cache.capacity:\n"
+           "            llama.grow_kv_cache(cache, min(2 * cache.capacity, len(prompt_ids) + budget))\n", "",
+           (GENERATE + "test_a_kv_cache_that_grows_while_decoding_gives_the_text_of_one_allocated_in_full",),
+           "decoding past the cache's first allocation overflows it instead of growing it"),
     # --- checkpoints ----------------------------------------------------------------------------
     Mutant("checkpoint-optimizer-step-not-restored", "npllama/checkpoint/format.py",
            '            step=document["optimizer_step"],\n',

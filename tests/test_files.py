@@ -66,3 +66,13 @@ def test_the_next_checkpoint_save_clears_every_dead_temporary_in_the_run_folder(
     params = {name: numpy.zeros(shape, "float32") for name, shape in parameter_shapes(config).items()}
     save_checkpoint(tmp_path, 1, config=config, params=params)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+
+
+def test_a_regular_file_over_its_limit_is_refused_without_reading_it_all(tmp_path):
+    big = tmp_path / "tokenizer.model"
+    big.write_bytes(b"x" * 1001)
+    assert files.read_regular_file(big, 1001, "--tokenizer") == b"x" * 1001
+    with pytest.raises(files.FileProblem, match=r"^--tokenizer .*: larger than 1,000 bytes"):
+        files.read_regular_file(big, 1000, "--tokenizer")
+    with pytest.raises(files.FileProblem, match=r"it is a folder, not a regular file"):
+        files.read_regular_file(tmp_path, 1000, "--tokenizer")

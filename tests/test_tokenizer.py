@@ -200,6 +200,15 @@ def test_encoding_in_chunks_gives_exactly_the_ids_of_encoding_whole(tokenizer, t
     assert [i for chunk in chunks for i in chunk] == tokenizer.encode(text, bos=bos, eos=eos)
 
 
+@pytest.mark.parametrize("text", ["a  self", "x   y", "def  f(x):\n    return  x\n", "a b  c   d    e",
+                                  "    x\t \tx     selfself    ", " lead", "trail ", "\n\n  \n x"])
+def test_every_chunk_size_gives_the_whole_texts_ids_around_runs_of_spaces(tokenizer, text):
+    """Runs of spaces are where a cut would break a whitespace piece ("▁▁" + "self", not "▁" + "▁self")."""
+    for chunk_chars in range(1, len(text) + 1):
+        chunks = tokenizer.encode_in_chunks(text, bos=True, eos=True, chunk_chars=chunk_chars)
+        assert [i for chunk in chunks for i in chunk] == tokenizer.encode(text, bos=True, eos=True), chunk_chars
+
+
 def test_a_long_line_is_encoded_in_chunks_of_about_the_size_asked(tokenizer):
     line = "value = compute(first, second) + other " * 2000  # 78,000 characters, no newline
     chunks = list(tokenizer.encode_in_chunks(line, chunk_chars=1000))
