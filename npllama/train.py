@@ -441,7 +441,7 @@ def _training_loop(run: Run, state: RunState):
                     dynamic_ncols=True, file=sys.stderr)
     # overflow shows up as a non-finite loss, gradient norm or weight, which stops the run with a
     # clear message below; NumPy's per-operation warnings would only bury that message
-    with progress, open(run.metrics_path, "ab", buffering=0) as metrics, \
+    with progress, _open_log(run.metrics_path) as metrics, \
             numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if state.step == 0:
             state.val_loss = _evaluate(state.params, run.model_config, run.val_batches)
@@ -524,6 +524,15 @@ def _diverged(state: RunState, step: int, what: str) -> Diverged:
              if state.last_checkpoint else "no checkpoint had been written yet")
     return Diverged(f"{what} at step {step}; stopped without saving; {where}; "
                     "start a new run (another --out) with a lower --lr")
+
+
+def _open_log(path: Path):
+    """The run's log, opened to append, unbuffered (see _write_row)."""
+    try:
+        return open(path, "ab", buffering=0)
+    except OSError as error:
+        raise TrainError(f"cannot write {path} ({error.strerror}); free some space or make the folder "
+                         "writable, then continue with --resume") from None
 
 
 def _write_row(metrics, row: dict):

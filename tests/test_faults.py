@@ -2,6 +2,7 @@
 files that never end, a damaged log. Each case checks the exit status, a single line without a
 traceback, and that everything loadable before is still loadable after."""
 
+import errno
 import json
 import os
 import re
@@ -291,3 +292,39 @@ def test_a_fresh_run_that_diverges_keeps_its_log(corpus, tmp_path):
                        "--checkpoint-every", "1000", "--eval-batches", "1")
     assert_one_line_error(result, "no checkpoint had been written yet")
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name != ".lock"] == ["metrics.jsonl"]
+
+
+# The errors a full, read-only or failing disk gives, injected where npllama opens files to write:
+# its log (train.py) and everything written through files.py (checkpoints, token cache,
+# tokenizer, plot, log repair).
+DISK_ERRORS = [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO]
+
+
+def failing_open(error_number, only="", real_open=open):
+    def open_that_fails_to_write(path, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax+") and only in str(path):
+            raise OSError(error_number, os.strerror(error_number), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    return open_that_fails_to_write
+
+
+@pytest.mark.parametrize("error_number", DISK_ERRORS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("where", ["log", "checkpoint", "plot"])
+def test_a_failing_write_is_one_line_and_keeps_every_checkpoint(corpus, tmp_path, capsys, monkeypatch, error_number,
+                                                                where):
+    args = common(corpus, tmp_path) + ["--checkpoint-every", "2", "--eval-batches", "1"]
+    assert train.main(args + ["--steps", "2"]) == 0
+    before = contents(tmp_path / "run")
+    capsys.readouterr()
+    fails = failing_open(error_number, only="loss.png" if where == "plot" else "")
+    monkeypatch.setattr(train if where == "log" else files, "open", fails, raising=False)
+    status = train.main(args + ["--steps", "4", "--resume"])
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(error) == 1, error
+    assert os.strerror(error_number) in error[0]
+    assert {"log": "metrics.jsonl", "checkpoint": "cannot write checkpoint", "plot": "loss.png"}[where] in error[0]
+    assert checkpoint.load_checkpoint(tmp_path / "run").step == (4 if where == "plot" else 2)
+    assert all(path.read_bytes() == data for path, data in before.items()
+               if path.name not in ("metrics.jsonl", "latest", "loss.png") and path.exists())
+    assert not [p for p in (tmp_path / "run").rglob(".tmp-*")]
