@@ -24,14 +24,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ import numpy
 
 from . import checkpoint as ckpt
 from . import data as corpus
-from . import files, optim
+from . import files, optim, run_log, stopping
 from . import model as llama
 from .backend import get_backend
 from .errors import NpllamaError
@@ -65,46 +63,6 @@ class TrainInterrupted(Exception):
         self.exit_status = 128 + signal_number
 
 
-class _StopRequests:
-    """SIGINT and SIGTERM while a run trains: the first asks the loop to stop after its step (and
-    checkpoint); a second, or one that comes before the loop has begun, stops at once."""
-
-    def __init__(self):
-        self.signal_number = None  # the first signal received
-        self.deferring = False  # True while the training loop can stop cleanly at its next step
-
-    def __call__(self, signal_number, frame):
-        if self.deferring and self.signal_number is None:
-            self.signal_number = signal_number
-            return
-        self.signal_number = self.signal_number or signal_number
-        raise _StopNow(signal_number)
-
-
-class _StopNow(BaseException):
-    """Raised inside whatever runs when a signal must stop the run at once (never caught as an Exception)."""
-
-    def __init__(self, signal_number: int):
-        super().__init__(signal_number)
-        self.signal_number = signal_number
-
-
-@contextlib.contextmanager
-def _stop_requests():
-    """Route SIGINT and SIGTERM to a _StopRequests for the block (where signals can be handled:
-    the main thread), and restore the previous handlers after it."""
-    requests = _StopRequests()
-    if threading.current_thread() is not threading.main_thread():
-        yield requests
-        return
-    previous = {number: signal.signal(number, requests) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requests
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 @dataclass(frozen=True)
 class TrainResult:
     """What a finished run leaves: its folder, its newest checkpoint and final validation loss, the sample."""
@@ -126,7 +84,7 @@ class Run:
     tokenizer: Tokenizer
     data_id: str
     val_batches: list
-    stops: _StopRequests
+    stops: stopping.StopRequests
 
     @property
     def metrics_path(self) -> Path:
@@ -207,34 +165,6 @@ def _evaluate(params, config, batches) -> float:
     return float(numpy.mean(losses)) if losses else float("nan")
 
 
-def _plot(metrics_path: Path, out_path: Path, log):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no loss.png (pip install 'npllama[plot]')")
-        return
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=120)
-    plt.close(fig)
-    _write_file(out_path, image.getvalue())
-
-
 def train(config: TrainConfig, log=None) -> TrainResult:
     """Run the training `config` describes; `log` gets the progress notes (default: stderr).
 
@@ -251,10 +181,10 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     _check_writable(out, "--out")
     keep_log = False
     try:
-        with _only_writer_of(out), _stop_requests() as stops:
+        with _only_writer_of(out), stopping.stop_requests() as stops:
             resumed = _checkpoint_to_resume(config, model_config, out)
             return _train_into(config, model_config, out, resumed, stops, log)
-    except _StopNow as stop:
+    except stopping.StopNow as stop:
         raise _interrupted(config, out, stop.signal_number) from None
     except Diverged:
         keep_log = True
@@ -358,9 +288,9 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
 
     _training_loop(run, state)
     if stops.signal_number is not None:
-        raise _StopNow(stops.signal_number)  # the loop stopped early and saved a checkpoint
+        raise stopping.StopNow(stops.signal_number)  # the loop stopped early and saved a checkpoint
 
-    _plot(run.metrics_path, out / "loss.png", log)
+    run_log.plot(run.metrics_path, out / "loss.png", log)
     log(f"checkpoint: {state.last_checkpoint[0]}")
     sample = None
     if config.sample_tokens > 0:
@@ -392,7 +322,7 @@ def _validation_batches(config: TrainConfig, tokens, log) -> list:
 
 
 def _fresh_state(run: Run, sampler, log) -> RunState:
-    _set_aside_metrics(run.metrics_path, log)
+    run_log.set_aside(run.metrics_path, log)
     params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype)
     return RunState(params, optim.init_state(params), sampler, step=0)
 
@@ -421,7 +351,7 @@ def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
                          f"{run.config.steps}; pass a larger --steps to train further")
     sampler.restore(saved["sampler"])
     params = {name: p.astype(run.config.dtype, copy=False) for name, p in resumed.params.items()}
-    _repair_metrics(run.metrics_path, start_step, log)
+    run_log.repair(run.metrics_path, start_step, log)
     log(f"resumed from {resumed.path} at step {start_step}")
     return RunState(params, resumed.optimizer_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step))
 
@@ -441,11 +371,11 @@ def _training_loop(run: Run, state: RunState):
                     dynamic_ncols=True, file=sys.stderr)
     # overflow shows up as a non-finite loss, gradient norm or weight, which stops the run with a
     # clear message below; NumPy's per-operation warnings would only bury that message
-    with progress, _open_log(run.metrics_path) as metrics, \
+    with progress, run_log.open_log(run.metrics_path) as metrics, \
             numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if state.step == 0:
             state.val_loss = _evaluate(state.params, run.model_config, run.val_batches)
-            _write_row(metrics, {"step": 0, "val_loss": state.val_loss})
+            run_log.write_row(metrics, {"step": 0, "val_loss": state.val_loss})
             progress.write(f"step 0: validation loss {state.val_loss:.4f} "
                            f"(ln V = {math.log(run.model_config.vocab_size):.4f})", file=sys.stderr)
         run.stops.deferring = True
@@ -466,7 +396,7 @@ def _training_loop(run: Run, state: RunState):
             if checkpoint_now or _evaluation_due(config, state.step):
                 state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches)
                 progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}", file=sys.stderr)
-            _write_row(metrics, record)
+            run_log.write_row(metrics, record)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             progress.update(1)
             if checkpoint_now:
@@ -524,74 +454,6 @@ def _diverged(state: RunState, step: int, what: str) -> Diverged:
              if state.last_checkpoint else "no checkpoint had been written yet")
     return Diverged(f"{what} at step {step}; stopped without saving; {where}; "
                     "start a new run (another --out) with a lower --lr")
-
-
-def _open_log(path: Path):
-    """The run's log, opened to append, unbuffered (see _write_row)."""
-    try:
-        return open(path, "ab", buffering=0)
-    except OSError as error:
-        raise TrainError(f"cannot write {path} ({error.strerror}); free some space or make the folder "
-                         "writable, then continue with --resume") from None
-
-
-def _write_row(metrics, row: dict):
-    """Append one JSON line to the log, an unbuffered file: what a failed write leaves is on disk,
-    never held in a buffer that closing the file would try, and fail, to write again."""
-    line = (json.dumps(row) + "\n").encode()
-    try:
-        while line:
-            line = line[metrics.write(line):]
-    except OSError as error:
-        raise TrainError(f"cannot write {metrics.name} ({error.strerror}); free some space or make the folder "
-                         "writable, then continue with --resume") from None
-
-
-def _repair_metrics(path: Path, last_step: int, log):
-    """Keep the log rows up to the checkpoint's step; drop those written after it by the run being
-    resumed, and any line a kill or a full disk cut short. Says what it dropped, in one line."""
-    kind = files.kind_of(path)
-    if kind is None:
-        return
-    if kind != "regular file":
-        raise TrainError(f"{path} is a {kind}, not the run's log; move it away, then resume")
-    kept, after, unreadable = [], 0, 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            unreadable += 1
-            continue
-        if isinstance(step, int) and step <= last_step:
-            kept.append(line)
-        else:
-            after += 1
-    if after or unreadable:
-        log(f"{path.name}: dropped {after} row(s) after step {last_step} and {unreadable} unreadable line(s)")
-        _write_file(path, "".join(line + "\n" for line in kept).encode())
-
-
-def _set_aside_metrics(path: Path, log):
-    """A fresh run's log starts empty: one left by a run that wrote no checkpoint is renamed, not appended to."""
-    if not path.exists():
-        return
-    number = 1
-    while (kept := path.with_name(f"metrics-unfinished-{number}.jsonl")).exists():
-        number += 1
-    try:
-        os.rename(path, kept)
-    except OSError as error:
-        raise TrainError(f"cannot rename {path} ({error.strerror}); move it away or choose another --out") from None
-    log(f"{path.name} of an earlier run that wrote no checkpoint is kept as {kept.name}")
-
-
-def _write_file(path: Path, data: bytes):
-    """Write a run's file atomically, or stop with one line saying which and why."""
-    try:
-        files.write_atomically(path, data)
-    except OSError as error:
-        raise TrainError(f"cannot write {path} ({error.strerror}); free some space or make the folder writable, "
-                         "then continue with --resume") from None
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from npllama import checkpoint, files, train
+from npllama import checkpoint, files, run_log, train
 from training import assert_one_line_error, common, contents, read_metrics, train_cli
 
 
@@ -295,7 +295,7 @@ def test_a_fresh_run_that_diverges_keeps_its_log(corpus, tmp_path):
 
 
 # The errors a full, read-only or failing disk gives, injected where npllama opens files to write:
-# its log (train.py) and everything written through files.py (checkpoints, token cache,
+# its log (run_log.py) and everything written through files.py (checkpoints, token cache,
 # tokenizer, plot, log repair).
 DISK_ERRORS = [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO]
 
@@ -318,7 +318,7 @@ def test_a_failing_write_is_one_line_and_keeps_every_checkpoint(corpus, tmp_path
     before = contents(tmp_path / "run")
     capsys.readouterr()
     fails = failing_open(error_number, only="loss.png" if where == "plot" else "")
-    monkeypatch.setattr(train if where == "log" else files, "open", fails, raising=False)
+    monkeypatch.setattr(run_log if where == "log" else files, "open", fails, raising=False)
     status = train.main(args + ["--steps", "4", "--resume"])
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(error) == 1, error

@@ -267,7 +267,7 @@ def test_help_states_each_default_once():
 
 
 def test_loss_png_is_drawn_when_matplotlib_is_installed_and_skipped_with_one_note_otherwise(tmp_path, monkeypatch):
-    from npllama import train
+    from npllama import run_log
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 6.0 - 0.1 * s, **({"val_loss": 6.0 - 0.09 * s}
@@ -275,10 +275,10 @@ def test_loss_png_is_drawn_when_matplotlib_is_installed_and_skipped_with_one_not
                                for s in range(1, 21)))
     notes = []
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
-    train._plot(metrics, tmp_path / "loss.png", notes.append)
+    run_log.plot(metrics, tmp_path / "loss.png", notes.append)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and notes == []
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    train._plot(metrics, tmp_path / "again.png", notes.append)
+    run_log.plot(metrics, tmp_path / "again.png", notes.append)
     assert not (tmp_path / "again.png").exists()
     assert notes == ["matplotlib is not installed: no loss.png (pip install 'npllama[plot]')"]

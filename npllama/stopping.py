@@ -1,0 +1,53 @@
+"""Stopping a run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`).
+
+The first signal while the training loop runs only asks it to stop: the loop finishes its step,
+saves a checkpoint and ends. A second signal, or one while nothing can be saved yet (the data is
+being prepared), stops at once by raising StopNow wherever the program is; every file npllama
+writes is written atomically, so stopping at any instant leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+
+class StopRequests:
+    """SIGINT and SIGTERM while a run trains: the first asks the loop to stop after its step (and
+    checkpoint); a second, or one that comes before the loop has begun, stops at once."""
+
+    def __init__(self):
+        self.signal_number = None  # the first signal received
+        self.deferring = False  # True while the training loop can stop cleanly at its next step
+
+    def __call__(self, signal_number, frame):
+        if self.deferring and self.signal_number is None:
+            self.signal_number = signal_number
+            return
+        self.signal_number = self.signal_number or signal_number
+        raise StopNow(signal_number)
+
+
+class StopNow(BaseException):
+    """Raised inside whatever runs when a signal must stop the run at once (never caught as an Exception)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Route SIGINT and SIGTERM to a StopRequests for the block (where signals can be handled:
+    the main thread), and restore the previous handlers after it."""
+    requests = StopRequests()
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+    previous = {number: signal.signal(number, requests) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
