@@ -105,6 +105,9 @@ class RunState:
 
 
 def _check_writable(folder: Path, flag: str):
+    kind = files.kind_of(folder)
+    if kind not in (None, "folder"):
+        raise TrainError(f"{flag} {folder}: it is a {kind}, not a folder; choose a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"

@@ -328,3 +328,32 @@ def test_a_failing_write_is_one_line_and_keeps_every_checkpoint(corpus, tmp_path
     assert all(path.read_bytes() == data for path, data in before.items()
                if path.name not in ("metrics.jsonl", "latest", "loss.png") and path.exists())
     assert not [p for p in (tmp_path / "run").rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize("error_number", DISK_ERRORS, ids=errno.errorcode.get)
+def test_a_tokenizer_that_cannot_be_saved_is_one_line_and_leaves_no_run_folder(corpus, tmp_path, capsys,
+                                                                               monkeypatch, error_number):
+    folder, _ = corpus
+    monkeypatch.setattr(files, "open", failing_open(error_number, only="bpe-512"), raising=False)
+    status = train.main(["--preset", "nano", "--vocab-size", "512", "--data", str(folder), "--no-progress",
+                         "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "2"])
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(error) == 1 and "cannot write tokenizer file" in error[0], error
+    assert os.strerror(error_number) in error[0]
+    assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "cache").rglob("*.model")) and not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+@needs_fifos
+@pytest.mark.parametrize("flag", ["--out", "--cache-dir", "--resume"])
+def test_a_fifo_where_a_folder_is_expected_is_refused_in_one_line(corpus, tmp_path, flag):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = common(corpus, tmp_path) + ["--steps", "2"]
+    if flag == "--resume":
+        args += ["--resume", str(fifo)]
+    else:
+        args[args.index(flag) + 1] = str(fifo)
+    result = train_cli(*args)
+    assert_one_line_error(result, f"{fifo}: ", "FIFO" if flag != "--resume" else "not a folder")
+    assert fifo.exists() and not (tmp_path / "run").exists()
