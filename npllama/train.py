@@ -290,13 +290,13 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
         f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}")
 
     _training_loop(run, state)
-    if stops.signal_number is not None:
+    if stops.signal_number is not None and state.step < config.steps:
         raise stopping.StopNow(stops.signal_number)  # the loop stopped early and saved a checkpoint
 
     run_log.plot(run.metrics_path, out / "loss.png", log)
     log(f"checkpoint: {state.last_checkpoint[0]}")
     sample = None
-    if config.sample_tokens > 0:
+    if config.sample_tokens > 0 and stops.signal_number is None:  # a signal in the last step: no sample
         from .generate import generate
 
         prompt = config.sample_prompt if config.sample_prompt is not None else ("def " if config.data is None else "")
