@@ -25,10 +25,10 @@ class FileProblem(NpllamaError):
 
 def kind_of(path: Path) -> str | None:
     """What `path` is ("regular file", "folder", "FIFO", "character device", ...), following links;
-    None when nothing is there."""
+    None when nothing is there (or nothing can be: one of its folders is a file)."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there, or a file where a folder should be
         return None
     except OSError as error:
         return f"unreadable entry ({error.strerror})"
