@@ -106,9 +106,8 @@ def find_documents(sources: list[str] | None, flag: str = "--data") -> list[Docu
                 raise DataError(f"{flag} {source}: the pattern matches no files")
             fixed = _fixed_prefix(os.path.expanduser(source))
             documents += [Document(p, os.path.relpath(p, fixed), False) for p in found]
-        elif kind_of(path) is not None:
-            raise DataError(f"{flag} {source}: it is a {kind_of(path)}, not a file or folder of text; "
-                            "pass regular files")
+        elif (kind := kind_of(path)) is not None:
+            raise DataError(f"{flag} {source}: it is a {kind}, not a file or folder of text; pass regular files")
         else:
             raise DataError(f"{flag} {source}: no such file or folder")
     return documents
@@ -261,9 +260,7 @@ def _tokenize_into(stream, documents, tokenizer, val_fraction: float):
     for doc, text in documents:
         n_characters += len(text)
         count = 0
-        chunks = (tokenizer.encode_in_chunks(text, bos=True, eos=True) if hasattr(tokenizer, "encode_in_chunks")
-                  else [tokenizer.encode(text, bos=True, eos=True)])  # any object with encode() will do
-        for ids in chunks:
+        for ids in tokenizer.encode_in_chunks(text, bos=True, eos=True):
             stream.write(numpy.asarray(ids, dtype=dtype).tobytes())
             count += len(ids)
         split = "val" if is_validation(doc.name, val_fraction) else "train"

@@ -20,7 +20,14 @@ LOCK_FILE = ".lock"
 
 
 class FileProblem(NpllamaError):
-    """A file that cannot be read as one: missing, not a regular file, or larger than such a file can be."""
+    """A file that cannot be read as one: missing, not a regular file, or larger than such a file can be.
+
+    `problem` is what is wrong, without the file's name or the fix (for callers with messages of their own).
+    """
+
+    def __init__(self, what: str, path: Path, problem: str, fix: str):
+        self.problem = problem
+        super().__init__(f"{what} {path}: {problem}; {fix}")
 
 
 def kind_of(path: Path) -> str | None:
@@ -50,16 +57,16 @@ def read_regular_file(path: Path, limit: int, what: str) -> bytes:
     path = Path(path)
     kind = kind_of(path)
     if kind is None:
-        raise FileProblem(f"{what} {path}: no such file; check the path")
+        raise FileProblem(what, path, "no such file", "check the path")
     if kind != "regular file":
-        raise FileProblem(f"{what} {path}: it is a {kind}, not a regular file; pass a file")
+        raise FileProblem(what, path, f"it is a {kind}, not a regular file", "pass a file")
     try:
         with open(path, "rb") as file:
             data = file.read(limit + 1)
     except OSError as error:
-        raise FileProblem(f"{what} {path}: cannot read it ({error.strerror}); check its permissions") from None
+        raise FileProblem(what, path, f"cannot read it ({error.strerror})", "check its permissions") from None
     if len(data) > limit:
-        raise FileProblem(f"{what} {path}: larger than {limit:,} bytes, more than such a file can be; "
+        raise FileProblem(what, path, f"larger than {limit:,} bytes, more than such a file can be",
                           "check that it is the right file")
     return data
 

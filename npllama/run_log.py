@@ -19,8 +19,7 @@ def open_log(path: Path):
     try:
         return open(path, "ab", buffering=0)
     except OSError as error:
-        raise TrainError(f"cannot write {path} ({error.strerror}); free some space or make the folder "
-                         "writable, then continue with --resume") from None
+        raise _cannot_write(path, error) from None
 
 
 def write_row(metrics, row: dict):
@@ -31,8 +30,7 @@ def write_row(metrics, row: dict):
         while line:
             line = line[metrics.write(line):]
     except OSError as error:
-        raise TrainError(f"cannot write {metrics.name} ({error.strerror}); free some space or make the folder "
-                         "writable, then continue with --resume") from None
+        raise _cannot_write(metrics.name, error) from None
 
 
 def repair(path: Path, last_step: int, log):
@@ -78,8 +76,12 @@ def write_file(path: Path, data: bytes):
     try:
         files.write_atomically(path, data)
     except OSError as error:
-        raise TrainError(f"cannot write {path} ({error.strerror}); free some space or make the folder writable, "
-                         "then continue with --resume") from None
+        raise _cannot_write(path, error) from None
+
+
+def _cannot_write(path, error: OSError) -> TrainError:
+    return TrainError(f"cannot write {path} ({error.strerror}); free some space or make the folder writable, "
+                      "then continue with --resume")
 
 
 def plot(metrics_path: Path, out_path: Path, log):

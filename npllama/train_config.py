@@ -26,6 +26,8 @@ from .cli import OneLineParser
 from .errors import NpllamaError
 from .model import PRESETS
 
+DTYPES = ("float32", "float64")  # the parameter dtypes training supports
+
 
 class TrainError(NpllamaError):
     """A problem with the run's settings or state, stated in one line."""
@@ -100,8 +102,8 @@ class TrainConfig:
     checkpoint_every: int = _setting(200, "checkpoint every N steps and at the end, with a validation loss; "
                                           "weights that diverged (non-finite) are never saved", rule=_at_least(1))
     keep_checkpoints: int = _setting(2, "how many of the newest checkpoints to keep (0: all)", rule=_at_least(0))
-    dtype: str = _setting("float32", "parameter dtype", saved=True, choices=["float32", "float64"],
-                          rule=(lambda name: name in ("float32", "float64"), "{flag} must be float32 or float64"))
+    dtype: str = _setting("float32", "parameter dtype", saved=True, choices=DTYPES,
+                          rule=(lambda name: name in DTYPES, "{flag} must be float32 or float64"))
     cache_dir: str | None = _setting(None, f"tokenizer and token cache (default: {default_cache_dir()})")
     sample_tokens: int = _setting(80, "tokens to generate at the end (0: none)", rule=_at_least(0))
     sample_prompt: str | None = _setting(None, "prompt of the final sample (default: 'def ' on the built-in "

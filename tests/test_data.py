@@ -23,6 +23,9 @@ class ByteTokenizer:
         self.calls += 1
         return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
 
+    def encode_in_chunks(self, text, bos=False, eos=False):
+        yield self.encode(text, bos, eos)
+
 
 def write_corpus(folder, n_files=12):
     folder.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def test_a_refused_fresh_run_leaves_no_folder_behind(corpus, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+@pytest.mark.skipif(os.name != "posix", reason="the run lock is flock(2), which only POSIX systems have")
 def test_the_lock_file_of_a_killed_run_does_not_block_the_next(corpus, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / ".lock").write_text("4194305\n")  # a holder that no longer exists

@@ -251,8 +251,7 @@ def _read_small(file: Path, fix: str) -> bytes:
     try:
         return read_regular_file(file, MAX_JSON_BYTES, "checkpoint file")
     except FileProblem as problem:
-        what = str(problem).split(": ", 1)[1].split(";")[0]  # the problem without the path and the fix
-        raise CheckpointError(what, file, fix) from None
+        raise CheckpointError(problem.problem, file, fix) from None
 
 
 def _read_config(file: Path, fix: str) -> LlamaConfig:
