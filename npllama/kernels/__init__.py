@@ -1,0 +1,28 @@
+"""npllama's own CUDA kernels, for the CuPy backend: attention (forward and backward) and the
+deterministic embedding backward.
+
+Each kernel's source is package data (`attention.cu`, `embedding.cu`); its Python module says which
+instances exist and computes each launch (`Launch`), which the CuPy path and the CPU harness of the
+tests both run. `python -m npllama.kernels` compiles every instance through NVRTC, without a GPU,
+and reports its registers, shared memory and spills.
+"""
+
+from dataclasses import dataclass
+
+# What CuPy passes to NVRTC for a RawModule: ours, then the two CuPy adds on its own. The compile
+# report (python -m npllama.kernels) passes all three, so it checks what runs.
+COMPILE_OPTIONS = ("--std=c++17",)
+CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the C++ name of the instance, grid, block, dynamic shared bytes, arguments.
+
+    Arrays are C-contiguous (passed as pointers); scalars are NumPy scalars of the exact C++ type."""
+
+    kernel: str
+    grid: tuple
+    block: tuple
+    shared_bytes: int
+    args: tuple

@@ -1,0 +1,134 @@
+"""python -m npllama.kernels: compile every kernel instance for sm_80 and sm_90, without a GPU.
+
+NVRTC (through CuPy's `cupy_backends.cuda.libs.nvrtc`, which needs no driver) compiles each source
+to a cubin with the options CuPy uses, and ptxas reports each instance's registers, stack and
+spills. The table lists them with the dynamic shared memory each launch asks for. Exit 1 on a
+compile error, a spill, or a block asking for more shared memory than the architecture allows;
+exit 2 when NVRTC cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+from . import COMPILE_OPTIONS, CUPY_ADDED_OPTIONS
+from . import attention as attention_kernels
+from . import embedding as embedding_kernels
+
+ARCHITECTURES = ("sm_80", "sm_90")
+MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # per block, opted in
+SOURCES = {"attention.cu": attention_kernels, "embedding.cu": embedding_kernels}
+
+
+class CompileError(Exception):
+    """NVRTC refused a source: the message is its log."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What ptxas reports for one kernel instance on one architecture."""
+
+    kernel: str
+    arch: str
+    registers: int
+    stack_bytes: int
+    spill_bytes: int  # stores + loads
+    static_shared_bytes: int
+    dynamic_shared_bytes: int
+
+    @property
+    def problem(self) -> str | None:
+        if self.spill_bytes:
+            return f"spills {self.spill_bytes} bytes"
+        shared = self.static_shared_bytes + self.dynamic_shared_bytes
+        if shared > MAX_SHARED_BYTES[self.arch]:
+            return f"asks for {shared} bytes of shared memory, more than {self.arch}'s {MAX_SHARED_BYTES[self.arch]}"
+        return None
+
+
+def nvrtc_module():
+    """CuPy's NVRTC binding, or None when it or the NVRTC library is missing."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception:  # ImportError, or CuPy's own error when libnvrtc cannot be loaded
+        return None
+    return nvrtc
+
+
+def compile_instances(nvrtc, source: str, filename: str, names: list[str], arch: str) -> tuple[str, dict]:
+    """Compile `source` with the instances `names` for `arch`: (ptxas log, {mangled name: name})."""
+    program = nvrtc.createProgram(source, filename, [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(program, name)
+        options = [f"--gpu-architecture={arch}", *COMPILE_OPTIONS, *CUPY_ADDED_OPTIONS, "--ptxas-options=-v"]
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError:
+            raise CompileError(nvrtc.getProgramLog(program)) from None
+        nvrtc.getCUBIN(program)  # the cubin exists: ptxas ran to the end
+        return nvrtc.getProgramLog(program), {nvrtc.getLoweredName(program, name): name for name in names}
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+def parse_ptxas(log: str, names: dict, shared: dict, arch: str) -> list[Resources]:
+    """One Resources per entry function in ptxas's verbose log."""
+    found, kernel, stack, spills = [], None, 0, 0
+    for line in log.splitlines():
+        if match := re.search(r"Compiling entry function '([^']+)'", line):
+            kernel = names.get(match.group(1), match.group(1))
+        elif match := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+            stack, spills = int(match.group(1)), int(match.group(2)) + int(match.group(3))
+        elif match := re.search(r"Used (\d+) registers", line):
+            static = re.search(r"(\d+) bytes smem", line)
+            found.append(Resources(kernel, arch, int(match.group(1)), stack, spills,
+                                   int(static.group(1)) if static else 0, shared.get(kernel, 0)))
+    return found
+
+
+def report(nvrtc) -> tuple[list[Resources], list[str]]:
+    """Every instance on every architecture, and the compile errors."""
+    rows, errors = [], []
+    for filename, module in SOURCES.items():
+        instances = dict(module.instances())
+        for arch in ARCHITECTURES:
+            try:
+                log, names = compile_instances(nvrtc, module.source(), filename, list(instances), arch)
+            except CompileError as error:
+                errors.append(f"{filename} for {arch}:\n{error}")
+                continue
+            compiled = parse_ptxas(log, names, instances, arch)
+            missing = set(instances) - {row.kernel for row in compiled}
+            errors += [f"{filename} for {arch}: ptxas reported nothing for {name}" for name in sorted(missing)]
+            rows += compiled
+    return rows, errors
+
+
+def main(argv=None) -> int:
+    nvrtc = nvrtc_module()
+    if nvrtc is None:
+        print('error: NVRTC is not available: pip install "npllama[gpu]" nvidia-cuda-nvrtc (the test extra pins '
+              "the version this report was checked with)", file=sys.stderr)
+        return 2
+    major, minor = nvrtc.getVersion()
+    print(f"NVRTC {major}.{minor}; options {' '.join((*COMPILE_OPTIONS, *CUPY_ADDED_OPTIONS))}")
+    rows, errors = report(nvrtc)
+    print(f"{'kernel':62} {'arch':6} {'regs':>4} {'stack':>5} {'spill':>5} {'smem':>7}  problem")
+    for row in rows:
+        shared = row.static_shared_bytes + row.dynamic_shared_bytes
+        print(f"{row.kernel:62} {row.arch:6} {row.registers:4d} {row.stack_bytes:5d} {row.spill_bytes:5d} "
+              f"{shared:7d}  {row.problem or ''}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    problems = [row for row in rows if row.problem]
+    print(f"{len(rows)} instances, {len(problems)} with a problem, {len(errors)} compile errors")
+    return 1 if problems or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
