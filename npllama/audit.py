@@ -26,7 +26,7 @@ from .errors import NpllamaError, few
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .params import NORM, parameter_table
 
-OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "cross_entropy", "model")
+OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "attention_kv", "cross_entropy", "model")
 
 # A model small enough to difference entry by entry, big enough to have every structure:
 # two layers, two heads of dim 4, an FFN width that is not a multiple of the model dim.
@@ -51,8 +51,12 @@ def op_cases(rng, xp):
     yield ("rope", lambda x: rope.forward(x, cos, sin), rope.backward, {"x": normal(2, 5, 3, 8)}, ["x"])
     yield ("swiglu", swiglu.forward, swiglu.backward, {"a": 2 * normal(2, 3, 7), "b": normal(2, 3, 7)},
            ["a", "b"])
+    # head dim 16: on --backend cupy both run the CUDA kernels (their float64 instance); attention_kv has
+    # fewer queries than keys, the queries after a KV cache that generation runs
     yield ("attention", lambda q, k, v: attention.forward(q, k, v, tile_size=4), attention.backward,
-           {"q": normal(2, 2, 9, 4), "k": normal(2, 2, 9, 4), "v": normal(2, 2, 9, 4)}, ["q", "k", "v"])
+           {"q": normal(2, 2, 9, 16), "k": normal(2, 2, 9, 16), "v": normal(2, 2, 9, 16)}, ["q", "k", "v"])
+    yield ("attention_kv", lambda q, k, v: attention.forward(q, k, v, tile_size=4), attention.backward,
+           {"q": normal(1, 2, 3, 16), "k": normal(1, 2, 9, 16), "v": normal(1, 2, 9, 16)}, ["q", "k", "v"])
     targets = xp.asarray(numpy.array([3, 0, -100, 10, 7, 7]))  # one ignored row
     yield ("cross_entropy", lambda logits: cross_entropy.forward(logits, targets), cross_entropy.backward,
            {"logits": 3 * normal(6, 11)}, ["logits"])
@@ -119,7 +123,7 @@ def _parser():
                         help="seed for inputs, directions and entries (default 0)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     parser.add_argument("--backend", default="numpy",
-                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")
+                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: a CUDA GPU, with npllama's kernels)")
     parser.add_argument("--only", nargs="+", metavar="OP", help=f"check only these ops: {', '.join(OPS)}")
     return parser
 

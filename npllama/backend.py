@@ -7,18 +7,23 @@ Two ways to name one, and the only place in npllama that knows how to recognise 
 
 Ops never choose a backend: they take the namespace of their inputs, so the same lines run on
 NumPy and CuPy. Entry points resolve `--backend` through `get_backend`, which raises a one-line
-`BackendError` for a name it does not know or a backend that is not available. The GPU backend
-(CuPy with the CUDA attention kernel) is not part of this release: `get_backend("cupy")` says so.
+`BackendError` for a name it does not know or a backend that cannot run here: CuPy missing, CuPy
+without a GPU it can use, or without the NVRTC library it compiles npllama's kernels with.
+
+On CuPy, matrix products are cuBLAS's in the arrays' dtype: float32 means float32, because CuPy
+uses TF32 only when the environment sets CUPY_TF32=1, and npllama never does.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy
 
 from .errors import NpllamaError
 
 __all__ = ["BACKENDS", "BackendError", "array_namespace", "compute_dtype", "get_backend", "is_cupy_array",
-           "to_host"]
+           "synchronize", "to_host"]
 
 BACKENDS = ("numpy", "cupy")
 
@@ -53,11 +58,48 @@ def to_host(array) -> numpy.ndarray:
     return numpy.asarray(array)
 
 
+def synchronize(xp):
+    """Wait until the device has finished the work queued so far (for timing); nothing on NumPy."""
+    if xp is not numpy:
+        xp.cuda.get_current_stream().synchronize()
+
+
 def get_backend(name: str):
     """The array module for --backend `name`, or a BackendError that says what to pass instead."""
     if name == "numpy":
         return numpy
     if name == "cupy":
-        raise BackendError("--backend cupy: the GPU backend is not available yet in this release; "
-                           "use --backend numpy")
+        return _usable_cupy()
     raise BackendError(f"--backend {name!r} is unknown; choose one of {', '.join(BACKENDS)}")
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _usable_cupy():
+    """CuPy, once it is known to import, to see a GPU and to load NVRTC; else a one-line BackendError."""
+    if importlib.util.find_spec("cupy") is None:
+        raise BackendError('--backend cupy needs CuPy, which is not installed: pip install "npllama[gpu]" '
+                           "(or use --backend numpy)")
+    try:
+        import cupy
+    except Exception as error:  # a wheel built for another CUDA, a missing runtime library
+        raise BackendError(f"--backend cupy: CuPy is installed but does not import ({_first_line(error)}); "
+                           "install the cupy-cuda wheel for your CUDA driver, or use --backend numpy") from None
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # no driver, or a driver too old for this CuPy
+        raise BackendError(f"--backend cupy: CuPy finds no usable GPU ({_first_line(error)}); check the NVIDIA "
+                           "driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or use --backend numpy") from None
+    if n_devices == 0:
+        raise BackendError("--backend cupy: CuPy sees no GPU; check CUDA_VISIBLE_DEVICES, or use --backend numpy")
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as error:
+        raise BackendError(f"--backend cupy: CuPy cannot load NVRTC, which compiles npllama's kernels "
+                           f"({_first_line(error)}); pip install nvidia-cuda-nvrtc, or use --backend numpy") from None
+    return cupy

@@ -115,7 +115,7 @@ def _parser():
                         help="nucleus sampling mass, in (0, 1] (default 0.95; 1 = off)")
     parser.add_argument("--seed", type=integer(minimum=0), default=0, help="sampling seed (default 0)")
     parser.add_argument("--backend", default="numpy",
-                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this release)")
+                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: a CUDA GPU, with npllama's kernels)")
     return parser
 
 

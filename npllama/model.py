@@ -295,6 +295,20 @@ def _check_tokens(tokens, config):
                          f"got {int(tokens.min())} .. {int(tokens.max())}")
 
 
+def _on_device(tokens, config, xp, targets=None, ignore_index=-100):
+    """tokens (and targets) as `xp` arrays, checked where they are: host arrays on the host, so a
+    training step on the GPU does not wait for a check of its batch."""
+    tokens = tokens if hasattr(tokens, "ndim") else numpy.asarray(tokens)
+    _check_tokens(tokens, config)
+    if targets is None:
+        return xp.asarray(tokens)
+    targets = targets if hasattr(targets, "ndim") else numpy.asarray(targets)
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
+    cross_entropy.check_targets(targets, config.vocab_size, ignore_index)
+    return xp.asarray(tokens), xp.asarray(targets)
+
+
 @dataclass
 class KVCache:
     """Rotated keys and values of every layer for the positions decoded so far (inference only).
@@ -337,8 +351,7 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     forward pass over the whole sequence, at O(T) instead of O(T^2) cost per token.
     """
     xp = array_namespace(params[FINAL_NORM])
-    tokens = xp.asarray(tokens)
-    _check_tokens(tokens, config)
+    tokens = _on_device(tokens, config, xp)
     dtype = params[FINAL_NORM].dtype
     start = kv_cache.length if kv_cache is not None else 0
     if kv_cache is not None and start + tokens.shape[1] > kv_cache.capacity:
@@ -359,8 +372,9 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
 def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
     """Mean cross-entropy of next-token targets (B, T); a Python float."""
     xp = array_namespace(params[FINAL_NORM])
+    tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
     logits = forward(params, config, tokens, tile_size)
-    value, _ = cross_entropy.forward(logits, xp.asarray(targets), ignore_index)
+    value, _ = cross_entropy.forward(logits, targets, ignore_index)
     return float(value)
 
 
@@ -372,11 +386,7 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
     names, shapes and dtypes as `params`.
     """
     xp = array_namespace(params[FINAL_NORM])
-    tokens = xp.asarray(tokens)
-    targets = xp.asarray(targets)
-    _check_tokens(tokens, config)
-    if targets.shape != tokens.shape:
-        raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
+    tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
     dtype = params[FINAL_NORM].dtype
     cos, sin = rope_tables(config, tokens.shape[1], dtype, xp)
 

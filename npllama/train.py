@@ -85,6 +85,7 @@ class Run:
     data_id: str
     val_batches: list
     stops: stopping.StopRequests
+    xp: object = numpy  # the array module the weights live in (numpy, or cupy for --backend cupy)
 
     @property
     def metrics_path(self) -> Path:
@@ -176,7 +177,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     checkpoint leaves no folder, unless it diverged (its log shows how).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    get_backend(config.backend)  # a backend that is unknown or not available stops here, in one line
+    xp = get_backend(config.backend)  # a backend that is unknown or cannot run here stops here, in one line
     model_config = _model_config(config)
     _check_memory(model_config, config.dtype)
     out = _output_folder(config)
@@ -185,8 +186,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     keep_log = False
     try:
         with _only_writer_of(out), stopping.stop_requests() as stops:
-            resumed = _checkpoint_to_resume(config, model_config, out)
-            return _train_into(config, model_config, out, resumed, stops, log)
+            resumed = _checkpoint_to_resume(config, model_config, out, xp)
+            return _train_into(config, model_config, out, resumed, stops, log, xp)
     except stopping.StopNow as stop:
         raise _interrupted(config, out, stop.signal_number) from None
     except Diverged:
@@ -253,7 +254,7 @@ def _output_folder(config: TrainConfig) -> Path:
     return Path(config.out) if config.out else Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path):
+def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path, xp):
     """The checkpoint --resume names (or None), after checking it belongs to --out's run."""
     out_had_run = out.is_dir() and ckpt.find_latest(out) is not None
     if config.resume is None:
@@ -262,14 +263,16 @@ def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path):
         return None
     if config.resume == "" and not out_had_run:
         raise TrainError(f"--resume: {out} holds no checkpoint to resume; pass --resume CHECKPOINT_DIR")
-    resumed = ckpt.load_checkpoint(Path(config.resume) if config.resume else out, expected_config=model_config)
+    # checkpoints hold host arrays: one saved on either backend resumes on either
+    resumed = ckpt.load_checkpoint(Path(config.resume) if config.resume else out, expected_config=model_config,
+                                   xp=xp)
     if out_had_run and resumed.path.parent.resolve() != out.resolve():
         raise TrainError(f"--out {out} already holds another run; to continue {resumed.path} pass "
                          f"--out {resumed.path.parent}, or choose a new --out")
     return resumed
 
 
-def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, log) -> TrainResult:
+def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, log, xp) -> TrainResult:
     from tqdm import tqdm
 
     config = _with_fixed_warmup(config, resumed)
@@ -283,7 +286,7 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
         f"tokens from {len(documents)} files "
         f"(held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
     run = Run(config, model_config, out, tokenizer, tokens.info["content_sha256"],
-              _validation_batches(config, tokens, log), stops)
+              _validation_batches(config, tokens, log), stops, xp)
     sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
     state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler, log)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
@@ -326,7 +329,8 @@ def _validation_batches(config: TrainConfig, tokens, log) -> list:
 
 def _fresh_state(run: Run, sampler, log) -> RunState:
     run_log.set_aside(run.metrics_path, log)
-    params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype)
+    # drawn on the CPU on every backend, so both start from the same numbers
+    params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype, xp=run.xp)
     return RunState(params, optim.init_state(params), sampler, step=0)
 
 

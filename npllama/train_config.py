@@ -62,8 +62,8 @@ def _non_negative(note=""):
 class TrainConfig:
     """The settings of one training run; the defaults are `python -m npllama.train` with no flags."""
 
-    backend: str = _setting("numpy", f"array backend: {' or '.join(BACKENDS)} (cupy: not available yet in this "
-                                     "release)")
+    backend: str = _setting("numpy", f"array backend: {' or '.join(BACKENDS)} (cupy: a CUDA GPU, with npllama's "
+                                     "kernels)")
     preset: str = _setting("tiny", f"model shape: {', '.join(PRESETS)}", saved=True,
                            rule=(lambda name: name in PRESETS,
                                  f"{{flag}} {{value}}: unknown preset; choose one of {', '.join(PRESETS)}"))

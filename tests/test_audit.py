@@ -13,7 +13,7 @@ from npllama.params import parameter_shapes
 EXPECTED_ROWS = {
     ("embedding", "weight"), ("linear", "x"), ("linear", "weight"), ("rmsnorm", "x"), ("rmsnorm", "weight"),
     ("rope", "x"), ("swiglu", "a"), ("swiglu", "b"), ("attention", "q"), ("attention", "k"), ("attention", "v"),
-    ("cross_entropy", "logits"),
+    ("attention_kv", "q"), ("attention_kv", "k"), ("attention_kv", "v"), ("cross_entropy", "logits"),
 }
 
 
@@ -51,7 +51,7 @@ def nan_like(grads):
 
 @pytest.mark.parametrize("op", [op for op in audit.OPS if op != "model"])
 def test_an_op_whose_backward_returns_nan_fails_the_audit_which_names_it(op, monkeypatch, capsys):
-    module = getattr(audit, op)
+    module = getattr(audit, op.removesuffix("_kv"))  # attention_kv is attention, with a KV cache
     original = module.backward
     monkeypatch.setattr(module, "backward", lambda dy, cache: nan_like(original(dy, cache)))
     assert audit.main(["--only", op]) == 1

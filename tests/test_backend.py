@@ -1,12 +1,17 @@
 """One way to name a backend, one way to find the namespace of arrays, one message when unavailable."""
 
+import importlib.util
 import subprocess
 import sys
 
 import numpy
 import pytest
 
+from conftest import cuda_unavailable_reason
 from npllama import backend
+
+CUPY_INSTALLED = importlib.util.find_spec("cupy") is not None
+NO_CUPY = 'pip install "npllama[gpu]"'
 
 
 class FakeCupyArray:
@@ -25,14 +30,28 @@ def test_numpy_by_name_is_the_numpy_module():
     assert backend.get_backend("numpy") is numpy
 
 
-@pytest.mark.parametrize("name, message", [
-    ("cupy", "--backend cupy: the GPU backend is not available yet in this release; use --backend numpy"),
-    ("jax", "--backend 'jax' is unknown; choose one of numpy, cupy"),
-])
-def test_a_backend_that_cannot_be_used_is_refused_in_one_line(name, message):
+def test_an_unknown_backend_is_refused_with_the_choices():
     with pytest.raises(backend.BackendError) as raised:
-        backend.get_backend(name)
-    assert str(raised.value) == message
+        backend.get_backend("jax")
+    assert str(raised.value) == "--backend 'jax' is unknown; choose one of numpy, cupy"
+
+
+def test_cupy_missing_is_refused_with_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy fails, as where it is not installed
+    with pytest.raises(backend.BackendError) as raised:
+        backend.get_backend("cupy")
+    assert str(raised.value) == ('--backend cupy needs CuPy, which is not installed: pip install "npllama[gpu]" '
+                                 "(or use --backend numpy)")
+
+
+@pytest.mark.skipif(not CUPY_INSTALLED or cuda_unavailable_reason() is None,
+                    reason="needs CuPy installed on a machine without a usable GPU (as in CI)")
+def test_cupy_without_a_gpu_is_refused_with_the_reason_in_one_line():
+    with pytest.raises(backend.BackendError) as raised:
+        backend.get_backend("cupy")
+    message = str(raised.value)
+    assert message.startswith("--backend cupy: CuPy finds no usable GPU (") and "\n" not in message
+    assert message.endswith("check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or use --backend numpy")
 
 
 def test_numpy_arrays_belong_to_numpy_and_a_cupy_array_is_recognised_without_importing_cupy():
@@ -52,14 +71,35 @@ def test_reductions_run_in_at_least_float32():
     assert backend.compute_dtype(numpy, numpy.float64) == numpy.float64
 
 
-@pytest.mark.parametrize("command", [["npllama.train", "--out", "{tmp}/run"],
-                                     ["npllama.generate", "--checkpoint", "{tmp}"],
-                                     ["npllama.audit"]], ids=lambda command: command[0])
-def test_every_entry_point_refuses_an_unavailable_backend_with_the_same_line(command, tmp_path):
-    args = [arg.format(tmp=tmp_path) for arg in command]
-    result = subprocess.run([sys.executable, "-m", *args, "--backend", "cupy"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "error: --backend cupy: the GPU backend is not available yet in this release; use --backend numpy"]
-    assert not (tmp_path / "run").exists()
+ENTRY_POINTS = [["npllama.train", "--out", "{tmp}/run"], ["npllama.generate", "--checkpoint", "{tmp}/run"],
+                ["npllama.audit"]]
+
+
+def run_without_cupy(module, args):
+    """python -m module args, in a Python where `import cupy` fails as if CuPy were not installed."""
+    code = (f"import sys, runpy; sys.modules['cupy'] = None; sys.argv = [{module!r}, *{args!r}]; "
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ENTRY_POINTS, ids=lambda command: command[0])
+def test_every_entry_point_refuses_cupy_when_it_is_missing_in_one_line_writing_nothing(command, tmp_path):
+    args = [arg.format(tmp=tmp_path) for arg in command[1:]]
+    result = run_without_cupy(command[0], [*args, "--backend", "cupy"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --backend cupy needs CuPy") and NO_CUPY in lines[0]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not CUPY_INSTALLED or cuda_unavailable_reason() is None,
+                    reason="needs CuPy installed on a machine without a usable GPU (as in CI)")
+@pytest.mark.parametrize("command", ENTRY_POINTS, ids=lambda command: command[0])
+def test_every_entry_point_refuses_cupy_without_a_gpu_in_one_line_writing_nothing(command, tmp_path):
+    args = [arg.format(tmp=tmp_path) for arg in command[1:]]
+    result = subprocess.run([sys.executable, "-m", command[0], *args, "--backend", "cupy"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --backend cupy: CuPy finds no usable GPU")
+    assert not list(tmp_path.iterdir())

@@ -206,7 +206,6 @@ def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(corpus, tmp
     (lambda c, t: ["--preset", "huge"], ["unknown preset"]),
     (lambda c, t: ["--vocab-size", "1000"], ["tokenizer has 512 pieces", "1000"]),
     (lambda c, t: ["--out", str(_write(t / "a-file", b"x") / "run")], ["cannot write there"]),
-    (lambda c, t: ["--backend", "cupy"], ["GPU backend is not available"]),
     (lambda c, t: ["--steps", "0"], ["--steps must be at least 1"]),
 ])
 def test_bad_input_gets_one_line_and_exit_status_2_and_leaves_no_run_folder(corpus, tmp_path, make_args,

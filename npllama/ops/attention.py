@@ -21,20 +21,27 @@ skipped. Backward walks key tiles, recomputes P = exp(S - L) one tile pair at a 
 accumulates dK, dV for the key tile and dQ for the query tile. The largest temporary is one
 (B, H, tile, tile) block: memory is linear in T. Scores, softmax and accumulators run in at least
 float32; the results have the input dtype.
+
+On CuPy arrays of float32 or float64 with a head dim the kernels were built for (16, 32, 48, 64,
+128), forward and backward run npllama's CUDA kernels instead (npllama/kernels/attention.cu): the
+same algorithm, one thread block per tile, and this NumPy code is the reference they are tested
+against. Other CuPy inputs run the code below on the GPU. Either way the cache is the same.
 Derivation: reference/derivations.md#attention
 """
 
 import math
 from dataclasses import dataclass
 
-from ..backend import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype, is_cupy_array
+from ..kernels import attention as cuda_attention
 
 DEFAULT_TILE_SIZE = 128
 
 
 @dataclass(frozen=True)
 class AttentionCache:
-    """What backward needs: the inputs, O and the row logsumexp L, and how forward tiled and scaled."""
+    """What backward needs: the inputs, O and the row logsumexp L, and how forward tiled (on the CPU;
+    the CUDA kernels have tiles of their own) and scaled."""
 
     q: object
     k: object
@@ -52,6 +59,13 @@ def _causal_mask(xp, query_start, n_queries, key_start, n_keys):
     return key_pos > query_pos
 
 
+def _runs_on_kernels(*arrays) -> bool:
+    """CuPy arrays of one dtype and a head dim that the CUDA kernels were built for."""
+    q = arrays[-3]
+    return (all(is_cupy_array(a) for a in arrays) and len({a.dtype for a in arrays}) == 1
+            and cuda_attention.supports(q.dtype, q.shape[-1]))
+
+
 def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
     """Return (out, cache); cache holds the inputs, out and the row logsumexp L, nothing T x T."""
     xp = array_namespace(q, k, v)
@@ -62,6 +76,9 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
     if tile_size < 1:
         raise ValueError(f"attention: tile_size must be >= 1, got {tile_size}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if _runs_on_kernels(q, k, v):
+        out, lse = cuda_attention.forward(q, k, v, scale)
+        return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
     offset = n_keys - n_queries  # absolute position of query 0
     ct = compute_dtype(xp, q.dtype)
 
@@ -97,6 +114,8 @@ def backward(dy, cache):
     """Return (dq, dk, dv) given dy = dO, recomputing P = exp(S - L) one tile pair at a time."""
     q, k, v, out, lse = cache.q, cache.k, cache.v, cache.out, cache.lse
     tile_size, scale = cache.tile_size, cache.scale
+    if _runs_on_kernels(dy, q, k, v):
+        return cuda_attention.backward(dy, q, k, v, out, lse, scale)
     xp = array_namespace(dy)
     batch, n_heads, n_queries, head_dim = q.shape
     n_keys = k.shape[2]

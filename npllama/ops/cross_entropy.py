@@ -24,7 +24,7 @@ Derivation: reference/derivations.md#cross-entropy
 
 from dataclasses import dataclass
 
-from ..backend import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype, is_cupy_array
 
 
 @dataclass
@@ -37,9 +37,16 @@ class CrossEntropyCache:
     dtype: object
     safe_targets: object
     counted: object
-    n_counted: int
+    n_counted: object  # max(number of counted rows, 1), a 0-d array of the compute dtype
     argmax: object
     rest: object
+
+
+def check_targets(targets, vocab: int, ignore_index=-100):
+    """Raise ValueError unless every target lies in [0, vocab) or equals ignore_index."""
+    counted = targets != ignore_index
+    if bool((((targets < 0) | (targets >= vocab)) & counted).any()):
+        raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index {ignore_index}")
 
 
 def forward(logits, targets, ignore_index=-100):
@@ -51,10 +58,10 @@ def forward(logits, targets, ignore_index=-100):
     if t.shape[0] != z.shape[0]:
         raise ValueError(f"cross_entropy: {z.shape[0]} rows of logits but {t.shape[0]} targets")
     ct = compute_dtype(xp, logits.dtype)
+    if not is_cupy_array(t):  # on a GPU this check would stall every step: model.py checks on the host
+        check_targets(t, vocab, ignore_index)
     counted = t != ignore_index
-    n_counted = int(counted.sum())
-    if bool((((t < 0) | (t >= vocab)) & counted).any()):
-        raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index {ignore_index}")
+    n_counted = xp.maximum(counted.sum(), 1).astype(ct)  # stays on the device
     safe_targets = xp.where(counted, t, 0)
 
     rows = xp.arange(z.shape[0])
@@ -69,7 +76,7 @@ def forward(logits, targets, ignore_index=-100):
     # lse - z[t] = (m - z[t]) + log1p(rest): the large parts cancel exactly before the small ones
     # are added, so a confident prediction keeps its tiny loss even when |z| is 1e4 in float32
     nll = xp.where(counted, (row_max - target_logits) + xp.log1p(rest), 0.0)
-    loss = nll.sum() / max(n_counted, 1)
+    loss = nll.sum() / n_counted
     return loss, CrossEntropyCache(exps, logits.shape, logits.dtype, safe_targets, counted, n_counted, argmax,
                                    rest)
 
@@ -86,7 +93,7 @@ def backward(dy, cache):
     # so dz[n, v] = dy / N' * (e[n, v] / (1 + rest_n) - [v == t_n]) on counted rows.
     # softmax is taken as e / (1 + rest) rather than exp(z - lse): lse = m + log(1 + rest) would
     # round log(1 + rest) away next to a large m, and the probabilities with it.
-    row_scale = cache.counted.astype(dlogits.dtype) * (dy / max(cache.n_counted, 1))
+    row_scale = cache.counted.astype(dlogits.dtype) * (dy / cache.n_counted)
     dlogits *= (row_scale / (1.0 + rest))[:, None]
     # the target entry, p_t - 1: when t is the argmax, p_t = 1 / (1 + rest), and 1/(1 + rest) - 1
     # would cancel to 0 in float32 for a confident row; -rest / (1 + rest) is the same, exactly

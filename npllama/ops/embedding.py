@@ -4,12 +4,16 @@ Forward:   y[b, t, :] = weight[ids[b, t], :]
 Backward:  dweight[v, :] = sum over every (b, t) with ids[b, t] == v of dy[b, t, :]
            (a scatter-add: a token id that occurs several times collects every one of its rows)
 Shapes:    ids (B, T) integers in [0, V); weight (V, C); y and dy (B, T, C).
+On CuPy the scatter-add runs as npllama's kernel (npllama/kernels/embedding.cu): positions sorted by
+id, each id's rows summed in position order, as NumPy's add.at adds them, with no atomics, so
+two runs give the same bits.
 Derivation: reference/derivations.md#embedding
 """
 
 from dataclasses import dataclass
 
-from ..backend import array_namespace
+from ..backend import array_namespace, is_cupy_array
+from ..kernels import embedding as cuda_embedding
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ def forward(ids, weight):
 
 def backward(dy, cache):
     """Return dweight. `ids` are integers and have no gradient."""
+    if is_cupy_array(dy) and dy.dtype.name in cuda_embedding.CXX_TYPES:
+        return cuda_embedding.backward(dy, cache.ids, cache.weight_shape)
     xp = array_namespace(dy)
     dim = cache.weight_shape[-1]
     # forward was: y[b, t] = weight[ids[b, t]]

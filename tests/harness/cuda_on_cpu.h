@@ -1,0 +1,265 @@
+// cuda_on_cpu.h: just enough of CUDA to run our kernel sources (.cu) on the CPU, one real
+// std::thread per CUDA thread, so that the sanitizers (AddressSanitizer + UBSan, ThreadSanitizer)
+// can check them in CI without a GPU.
+//
+// It emulates exactly what npllama's kernels use, nothing more:
+//   - the qualifiers __global__, __device__, __forceinline__, __launch_bounds__(n) (g++ knows
+//     __restrict__ itself), and `#pragma unroll` (compile with -Wno-unknown-pragmas);
+//   - threadIdx, blockIdx, blockDim, gridDim;
+//   - __syncthreads() and __shfl_xor_sync(mask, value, lane_mask) for float, double and int;
+//   - dynamic shared memory, declared in a kernel body as NPLLAMA_DYNAMIC_SHARED(name);
+//   - expf, exp, logf, log, fmaxf, fminf, sqrtf, INFINITY, with the float overloads for floats;
+//   - __int_as_float and __longlong_as_double.
+//
+// Execution model: the blocks of a grid run one after another (blockIdx.x fastest, then y, then
+// z); the threads of a block run concurrently, one std::thread each, so a missing __syncthreads is
+// a real data race that ThreadSanitizer sees, and a divergent one is a real hang that the
+// harness's watchdog reports. The same blockDim threads serve every block of the grid.
+//
+// What a GPU would do differently and the emulation does not try to copy: warps are not run in
+// lockstep (code that relies on implicit warp-synchronous execution races here, as it should
+// under the CUDA memory model), and shared memory starts as 0xFF bytes (NaN) in every block, where
+// a GPU leaves whatever the previous block wrote.
+#pragma once
+
+#ifndef NPLLAMA_CPU_EMULATION
+#error "cuda_on_cpu.h is the CPU emulation of CUDA: compile with -DNPLLAMA_CPU_EMULATION"
+#endif
+
+#include <algorithm>
+#include <array>
+#include <barrier>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <latch>
+#include <memory>
+#include <new>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include <pthread.h>
+#include <signal.h>
+
+// ---------------------------------------------------------------------------------------------
+// Qualifiers. Every function is an ordinary host function here; a kernel is a plain function that
+// each emulated thread calls.
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+// ---------------------------------------------------------------------------------------------
+// Math. <cmath> puts expf, logf, fmaxf, fminf, sqrtf and INFINITY in the global namespace, but
+// there `exp` and `log` are only the C functions on double: exp(a_float) would compute in double
+// and round, which is not what the GPU does (CUDA has float overloads of exp and log). Bring the
+// C++ overloads in, so that exp(float) is std::exp(float) as on the GPU.
+using std::exp;
+using std::log;
+static_assert(std::is_same_v<decltype(exp(1.0f)), float> && std::is_same_v<decltype(log(1.0f)), float>,
+              "exp and log of a float must be the float overloads, as on the GPU");
+
+// Reinterpreting bits, as the CUDA intrinsics do (attention.cu spells -inf this way, since NVRTC
+// compiles without the host headers that define INFINITY).
+inline float __int_as_float(int bits) { return std::bit_cast<float>(bits); }
+inline double __longlong_as_double(long long bits) { return std::bit_cast<double>(bits); }
+
+// ---------------------------------------------------------------------------------------------
+// The built-in index variables. CUDA's are uint3 / dim3; one struct of three unsigned ints does
+// for both. Each emulated thread has its own copy (thread_local), set before it runs the kernel.
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+inline thread_local dim3 threadIdx{0, 0, 0};
+inline thread_local dim3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+
+namespace cuda_on_cpu {
+
+constexpr unsigned warp_size = 32;
+constexpr std::size_t shared_alignment = 16;  // what __align__(16) gives the .cu's declaration
+
+// Ends the process with a message. Used for misuse of the emulation inside a kernel thread,
+// where throwing would only reach std::terminate anyway.
+[[noreturn]] inline void die(const std::string& message) {
+    std::fprintf(stderr, "harness: %s\n", message.c_str());
+    std::fflush(stderr);
+    std::_Exit(71);
+}
+
+inline std::string hex(unsigned value) {
+    char text[16];
+    std::snprintf(text, sizeof text, "0x%08X", value);
+    return text;
+}
+
+// A warp: its lanes meet at `barrier` to exchange values through `slots` (one per lane, wide
+// enough for a double).
+struct Warp {
+    explicit Warp(unsigned lanes) : lanes(lanes), barrier(lanes) {}
+    const unsigned lanes;  // 32, or fewer in the last warp of a block whose size is not a multiple of 32
+    std::barrier<> barrier;
+    std::array<std::uint64_t, warp_size> slots{};
+};
+
+// Sets a block's shared memory to 0xFF bytes: NaN for float and double, -1 for int. Run between
+// blocks, by the last thread to arrive at the barrier that separates them.
+struct RefillShared {
+    unsigned char* memory;
+    std::size_t bytes;
+    void operator()() noexcept { std::memset(memory, 0xFF, bytes); }
+};
+
+// What the threads of the block now running share: the shared memory, the barrier behind
+// __syncthreads, the warps, and the barrier the threads meet at between two blocks.
+struct Block {
+    Block(unsigned threads, std::size_t shared_bytes)
+        : threads(threads),
+          shared_bytes(shared_bytes),
+          // A heap buffer of exactly shared_bytes bytes, so that AddressSanitizer reports a kernel
+          // that reaches past the dynamic shared memory its launch asked for.
+          shared(static_cast<unsigned char*>(::operator new(shared_bytes, std::align_val_t{shared_alignment}))),
+          syncthreads(threads),
+          between_blocks(threads, RefillShared{shared, shared_bytes}) {
+        for (unsigned first = 0; first < threads; first += warp_size)
+            warps.push_back(std::make_unique<Warp>(std::min(warp_size, threads - first)));
+        RefillShared{shared, shared_bytes}();
+    }
+    ~Block() { ::operator delete(shared, std::align_val_t{shared_alignment}); }
+    Block(const Block&) = delete;
+    Block& operator=(const Block&) = delete;
+
+    const unsigned threads;
+    const std::size_t shared_bytes;
+    unsigned char* const shared;
+    std::barrier<> syncthreads;
+    std::vector<std::unique_ptr<Warp>> warps;
+    // A separate barrier from __syncthreads's: a thread that returns early from the kernel must
+    // not stand in for a __syncthreads the others are waiting at. (CUDA leaves a __syncthreads
+    // that not every thread reaches undefined; here it hangs, and the watchdog says so.)
+    std::barrier<RefillShared> between_blocks;
+};
+
+// The emulated thread's place: its block, and its linear index within the block.
+inline thread_local Block* this_block = nullptr;
+inline thread_local unsigned this_thread_linear = 0;
+
+inline Block& current_block(const char* what) {
+    if (this_block == nullptr)
+        die(std::string(what) + " used outside a kernel launch (at namespace scope, or from the harness itself)");
+    return *this_block;
+}
+
+inline unsigned char* dynamic_shared_memory() { return current_block("NPLLAMA_DYNAMIC_SHARED").shared; }
+
+// The launch configuration of one kernel launch.
+struct LaunchConfig {
+    dim3 grid;
+    dim3 block;
+    std::size_t shared_bytes = 0;
+};
+
+// Runs `body` (which calls the kernel with its arguments) as each thread of each block of the
+// grid. Blocks run in order, blockIdx.x fastest; a block's threads run concurrently.
+template <class Body>
+void launch(const LaunchConfig& config, const Body& body) {
+    const unsigned threads = config.block.x * config.block.y * config.block.z;
+    Block block(threads, config.shared_bytes);
+
+    // All threads start the kernel together, once all exist: a thread that started early would run
+    // alone (until its first __syncthreads) while the launching thread still creates the others.
+    std::latch all_started(threads);
+
+    auto run_thread = [&](unsigned linear) {
+        all_started.arrive_and_wait();
+        threadIdx = dim3{linear % config.block.x, (linear / config.block.x) % config.block.y,
+                         linear / (config.block.x * config.block.y)};
+        blockDim = config.block;
+        gridDim = config.grid;
+        this_block = &block;
+        this_thread_linear = linear;
+        try {
+            for (unsigned z = 0; z < config.grid.z; ++z)
+                for (unsigned y = 0; y < config.grid.y; ++y)
+                    for (unsigned x = 0; x < config.grid.x; ++x) {
+                        blockIdx = dim3{x, y, z};
+                        body();
+                        block.between_blocks.arrive_and_wait();
+                    }
+        } catch (const std::exception& error) {
+            die(std::string("a kernel thread threw: ") + error.what());
+        } catch (...) {
+            die("a kernel thread threw something that is not a std::exception");
+        }
+        this_block = nullptr;
+    };
+
+    // The kernel threads keep SIGALRM blocked, so that the watchdog's alarm is delivered to this
+    // (the launching) thread, which waits in join(). A thread spinning in a kernel may never reach
+    // a point where ThreadSanitizer would run a signal handler it deferred.
+    sigset_t alarm_only, previous;
+    sigemptyset(&alarm_only);
+    sigaddset(&alarm_only, SIGALRM);
+    pthread_sigmask(SIG_BLOCK, &alarm_only, &previous);
+    std::vector<std::thread> workers;
+    workers.reserve(threads);
+    try {
+        for (unsigned linear = 0; linear < threads; ++linear) workers.emplace_back(run_thread, linear);
+    } catch (const std::system_error& error) {
+        die("cannot start " + std::to_string(threads) + " threads for one block: " + error.what());
+    }
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    for (std::thread& worker : workers) worker.join();
+}
+
+}  // namespace cuda_on_cpu
+
+// ---------------------------------------------------------------------------------------------
+// Block-wide barrier: every thread of the block waits until all have arrived.
+inline void __syncthreads() { cuda_on_cpu::current_block("__syncthreads").syncthreads.arrive_and_wait(); }
+
+// Butterfly shuffle within a warp: returns `value` as held by lane (this lane ^ lane_mask). Each
+// lane writes its value to its slot, the warp meets, each reads its partner's slot, and the warp
+// meets again before a slot can be overwritten by the next shuffle. As on the GPU, a lane whose
+// partner lies beyond its group of `width` lanes gets its own value back. Every lane of the warp
+// must call it together (mask = all of them), as our kernels do.
+template <class T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, int>,
+                  "the emulated __shfl_xor_sync takes float, double or int");
+    using namespace cuda_on_cpu;
+    Block& block = current_block("__shfl_xor_sync");
+    const unsigned lane = this_thread_linear % warp_size;
+    Warp& warp = *block.warps[this_thread_linear / warp_size];
+    const unsigned all_lanes = warp.lanes == warp_size ? 0xFFFFFFFFu : (1u << warp.lanes) - 1;
+    if ((mask & all_lanes) != all_lanes)
+        die("__shfl_xor_sync with mask " + hex(mask) + " in a warp of " + std::to_string(warp.lanes) +
+            " lanes: the emulation supports only shuffles that every lane of the warp takes part in");
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+        die("__shfl_xor_sync with width " + std::to_string(width) + ": must be a power of 2 up to 32");
+
+    std::memcpy(&warp.slots[lane], &value, sizeof(T));
+    warp.barrier.arrive_and_wait();
+    const unsigned source = lane ^ (static_cast<unsigned>(lane_mask) & (warp_size - 1));
+    const unsigned last_of_group = (lane & ~static_cast<unsigned>(width - 1)) + static_cast<unsigned>(width) - 1;
+    T result = value;
+    if (source <= last_of_group && source < warp.lanes) std::memcpy(&result, &warp.slots[source], sizeof(T));
+    warp.barrier.arrive_and_wait();
+    return result;
+}
+
+// Dynamic shared memory. On the GPU the .cu declares
+//     extern __shared__ __align__(16) unsigned char name[];
+// here `name` points to this block's buffer: exactly the launch's shared_bytes, 16-byte aligned,
+// filled with 0xFF bytes before the block starts.
+#define NPLLAMA_DYNAMIC_SHARED(name) unsigned char* name = ::cuda_on_cpu::dynamic_shared_memory()
