@@ -1,6 +1,6 @@
 """Benchmark one full training step (forward, backward, AdamW) of npllama against PyTorch eager.
 
-    python bench/train_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5]
+    python bench/train_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5] [--backend cupy]
 
 Each framework runs in its own fresh subprocess of this same command, on the same model shape,
 the same random batches and the same number of threads, so that their memory can be told apart:
@@ -14,6 +14,10 @@ the same random batches and the same number of threads, so that their memory can
 PyTorch's side is reference/torch_llama.py (Meta's model.py formulation, autograd, materialised
 attention) with torch.optim.AdamW; it is skipped with a note when torch is not installed.
 The default shape is the issue's target: dim 288, 6 layers, 6 heads, vocab 32000, seq 256, batch 8.
+
+With --backend cupy both sides run on the GPU in float32 with TF32 off (npllama on CuPy with its
+kernels, PyTorch CUDA eager), each step ends with a device synchronisation, and the memory columns
+are the device memory each holds after the steps (CuPy's pool, PyTorch's peak reserved), not RSS.
 """
 
 from __future__ import annotations
@@ -46,18 +50,24 @@ def _batches(config, batch_size, seq_len, n, seed=0):
 def run_npllama(args) -> dict:
     sys.path.insert(0, str(ROOT))
     from npllama import model, optim
+    from npllama.backend import get_backend, synchronize
 
+    xp = get_backend(args.backend)
     config = model.get_preset(args.preset)
-    params = model.init_params(config, seed=0)
+    params = model.init_params(config, seed=0, xp=xp)
     state = optim.init_state(params)
     batches = _batches(config, args.batch_size, args.seq_len, args.warmup + args.steps)
 
     def step(tokens):
         loss, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
         optim.step(params, grads, state, 1e-4)
+        synchronize(xp)
         return loss
 
-    return _measure(step, batches, args)
+    result = _measure(step, batches, args)
+    if args.backend == "cupy":
+        result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
+    return result
 
 
 def run_torch(args) -> dict:
@@ -69,16 +79,21 @@ def run_torch(args) -> dict:
     from npllama import model
 
     torch.set_num_threads(args.threads)
+    device = "cuda" if args.backend == "cupy" else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32, as on npllama's side
+    torch.backends.cudnn.allow_tf32 = False
     spec = importlib.util.spec_from_file_location("torch_llama", ROOT / "reference" / "torch_llama.py")
     torch_llama = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(torch_llama)
     config = model.get_preset(args.preset)
-    params = {name: torch.from_numpy(p).requires_grad_() for name, p in model.init_params(config, seed=0).items()}
+    params = {name: torch.from_numpy(p).to(device).requires_grad_()
+              for name, p in model.init_params(config, seed=0).items()}
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=1e-4, betas=(0.9, 0.95))
-    batches = [torch.from_numpy(b) for b in _batches(config, args.batch_size, args.seq_len, args.warmup + args.steps)]
+    batches = [torch.from_numpy(b).to(device)
+               for b in _batches(config, args.batch_size, args.seq_len, args.warmup + args.steps)]
 
     def step(tokens):
         optimizer.zero_grad(set_to_none=True)
@@ -86,9 +101,14 @@ def run_torch(args) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return float(loss)
 
-    return _measure(step, batches, args)
+    result = _measure(step, batches, args)
+    if device == "cuda":
+        result["device_memory_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    return result
 
 
 def _measure(step, batches, args) -> dict:
@@ -116,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads; NumPy's BLAS keeps its default, all cores, so the two match only "
                              "at the default")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="cupy: both sides on the GPU (npllama on CuPy, PyTorch CUDA eager)")
     parser.add_argument("--worker", choices=["npllama", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -123,6 +145,14 @@ def main(argv=None):
         print(json.dumps(result))
         return 0
 
+    sys.path.insert(0, str(ROOT))
+    from npllama.backend import BackendError, get_backend
+
+    try:
+        get_backend(args.backend)
+    except BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     common = [a for a in (argv if argv is not None else sys.argv[1:])]
     results = {}
     for worker in ("npllama", "torch"):
@@ -139,7 +169,9 @@ def main(argv=None):
         results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
 
     print(f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} timed steps, "
-          f"{args.threads} threads, {os.cpu_count()} cores")
+          f"{args.threads} threads, {os.cpu_count()} cores, backend {args.backend}")
+    if args.backend == "cupy":
+        return _print_gpu(results)
     print(f"{'':16}{'tokens/s':>10}{'step s':>9}{'step memory MiB':>17}{'peak RSS MiB':>14}{'first loss':>12}")
     for name, r in results.items():
         label = "npllama (numpy)" if name == "npllama" else "PyTorch eager"
@@ -149,6 +181,18 @@ def main(argv=None):
         ours, theirs = results["npllama"], results["torch"]
         print(f"ratio npllama / PyTorch: speed {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
               f"step memory {ours['step_memory_mib'] / max(theirs['step_memory_mib'], 1e-9):.2f}x")
+    return 0
+
+
+def _print_gpu(results) -> int:
+    print(f"{'':22}{'tokens/s':>10}{'step s':>9}{'device MiB':>12}{'first loss':>12}")
+    for name, r in results.items():
+        label = "npllama (cupy)" if name == "npllama" else "PyTorch CUDA eager"
+        print(f"{label:22}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.4f}{r['device_memory_mib']:>12.0f}"
+              f"{r['first_loss']:>12.4f}")
+    if len(results) == 2:
+        ratio = results["npllama"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
+        print(f"ratio npllama / PyTorch: speed {ratio:.2f}x")
     return 0
 
 

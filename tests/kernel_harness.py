@@ -52,9 +52,9 @@ SANITIZER_OPTIONS = {
 SANITIZER_MARKERS = ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
                      "ERROR: UndefinedBehaviorSanitizer", "runtime error:")
 
-# The harness's own exit statuses (harness.cpp), and ThreadSanitizer's (TSAN_OPTIONS above).
-EXIT_STATUS = {64: "could not read its launch", 65: "refused the launch", 66: "stopped at ThreadSanitizer's report",
-               70: "was stopped by its watchdog", 71: "lost a kernel thread"}
+# The harness's own exit statuses (harness.cpp).
+EXIT_STATUS = {64: "could not read its launch", 65: "refused the launch", 70: "was stopped by its watchdog",
+               71: "lost a kernel thread"}
 
 SCALAR_DTYPES = ("int32", "int64", "float32", "float64")
 BACKSTOP_SECONDS = 30  # beyond the harness's own watchdog, before Python kills it
@@ -133,10 +133,11 @@ def run(binary: Path, launch, timeout: float = 120) -> list:
             raise HarnessFailure(f"kernel {launch.kernel}: the harness was killed after {seconds + BACKSTOP_SECONDS} s;"
                                  f" its own {seconds} s watchdog did not fire\n{output}") from None
         report = (result.stderr + result.stdout).strip()
-        if result.returncode != 0:
-            raise HarnessFailure(f"kernel {launch.kernel}: the harness {_how_it_ended(result.returncode)}:\n{report}")
-        if any(marker in report for marker in SANITIZER_MARKERS):
-            raise HarnessFailure(f"kernel {launch.kernel}: a sanitizer reported a problem:\n{report}")
+        sanitizer_report = any(marker in report for marker in SANITIZER_MARKERS)
+        if result.returncode != 0 or sanitizer_report:
+            how = "stopped at a sanitizer's report" if sanitizer_report else _how_it_ended(result.returncode)
+            raise HarnessFailure(f"kernel {launch.kernel}: the harness {how} (exit status {result.returncode}):\n"
+                                 f"{report}")
 
         after = list(launch.args)
         for index, path in arrays.items():
@@ -174,7 +175,7 @@ def _dims(launch, name: str) -> str:
 def _how_it_ended(status: int) -> str:
     if status < 0:
         return f"was killed by {signal.Signals(-status).name}"
-    return EXIT_STATUS.get(status, f"exited with status {status}")
+    return EXIT_STATUS.get(status, "failed")
 
 
 def _text(output) -> str:

@@ -157,7 +157,7 @@ template <class... P, std::size_t... I>
 void launch_kernel(void (*kernel)(P...), const std::string& name, const std::vector<Argument>& arguments,
                    const cuda_on_cpu::LaunchConfig& config, std::index_sequence<I...>) {
     const std::tuple<P...> values{value_of<P>(name, I, arguments[I])...};
-    cuda_on_cpu::launch(config, [&] { std::apply(kernel, values); });
+    cuda_on_cpu::launch(config, [&] { kernel(std::get<I>(values)...); });
 }
 
 // The table entry for one kernel instance: the parameter types P... come from the kernel's own

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The one command to run where a CUDA GPU is available (CI has none):
+#
+#     scripts/gpu_check.sh            # from anywhere; logs go to $OUT (default: a new temporary folder)
+#
+# It runs, each under its own time limit so the whole stays within 6 minutes on one H100/H200:
+#   1. the gpu tests (tests/test_gpu.py: kernels against the float64 reference, determinism, the
+#      model and its gradients against NumPy, training, checkpoints across backends, the audit);
+#   2. python -m npllama.kernels, the compile report, with this machine's NVRTC;
+#   3. compute-sanitizer racecheck and memcheck on one small forward and backward, when installed;
+#   4. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
+#   5. bench/train_step.py --backend cupy (tokens/s against PyTorch CUDA eager);
+#   6. a 20-step python -m npllama.train --backend cupy on the built-in corpus;
+# then prints one table (step, result, seconds, the line that matters) and the benchmark figures.
+# It needs Python with CuPy, PyTorch, pytest, hypothesis, sentencepiece, safetensors and tqdm, and
+# neither network nor pip: the package runs from this checkout. Exit status: the number of failed steps.
+
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python3}
+rows=()
+failed=0
+
+# run NAME LIMIT_SECONDS SUMMARY_PATTERN COMMAND...: log to $OUT/NAME.log, remember one table row
+run() {
+    local name=$1 limit=$2 pattern=$3
+    shift 3
+    local started=$SECONDS status result summary
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    status=$?
+    if [ "$status" -eq 0 ]; then
+        result=pass
+    elif [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+        result="TIMEOUT (${limit}s)"
+        failed=$((failed + 1))
+    else
+        result="FAIL ($status)"
+        failed=$((failed + 1))
+    fi
+    summary=$(grep -E "$pattern" "$OUT/$name.log" | tail -1 | cut -c1-90)
+    [ -z "$summary" ] && summary=$(tail -1 "$OUT/$name.log" | cut -c1-90)
+    rows+=("$(printf '%-18s %-14s %5ds  %s' "$name" "$result" $((SECONDS - started)) "$summary")")
+    echo "[gpu_check] $name: $result" >&2
+}
+
+"$PYTHON" - <<'EOF' >"$OUT/device.log" 2>&1
+import cupy
+props = cupy.cuda.runtime.getDeviceProperties(0)
+print(f"{props['name'].decode()}, compute capability {props['major']}.{props['minor']}, "
+      f"{props['totalGlobalMem'] / 2**30:.0f} GiB; CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, "
+      f"driver {cupy.cuda.runtime.driverGetVersion()}, CuPy {cupy.__version__}")
+EOF
+echo "[gpu_check] device: $(tail -1 "$OUT/device.log")" >&2
+
+run "gpu tests" 200 "passed|failed|error" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+run "kernel report" 60 "instances" "$PYTHON" -m npllama.kernels
+if command -v compute-sanitizer >/dev/null; then
+    for tool in racecheck memcheck; do
+        run "sanitizer $tool" 60 "ERROR SUMMARY|RACECHECK SUMMARY" \
+            compute-sanitizer --tool "$tool" --error-exitcode 3 "$PYTHON" scripts/gpu_kernels_once.py
+    done
+fi
+run "attention bench" 100 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
+run "train step bench" 60 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5
+run "train 20 steps" 90 "step 20: validation loss|checkpoint:" \
+    "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \
+    --out "$OUT/run" --cache-dir "$OUT/cache" --sample-tokens 40
+
+echo
+echo "device: $(tail -1 "$OUT/device.log")"
+printf '%-18s %-14s %6s  %s\n' step result time "summary (full logs in $OUT)"
+printf '%s\n' "${rows[@]}"
+echo
+echo "--- bench/attention.py ---"
+grep -vE "^\s*$" "$OUT/attention bench.log" | tail -40
+echo "--- bench/train_step.py --backend cupy ---"
+tail -5 "$OUT/train step bench.log"
+exit "$failed"

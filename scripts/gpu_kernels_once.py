@@ -1,0 +1,54 @@
+"""Launch every CUDA kernel once on small shapes (for compute-sanitizer in scripts/gpu_check.sh).
+
+    compute-sanitizer --tool racecheck python scripts/gpu_kernels_once.py
+
+Each attention instance runs forward and backward on T = 70 (a partial last tile) with Tq < Tk
+too, and the embedding backward on repeated ids; the results are compared with NumPy so a run
+that the sanitizer passes is also a correct one. Exit 1 on a mismatch.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from npllama.backend import get_backend  # noqa: E402
+from npllama.kernels import attention as cuda_attention  # noqa: E402
+from npllama.ops import attention, embedding  # noqa: E402
+
+
+def main() -> int:
+    cupy = get_backend("cupy")
+    rng = numpy.random.default_rng(0)
+    bad = []
+    for dtype in cuda_attention.DTYPES:
+        for head_dim in cuda_attention.HEAD_DIMS:
+            for n_queries, n_keys in ((70, 70), (5, 70)):
+                q = rng.standard_normal((1, 2, n_queries, head_dim))
+                k, v = (rng.standard_normal((1, 2, n_keys, head_dim)) for _ in range(2))
+                dout = rng.standard_normal(q.shape)
+                out, cache = attention.forward(q, k, v)
+                expected = (out, *attention.backward(dout, cache))
+                device = [cupy.asarray(a.astype(dtype)) for a in (q, k, v, dout)]
+                out_d, cache_d = attention.forward(*device[:3])
+                got = (out_d, *attention.backward(device[3], cache_d))
+                tolerance = 2e-4 if dtype == "float32" else 1e-10
+                for name, want, have in zip(("out", "dq", "dk", "dv"), expected, got):
+                    if not numpy.allclose(have.get(), want, rtol=tolerance, atol=tolerance):
+                        bad.append(f"{dtype} D={head_dim} Tq={n_queries} Tk={n_keys}: {name}")
+    ids = rng.integers(0, 20, (4, 50))
+    dy = rng.standard_normal((4, 50, 32)).astype(numpy.float32)
+    expected = numpy.zeros((20, 32), dtype=numpy.float32)
+    numpy.add.at(expected, ids.reshape(-1), dy.reshape(-1, 32))
+    got = embedding.backward(cupy.asarray(dy), embedding.forward(cupy.asarray(ids), cupy.zeros((20, 32)))[1])
+    if got.get().tobytes() != expected.tobytes():
+        bad.append("embedding backward differs from numpy.add.at")
+    cupy.cuda.Device().synchronize()
+    print("\n".join(bad) if bad else "every kernel ran and matched NumPy")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

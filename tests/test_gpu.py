@@ -1,0 +1,205 @@
+"""The CuPy backend on a CUDA device: the kernels against the float64 NumPy reference, bitwise
+determinism, the whole model and every gradient against NumPy, training that tracks NumPy's run,
+checkpoints that move between backends, and the audit on the GPU.
+
+Every test here carries the `gpu` marker: without CuPy or a device, conftest skips them with the
+reason (as in CI). scripts/gpu_check.sh runs them where a GPU is available.
+"""
+
+import math
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+from npllama import model as llama
+from npllama.kernels import attention as cuda_attention
+from npllama.kernels import embedding as cuda_embedding
+from npllama.ops import attention, embedding
+from npllama.train import train
+from npllama.train_config import TrainConfig
+
+pytestmark = pytest.mark.gpu
+
+SEQUENCE_LENGTHS = (1, 17, 63, 64, 65, 129, 257)
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    import cupy
+
+    return cupy
+
+
+def draw_qkv(rng, batch, n_heads, n_queries, n_keys, head_dim, logit_scale=1.0):
+    q = rng.standard_normal((batch, n_heads, n_queries, head_dim)) * logit_scale
+    k = rng.standard_normal((batch, n_heads, n_keys, head_dim))
+    v = rng.standard_normal((batch, n_heads, n_keys, head_dim))
+    return q, k, v
+
+
+def reference_gradients(q, k, v, dout):
+    """dq, dk, dv of sum(O * dout) in float64, through the NumPy reference."""
+    out, cache = attention.forward(q, k, v, tile_size=16)
+    return (out, cache.lse, *attention.backward(dout, cache))
+
+
+def launch_on_nan_buffers(cupy, q, k, v, dout, dtype):
+    """Run the four kernels on device copies, every output buffer filled with NaN before its launch."""
+    q_d, k_d, v_d, dout_d = (cupy.asarray(a.astype(dtype)) for a in (q, k, v, dout))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = cupy.full(q_d.shape, numpy.nan, dtype=dtype)
+    lse = cupy.full(q_d.shape[:3], numpy.nan, dtype=dtype)
+    cuda_attention.launch(cuda_attention.forward_launch(q_d, k_d, v_d, out, lse, scale), dtype, q.shape[-1])
+    dq, dk, dv = (cupy.full(a.shape, numpy.nan, dtype=dtype) for a in (q_d, k_d, v_d))
+    dvec = cupy.full(lse.shape, numpy.nan, dtype=dtype)
+    for run in cuda_attention.backward_launches(dout_d, q_d, k_d, v_d, out, lse, dvec, dq, dk, dv, scale):
+        cuda_attention.launch(run, dtype, q.shape[-1])
+    return [a.get() for a in (out, lse, dq, dk, dv)]
+
+
+# float32 kernels accumulate D-long dot products and T-long sums in float32: relative error grows
+# like sqrt(T) * 2^-24; 2e-4 on values of order 1 leaves room for T = 257 and |logits| up to 30.
+# float64 kernels agree with the float64 reference to rounding: 1e-10.
+TOLERANCES = {"float32": 2e-4, "float64": 1e-10}
+
+
+@pytest.mark.parametrize("dtype", cuda_attention.DTYPES)
+@pytest.mark.parametrize("head_dim", cuda_attention.HEAD_DIMS)
+@pytest.mark.parametrize("seq", SEQUENCE_LENGTHS)
+def test_kernels_match_the_float64_reference_forward_and_backward(cupy, dtype, head_dim, seq):
+    rng = numpy.random.default_rng(seq * 1000 + head_dim)
+    q, k, v = draw_qkv(rng, 2, 3, seq, seq, head_dim)
+    dout = rng.standard_normal(q.shape)
+    expected = reference_gradients(q, k, v, dout)
+    got = launch_on_nan_buffers(cupy, q, k, v, dout, dtype)
+    for name, want, have in zip(("out", "lse", "dq", "dk", "dv"), expected, got):
+        assert numpy.isfinite(have).all(), f"{name}: an element was never written (NaN)"
+        numpy.testing.assert_allclose(have, want, rtol=TOLERANCES[dtype], atol=TOLERANCES[dtype], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", cuda_attention.DTYPES)
+@pytest.mark.parametrize("n_queries, n_keys", [(1, 1), (1, 300), (5, 70), (64, 129), (100, 257)])
+def test_kernels_handle_fewer_queries_than_keys_as_after_a_kv_cache(cupy, dtype, n_queries, n_keys):
+    rng = numpy.random.default_rng(n_queries + n_keys)
+    q, k, v = draw_qkv(rng, 1, 2, n_queries, n_keys, 64)
+    dout = rng.standard_normal(q.shape)
+    for name, want, have in zip(("out", "lse", "dq", "dk", "dv"), reference_gradients(q, k, v, dout),
+                                launch_on_nan_buffers(cupy, q, k, v, dout, dtype)):
+        numpy.testing.assert_allclose(have, want, rtol=TOLERANCES[dtype], atol=TOLERANCES[dtype], err_msg=name)
+
+
+def test_kernels_stay_finite_and_exact_with_large_logits(cupy):
+    """Scores of magnitude ~ 100 overflow exp() unless the running max is subtracted first."""
+    rng = numpy.random.default_rng(7)
+    q, k, v = draw_qkv(rng, 1, 2, 129, 129, 128, logit_scale=30.0)
+    dout = rng.standard_normal(q.shape)
+    for name, want, have in zip(("out", "lse", "dq", "dk", "dv"), reference_gradients(q, k, v, dout),
+                                launch_on_nan_buffers(cupy, q, k, v, dout, "float64")):
+        numpy.testing.assert_allclose(have, want, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", cuda_attention.DTYPES)
+def test_attention_and_embedding_backward_are_bitwise_identical_over_three_runs(cupy, dtype):
+    rng = numpy.random.default_rng(3)
+    q, k, v = (cupy.asarray(a.astype(dtype)) for a in draw_qkv(rng, 2, 4, 300, 300, 128))
+    dout = cupy.asarray(rng.standard_normal(q.shape).astype(dtype))
+    ids = cupy.asarray(rng.integers(0, 50, (8, 256)))  # many repeats: the order of additions matters
+    dy = cupy.asarray(rng.standard_normal((8, 256, 96)).astype(dtype))
+    runs = []
+    for _ in range(3):
+        out, cache = attention.forward(q, k, v)
+        grads = attention.backward(dout, cache)
+        dweight = embedding.backward(dy, embedding.forward(ids, cupy.zeros((50, 96), dtype=dtype))[1])
+        runs.append([a.get().tobytes() for a in (out, cache.lse, *grads, dweight)])
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_the_embedding_kernel_adds_in_position_order_exactly_as_numpy_add_at(cupy):
+    rng = numpy.random.default_rng(11)
+    ids = rng.integers(0, 30, (4, 100))
+    dy = rng.standard_normal((4, 100, 24)).astype(numpy.float32)
+    expected = numpy.zeros((40, 24), dtype=numpy.float32)
+    numpy.add.at(expected, ids.reshape(-1), dy.reshape(-1, 24))
+    got = cuda_embedding.backward(cupy.asarray(dy), cupy.asarray(ids), (40, 24)).get()
+    assert got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-10), ("float32", 2e-4)])
+def test_the_whole_model_gives_numpys_logits_and_gradients(cupy, dtype, tolerance):
+    config = llama.LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=300, multiple_of=32, max_seq_len=128)
+    params = llama.init_params(config, seed=1, dtype=dtype, std=0.1)
+    params_gpu = {name: cupy.asarray(p) for name, p in params.items()}
+    rng = numpy.random.default_rng(2)
+    tokens, targets = rng.integers(0, 300, (2, 100)), rng.integers(0, 300, (2, 100))
+    logits = llama.forward(params, config, tokens)
+    numpy.testing.assert_allclose(llama.forward(params_gpu, config, tokens).get(), logits, rtol=tolerance,
+                                  atol=tolerance)
+    loss, grads = llama.loss_and_grads(params, config, tokens, targets)
+    loss_gpu, grads_gpu = llama.loss_and_grads(params_gpu, config, tokens, targets)
+    assert loss_gpu == pytest.approx(loss, rel=tolerance)
+    for name, grad in grads.items():
+        scale = float(numpy.abs(grad).max()) or 1.0
+        numpy.testing.assert_allclose(grads_gpu[name].get() / scale, grad / scale, atol=tolerance, err_msg=name)
+
+
+def test_kv_cache_decoding_on_the_gpu_gives_the_logits_of_a_full_forward(cupy):
+    config = llama.get_preset("nano")
+    params = {n: cupy.asarray(p) for n, p in llama.init_params(config, seed=0, dtype="float64").items()}
+    tokens = numpy.random.default_rng(0).integers(0, config.vocab_size, (1, 40))
+    full = llama.forward(params, config, tokens).get()
+    cache = llama.init_kv_cache(config, batch=1, max_len=64, dtype="float64", xp=cupy)
+    prefix = llama.forward(params, config, tokens[:, :25], kv_cache=cache).get()
+    steps = [llama.forward(params, config, tokens[:, t:t + 1], kv_cache=cache).get() for t in range(25, 40)]
+    numpy.testing.assert_allclose(numpy.concatenate([prefix, *steps], axis=1), full, rtol=1e-10, atol=1e-10)
+
+
+def small_run(corpus, tmp_path, backend, name, **settings):
+    folder, tokenizer = corpus
+    config = TrainConfig(preset="nano", batch_size=4, seq_len=64, steps=50, eval_every=0, no_progress=True,
+                         sample_tokens=0, data=[str(folder)], tokenizer=str(tokenizer), out=str(tmp_path / name),
+                         cache_dir=str(tmp_path / "cache"), backend=backend, **settings)
+    return train(config, log=lambda message: None)
+
+
+def losses(run_folder):
+    from training import read_metrics
+
+    return [row["loss"] for row in read_metrics(run_folder) if "loss" in row]
+
+
+def test_fifty_training_steps_on_cupy_track_the_numpy_run(corpus, tmp_path):
+    on_cpu = small_run(corpus, tmp_path, "numpy", "cpu")
+    on_gpu = small_run(corpus, tmp_path, "cupy", "gpu")
+    cpu_losses, gpu_losses = losses(on_cpu.out), losses(on_gpu.out)
+    assert len(cpu_losses) == len(gpu_losses) == 50
+    # the same data and initial weights; float32 rounding differs (cuBLAS vs OpenBLAS, our kernels)
+    # and grows through 50 AdamW steps, but stays far below the loss's own step-to-step change
+    numpy.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-3)
+    assert on_gpu.val_loss == pytest.approx(on_cpu.val_loss, rel=1e-3)
+
+
+def test_a_checkpoint_trained_on_cupy_resumes_on_numpy_and_back(corpus, tmp_path):
+    import dataclasses
+
+    from npllama.checkpoint import load_checkpoint
+
+    first = small_run(corpus, tmp_path, "cupy", "run", checkpoint_every=25)
+    on_cpu = load_checkpoint(first.out / "step-00000025")
+    assert all(isinstance(p, numpy.ndarray) for p in on_cpu.params.values())
+    folder, tokenizer = corpus
+    base = TrainConfig(preset="nano", batch_size=4, seq_len=64, steps=60, eval_every=0, no_progress=True,
+                       sample_tokens=0, data=[str(folder)], tokenizer=str(tokenizer), out=str(first.out),
+                       cache_dir=str(tmp_path / "cache"), checkpoint_every=25, resume="")
+    resumed_on_cpu = train(dataclasses.replace(base, backend="numpy"), log=lambda message: None)
+    assert resumed_on_cpu.step == 60
+    resumed_on_gpu = train(dataclasses.replace(base, backend="cupy", steps=70), log=lambda message: None)
+    assert resumed_on_gpu.step == 70 and math.isfinite(resumed_on_gpu.val_loss)
+
+
+def test_the_audit_passes_on_the_gpu():
+    result = subprocess.run([sys.executable, "-m", "npllama.audit", "--backend", "cupy"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 failed" in result.stdout
