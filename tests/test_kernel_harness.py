@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import kernel_harness
 import numpy
 import pytest
+
+import kernel_harness
 from kernel_harness import HarnessFailure, build, run
 
 SAMPLE = Path(__file__).resolve().parent / "harness" / "sample_kernels.cu"

@@ -1,0 +1,145 @@
+"""npllama's CUDA kernels, run on the CPU: the kernel source itself (npllama/kernels/*.cu), launched
+exactly as the CuPy path launches it (npllama.kernels.attention's launch functions give grid, block,
+shared memory and the exact scalar types for both), under AddressSanitizer + UBSan and under
+ThreadSanitizer, against the float64 NumPy reference. Every output buffer starts as NaN and every
+block's shared memory is NaN, so an element never written or a tile read before it was filled shows.
+
+And the compile report: every instance compiles through NVRTC for sm_80 and sm_90 without spilling.
+"""
+
+import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy
+import pytest
+
+from kernel_harness import HarnessFailure, build, run
+from npllama.kernels import attention as cuda_attention
+from npllama.kernels import embedding as cuda_embedding
+from npllama.ops import attention
+
+KERNELS = Path(cuda_attention.__file__).parent
+# The instances the harness builds (all 40 would take a minute under ASan): every head-dim class
+# of float32 (one column per lane, several, the largest) and the float64 instance the audit uses.
+INSTANCES = [("float32", 16), ("float32", 48), ("float32", 128), ("float64", 16)]
+NAMES = [name for dtype, head_dim in INSTANCES for name in cuda_attention.kernel_names(dtype, head_dim)]
+# the barrier after the forward kernel writes its P tile: without it, P V reads P while it is written
+BARRIER = "    __syncthreads();  // the whole P tile is written\n"
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory):
+    """The harness built once per session: the kernels under "address" and "thread", and a copy of
+    attention.cu with one __syncthreads removed, under "thread"."""
+    folder = tmp_path_factory.mktemp("kernels-on-cpu")
+    source = (KERNELS / "attention.cu").read_text()
+    assert source.count(BARRIER) == 1, "the barrier the race test removes is no longer in attention.cu"
+    racy = folder / "attention_without_a_barrier.cu"
+    racy.write_text(source.replace(BARRIER, ""))
+    sources = [KERNELS / "attention.cu", KERNELS / "embedding.cu"]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        builds = {"address": pool.submit(build, sources, NAMES + cuda_embedding.kernel_names(), "address", folder),
+                  "thread": pool.submit(build, sources, NAMES, "thread", folder),
+                  "racy": pool.submit(build, [racy], cuda_attention.kernel_names("float32", 16), "thread", folder)}
+        return {name: future.result() for name, future in builds.items()}
+
+
+def draw_problem(seed, batch, n_heads, n_queries, n_keys, head_dim, logit_scale=1.0):
+    rng = numpy.random.default_rng(seed)
+    q = rng.standard_normal((batch, n_heads, n_queries, head_dim)) * logit_scale
+    k, v = (rng.standard_normal((batch, n_heads, n_keys, head_dim)) for _ in range(2))
+    return q, k, v, rng.standard_normal(q.shape)
+
+
+def run_kernels(binary, q, k, v, dout, dtype):
+    """out, lse, dq, dk, dv from the four kernels, each output starting as NaN."""
+    q, k, v, dout = (a.astype(dtype) for a in (q, k, v, dout))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out, lse = numpy.full(q.shape, numpy.nan, dtype=dtype), numpy.full(q.shape[:3], numpy.nan, dtype=dtype)
+    args = run(binary, cuda_attention.forward_launch(q, k, v, out, lse, scale))
+    out, lse = args[3], args[4]
+    dq, dk, dv = (numpy.full(a.shape, numpy.nan, dtype=dtype) for a in (q, k, v))
+    dvec = numpy.full(lse.shape, numpy.nan, dtype=dtype)
+    # the harness returns new arrays: each launch is made with what the launches before it wrote
+    dvec_run = cuda_attention.backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale)[0]
+    dvec = run(binary, dvec_run)[2]
+    _, dkdv_run, dq_run = cuda_attention.backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale)
+    dk, dv = run(binary, dkdv_run)[6:8]
+    dq = run(binary, dq_run)[6]
+    return out, lse, dq, dk, dv
+
+
+def assert_matches_reference(got, q, k, v, dout, tolerance):
+    out, cache = attention.forward(q, k, v, tile_size=16)
+    expected = (out, cache.lse, *attention.backward(dout, cache))
+    for name, want, have in zip(("out", "lse", "dq", "dk", "dv"), expected, got):
+        assert numpy.isfinite(have).all(), f"{name}: some element was never written (still NaN)"
+        numpy.testing.assert_allclose(have, want, rtol=tolerance, atol=tolerance, err_msg=name)
+
+
+# float32 kernels: dot products of D terms and sums of T terms in float32, relative error ~ sqrt(T)
+# 2^-24 on values of order 1; 2e-5 leaves a margin of 10 at T = 129. float64: rounding only.
+TOLERANCES = {"float32": 2e-5, "float64": 1e-12}
+
+
+@pytest.mark.parametrize("seq", [1, 17, 63, 64, 65, 129])
+@pytest.mark.parametrize("dtype, head_dim", INSTANCES, ids=lambda value: str(value))
+def test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers(harness, dtype, head_dim,
+                                                                                       seq):
+    problem = draw_problem(seq + head_dim, 2, 3, seq, seq, head_dim)
+    got = run_kernels(harness["address"], *problem, dtype)
+    assert_matches_reference(got, *problem, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("n_queries, n_keys", [(1, 65), (17, 129), (64, 100)])
+def test_kernels_handle_fewer_queries_than_keys_as_after_a_kv_cache(harness, n_queries, n_keys):
+    problem = draw_problem(n_keys, 1, 2, n_queries, n_keys, 48)
+    assert_matches_reference(run_kernels(harness["address"], *problem, "float32"), *problem, TOLERANCES["float32"])
+
+
+def test_kernels_stay_exact_with_large_logits(harness):
+    """Scores near 100 overflow exp() unless each row's running max is subtracted first."""
+    problem = draw_problem(5, 1, 2, 70, 70, 16, logit_scale=30.0)
+    assert_matches_reference(run_kernels(harness["address"], *problem, "float64"), *problem, 1e-10)
+
+
+@pytest.mark.parametrize("dtype, head_dim, seq", [("float32", 128, 129), ("float32", 48, 65), ("float64", 16, 70)])
+def test_kernels_have_no_data_race_under_thread_sanitizer(harness, dtype, head_dim, seq):
+    problem = draw_problem(seq, 1, 2, seq, seq, head_dim)
+    assert_matches_reference(run_kernels(harness["thread"], *problem, dtype), *problem, TOLERANCES[dtype])
+
+
+def test_the_harness_reports_a_kernel_with_a_barrier_removed(harness):
+    problem = draw_problem(0, 1, 1, 70, 70, 16)
+    with pytest.raises(HarnessFailure, match="ThreadSanitizer: data race"):
+        run_kernels(harness["racy"], *problem, "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_embedding_kernel_adds_each_ids_rows_in_position_order_as_numpy_add_at(harness, dtype):
+    rng = numpy.random.default_rng(1)
+    ids = rng.integers(0, 12, (3, 40))
+    dy = rng.standard_normal((3, 40, 24)).astype(dtype)
+    expected = numpy.zeros((15, 24), dtype=dtype)
+    numpy.add.at(expected, ids.reshape(-1), dy.reshape(-1, 24))
+    sorted_ids, order = cuda_embedding.sort_positions(numpy, ids)
+    dweight = numpy.zeros((15, 24), dtype=dtype)
+    got = run(harness["address"], cuda_embedding.backward_launch(sorted_ids, order, dy.reshape(-1, 24), dweight))[3]
+    assert got.tobytes() == expected.tobytes()  # the same additions in the same order: the same bits
+
+
+def test_every_instance_fits_the_shared_memory_of_an_a100():
+    for name, shared in cuda_attention.instances():
+        assert shared <= cuda_attention.MAX_SHARED_BYTES, name
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("cupy_backends") is None,
+                    reason="CuPy is not installed: pip install '.[test]' installs it with the pinned NVRTC")
+def test_every_instance_compiles_for_sm80_and_sm90_without_spills():
+    result = subprocess.run([sys.executable, "-m", "npllama.kernels"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    n_instances = 2 * (len(cuda_attention.instances()) + len(cuda_embedding.instances()))
+    assert f"{n_instances} instances, 0 with a problem, 0 compile errors" in result.stdout
