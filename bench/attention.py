@@ -83,12 +83,13 @@ def composed_calls(q, k, v, dout):
     import cupy
 
     seq, scale = q.shape[2], 1.0 / math.sqrt(q.shape[3])
-    future = cupy.triu(cupy.ones((seq, seq), dtype=bool), k=1)
+    # -inf above the diagonal, 0 elsewhere: added to the scores, a (T, T) mask that broadcasts for free
+    future = cupy.triu(cupy.full((seq, seq), -cupy.inf, dtype=q.dtype), k=1)
 
     def probs_of(q, k):
         scores = cupy.matmul(q, k.swapaxes(-1, -2))
         scores *= scale
-        cupy.putmask(scores, cupy.broadcast_to(future, scores.shape), -cupy.inf)
+        scores += future
         scores -= scores.max(axis=-1, keepdims=True)
         cupy.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
@@ -185,6 +186,10 @@ def main(argv=None) -> int:
                 except (cupy.cuda.memory.OutOfMemoryError, RuntimeError) as error:  # torch raises RuntimeError
                     print(f"{seq:5d} {head_dim:4d} {name:15} out of memory or failed: {str(error).splitlines()[0]}")
                     continue
+                finally:  # what one implementation cached is not left to crowd out the next
+                    cupy.get_default_memory_pool().free_all_blocks()
+                    if torch is not None:
+                        torch.cuda.empty_cache()
                 row = {"seq": seq, "head_dim": head_dim, "name": name, "fwd_s": fwd, "both_s": both,
                        "fwd_tflops": causal_flops(batch, n_heads, seq, head_dim, False) / fwd / 1e12,
                        "both_tflops": causal_flops(batch, n_heads, seq, head_dim, True) / both / 1e12}

@@ -102,4 +102,10 @@ def _usable_cupy():
     except Exception as error:
         raise BackendError(f"--backend cupy: CuPy cannot load NVRTC, which compiles npllama's kernels "
                            f"({_first_line(error)}); pip install nvidia-cuda-nvrtc, or use --backend numpy") from None
+    try:  # CuPy compiles even its elementwise kernels, with the CUDA headers it must find
+        int((cupy.arange(2) + 1).sum())
+    except Exception as error:
+        raise BackendError(f"--backend cupy: CuPy cannot compile a kernel ({_first_line(error)}); "
+                           'pip install "npllama[gpu]" (it brings the CUDA toolkit as wheels), or use --backend numpy'
+                           ) from None
     return cupy

@@ -50,7 +50,7 @@ def apply_rotary_emb(x, freqs_cis):
     """Rotate x (B, T, H, D): each pair (x[2i], x[2i+1]) as a complex number times freqs_cis[t, i]."""
     xf = x.to(_at_least_float32(x.dtype))
     x_complex = torch.view_as_complex(xf.reshape(*x.shape[:-1], -1, 2).contiguous())
-    rotation = freqs_cis.to(x_complex.dtype)[None, :, None, :]  # broadcast over batch and heads
+    rotation = freqs_cis.to(x.device, x_complex.dtype)[None, :, None, :]  # broadcast over batch and heads
     return torch.view_as_real(x_complex * rotation).flatten(3).type_as(x)
 
 
@@ -58,7 +58,7 @@ def causal_attention(q, k, v):
     """softmax(Q K^T / sqrt(D) + mask) V on (B, H, T, D), with the (T, T) scores materialised."""
     seq, head_dim = q.shape[-2], q.shape[-1]
     scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
-    mask = torch.full((seq, seq), float("-inf"), dtype=scores.dtype).triu(diagonal=1)
+    mask = torch.full((seq, seq), float("-inf"), dtype=scores.dtype, device=scores.device).triu(diagonal=1)
     probs = F.softmax((scores + mask).to(_at_least_float32(q.dtype)), dim=-1).type_as(q)
     return probs @ v
 

@@ -21,6 +21,9 @@ from npllama.ops import attention, embedding  # noqa: E402
 
 def main() -> int:
     cupy = get_backend("cupy")
+    # straight cudaMalloc per array: inside CuPy's pool an overrun lands in the pool's own memory,
+    # where compute-sanitizer's memcheck cannot see it
+    cupy.cuda.set_allocator(None)
     rng = numpy.random.default_rng(0)
     bad = []
     for dtype in cuda_attention.DTYPES:

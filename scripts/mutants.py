@@ -26,6 +26,7 @@ class Mutant:
 
 GRADIENTS = "tests/test_gradients.py::"
 PROPERTIES = "tests/test_op_properties.py::"
+KERNELS_ON_CPU = "tests/test_kernels_on_cpu.py::"
 ORACLE = "tests/test_oracle.py::"
 MODEL = "tests/test_model.py::"
 OPTIM = "tests/test_optim.py::"
@@ -196,7 +197,7 @@ CATALOGUE = [
            (GRADIENTS + "test_cross_entropy_backward_matches_finite_differences",),
            "softmax + onehot instead of softmax - onehot at the target"),
     Mutant("cross-entropy-ignored-rows-not-zeroed", OPS + "cross_entropy.py",
-           "    dlogits[~cache.counted] = 0.0  # an ignored row's logits may be inf or nan; 0 * nan would be nan\n",
+           "    xp.copyto(dlogits, 0.0, where=~cache.counted[:, None])\n",
            "",
            (PROPERTIES + "test_cross_entropy_ignored_rows_get_zero_gradient_even_when_their_logits_are_not_finite",),
            "an ignored row with non-finite logits leaks NaN into the gradient"),
@@ -483,6 +484,42 @@ CATALOGUE = [
            '    if name == "cupy":\n        return numpy',
            ("tests/test_backend.py::test_cupy_missing_is_refused_with_what_to_install",),
            "--backend cupy quietly runs on NumPy instead of saying CuPy is missing"),
+    # --- the CUDA kernels, run on the CPU by the harness ------------------------------------------
+    Mutant("kernel-forward-sees-its-diagonal-neighbour", "npllama/kernels/attention.cu",
+           "        if (key > query_pos || key >= n_keys) score[i][j] = minus_infinity<T>();",
+           "        if (key > query_pos + 1 || key >= n_keys) score[i][j] = minus_infinity<T>();",
+           (KERNELS_ON_CPU + "test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers",),
+           "the forward kernel lets each query see the next key, one step into the future"),
+    Mutant("kernel-forward-forgets-rescale", "npllama/kernels/attention.cu",
+           "      for (int c = 0; c < COLS; ++c) acc[i][c] *= rescale;\n",
+           "      for (int c = 0; c < COLS; ++c) acc[i][c] *= T(1);\n",
+           (KERNELS_ON_CPU + "test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers",),
+           "the online softmax does not rescale the output accumulated over earlier key tiles"),
+    Mutant("kernel-dkdv-drops-dvec", "npllama/kernels/attention.cu",
+           "        ds_tile[(group * ROWS + i) * (BQ + 1) + query] = prob * (dprob[i][j] - dvec_tile[query]);\n",
+           "        ds_tile[(group * ROWS + i) * (BQ + 1) + query] = prob * dprob[i][j];\n",
+           (KERNELS_ON_CPU + "test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers",),
+           "dK uses dS = P * dP, without the softmax Jacobian's rowsum term"),
+    Mutant("kernel-dq-forgets-scale", "npllama/kernels/attention.cu",
+           "= scale * dq_acc[i][c];\n",
+           "= dq_acc[i][c];\n",
+           (KERNELS_ON_CPU + "test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers",),
+           "dQ forgets the softmax scale"),
+    Mutant("kernel-dkdv-grid-too-small", "npllama/kernels/attention.py",
+           "        Launch(names[2], (math.ceil(n_keys / tiles.dkdv[1]), heads, 1)",
+           "        Launch(names[2], (n_keys // tiles.dkdv[1], heads, 1)",
+           (KERNELS_ON_CPU + "test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers",),
+           "the dK/dV launch has no block for a last, partial key tile"),
+    Mutant("kernel-shared-memory-undersized", "npllama/kernels/attention.py",
+           "        return size * (queries * stride + 2 * keys * stride + queries * (keys + 1))\n",
+           "        return size * (queries * stride + 2 * keys * stride)\n",
+           (KERNELS_ON_CPU + "test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers",),
+           "the forward launch asks for less shared memory than the kernel's P tile needs"),
+    Mutant("kernel-embedding-every-thread-writes", "npllama/kernels/embedding.cu",
+           "  if (first > 0 && sorted_ids[first] == sorted_ids[first - 1]) return;",
+           "  if (false) return;",
+           (KERNELS_ON_CPU + "test_the_embedding_kernel_adds_each_ids_rows_in_position_order_as_numpy_add_at",),
+           "every position, not only the first of its id, writes a partial sum of its id's rows"),
     # --- the gradient checker itself ------------------------------------------------------------
     Mutant("gradcheck-blind-to-nan", "npllama/gradcheck.py",
            "    non_finite = describe_non_finite(grad_host)\n    if non_finite:\n",

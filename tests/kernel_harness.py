@@ -20,10 +20,12 @@ Any failure (a sanitizer's report, the watchdog, a refused launch, a compile err
 HarnessFailure, an AssertionError, with the harness's report.
 """
 
+import functools
 import hashlib
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -58,6 +60,26 @@ EXIT_STATUS = {64: "could not read its launch", 65: "refused the launch", 70: "w
 
 SCALAR_DTYPES = ("int32", "int64", "float32", "float64")
 BACKSTOP_SECONDS = 30  # beyond the harness's own watchdog, before Python kills it
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the compiler builds and runs a C++20 program under both sanitizers, else why not
+    (the reason the harness tests are skipped on such a machine)."""
+    if shutil.which(COMPILER) is None:
+        return f"{COMPILER} is not installed: the kernel harness needs a C++20 compiler with ASan and TSan"
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "probe.cpp"
+        source.write_text("#include <barrier>\nint main() { std::barrier sync(1); sync.arrive_and_wait(); }\n")
+        for sanitizer, flags in SANITIZER_FLAGS.items():
+            binary = Path(folder) / f"probe-{sanitizer}"
+            built = subprocess.run([COMPILER, "-std=c++20", "-pthread", *flags, str(source), "-o", str(binary)],
+                                   capture_output=True, text=True, timeout=300)
+            ran = subprocess.run([str(binary)], capture_output=True, timeout=60) if built.returncode == 0 else None
+            if ran is None or ran.returncode != 0:
+                return (f"{COMPILER} cannot build and run a C++20 program with -fsanitize for {sanitizer} "
+                        "(a C++20 <barrier> and the sanitizer runtimes are needed)")
+    return None
 
 
 class HarnessFailure(AssertionError):

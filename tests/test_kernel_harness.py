@@ -4,7 +4,6 @@ whose arguments do not match the kernel each end in HarnessFailure, with the rep
 
 The kernels under test are the small ones of tests/harness/sample_kernels.cu."""
 
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,10 +23,6 @@ CXX_TYPE = {numpy.float32: "float", numpy.float64: "double", numpy.int32: "int"}
 # The barrier the race test removes from a copy of the sample kernels.
 BARRIER = "    __syncthreads();  // the warp sums are written before warp 0 reads them\n"
 
-pytestmark = pytest.mark.skipif(shutil.which(kernel_harness.COMPILER) is None,
-                                reason=f"the kernel harness needs a C++20 compiler ({kernel_harness.COMPILER})")
-
-
 @dataclass(frozen=True)
 class Launch:
     kernel: str
@@ -41,6 +36,8 @@ class Launch:
 def harness(tmp_path_factory):
     """The harness binaries the tests run, built once per session, side by side: the sample kernels
     under "address" and "thread", and a copy of them without one __syncthreads under "thread"."""
+    if kernel_harness.unavailable_reason():
+        pytest.skip(kernel_harness.unavailable_reason())
     folder = tmp_path_factory.mktemp("kernel-harness")
     source = SAMPLE.read_text()
     assert source.count(BARRIER) == 1, "the barrier the race test removes is no longer in the sample kernels"

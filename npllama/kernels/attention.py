@@ -138,11 +138,20 @@ def _module(dtype_name: str, head_dim: int):
     return cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=kernel_names(dtype_name, head_dim))
 
 
+@functools.cache
+def _function(dtype_name: str, head_dim: int, kernel: str, shared_bytes: int, device_id: int):
+    """The compiled kernel on one device, opted in to its shared memory (once, not at every launch)."""
+    function = _module(dtype_name, head_dim).get_function(kernel)
+    if shared_bytes > 48 * 1024:  # above 48 KiB a kernel must opt in
+        function.max_dynamic_shared_size_bytes = shared_bytes
+    return function
+
+
 def launch(run: Launch, dtype, head_dim: int):
     """Launch `run` on the current CuPy device and stream (asynchronous, like any CuPy call)."""
-    function = _module(numpy.dtype(dtype).name, head_dim).get_function(run.kernel)
-    if run.shared_bytes > 48 * 1024:  # above 48 KiB a kernel must opt in
-        function.max_dynamic_shared_size_bytes = run.shared_bytes
+    import cupy
+
+    function = _function(numpy.dtype(dtype).name, head_dim, run.kernel, run.shared_bytes, cupy.cuda.Device().id)
     function(run.grid, run.block, run.args, shared_mem=run.shared_bytes)
 
 

@@ -60,10 +60,12 @@ def _causal_mask(xp, query_start, n_queries, key_start, n_keys):
 
 
 def _runs_on_kernels(*arrays) -> bool:
-    """CuPy arrays of one dtype and a head dim that the CUDA kernels were built for."""
+    """CuPy arrays of one dtype, a head dim the CUDA kernels were built for, and a grid they can launch."""
     q = arrays[-3]
+    batch, n_heads, n_queries, head_dim = q.shape
     return (all(is_cupy_array(a) for a in arrays) and len({a.dtype for a in arrays}) == 1
-            and cuda_attention.supports(q.dtype, q.shape[-1]))
+            and cuda_attention.supports(q.dtype, head_dim)
+            and n_queries >= 1 and 1 <= batch * n_heads <= cuda_attention.MAX_HEADS)
 
 
 def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):

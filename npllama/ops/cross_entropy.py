@@ -100,5 +100,6 @@ def backward(dy, cache):
     target_grad = xp.where(targets == cache.argmax, -rest * row_scale / (1.0 + rest),
                            dlogits[rows, targets] - row_scale)
     dlogits[rows, targets] = target_grad
-    dlogits[~cache.counted] = 0.0  # an ignored row's logits may be inf or nan; 0 * nan would be nan
+    # an ignored row's logits may be inf or nan, and 0 * nan is nan: overwrite, in place (no host sync)
+    xp.copyto(dlogits, 0.0, where=~cache.counted[:, None])
     return dlogits.astype(cache.dtype, copy=False).reshape(cache.shape)

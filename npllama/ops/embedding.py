@@ -32,7 +32,7 @@ def forward(ids, weight):
 
 def backward(dy, cache):
     """Return dweight. `ids` are integers and have no gradient."""
-    if is_cupy_array(dy) and dy.dtype.name in cuda_embedding.CXX_TYPES:
+    if is_cupy_array(dy) and dy.dtype.name in cuda_embedding.CXX_TYPES and dy.size:
         return cuda_embedding.backward(dy, cache.ids, cache.weight_shape)
     xp = array_namespace(dy)
     dim = cache.weight_shape[-1]
