@@ -20,12 +20,16 @@ class StopRequests:
     def __init__(self):
         self.signal_number = None  # the first signal received
         self.deferring = False  # True while the training loop can stop cleanly at its next step
+        self.stopped = False  # True once the run is stopping: later signals have nothing left to stop
 
     def __call__(self, signal_number, frame):
+        if self.stopped:
+            return
         if self.deferring and self.signal_number is None:
             self.signal_number = signal_number
             return
         self.signal_number = self.signal_number or signal_number
+        self.stopped = True
         raise StopNow(signal_number)
 
 

@@ -184,18 +184,22 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     created_out = not out.exists()
     _check_writable(out, "--out")
     keep_log = False
-    try:
-        with _only_writer_of(out), stopping.stop_requests() as stops:
-            resumed = _checkpoint_to_resume(config, model_config, out, xp)
-            return _train_into(config, model_config, out, resumed, stops, log, xp)
-    except stopping.StopNow as stop:
-        raise _interrupted(config, out, stop.signal_number) from None
-    except Diverged:
-        keep_log = True
-        raise
-    finally:
-        if created_out:
-            _remove_unless_of_value(out, keep_log)
+    # the signal handlers stay in place until the run has said how it ended: a signal that comes
+    # while a stopped run tidies up and names its checkpoint is ignored, not a KeyboardInterrupt
+    with stopping.stop_requests() as stops:
+        try:
+            with _only_writer_of(out):
+                resumed = _checkpoint_to_resume(config, model_config, out, xp)
+                return _train_into(config, model_config, out, resumed, stops, log, xp)
+        except stopping.StopNow as stop:
+            stops.stopped = True
+            raise _interrupted(config, out, stop.signal_number) from None
+        except Diverged:
+            keep_log = True
+            raise
+        finally:
+            if created_out:
+                _remove_unless_of_value(out, keep_log)
 
 
 def _interrupted(config: TrainConfig, out: Path, signal_number: int) -> TrainInterrupted:

@@ -410,6 +410,11 @@ CATALOGUE = [
            "            llama.grow_kv_cache(cache, min(2 * cache.capacity, len(prompt_ids) + budget))\n", "",
            (GENERATE + "test_a_kv_cache_that_grows_while_decoding_gives_the_text_of_one_allocated_in_full",),
            "decoding past the cache's first allocation overflows it instead of growing it"),
+    Mutant("stopping-raises-again-while-tidying-up", "npllama/stopping.py",
+           "        if self.stopped:\n            return\n",
+           "",
+           ("tests/test_faults.py::test_a_signal_after_the_run_began_to_stop_is_ignored_while_it_tidies_up",),
+           "a Ctrl-C while a stopped run names its checkpoint interrupts that, and the message is lost"),
     # --- checkpoints ----------------------------------------------------------------------------
     Mutant("checkpoint-optimizer-step-not-restored", "npllama/checkpoint/format.py",
            '            step=document["optimizer_step"],\n',

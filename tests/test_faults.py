@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from npllama import checkpoint, files, run_log, train
+from npllama import checkpoint, files, run_log, stopping, train
 from training import assert_one_line_error, common, contents, read_metrics, train_cli
 
 
@@ -120,6 +120,15 @@ def test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_it_bitwise(
     assert resumed.returncode == 0, resumed.stderr
     final = {run: (tmp_path / run / "step-00000040" / "model.safetensors").read_bytes() for run in ("whole", "stopped")}
     assert final["stopped"] == final["whole"]
+
+
+def test_a_signal_after_the_run_began_to_stop_is_ignored_while_it_tidies_up():
+    """Once a signal has stopped the run, another (a second Ctrl-C while the run names its newest
+    checkpoint) has nothing left to stop: raising again would lose the message that names it."""
+    requests = stopping.StopRequests()
+    with pytest.raises(stopping.StopNow):
+        requests(signal.SIGINT, None)
+    assert requests(signal.SIGINT, None) is None and requests.signal_number == signal.SIGINT
 
 
 def test_a_second_signal_stops_at_once_and_leaves_the_last_checkpoint_loadable(corpus, tmp_path):
