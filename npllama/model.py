@@ -380,7 +380,17 @@ def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE,
 
 def loss_and_grads(params, config, tokens, targets, recompute=True,
                    tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
-    """Return (loss, grads): the mean cross-entropy and its gradient for every parameter.
+    """Return (loss, grads): the mean cross-entropy, a Python float, and its gradient for every
+    parameter (see loss_and_grads_on_device)."""
+    value, grads = loss_and_grads_on_device(params, config, tokens, targets, recompute, tile_size, ignore_index)
+    return float(value), grads
+
+
+def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
+                             tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
+    """Return (loss, grads): the mean cross-entropy as a 0-d array where the weights live (reading
+    it from a GPU waits for the GPU, so a caller that adds several reads once) and its gradient for
+    every parameter.
 
     The backward pass is written out by hand, block by block, in reverse. `grads` has the same
     names, shapes and dtypes as `params`.
@@ -412,7 +422,7 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
             grads[layer_name(i, short)] = grad
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
     grads = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
-    return float(value), grads
+    return value, grads
 
 
 def describe_presets() -> str:

@@ -418,12 +418,15 @@ def _training_loop(run: Run, state: RunState):
 
 
 def _accumulated_loss_and_grads(run: Run, state: RunState):
-    """The mean loss and gradient over --grad-accum micro-batches (equal to one batch that many times larger)."""
+    """The mean loss and gradient over --grad-accum micro-batches (equal to one batch that many times larger).
+
+    The micro-batches' losses are added where they are (in float64) and read once, so a step on the
+    GPU waits for it only here and for the gradient norm."""
     loss_sum, grads = 0.0, None
     for _ in range(run.config.grad_accum):
         inputs, targets = state.sampler.next_batch()
-        micro_loss, micro_grads = llama.loss_and_grads(state.params, run.model_config, inputs, targets)
-        loss_sum += micro_loss
+        micro_loss, micro_grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs, targets)
+        loss_sum = loss_sum + micro_loss.astype("float64")
         if grads is None:
             grads = micro_grads
         else:
@@ -432,7 +435,7 @@ def _accumulated_loss_and_grads(run: Run, state: RunState):
     if run.config.grad_accum > 1:
         for grad in grads.values():
             grad /= run.config.grad_accum
-    return loss_sum / run.config.grad_accum, grads
+    return float(loss_sum) / run.config.grad_accum, grads
 
 
 def _evaluation_due(config: TrainConfig, step: int) -> bool:
