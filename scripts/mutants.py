@@ -525,6 +525,11 @@ CATALOGUE = [
            "  if (false) return;",
            (KERNELS_ON_CPU + "test_the_embedding_kernel_adds_each_ids_rows_in_position_order_as_numpy_add_at",),
            "every position, not only the first of its id, writes a partial sum of its id's rows"),
+    Mutant("kernel-report-blind-to-spills", "npllama/kernels/__main__.py",
+           "        if self.spill_bytes:\n",
+           "        if False:\n",
+           (KERNELS_ON_CPU + "test_the_compile_report_flags_a_spill_and_counts_static_and_dynamic_shared_memory",),
+           "python -m npllama.kernels passes a kernel that spills registers to local memory"),
     # --- the gradient checker itself ------------------------------------------------------------
     Mutant("gradcheck-blind-to-nan", "npllama/gradcheck.py",
            "    non_finite = describe_non_finite(grad_host)\n    if non_finite:\n",

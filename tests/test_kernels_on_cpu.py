@@ -146,3 +146,33 @@ def test_every_instance_compiles_for_sm80_and_sm90_without_spills():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     n_instances = 2 * (len(cuda_attention.instances()) + len(cuda_embedding.instances()))
     assert f"{n_instances} instances, 0 with a problem, 0 compile errors" in result.stdout
+
+
+PTXAS_LOG_WITH_A_SPILL = """\
+ptxas info    : Compiling entry function '_Z6kernelv' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelv
+ptxas         .     16 bytes stack frame, 48 bytes spill stores, 32 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 1024 bytes smem
+"""
+
+
+def test_the_compile_report_flags_a_spill_and_counts_static_and_dynamic_shared_memory():
+    from npllama.kernels.__main__ import parse_ptxas
+
+    [row] = parse_ptxas(PTXAS_LOG_WITH_A_SPILL, {"_Z6kernelv": "kernel"}, {"kernel": 2048}, "sm_90")
+    assert (row.kernel, row.registers, row.stack_bytes, row.spill_bytes) == ("kernel", 96, 16, 80)
+    assert (row.static_shared_bytes, row.dynamic_shared_bytes) == (1024, 2048)
+    assert row.problem == "spills 80 bytes"
+    [too_big] = parse_ptxas(PTXAS_LOG_WITH_A_SPILL.replace("48 bytes spill stores, 32", "0 bytes spill stores, 0"),
+                            {"_Z6kernelv": "kernel"}, {"kernel": 300 * 1024}, "sm_90")
+    assert too_big.problem.startswith("asks for 308224 bytes of shared memory, more than sm_90's")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("cupy_backends") is None,
+                    reason="CuPy is not installed: pip install '.[test]' installs it with the pinned NVRTC")
+def test_the_compile_report_fails_on_a_compile_error_with_nvrtcs_message():
+    from npllama.kernels.__main__ import CompileError, compile_instances, nvrtc_module
+
+    with pytest.raises(CompileError, match="undefined"):
+        compile_instances(nvrtc_module(), "__global__ void kernel() { undefined_name(); }", "broken.cu",
+                          ["kernel"], "sm_80")
