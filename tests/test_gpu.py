@@ -116,6 +116,17 @@ def test_attention_and_embedding_backward_are_bitwise_identical_over_three_runs(
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_a_whole_training_step_on_the_gpu_is_bitwise_identical_over_three_runs(cupy):
+    config = llama.get_preset("nano")
+    tokens = numpy.random.default_rng(4).integers(0, config.vocab_size, (4, 65))
+    runs = []
+    for _ in range(3):
+        params = llama.init_params(config, seed=0, xp=cupy)
+        loss, grads = llama.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
+        runs.append((loss, [grads[name].get().tobytes() for name in sorted(grads)]))
+    assert runs[0] == runs[1] == runs[2]
+
+
 def test_the_embedding_kernel_adds_in_position_order_exactly_as_numpy_add_at(cupy):
     rng = numpy.random.default_rng(11)
     ids = rng.integers(0, 30, (4, 100))
