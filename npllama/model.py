@@ -50,7 +50,8 @@ from .params import (
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of a Llama-1 model. The FFN width follows Meta's rule (see `ffn_dim`)."""
+    """Shape of a Llama-1 model. The FFN width is `hidden_dim` when a checkpoint states it (Hugging
+    Face's `intermediate_size`), else Meta's rule (see `ffn_dim`)."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -60,9 +61,11 @@ class LlamaConfig:
     norm_eps: float = 1e-6
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    hidden_dim: int | None = None  # the FFN width, when it does not follow Meta's rule
 
     def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        names = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
+        for name in names + (("hidden_dim",) if self.hidden_dim is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
@@ -79,7 +82,10 @@ class LlamaConfig:
 
     @property
     def ffn_dim(self) -> int:
-        """Meta's rule: 2/3 of 4*dim, rounded up to a multiple of `multiple_of` (11008 for 4096)."""
+        """`hidden_dim` if set, else Meta's rule: 2/3 of 4*dim, rounded up to a multiple of
+        `multiple_of` (11008 for 4096)."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
@@ -88,7 +94,11 @@ class LlamaConfig:
         return sum(math.prod(shape) for shape in parameter_shapes(self).values())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, without `hidden_dim` when the rule gives the width (as configs were before it)."""
+        fields = asdict(self)
+        if fields["hidden_dim"] is None:
+            del fields["hidden_dim"]
+        return fields
 
 
 PRESETS: dict[str, LlamaConfig] = {

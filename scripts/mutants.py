@@ -472,6 +472,11 @@ CATALOGUE = [
            '        self.rng.bit_generator.state = state["bit_generator"]\n', "",
            (DATA + "test_sampler_state_restores_the_exact_batch_sequence",),
            "restoring a sampler keeps its own random state"),
+    Mutant("config-ignores-hidden-dim", "npllama/model.py",
+           "        if self.hidden_dim is not None:\n            return self.hidden_dim\n",
+           "",
+           (MODEL + "test_an_explicit_hidden_dim_sets_the_ffn_width_and_the_shapes_of_w1_w2_w3",),
+           "a checkpoint's stated FFN width is ignored and Meta's rule used instead"),
     # --- the parameter table --------------------------------------------------------------------
     Mutant("params-w3-scaled-like-a-residual-writer", "npllama/params.py",
            '_RESIDUAL_WRITERS = ("wo", "w2")\n',

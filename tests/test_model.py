@@ -35,6 +35,30 @@ def test_ffn_width_follows_metas_rule():
     assert [model.PRESETS[n].ffn_dim for n in ("7B", "13B", "33B", "65B")] == [11008, 13824, 17920, 22016]
 
 
+def test_an_explicit_hidden_dim_sets_the_ffn_width_and_the_shapes_of_w1_w2_w3():
+    config = model.LlamaConfig(dim=8, n_layers=1, n_heads=2, vocab_size=11, multiple_of=4, hidden_dim=13)
+    shapes = params_table.parameter_shapes(config)
+    assert config.ffn_dim == 13 and model.LlamaConfig(dim=8, n_layers=1, n_heads=2, multiple_of=4).ffn_dim == 24
+    assert (shapes["layers.0.feed_forward.w1.weight"], shapes["layers.0.feed_forward.w2.weight"],
+            shapes["layers.0.feed_forward.w3.weight"]) == ((13, 8), (8, 13), (13, 8))
+    params = model.init_params(config, dtype="float64")
+    tokens = numpy.random.default_rng(0).integers(0, 11, (2, 5))
+    loss, grads = model.loss_and_grads(params, config, tokens, tokens)
+    assert math.isfinite(loss) and all(grads[name].shape == p.shape for name, p in params.items())
+
+
+def test_a_config_written_without_hidden_dim_is_the_config_of_before_and_one_with_it_round_trips():
+    assert "hidden_dim" not in model.PRESETS["7B"].to_dict()  # configs files of default widths are unchanged
+    config = model.LlamaConfig(dim=8, n_layers=1, n_heads=2, vocab_size=11, hidden_dim=13)
+    assert model.LlamaConfig(**config.to_dict()) == config
+
+
+@pytest.mark.parametrize("hidden_dim", [0, -3, 2.5, True])
+def test_a_hidden_dim_that_is_not_a_positive_integer_is_refused(hidden_dim):
+    with pytest.raises(ValueError, match="hidden_dim must be a positive integer"):
+        model.LlamaConfig(dim=8, n_layers=1, n_heads=2, hidden_dim=hidden_dim)
+
+
 def test_parameter_names_and_shapes_are_metas():
     config = model.PRESETS["nano"]
     params = model.init_params(config)
