@@ -41,6 +41,23 @@ LAYER_SUFFIXES = {
 }
 _RESIDUAL_WRITERS = ("wo", "w2")
 
+# The same parameters under Hugging Face's names (transformers' LlamaForCausalLM).
+HF_NAMES = {TOK_EMBEDDINGS: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight",
+            OUTPUT_HEAD: "lm_head.weight"}
+HF_LAYER_SUFFIXES = {
+    "attention_norm": "input_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "wo": "self_attn.o_proj.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "w1": "mlp.gate_proj.weight",
+    "w2": "mlp.down_proj.weight",
+    "w3": "mlp.up_proj.weight",
+}
+# wq and wk rows are ordered for Meta's RoPE (interleaved pairs) or for Hugging Face's (rotate-half)
+ROPE_PERMUTED = ("wq", "wk")
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -88,3 +105,17 @@ def parameter_table(config) -> dict[str, ParamSpec]:
 def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in checkpoint order."""
     return {name: spec.shape for name, spec in parameter_table(config).items()}
+
+
+def hf_names(config) -> dict[str, str]:
+    """Meta's name -> Hugging Face's name for every parameter, in checkpoint order."""
+    names = {}
+    for layer in range(config.n_layers):
+        names.update({layer_name(layer, short): f"model.layers.{layer}.{suffix}"
+                      for short, suffix in HF_LAYER_SUFFIXES.items()})
+    return {name: HF_NAMES.get(name) or names[name] for name in parameter_table(config)}
+
+
+def rope_permuted_names(config) -> set[str]:
+    """The parameters whose rows differ between Meta's and Hugging Face's RoPE layouts (wq, wk)."""
+    return {layer_name(layer, short) for layer in range(config.n_layers) for short in ROPE_PERMUTED}

@@ -1,0 +1,17 @@
+"""Llama checkpoints in other formats: Hugging Face directories in and out (`hf.py`).
+
+Names and shapes come from the one parameter table (npllama/params.py). What npllama does not
+implement (grouped-query attention, RoPE scaling, biases, tied embeddings) is refused in one line
+that names the file and the field.
+"""
+
+from __future__ import annotations
+
+from ..errors import NpllamaError
+
+
+class ConvertError(NpllamaError):
+    """A checkpoint that cannot be converted, in one line: the file, what is wrong, what to do."""
+
+    def __init__(self, file, problem: str, fix: str):
+        super().__init__(f"{file}: {problem}; {fix}")

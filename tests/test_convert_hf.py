@@ -1,0 +1,150 @@
+"""Hugging Face checkpoints in and out: tiny random LlamaForCausalLM models saved offline import
+with transformers' logits, greedy continuations and dtypes; npllama's export loads back into
+transformers; what npllama cannot represent is refused in one line naming the file and field."""
+
+import json
+
+import numpy
+import pytest
+
+from npllama import model as llama
+from npllama.convert import ConvertError
+from npllama.convert.hf import export_hf, import_hf, read_safetensors
+
+pytestmark = pytest.mark.oracle
+torch = pytest.importorskip("torch", reason="the oracle needs torch: pip install '.[test]'")
+transformers = pytest.importorskip("transformers", reason="the oracle needs transformers: pip install '.[test]'")
+
+
+def tiny_hf_model(seed=0, **overrides):
+    settings = dict(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
+                    max_position_embeddings=96, rms_norm_eps=1e-5, rope_theta=500.0)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    with torch.no_grad():  # random norm gains too, so a swapped or missing norm shows in the logits
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1 + 0.3 * torch.randn_like(parameter))
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits.float().numpy()
+
+
+def relative_error(got, expected):
+    return float(numpy.abs(got - expected).max() / numpy.abs(expected).max())
+
+
+TOKENS = numpy.random.default_rng(0).integers(0, 61, (2, 37))
+
+
+def test_an_imported_model_gives_transformers_logits(tmp_path):
+    model = tiny_hf_model()
+    model.save_pretrained(tmp_path)
+    imported = import_hf(tmp_path)
+    assert imported.config.ffn_dim == 40 and imported.config.rope_theta == 500.0 and imported.config.norm_eps == 1e-5
+    logits = llama.forward(imported.params, imported.config, TOKENS)
+    assert relative_error(logits, hf_logits(model, TOKENS)) <= 1e-5  # float32 on both sides, other summation orders
+
+
+def test_greedy_continuations_of_32_tokens_are_identical(tmp_path):
+    model = tiny_hf_model(seed=1)
+    model.save_pretrained(tmp_path)
+    imported = import_hf(tmp_path)
+    prompt = TOKENS[:1, :5]
+    with torch.no_grad():
+        expected = model.generate(torch.from_numpy(prompt), max_new_tokens=32, do_sample=False,
+                                  pad_token_id=0).numpy()[0, 5:]
+    sequence = list(prompt[0])
+    for _ in range(32):
+        sequence.append(int(llama.forward(imported.params, imported.config, numpy.array([sequence]))[0, -1].argmax()))
+    assert sequence[5:] == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_import_exactly_as_torch_widens_them(tmp_path, dtype):
+    model = tiny_hf_model().to(dtype)
+    model.save_pretrained(tmp_path)
+    imported = import_hf(tmp_path)
+    expected = model.model.embed_tokens.weight.detach().float().numpy()
+    got = imported.params["tok_embeddings.weight"].astype(numpy.float32)
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_a_sharded_checkpoint_imports_like_a_single_file(tmp_path):
+    model = tiny_hf_model()
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    assert (tmp_path / "shards" / "model.safetensors.index.json").is_file()
+    one, shards = import_hf(tmp_path / "one"), import_hf(tmp_path / "shards")
+    assert all(one.params[name].tobytes() == shards.params[name].tobytes() for name in one.params)
+
+
+def test_an_older_style_config_with_rope_theta_and_torch_dtype_imports_the_same(tmp_path):
+    model = tiny_hf_model()
+    model.save_pretrained(tmp_path)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    theta = fields.pop("rope_parameters")["rope_theta"]
+    fields.update(rope_theta=theta, torch_dtype=fields.pop("dtype"))
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert import_hf(tmp_path).config.rope_theta == 500.0
+
+
+def test_an_exported_model_loads_into_transformers_with_the_same_logits(tmp_path):
+    config = llama.LlamaConfig(dim=24, n_layers=2, n_heads=3, vocab_size=61, multiple_of=8, max_seq_len=96)
+    params = llama.init_params(config, seed=3, std=0.2)
+    export_hf(tmp_path, config, params)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert relative_error(hf_logits(loaded, TOKENS), llama.forward(params, config, TOKENS)) <= 1e-5
+    back = import_hf(tmp_path)
+    # the FFN width comes back stated (intermediate_size), so multiple_of no longer matters
+    assert back.config == llama.LlamaConfig(**{**config.to_dict(), "hidden_dim": config.ffn_dim, "multiple_of": 256})
+    assert all(back.params[name].tobytes() == params[name].tobytes() for name in params)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"num_key_value_heads": 1}, "num_key_value_heads"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ({"model_type": "mistral"}, "model_type"),
+    ({"hidden_size": None}, "hidden_size"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_what_npllama_cannot_represent_is_refused_naming_the_file_and_field(tmp_path, change, field):
+    tiny_hf_model().save_pretrained(tmp_path)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    fields.update(change)
+    if change.get("hidden_size", 0) is None:
+        del fields["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(ConvertError) as refused:
+        import_hf(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: ") and field in message and "\n" not in message
+
+
+def test_a_missing_shard_a_wrong_shape_and_an_unknown_dtype_are_named(tmp_path):
+    model = tiny_hf_model()
+    model.save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    shard = sorted((tmp_path / "shards").glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ConvertError, match=f"{shard}: missing shard"):
+        import_hf(tmp_path / "shards")
+
+    from safetensors.numpy import save_file
+
+    model.save_pretrained(tmp_path / "shape")
+    weights = read_safetensors(tmp_path / "shape" / "model.safetensors")
+    weights["model.norm.weight"] = numpy.ones(25, dtype=numpy.float32)
+    save_file(weights, str(tmp_path / "shape" / "model.safetensors"))
+    with pytest.raises(ConvertError, match=r"'model.norm.weight' has shape \(25,\), the config.json implies \(24,\)"):
+        import_hf(tmp_path / "shape")
+
+    weights["model.norm.weight"] = numpy.ones(24, dtype=numpy.int32)
+    save_file(weights, str(tmp_path / "shape" / "model.safetensors"))
+    with pytest.raises(ConvertError, match="'model.norm.weight' has dtype 'I32'"):
+        import_hf(tmp_path / "shape")
