@@ -497,6 +497,11 @@ CATALOGUE = [
            '    if False:\n',
            ("tests/test_convert_hf.py::test_what_npllama_cannot_represent_is_refused_naming_the_file_and_field",),
            "a grouped-query-attention checkpoint is not refused by its config"),
+    Mutant("meta-import-cuts-wo-w2-by-rows", "npllama/convert/meta.py",
+           "    if role == EMBEDDING or name.endswith(ROW_PARALLEL):\n",
+           "    if role == EMBEDDING:\n",
+           ("tests/test_convert_meta.py::test_two_model_parallel_shards_import_to_transformers_logits",),
+           "the shards of wo and w2 (row-parallel, cut by columns) are stacked by rows"),
     # --- the parameter table --------------------------------------------------------------------
     Mutant("params-w3-scaled-like-a-residual-writer", "npllama/params.py",
            '_RESIDUAL_WRITERS = ("wo", "w2")\n',

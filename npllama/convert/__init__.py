@@ -1,4 +1,5 @@
-"""Llama checkpoints in other formats: Hugging Face directories in and out (`hf.py`).
+"""Llama checkpoints in other formats: Hugging Face directories in and out (`hf.py`), Meta's
+original layout in (`meta.py`: params.json and model-parallel consolidated.NN.pth shards).
 
 Names and shapes come from the one parameter table (npllama/params.py). What npllama does not
 implement (grouped-query attention, RoPE scaling, biases, tied embeddings) is refused in one line

@@ -1,0 +1,98 @@
+"""Meta's original layout: a state dict under Meta's names, split into two model-parallel shards
+saved with torch.save, and params.json, imports with transformers' logits; broken directories
+are refused in one line naming the file."""
+
+import json
+
+import numpy
+import pytest
+
+from npllama import model as llama
+from npllama.convert import ConvertError
+from npllama.convert.hf import import_hf
+from npllama.convert.meta import import_meta
+from npllama.params import EMBEDDING, LAYER_SUFFIXES, NORM, parameter_table
+
+pytestmark = pytest.mark.oracle
+torch = pytest.importorskip("torch", reason="torch writes Meta's .pth files: pip install '.[test]'")
+transformers = pytest.importorskip("transformers", reason="the oracle needs transformers: pip install '.[test]'")
+
+ROW_PARALLEL = (LAYER_SUFFIXES["wo"], LAYER_SUFFIXES["w2"])
+
+
+def write_meta_layout(folder, config, params, n_ranks=2, params_json=None):
+    """What Meta's download holds: each tensor cut as its model-parallel layer cuts it, one .pth per rank."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = [{} for _ in range(n_ranks)]
+    for name, spec in parameter_table(config).items():
+        if spec.role == NORM:
+            pieces = [params[name]] * n_ranks
+        else:
+            axis = 1 if spec.role == EMBEDDING or name.endswith(ROW_PARALLEL) else 0
+            pieces = numpy.split(params[name], n_ranks, axis=axis)
+        for shard, piece in zip(shards, pieces):
+            shard[name] = torch.from_numpy(numpy.ascontiguousarray(piece)).to(torch.bfloat16)
+    for rank, shard in enumerate(shards):
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
+    fields = params_json or {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+                             "multiple_of": config.multiple_of, "norm_eps": config.norm_eps, "vocab_size": -1}
+    (folder / "params.json").write_text(json.dumps(fields))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_model_and_meta_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("meta")
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6)
+    hf_model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()  # bf16 as Meta ships them
+    hf_model.save_pretrained(root / "hf")
+    imported = import_hf(root / "hf")
+    return hf_model, imported, write_meta_layout(root / "7B", imported.config, imported.params)
+
+
+def test_two_model_parallel_shards_import_to_transformers_logits(hf_model_and_meta_folder):
+    hf_model, imported, folder = hf_model_and_meta_folder
+    meta = import_meta(folder)
+    assert meta.config.ffn_dim == 96 and meta.config.vocab_size == 64  # vocab_size -1: read from the weights
+    assert all(meta.params[name].tobytes() == imported.params[name].tobytes() for name in imported.params)
+    tokens = numpy.random.default_rng(1).integers(0, 64, (2, 21))
+    with torch.no_grad():
+        expected = hf_model.float()(torch.from_numpy(tokens)).logits.numpy()
+    hf_model.to(torch.bfloat16)
+    logits = llama.forward(meta.params, meta.config, tokens)
+    assert float(numpy.abs(logits - expected).max() / numpy.abs(expected).max()) <= 1e-5
+
+
+def test_the_tokenizer_is_found_beside_the_shards_or_one_folder_up(hf_model_and_meta_folder, tmp_path):
+    _, imported, _ = hf_model_and_meta_folder
+    folder = write_meta_layout(tmp_path / "7B", imported.config, imported.params)
+    assert import_meta(folder).tokenizer is None
+    (tmp_path / "tokenizer.model").write_bytes(b"a sentencepiece model")
+    assert import_meta(folder).tokenizer == tmp_path / "tokenizer.model"
+
+
+def test_a_missing_shard_is_named(hf_model_and_meta_folder, tmp_path):
+    _, imported, _ = hf_model_and_meta_folder
+    folder = write_meta_layout(tmp_path / "m", imported.config, imported.params, n_ranks=4)
+    (folder / "consolidated.01.pth").unlink()
+    with pytest.raises(ConvertError, match=f"^{folder / 'consolidated.01.pth'}: missing shard"):
+        import_meta(folder)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"n_kv_heads": 1}, "n_kv_heads 1 != n_heads 4"),
+    ({"n_heads": None}, "missing field 'n_heads'"),
+    ({"dim": 48}, "params.json implies"),
+])
+def test_a_params_json_that_does_not_fit_is_refused_in_one_line(hf_model_and_meta_folder, tmp_path, change, fragment):
+    _, imported, _ = hf_model_and_meta_folder
+    config = imported.config
+    fields = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads, "vocab_size": -1}
+    fields.update(change)
+    fields = {name: value for name, value in fields.items() if value is not None}
+    folder = write_meta_layout(tmp_path / "m", config, imported.params, params_json=fields)
+    with pytest.raises(ConvertError, match=fragment) as refused:
+        import_meta(folder)
+    assert "\n" not in str(refused.value)
