@@ -18,7 +18,7 @@ import sys
 import numpy
 
 from . import model as llama
-from .backend import BACKENDS, array_namespace, get_backend, to_host
+from .backend import BACKENDS, array_namespace, to_host
 from .cli import OneLineParser, integer, real
 from .errors import NpllamaError
 from .params import FINAL_NORM
@@ -104,8 +104,10 @@ def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, 
 
 def _parser():
     parser = OneLineParser(prog="python -m npllama.generate",
-                           description="Generate text from an npllama checkpoint with KV-cache decoding.")
-    parser.add_argument("--checkpoint", required=True, help="a training run's output folder or one checkpoint folder")
+                           description="Generate text from a Llama checkpoint with KV-cache decoding.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a training run's output folder or one checkpoint folder, a Hugging Face Llama "
+                             "directory, or Meta's original layout (params.json + consolidated.NN.pth)")
     parser.add_argument("--prompt", default="", help="text to continue (default: empty, start from BOS)")
     parser.add_argument("--max-new-tokens", type=integer(minimum=1), default=200,
                         help="stop after this many tokens (default 200)")
@@ -120,8 +122,8 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    from .checkpoint import load_checkpoint
-    from .tokenizer import Tokenizer, TokenizerError
+    from .loading import load
+    from .tokenizer import TokenizerError
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -134,13 +136,11 @@ def main(argv=None) -> int:
         print(piece, end="", flush=True)
 
     try:
-        xp = get_backend(args.backend)
-        checkpoint = load_checkpoint(args.checkpoint, xp=xp, flag="--checkpoint")
-        if checkpoint.tokenizer_model is None:
-            raise TokenizerError(f"--checkpoint {checkpoint.path}: the checkpoint holds no tokenizer.model; "
-                                 "pass a checkpoint written by npllama.train")
-        tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model)
-        generate(checkpoint.params, checkpoint.config, tokenizer, args.prompt, args.max_new_tokens,
+        loaded = load(args.checkpoint, backend=args.backend, flag="--checkpoint")
+        if loaded.tokenizer is None:
+            raise TokenizerError(f"--checkpoint {loaded.path}: the model holds no tokenizer.model; pass a "
+                                 "checkpoint written by npllama.train, or put the model's tokenizer.model beside it")
+        generate(loaded.params, loaded.config, loaded.tokenizer, args.prompt, args.max_new_tokens,
                  args.temperature, args.top_k, args.top_p if args.top_p < 1 else None, args.seed, on_text=show)
         if not printed:
             show("")

@@ -502,6 +502,11 @@ CATALOGUE = [
            "    if role == EMBEDDING:\n",
            ("tests/test_convert_meta.py::test_two_model_parallel_shards_import_to_transformers_logits",),
            "the shards of wo and w2 (row-parallel, cut by columns) are stacked by rows"),
+    Mutant("load-mistakes-a-run-for-hugging-face", "npllama/loading.py",
+           '    if (path / "state.json").is_file() or (path / "latest").is_file():\n        return "npllama"\n',
+           "",
+           ("tests/test_loading.py::test_an_npllama_run_loads_with_its_tokenizer_and_gives_the_models_logits",),
+           "an npllama checkpoint (config.json + model.safetensors) is read as a Hugging Face directory"),
     # --- the parameter table --------------------------------------------------------------------
     Mutant("params-w3-scaled-like-a-residual-writer", "npllama/params.py",
            '_RESIDUAL_WRITERS = ("wo", "w2")\n',

@@ -1,0 +1,107 @@
+"""`npllama.load`: one door for every kind of model directory.
+
+    model = npllama.load("runs/mine")                       # an npllama run or checkpoint folder
+    model = npllama.load("Llama-2-7b-hf")                   # a Hugging Face Llama directory
+    model = npllama.load("llama/7B", backend="cupy")        # Meta's original layout
+    model.logits(tokens)                                    # (B, T) ints -> (B, T, V) floats
+    loss, grads = model.loss_and_grads(tokens, targets)     # grads under Meta's names
+    print(model.generate("def fibonacci(n):", max_new_tokens=50))
+
+The kind is recognised from the files: an npllama checkpoint has `state.json` (a run folder has
+`latest`), a Hugging Face directory `config.json` with safetensors weights, a Meta directory
+`params.json` with `consolidated.NN.pth` shards. Weights keep the dtype they were stored in
+(bfloat16 is widened to float32) unless `dtype` says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import model as llama
+from .backend import get_backend
+from .errors import NpllamaError
+from .model import LlamaConfig
+
+KINDS = ("npllama", "huggingface", "meta")
+
+
+class LoadError(NpllamaError):
+    """A path that is no model directory npllama knows, in one line."""
+
+
+@dataclass
+class Model:
+    """A loaded model: its config, its weights (Meta's names, on the chosen backend), its tokenizer."""
+
+    config: LlamaConfig
+    params: dict
+    tokenizer: object | None  # npllama.tokenizer.Tokenizer, when the directory has one
+    kind: str  # one of KINDS
+    path: Path
+
+    def logits(self, tokens):
+        """Next-token logits (B, T, V) for token ids (B, T), on the weights' backend."""
+        return llama.forward(self.params, self.config, tokens)
+
+    def loss_and_grads(self, tokens, targets):
+        """(mean next-token cross-entropy, {name: gradient}) for ids (B, T) and targets (B, T)."""
+        return llama.loss_and_grads(self.params, self.config, tokens, targets)
+
+    def generate(self, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8,
+                 top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0) -> str:
+        """The text the model writes after `prompt` (KV-cache decoding; temperature 0 is greedy)."""
+        from .generate import generate
+
+        if self.tokenizer is None:
+            raise LoadError(f"{self.path}: the model has no tokenizer.model, so it cannot turn text into ids; "
+                            "put the model's tokenizer.model beside its weights")
+        return generate(self.params, self.config, self.tokenizer, prompt, max_new_tokens, temperature, top_k,
+                        top_p, seed)
+
+
+def kind_of_directory(path: Path) -> str | None:
+    """Which of KINDS the folder `path` holds, or None."""
+    from .convert.hf import is_hf_directory
+    from .convert.meta import is_meta_directory
+
+    if not path.is_dir():
+        return None
+    if (path / "state.json").is_file() or (path / "latest").is_file():
+        return "npllama"
+    if is_hf_directory(path):
+        return "huggingface"
+    if is_meta_directory(path):
+        return "meta"
+    return None
+
+
+def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
+    """The model in `path` (any of KINDS) on `backend`; errors are one-line NpllamaErrors."""
+    from .tokenizer import Tokenizer
+
+    xp = get_backend(backend)
+    path = Path(path)
+    kind = kind_of_directory(path)
+    if kind is None and path.is_dir() and ((path / "config.json").exists() or any(path.glob("step-*"))):
+        kind = "npllama"  # a damaged npllama checkpoint or run: its reader says what is wrong
+    if kind is None:
+        what = "does not exist" if not path.exists() else "is not a folder" if not path.is_dir() else \
+            "holds no model npllama knows"
+        raise LoadError(f"{flag} {path} {what}; pass an npllama run or checkpoint folder, a Hugging Face Llama "
+                        "directory (config.json + *.safetensors) or Meta's (params.json + consolidated.NN.pth)")
+    if kind == "npllama":
+        from .checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(path, flag=flag)
+        config, params = checkpoint.config, checkpoint.params
+        tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model) if checkpoint.tokenizer_model else None
+    else:
+        from .convert.hf import import_hf
+        from .convert.meta import import_meta
+
+        imported = (import_hf if kind == "huggingface" else import_meta)(path)
+        config, params = imported.config, imported.params
+        tokenizer = Tokenizer.load(imported.tokenizer) if imported.tokenizer is not None else None
+    params = {name: xp.asarray(p if dtype is None else p.astype(dtype)) for name, p in params.items()}
+    return Model(config, params, tokenizer, kind, path)
