@@ -148,3 +148,27 @@ def test_a_missing_shard_a_wrong_shape_and_an_unknown_dtype_are_named(tmp_path):
     save_file(weights, str(tmp_path / "shape" / "model.safetensors"))
     with pytest.raises(ConvertError, match="'model.norm.weight' has dtype 'I32'"):
         import_hf(tmp_path / "shape")
+
+
+def test_the_convert_command_imports_and_exports_in_one_line_each(tmp_path):
+    import subprocess
+    import sys
+
+    model = tiny_hf_model()
+    model.save_pretrained(tmp_path / "hf")
+
+    def convert(*args):
+        return subprocess.run([sys.executable, "-m", "npllama.convert", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    imported = convert("import", str(tmp_path / "hf"), "--out", str(tmp_path / "run"))
+    assert imported.returncode == 0, imported.stderr
+    assert "huggingface model" in imported.stdout and "no tokenizer.model found" in imported.stdout
+    exported = convert("export", str(tmp_path / "run"), "--out", str(tmp_path / "back"), "--dtype", "float16")
+    assert exported.returncode == 0, exported.stderr
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    assert relative_error(hf_logits(again, TOKENS), hf_logits(model, TOKENS)) <= 1e-2  # float16 weights: 2^-11
+    refused = convert("import", str(tmp_path / "hf"), "--out", str(tmp_path / "run"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "already exists" in refused.stderr
+    nowhere = convert("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
+    assert nowhere.returncode == 2 and "source" in nowhere.stderr and "does not exist" in nowhere.stderr

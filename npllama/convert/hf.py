@@ -221,7 +221,7 @@ def _meta_to_hf_rows(weight, config):
     return weight.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
 
 
-def export_hf(directory, config: LlamaConfig, params: dict, tokenizer: Path | None = None,
+def export_hf(directory, config: LlamaConfig, params: dict, tokenizer_model: bytes | None = None,
               dtype: str = "float32") -> Path:
     """Write a directory that transformers' LlamaForCausalLM.from_pretrained loads."""
     from safetensors.numpy import save_file
@@ -238,6 +238,6 @@ def export_hf(directory, config: LlamaConfig, params: dict, tokenizer: Path | No
         tensors[hf_name] = numpy.ascontiguousarray(weight.astype(dtype))
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
-    if tokenizer is not None:
-        (directory / TOKENIZER_FILE).write_bytes(Path(tokenizer).read_bytes())
+    if tokenizer_model is not None:
+        (directory / TOKENIZER_FILE).write_bytes(tokenizer_model)
     return directory

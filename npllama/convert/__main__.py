@@ -1,0 +1,71 @@
+"""python -m npllama.convert: Llama checkpoints between npllama, Hugging Face and Meta's layout.
+
+    python -m npllama.convert import llama/7B --out runs/llama-7b          # Meta's or Hugging Face's -> npllama
+    python -m npllama.convert export runs/mine --out hf/mine [--dtype float16]   # any -> Hugging Face
+
+`import` writes an npllama run folder (its checkpoint at step 0, with the tokenizer when the
+source has one), which `npllama.generate` and `npllama.load` read.
+`export` writes a directory that transformers' `LlamaForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..cli import OneLineParser
+from ..errors import NpllamaError
+from .hf import export_hf
+
+EXPORT_DTYPES = ("float32", "float16")
+
+
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog="python -m npllama.convert",
+                           description="Convert Llama checkpoints between npllama, Hugging Face and Meta's layout.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_npllama = commands.add_parser("import", help="a Hugging Face or Meta directory -> an npllama run folder")
+    to_npllama.add_argument("source", help="a Hugging Face Llama directory or Meta's (params.json + .pth shards)")
+    to_npllama.add_argument("--out", required=True, help="the npllama run folder to create (must not hold a run)")
+    to_hf = commands.add_parser("export", help="any model directory npllama reads -> a Hugging Face directory")
+    to_hf.add_argument("source", help="an npllama run or checkpoint folder, or a Hugging Face or Meta directory")
+    to_hf.add_argument("--out", required=True, help="the directory to write (must be empty or new)")
+    to_hf.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="the weights' dtype (default float32)")
+    return parser
+
+
+def _empty_or_new(out: Path, what: str):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NpllamaError(f"--out {out} already exists and is not an empty folder; choose a new --out for the "
+                           f"{what}")
+
+
+def main(argv=None) -> int:
+    from ..checkpoint import save_checkpoint
+    from ..loading import load
+
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.command == "import":
+            _empty_or_new(out, "npllama run")
+            model = load(args.source, flag="source")
+            tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
+            path = save_checkpoint(out, 0, config=model.config, params=model.params, tokenizer_model=tokenizer,
+                                   state={"imported_from": str(Path(args.source).resolve()), "kind": model.kind})
+            print(f"{model.kind} model {args.source} -> {path} ({model.config.n_params():,} parameters"
+                  f"{', with its tokenizer' if tokenizer else ', no tokenizer.model found'})")
+        else:
+            _empty_or_new(out, "Hugging Face directory")
+            model = load(args.source, flag="source")
+            tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
+            export_hf(out, model.config, model.params, tokenizer_model=tokenizer, dtype=args.dtype)
+            print(f"{model.kind} model {args.source} -> {out} (Hugging Face, {args.dtype})")
+    except NpllamaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
