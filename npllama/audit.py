@@ -9,6 +9,11 @@ measures). Prints a table, or with --json a list of {op, wrt, max_abs_err, max_r
 A gradient that cannot be compared (NaN or infinite values in it or in the finite differences, a
 wrong shape or dtype) fails, and its row says why (`problem`; its errors are null in the JSON).
 Exits 1 if any check fails, naming the ops that failed; 2 on bad arguments.
+
+    python -m npllama.audit compare MODEL_DIR --batch B.npy --grads THEIRS.safetensors
+    python -m npllama.audit reference MODEL_DIR --batch B.npy --out REFERENCE.safetensors
+
+audit another implementation's gradients against npllama's float64 reference (npllama/audit_compare.py).
 """
 
 from __future__ import annotations
@@ -129,6 +134,11 @@ def _parser():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("compare", "reference"):  # another implementation's gradients: audit_compare.py
+        from . import audit_compare
+
+        return audit_compare.main(argv[0], argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:

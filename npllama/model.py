@@ -379,6 +379,22 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     return logits
 
 
+def hidden_states(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE) -> list:
+    """The residual stream as transformers' `output_hidden_states` gives it: the embeddings, the
+    output of each block but the last, then the last block's output after the final RMSNorm
+    (n_layers + 1 arrays of (B, T, C))."""
+    xp = array_namespace(params[FINAL_NORM])
+    tokens = _on_device(tokens, config, xp)
+    cos, sin = rope_tables(config, tokens.shape[1], params[FINAL_NORM].dtype, xp)
+    h, _ = embedding.forward(tokens, params[TOK_EMBEDDINGS])
+    states = [h]
+    for i in range(config.n_layers):
+        h, _ = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True)
+        states.append(h)
+    states[-1], _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
+    return states
+
+
 def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
     """Mean cross-entropy of next-token targets (B, T); a Python float."""
     xp = array_namespace(params[FINAL_NORM])

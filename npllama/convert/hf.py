@@ -207,16 +207,16 @@ def to_meta(weights: dict, config: LlamaConfig, where: dict, directory: Path) ->
         if array.shape != shapes[meta_name]:
             raise ConvertError(where[hf_name], f"tensor {hf_name!r} has shape {array.shape}, the config.json "
                                f"implies {shapes[meta_name]}", "the weights and config.json disagree")
-        params[meta_name] = _hf_to_meta_rows(array, config) if meta_name in permuted else numpy.array(array)
+        params[meta_name] = hf_rows_to_meta(array, config) if meta_name in permuted else numpy.array(array)
     return params
 
 
-def _hf_to_meta_rows(weight, config):
+def hf_rows_to_meta(weight, config):
     heads, head_dim = config.n_heads, config.head_dim
     return weight.reshape(heads, 2, head_dim // 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
 
 
-def _meta_to_hf_rows(weight, config):
+def meta_rows_to_hf(weight, config):
     heads, head_dim = config.n_heads, config.head_dim
     return weight.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
 
@@ -234,7 +234,7 @@ def export_hf(directory, config: LlamaConfig, params: dict, tokenizer_model: byt
     tensors = {}
     for meta_name, hf_name in names.items():
         weight = to_host(params[meta_name])
-        weight = _meta_to_hf_rows(weight, config) if meta_name in permuted else weight
+        weight = meta_rows_to_hf(weight, config) if meta_name in permuted else weight
         tensors[hf_name] = numpy.ascontiguousarray(weight.astype(dtype))
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")

@@ -1,0 +1,199 @@
+"""Auditing another implementation's gradients against npllama's float64 reference.
+
+    python -m npllama.audit reference MODEL_DIR --batch batch.npy --out reference.safetensors [--names hf]
+    python -m npllama.audit compare MODEL_DIR --batch batch.npy --grads theirs.safetensors [--json]
+
+MODEL_DIR is any directory `npllama.load` reads (npllama's, Hugging Face's, Meta's). The batch
+holds token ids (B, T + 1): the model reads the first T and the loss is the mean next-token
+cross-entropy of the last T. The gradients file (safetensors) names each parameter as Hugging
+Face or Meta does (detected); Hugging Face's wq/wk gradients have their rows permuted back to
+Meta's layout, as the weights are. It may also hold `loss` (a scalar) and `hidden_states.0` ..
+`hidden_states.L` (as transformers' `output_hidden_states` gives them): then the report names
+the first layer whose output diverges, which is where a bug in the forward shows first.
+
+npllama computes the same loss and gradients in float64 from the same weights and prints one row
+per parameter, in forward order: relative error |g - g_ref| / |g_ref| (Frobenius norms), cosine
+similarity, max abs error, and pass/fail at --tolerance; then the verdict. Exit 1 on any failure.
+The default tolerance, 1e-4, is what a float32 implementation meets comfortably (its rounding
+gives ~1e-6 .. 1e-5) and what a real bug (a wrong epsilon, a missing term) does not.
+`reference` writes npllama's own loss, gradients and hidden states in either naming, so that
+another project can run the comparison in its own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy
+
+from . import model as llama
+from .cli import OneLineParser, real
+from .convert.hf import hf_rows_to_meta, meta_rows_to_hf, read_safetensors
+from .errors import NpllamaError
+from .params import hf_names, rope_permuted_names
+
+DEFAULT_TOLERANCE = 1e-4
+LOSS_KEY = "loss"
+HIDDEN_PREFIX = "hidden_states."
+
+
+class CompareError(NpllamaError):
+    """Inputs the comparison cannot use, in one line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One parameter's comparison."""
+
+    name: str
+    rel_err: float
+    cosine: float
+    max_abs_err: float
+    passed: bool
+
+
+def read_batch(path) -> numpy.ndarray:
+    """Token ids (B, T + 1) from a .npy file or a safetensors file's only (or "tokens") tensor."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            batch = numpy.load(path, allow_pickle=False)
+        else:
+            tensors = read_safetensors(path)
+            batch = tensors.get("tokens", next(iter(tensors.values()), None)) if tensors else None
+    except (OSError, ValueError) as error:
+        raise CompareError(f"--batch {path}: cannot be read ({error}); pass a .npy or .safetensors file") from None
+    if batch is None or batch.ndim != 2 or batch.shape[1] < 2 or batch.dtype.kind not in "iu":
+        shape = None if batch is None else (batch.shape, str(batch.dtype))
+        raise CompareError(f"--batch {path}: expected integer token ids of shape (B, T + 1), got {shape}")
+    return batch.astype(numpy.int64)
+
+
+def reference(model, batch) -> tuple[float, dict, list]:
+    """npllama's float64 (loss, gradients under Meta's names, hidden states) for the batch."""
+    params = {name: numpy.asarray(p, dtype=numpy.float64) for name, p in model.params.items()}
+    loss, grads = llama.loss_and_grads(params, model.config, batch[:, :-1], batch[:, 1:])
+    states = [numpy.asarray(h) for h in llama.hidden_states(params, model.config, batch[:, :-1])]
+    return loss, grads, states
+
+
+def to_meta_names(tensors: dict, config, source: str) -> tuple[dict, str]:
+    """The gradients in `tensors` under Meta's names and rows, and which naming they came in."""
+    names = hf_names(config)
+    if set(names.values()) <= set(tensors):
+        permuted = rope_permuted_names(config)
+        return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]
+                 for meta, hf in names.items()}, "huggingface")
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise CompareError(f"--grads {source}: neither Meta's nor Hugging Face's names for every parameter "
+                           f"(no {missing[0]!r} or {names[missing[0]]!r}); it must hold one gradient per parameter")
+    return {name: tensors[name] for name in names}, "meta"
+
+
+def compare_rows(ours: dict, theirs: dict, tolerance: float, source: str) -> list[Row]:
+    rows = []
+    for name, reference_grad in ours.items():
+        other = numpy.asarray(theirs[name], dtype=numpy.float64)
+        if other.shape != reference_grad.shape:
+            raise CompareError(f"--grads {source}: {name} has shape {other.shape}, the model's is "
+                               f"{reference_grad.shape}")
+        difference = other - reference_grad
+        norm_ref, norm_other = numpy.linalg.norm(reference_grad), numpy.linalg.norm(other)
+        rel = float(numpy.linalg.norm(difference) / norm_ref) if norm_ref else float(numpy.linalg.norm(difference))
+        cosine = float(numpy.vdot(other, reference_grad) / (norm_ref * norm_other)) if norm_ref and norm_other \
+            else float("nan")
+        max_abs = float(numpy.abs(difference).max()) if difference.size else 0.0
+        rows.append(Row(name, rel, cosine, max_abs, bool(math.isfinite(rel) and rel <= tolerance)))
+    return rows
+
+
+def first_diverging_layer(ours: list, theirs: dict, tolerance: float):
+    """(index, relative error) of the first hidden state beyond `tolerance`, or None; index 0 is
+    the embeddings, i the output of block i (the last one after the final norm)."""
+    for index, state in enumerate(ours):
+        other = theirs.get(f"{HIDDEN_PREFIX}{index}")
+        if other is None:
+            return None
+        rel = float(numpy.linalg.norm(numpy.asarray(other, numpy.float64) - state) / numpy.linalg.norm(state))
+        if not rel <= tolerance:
+            return index, rel
+    return None
+
+
+def _parser(command: str) -> OneLineParser:
+    parser = OneLineParser(prog=f"python -m npllama.audit {command}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="an npllama, Hugging Face or Meta model directory")
+    parser.add_argument("--batch", required=True, help="token ids (B, T + 1): .npy or .safetensors")
+    if command == "compare":
+        parser.add_argument("--grads", required=True, help="the other implementation's gradients (.safetensors)")
+        parser.add_argument("--tolerance", type=real(minimum=0, above=True), default=DEFAULT_TOLERANCE,
+                            help=f"largest relative error that passes (default {DEFAULT_TOLERANCE:g})")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    else:
+        parser.add_argument("--out", required=True, help="the .safetensors file to write")
+        parser.add_argument("--names", choices=["meta", "hf"], default="meta", help="the naming to write")
+    return parser
+
+
+def main(command: str, argv) -> int:
+    from .loading import load
+
+    args = _parser(command).parse_args(argv)
+    try:
+        model = load(args.model, dtype="float64", flag="model")
+        batch = read_batch(args.batch)
+        loss, grads, states = reference(model, batch)
+        if command == "reference":
+            return _write_reference(args, model.config, loss, grads, states)
+        theirs = read_safetensors(Path(args.grads))
+        their_grads, naming = to_meta_names(theirs, model.config, args.grads)
+        rows = compare_rows(grads, their_grads, args.tolerance, args.grads)
+    except NpllamaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    diverging = first_diverging_layer(states, theirs, args.tolerance)
+    their_loss = float(numpy.asarray(theirs[LOSS_KEY]).reshape(-1)[0]) if LOSS_KEY in theirs else None
+    _report(args, rows, naming, loss, their_loss, diverging)
+    return 0 if all(row.passed for row in rows) else 1
+
+
+def _report(args, rows, naming, loss, their_loss, diverging):
+    failed = [row for row in rows if not row.passed]
+    if args.json:
+        print(json.dumps({"naming": naming, "loss": loss, "their_loss": their_loss, "tolerance": args.tolerance,
+                          "first_diverging_layer": None if diverging is None else diverging[0],
+                          "rows": [asdict(row) for row in rows], "passed": not failed}, indent=2))
+        return
+    print(f"{'parameter':<40} {'rel err':>10} {'cosine':>10} {'max abs err':>12}  result")
+    for row in rows:
+        print(f"{row.name:<40} {row.rel_err:>10.2e} {row.cosine:>10.6f} {row.max_abs_err:>12.3e}  "
+              f"{'pass' if row.passed else 'FAIL'}")
+    if their_loss is not None:
+        print(f"loss: npllama {loss:.10f}, theirs {their_loss:.10f} (relative difference "
+              f"{abs(their_loss - loss) / abs(loss):.2e})")
+    if diverging is not None:
+        where = "the embeddings" if diverging[0] == 0 else f"layer {diverging[0] - 1} (hidden_states.{diverging[0]})"
+        print(f"the first output that diverges: {where}, relative error {diverging[1]:.2e}")
+    verdict = f"{len(rows) - len(failed)} of {len(rows)} gradients agree within {args.tolerance:g} ({naming} names)"
+    print(verdict + ("" if not failed else f"; FAILED: {', '.join(row.name for row in failed[:4])}"
+                     + (f" and {len(failed) - 4} more" if len(failed) > 4 else "")))
+
+
+def _write_reference(args, config, loss, grads, states) -> int:
+    from safetensors.numpy import save_file
+
+    if args.names == "hf":
+        names, permuted = hf_names(config), rope_permuted_names(config)
+        grads = {names[name]: meta_rows_to_hf(g, config) if name in permuted else g for name, g in grads.items()}
+    tensors = {name: numpy.ascontiguousarray(g) for name, g in grads.items()}
+    tensors[LOSS_KEY] = numpy.asarray(loss, dtype=numpy.float64)
+    tensors.update({f"{HIDDEN_PREFIX}{i}": numpy.ascontiguousarray(h) for i, h in enumerate(states)})
+    save_file(tensors, args.out)
+    print(f"wrote {args.out}: loss {loss:.10f}, {len(grads)} gradients ({args.names} names), "
+          f"{len(states)} hidden states, float64")
+    return 0
