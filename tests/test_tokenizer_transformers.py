@@ -1,0 +1,37 @@
+"""A tokenizer trained with npllama's Llama options gives the same ids in SentencePiece (npllama's
+Tokenizer) and in transformers' LlamaTokenizer, so a model exported to Hugging Face reads text the
+way it was trained on it."""
+
+import shutil
+
+import pytest
+
+from npllama import data
+from npllama.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.oracle
+transformers = pytest.importorskip("transformers", reason="the oracle needs transformers: pip install '.[test]'")
+pytest.importorskip("google.protobuf", reason="transformers reads SentencePiece models with protobuf")
+
+
+@pytest.fixture(scope="module")
+def both(corpus, tmp_path_factory):
+    _, tokenizer_path = corpus
+    folder = tmp_path_factory.mktemp("hf-tokenizer")
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    return Tokenizer.load(tokenizer_path), transformers.LlamaTokenizer.from_pretrained(folder)
+
+
+def test_whole_files_encode_to_the_same_ids(both):
+    ours, theirs = both
+    for path in data.default_corpus_files()[40:70]:  # files the tokenizer was not trained on
+        text = path.read_text(errors="replace")
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), path.name
+
+
+@pytest.mark.parametrize("text", ["x = 42", "café ☃ 😀 非", "a  b\t\tc\r\n", "12345678901234567890", "", "\n x"])
+def test_digits_bytes_and_inner_whitespace_encode_to_the_same_ids_and_decode_back(both, text):
+    ours, theirs = both
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert theirs.decode(ids) == ours.decode(ids) == text
