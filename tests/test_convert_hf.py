@@ -172,3 +172,48 @@ def test_the_convert_command_imports_and_exports_in_one_line_each(tmp_path):
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "already exists" in refused.stderr
     nowhere = convert("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
     assert nowhere.returncode == 2 and "source" in nowhere.stderr and "does not exist" in nowhere.stderr
+
+
+def break_config(folder, **change):
+    fields = json.loads((folder / "config.json").read_text())
+    fields.update(change)
+    fields = {name: value for name, value in fields.items() if value is not None}
+    (folder / "config.json").write_text(json.dumps(fields))
+
+
+def break_weights(folder, name, value):
+    from safetensors.numpy import save_file
+
+    weights = read_safetensors(folder / "model.safetensors")
+    weights[name] = value
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+BROKEN = {
+    "grouped-query attention": (lambda f: break_config(f, num_key_value_heads=1), "num_key_value_heads"),
+    "a missing config field": (lambda f: break_config(f, vocab_size=None), "missing field 'vocab_size'"),
+    "a mismatched shape": (lambda f: break_weights(f, "model.norm.weight", numpy.ones(7, numpy.float32)),
+                           "'model.norm.weight' has shape (7,)"),
+    "an unknown dtype": (lambda f: break_weights(f, "model.norm.weight", numpy.ones(24, numpy.int16)),
+                         "has dtype 'I16'"),
+    "a missing shard": (lambda f: (f / "model.safetensors").unlink() or (f / "model.safetensors.index.json")
+                        .write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}})),
+                        "missing shard"),
+}
+
+
+@pytest.mark.parametrize("what", BROKEN)
+def test_every_command_refuses_a_broken_directory_in_one_line_with_exit_status_2(tmp_path, what):
+    import subprocess
+    import sys
+
+    tiny_hf_model().save_pretrained(tmp_path / "model")
+    damage, fragment = BROKEN[what]
+    damage(tmp_path / "model")
+    for command in (["npllama.generate", "--checkpoint", str(tmp_path / "model")],
+                    ["npllama.convert", "import", str(tmp_path / "model"), "--out", str(tmp_path / "run")]):
+        result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'model'}") and fragment in lines[0]
+    assert not (tmp_path / "run").exists()
