@@ -12,24 +12,33 @@ def test_every_kind_of_bad_input_is_an_npllama_error(error):
     assert issubclass(error, NpllamaError)
 
 
-@pytest.mark.parametrize("command, argv", [(generate.main, ["--checkpoint", "x"]),
-                                           (train.main, ["--resume", "x", "--out", "y"])])
-def test_a_bug_is_not_reported_as_bad_input(command, argv, monkeypatch):
+def a_run_folder(tmp_path):
+    """A folder that looks like an npllama run (its `latest`), so the checkpoint reader is asked."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest").write_text("step-00000001\n")
+    return str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("command, argv", [(generate.main, ["--checkpoint", "{run}"]),
+                                           (train.main, ["--resume", "{run}", "--out", "y"])])
+def test_a_bug_is_not_reported_as_bad_input(command, argv, monkeypatch, tmp_path):
     """A plain ValueError from inside is a bug: it propagates with its traceback instead of becoming
     'error: ...' and exit status 2."""
     def buggy_load(*args, **kwargs):
         raise ValueError("a bug, not bad input")
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", buggy_load)
+    monkeypatch.chdir(tmp_path)
+    run = a_run_folder(tmp_path)
     with pytest.raises(ValueError, match="a bug"):
-        command(argv)
+        command([arg.format(run=run) for arg in argv])
 
 
-def test_bad_input_is_one_line_and_exit_status_2(monkeypatch, capsys):
+def test_bad_input_is_one_line_and_exit_status_2(monkeypatch, capsys, tmp_path):
     def missing(*args, **kwargs):
         raise checkpoint.CheckpointError("no such file or directory", "x", "check the path")
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", missing)
-    assert generate.main(["--checkpoint", "x"]) == 2
+    assert generate.main(["--checkpoint", a_run_folder(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: checkpoint x: no such file or directory; check the path"]
