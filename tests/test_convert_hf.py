@@ -217,3 +217,16 @@ def test_every_command_refuses_a_broken_directory_in_one_line_with_exit_status_2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'model'}") and fragment in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bfloat16_export_holds_what_torch_rounds_to_and_loads_in_transformers(tmp_path):
+    config = llama.LlamaConfig(dim=24, n_layers=1, n_heads=3, vocab_size=61, multiple_of=8, max_seq_len=96)
+    params = llama.init_params(config, seed=4, std=0.2)
+    params["norm.weight"][:3] = [numpy.nan, 1.00390625, 1.01171875]  # NaN, and two ties that round to even
+    export_hf(tmp_path, config, params, dtype="bfloat16")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    hf_parameters = dict(loaded.named_parameters())
+    for name, hf_name in (("tok_embeddings.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")):
+        expected = torch.from_numpy(params[name]).to(torch.bfloat16).float().numpy()
+        got = hf_parameters[hf_name].detach().float().numpy()
+        assert got.tobytes() == expected.tobytes(), name  # bit patterns, so the NaN is compared too

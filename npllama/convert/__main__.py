@@ -1,7 +1,7 @@
 """python -m npllama.convert: Llama checkpoints between npllama, Hugging Face and Meta's layout.
 
     python -m npllama.convert import llama/7B --out runs/llama-7b          # Meta's or Hugging Face's -> npllama
-    python -m npllama.convert export runs/mine --out hf/mine [--dtype float16]   # any -> Hugging Face
+    python -m npllama.convert export runs/mine --out hf/mine [--dtype bfloat16]  # any -> Hugging Face
 
 `import` writes an npllama run folder (its checkpoint at step 0, with the tokenizer when the
 source has one), which `npllama.generate` and `npllama.load` read.
@@ -17,7 +17,7 @@ from ..cli import OneLineParser
 from ..errors import NpllamaError
 from .hf import export_hf
 
-EXPORT_DTYPES = ("float32", "float16")
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _parser() -> OneLineParser:

@@ -235,9 +235,36 @@ def export_hf(directory, config: LlamaConfig, params: dict, tokenizer_model: byt
     for meta_name, hf_name in names.items():
         weight = to_host(params[meta_name])
         weight = meta_rows_to_hf(weight, config) if meta_name in permuted else weight
-        tensors[hf_name] = numpy.ascontiguousarray(weight.astype(dtype))
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        tensors[hf_name] = numpy.ascontiguousarray(weight.astype(dtype if dtype != "bfloat16" else numpy.float32))
+    if dtype == "bfloat16":
+        _save_bfloat16(directory / WEIGHTS_FILE, tensors)
+    else:
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
     if tokenizer_model is not None:
         (directory / TOKENIZER_FILE).write_bytes(tokenizer_model)
     return directory
+
+
+def to_bfloat16_bits(array) -> numpy.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest, ties to even; NaN stays NaN."""
+    bits = numpy.ascontiguousarray(array, dtype=numpy.float32).view(numpy.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(numpy.uint16)
+    return numpy.where(numpy.isnan(array), numpy.uint16(0x7FC0), rounded)
+
+
+def _save_bfloat16(file: Path, tensors: dict):
+    """A safetensors file of BF16 tensors (NumPy has no bfloat16, so safetensors.numpy cannot write one):
+    an 8-byte little-endian header length, the JSON header padded to 8 bytes, the data."""
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, array in tensors.items():
+        data = to_bfloat16_bits(array).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(file, "wb") as stream:
+        stream.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for chunk in chunks:
+            stream.write(chunk)
