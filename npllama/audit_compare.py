@@ -74,10 +74,10 @@ def read_batch(path) -> numpy.ndarray:
 
 
 def reference(model, batch) -> tuple[float, dict, list]:
-    """npllama's float64 (loss, gradients under Meta's names, hidden states) for the batch."""
-    params = {name: numpy.asarray(p, dtype=numpy.float64) for name, p in model.params.items()}
-    loss, grads = llama.loss_and_grads(params, model.config, batch[:, :-1], batch[:, 1:])
-    states = [numpy.asarray(h) for h in llama.hidden_states(params, model.config, batch[:, :-1])]
+    """npllama's (loss, gradients under Meta's names, hidden states) for the batch, in the model's
+    dtype: main() loads it in float64."""
+    loss, grads = llama.loss_and_grads(model.params, model.config, batch[:, :-1], batch[:, 1:])
+    states = llama.hidden_states(model.params, model.config, batch[:, :-1])
     return loss, grads, states
 
 

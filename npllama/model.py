@@ -315,7 +315,8 @@ def _on_device(tokens, config, xp, targets=None, ignore_index=-100):
     targets = targets if hasattr(targets, "ndim") else numpy.asarray(targets)
     if targets.shape != tokens.shape:
         raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
-    cross_entropy.check_targets(targets, config.vocab_size, ignore_index)
+    if xp is not numpy:  # cross_entropy checks host targets itself; device ones are checked before they move
+        cross_entropy.check_targets(targets, config.vocab_size, ignore_index)
     return xp.asarray(tokens), xp.asarray(targets)
 
 

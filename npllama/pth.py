@@ -82,8 +82,13 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
                                               strides=[s * itemsize for s in stride], writeable=False)
     array = numpy.array(view)  # a contiguous copy: it outlives the archive
     if storage.bfloat16:
-        array = (array.astype(numpy.uint32) << 16).view(numpy.float32)
+        array = widen_bfloat16(array)
     return array
+
+
+def widen_bfloat16(bits: numpy.ndarray) -> numpy.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly: a bfloat16 is the upper half of a float32."""
+    return (bits.astype(numpy.uint32) << 16).view(numpy.float32)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):

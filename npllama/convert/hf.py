@@ -27,6 +27,7 @@ import numpy
 
 from ..model import LlamaConfig
 from ..params import hf_names, parameter_shapes, rope_permuted_names
+from ..pth import widen_bfloat16
 from . import ConvertError
 
 CONFIG_FILE = "config.json"
@@ -46,7 +47,6 @@ class Imported:
     config: LlamaConfig
     params: dict
     tokenizer: Path | None
-    source_dtype: str
 
 
 # --- config.json ------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def _tensor(file: Path, name: str, entry, data) -> numpy.ndarray:
                            "the file is truncated or corrupt; re-download it")
     array = numpy.frombuffer(data[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     if entry["dtype"] == "BF16":
-        array = (array.astype(numpy.uint32) << 16).view(numpy.float32)
+        array = widen_bfloat16(array)
     return array
 
 
@@ -184,11 +184,10 @@ def import_hf(directory, dtype=None) -> Imported:
         for name, array in read_safetensors(file).items():
             weights[name], where[name] = array, file
     params = to_meta(weights, config, where, directory)
-    source = str(fields.get("dtype") or fields.get("torch_dtype") or next(iter(weights.values())).dtype)
     if dtype is not None:
         params = {name: p.astype(dtype) for name, p in params.items()}
     tokenizer = directory / TOKENIZER_FILE
-    return Imported(config, params, tokenizer if tokenizer.is_file() else None, source)
+    return Imported(config, params, tokenizer if tokenizer.is_file() else None)
 
 
 def to_meta(weights: dict, config: LlamaConfig, where: dict, directory: Path) -> dict:

@@ -122,7 +122,6 @@ def import_meta(directory, dtype=None) -> Imported:
             raise ConvertError(directory, f"tensor {name!r} merges to shape {merged.shape}, params.json implies "
                                f"{spec.shape}", "the weights and params.json disagree")
         params[name] = merged if dtype is None else merged.astype(dtype)
-    source = str(next(iter(params.values())).dtype)
     tokenizer = next((folder / TOKENIZER_FILE for folder in (directory, directory.parent)
                       if (folder / TOKENIZER_FILE).is_file()), None)
-    return Imported(config, params, tokenizer, source)
+    return Imported(config, params, tokenizer)

@@ -8,11 +8,18 @@ and reports its registers, shared memory and spills.
 """
 
 from dataclasses import dataclass
+from importlib import resources
 
 # What CuPy passes to NVRTC for a RawModule: ours, then the two CuPy adds on its own. The compile
 # report (python -m npllama.kernels) passes all three, so it checks what runs.
 COMPILE_OPTIONS = ("--std=c++17",)
 CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+CXX_TYPES = {"float32": "float", "float64": "double"}  # the dtypes every kernel is instantiated for
+
+
+def kernel_source(filename: str) -> str:
+    """The text of one of this package's .cu files."""
+    return resources.files(__package__).joinpath(filename).read_text()
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy
 
-from . import COMPILE_OPTIONS, Launch
+from . import COMPILE_OPTIONS, CXX_TYPES, Launch, kernel_source
 
 THREADS = 128  # kThreads in attention.cu
 HEAD_DIMS = (16, 32, 48, 64, 128)
 DTYPES = ("float32", "float64")
 MAX_SHARED_BYTES = 163 * 1024  # the most dynamic shared memory a block may ask for on sm_80 (sm_90 allows more)
 MAX_HEADS = 65535  # gridDim.y carries batch * heads
-CXX_TYPES = {"float32": "float", "float64": "double"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def instances() -> list[tuple[str, int]]:
 
 
 def source() -> str:
-    return resources.files(__package__).joinpath("attention.cu").read_text()
+    return kernel_source("attention.cu")
 
 
 def shared_bytes(kernel: str, dtype, head_dim: int) -> int:

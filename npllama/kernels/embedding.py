@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import functools
 import math
-from importlib import resources
 
 import numpy
 
-from . import COMPILE_OPTIONS, Launch
+from . import COMPILE_OPTIONS, CXX_TYPES, Launch, kernel_source
 
 THREADS = 128
-CXX_TYPES = {"float32": "float", "float64": "double"}
 
 
 def kernel_names() -> list[str]:
@@ -25,7 +23,7 @@ def instances() -> list[tuple[str, int]]:
 
 
 def source() -> str:
-    return resources.files(__package__).joinpath("embedding.cu").read_text()
+    return kernel_source("embedding.cu")
 
 
 def backward_launch(sorted_ids, order, dy, dweight) -> Launch:
