@@ -1,0 +1,386 @@
+"""Zero- and few-shot evaluation the way the Llama paper (section 3, appendix A) and GPT-3 did it.
+
+Every benchmark item is one of three kinds:
+
+    MultipleChoice(context, choices, gold)       the choice whose completion the model finds likeliest
+    Partial(contexts, continuation, gold)        WinoGrande: each option fills the blank in its own
+                                                 context; the shared continuation is what is scored
+    Generation(context, answers)                 closed-book QA: greedy decoding, exact match
+
+Scores of a completion c after a context x, in float64 over c's tokens:
+
+    ll(c | x)   = sum_j log p(c_j | x, c_<j)           acc:        argmax_i ll(c_i | x)
+    acc_norm:     argmax_i ll(c_i | x) / len(c_i)      (len in characters, the paper's default)
+    acc_uncond:   argmax_i ll(c_i | x) - ll(c_i | "Answer:")   (OpenBookQA and BoolQ, as GPT-3)
+
+A completion's tokens are those of encode(x + c) after the first len(encode(x)) (SentencePiece's
+leading space is handled once), with any whitespace at the end of x moved to the front of c; the
+model reads encode(x) then those tokens, BOS first. An input longer than the model's context loses
+tokens from the left. The context of a question is run once and its KV cache is shared by all its
+choices; questions whose contexts have the same number of tokens run as one batch.
+
+Few-shot prompts are joined the GPT-3 way: description + (shot + separator) * k + query, each shot
+the item with its gold answer after a space; shots are drawn from a pool that is never the
+evaluated split, by one `random.Random(seed)` that draws k for each item in turn.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import string
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import numpy
+
+from . import model as llama
+from .backend import array_namespace, to_host
+from .errors import NpllamaError
+from .params import FINAL_NORM
+
+UNCONDITIONAL_CONTEXT = "Answer:"  # GPT-3's answer context for the calibrated score
+STOP_STRINGS = ("\n", ".", ",")  # closed-book QA answers end at the first of these
+MAX_ANSWER_TOKENS = 32  # a closed-book answer is a few words; decoding stops here at the latest
+MAX_SHOTS = 64
+
+
+class EvaluationError(NpllamaError):
+    """A task or request that cannot be evaluated, in one line."""
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+    unconditional: str | None = None  # the calibration context ("Answer:"), for acc_uncond
+
+    def shot(self) -> str:
+        return f"{self.context} {self.choices[self.gold]}"
+
+    def after(self, prefix: str) -> MultipleChoice:
+        return replace(self, context=prefix + self.context)
+
+
+@dataclass(frozen=True)
+class Partial:
+    contexts: tuple[str, ...]
+    continuation: str
+    gold: int
+
+    def shot(self) -> str:
+        return f"{self.contexts[self.gold]} {self.continuation}"
+
+    def after(self, prefix: str) -> Partial:
+        return replace(self, contexts=tuple(prefix + context for context in self.contexts))
+
+
+@dataclass(frozen=True)
+class Generation:
+    context: str
+    answers: tuple[str, ...]
+
+    def shot(self) -> str:
+        return f"{self.context} {self.answers[0]}"
+
+    def after(self, prefix: str) -> Generation:
+        return replace(self, context=prefix + self.context)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One completion's log-likelihood (float64), its token count, and whether greedy decoding gives it."""
+
+    logprob: float
+    n_tokens: int
+    greedy: bool
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+def few_shot_prompts(items: list, pool: list, shots: int, seed: int = 1234, description: str = "",
+                     separator: str = "\n\n") -> list:
+    """`items` with their few-shot prefix: description + (shot + separator) for k shots from `pool`.
+
+    One generator seeded with `seed` draws k shots without replacement for each item in turn
+    (`random.Random(seed).sample(pool, k)`, as lm-evaluation-harness draws them), so the same
+    items, pool and seed give the same prompts. `pool` must be another split than `items`'.
+    """
+    if shots > len(pool):
+        raise EvaluationError(f"--shots {shots} is more than the {len(pool)} examples of the few-shot pool; "
+                              f"ask for at most {len(pool)}")
+    draw = random.Random(seed)
+    prompted = []
+    for item in items:
+        chosen = draw.sample(pool, shots) if shots else []
+        prompted.append(item.after(description + "".join(shot.shot() + separator for shot in chosen)))
+    return prompted
+
+
+# --- log-likelihoods ----------------------------------------------------------------------------
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids with BOS, continuation ids): the continuation's are encode(x + c) after encode(x)'s."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = tokenizer.encode(context, bos=True)
+    continuation_ids = tokenizer.encode(context + continuation, bos=True)[len(context_ids):]
+    if not continuation_ids:
+        raise EvaluationError(f"the completion {continuation!r} after {context[-40:]!r} has no tokens of its own; "
+                              "completions must not be empty")
+    return context_ids, continuation_ids
+
+
+def _log_probs(logits, targets):
+    """log softmax(logits)[targets] in float64, and whether each target is the argmax: (R, L) host arrays."""
+    xp = array_namespace(logits)
+    wide = logits.astype(xp.float64)
+    top = wide.max(axis=-1, keepdims=True)
+    lse = xp.log(xp.exp(wide - top).sum(axis=-1)) + top[..., 0]
+    picked = xp.take_along_axis(wide, targets[..., None], axis=-1)[..., 0]
+    return to_host(picked - lse), to_host(logits.argmax(axis=-1) == targets)
+
+
+def _score_shared(params, config, batch) -> list[list[Scored]]:
+    """Completions of contexts with equal token counts: each context runs once, its KV cache shared.
+
+    batch: [(context_ids, [continuation_ids, ...]), ...]; returns one list of Scored per context.
+    """
+    xp = array_namespace(params[FINAL_NORM])
+    n_context = len(batch[0][0])
+    rows = [(group, ids) for group, (_, continuations) in enumerate(batch) for ids in continuations]
+    longest = max(len(ids) for _, ids in rows)
+    cache = llama.init_kv_cache(config, batch=len(batch), max_len=n_context + longest - 1,
+                                dtype=params[FINAL_NORM].dtype, xp=xp)
+    last = llama.forward(params, config, xp.asarray([ids for ids, _ in batch]), kv_cache=cache)[:, -1]
+    # the first completion token is predicted by the context's last position, shared by its choices
+    groups = numpy.array([group for group, _ in rows])
+    firsts = xp.asarray([[ids[0]] for _, ids in rows])
+    first_logprob, first_greedy = _log_probs(last[xp.asarray(groups)][:, None], firsts)
+    logprob, greedy = first_logprob, first_greedy
+    if longest > 1:
+        # the rest: each choice reads its own tokens after a copy of its context's cache; shorter
+        # completions are padded at the end, which no earlier position can see (causal attention)
+        index = xp.asarray(groups)
+        shared = llama.KVCache([k[index] for k in cache.keys], [v[index] for v in cache.values], cache.length)
+        inputs = numpy.zeros((len(rows), longest - 1), dtype=numpy.int64)
+        targets = numpy.zeros((len(rows), longest - 1), dtype=numpy.int64)
+        for row, (_, ids) in enumerate(rows):
+            inputs[row, :len(ids) - 1], targets[row, :len(ids) - 1] = ids[:-1], ids[1:]
+        logits = llama.forward(params, config, xp.asarray(inputs), kv_cache=shared)
+        rest_logprob, rest_greedy = _log_probs(logits, xp.asarray(targets))
+        logprob = numpy.concatenate([first_logprob, rest_logprob], axis=1)
+        greedy = numpy.concatenate([first_greedy, rest_greedy], axis=1)
+    scored = [[] for _ in batch]
+    for row, (group, ids) in enumerate(rows):
+        n = len(ids)
+        scored[group].append(Scored(float(logprob[row, :n].sum()), n, bool(greedy[row, :n].all())))
+    return scored
+
+
+def _score_truncated(params, config, context_ids, continuation_ids) -> Scored:
+    """A completion whose input is longer than the context window: the oldest tokens are dropped."""
+    xp = array_namespace(params[FINAL_NORM])
+    whole = (context_ids + continuation_ids)[-(config.max_seq_len + 1):]
+    logits = llama.forward(params, config, xp.asarray([whole[:-1]]))[:, -len(continuation_ids):]
+    logprob, greedy = _log_probs(logits, xp.asarray([continuation_ids]))
+    return Scored(float(logprob.sum()), len(continuation_ids), bool(greedy.all()))
+
+
+def loglikelihoods(model, pairs, batch_size: int = 32, progress=None) -> list[Scored]:
+    """Scored (log-likelihood of continuation given context) for each (context, continuation) pair.
+
+    Pairs that share a context share one run of it; contexts are sorted by token count and those of
+    equal count batched (up to `batch_size` contexts). `progress(n)` is told as pairs finish.
+    """
+    encoded = [encode_pair(model.tokenizer, context, continuation) for context, continuation in pairs]
+    by_context: dict[tuple, list[int]] = defaultdict(list)
+    results: list[Scored | None] = [None] * len(pairs)
+    for index, (context_ids, continuation_ids) in enumerate(encoded):
+        if len(context_ids) + len(continuation_ids) - 1 > model.config.max_seq_len:
+            results[index] = _score_truncated(model.params, model.config, context_ids, continuation_ids)
+            if progress:
+                progress(1)
+        else:
+            by_context[tuple(context_ids)].append(index)
+    by_length: dict[int, list[tuple]] = defaultdict(list)
+    for context_ids in by_context:
+        by_length[len(context_ids)].append(context_ids)
+    for length in sorted(by_length):
+        contexts = by_length[length]
+        for start in range(0, len(contexts), batch_size):
+            chunk = contexts[start:start + batch_size]
+            batch = [(list(ids), [encoded[i][1] for i in by_context[ids]]) for ids in chunk]
+            for ids, scored in zip(chunk, _score_shared(model.params, model.config, batch)):
+                for index, result in zip(by_context[ids], scored):
+                    results[index] = result
+                if progress:
+                    progress(len(scored))
+    return results
+
+
+# --- greedy generation --------------------------------------------------------------------------
+
+def _cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """`text` up to the first of `stops`, and whether one was found."""
+    cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def greedy_until(model, contexts, stops=STOP_STRINGS, max_new_tokens: int = MAX_ANSWER_TOKENS,
+                 batch_size: int = 32, progress=None) -> list[str]:
+    """The greedy continuation of each context, cut at the first of `stops`, at EOS or after
+    `max_new_tokens` tokens. Contexts of equal token count decode as one batch with one KV cache."""
+    params, config, tokenizer = model.params, model.config, model.tokenizer
+    xp = array_namespace(params[FINAL_NORM])
+    prompts = [tokenizer.encode(context, bos=True) for context in contexts]
+    room = max(config.max_seq_len - max_new_tokens, 1)
+    prompts = [ids[-room:] for ids in prompts]  # the oldest tokens go, as in loglikelihoods
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, ids in enumerate(prompts):
+        by_length[len(ids)].append(index)
+    answers: list[str] = [""] * len(contexts)
+    for length in sorted(by_length):
+        indices = by_length[length]
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            texts = _decode_batch(params, config, tokenizer, xp, [prompts[i] for i in chunk], stops,
+                                  min(max_new_tokens, config.max_seq_len - length))
+            for index, text in zip(chunk, texts):
+                answers[index] = text
+            if progress:
+                progress(len(chunk))
+    return answers
+
+
+def _decode_batch(params, config, tokenizer, xp, prompts, stops, budget) -> list[str]:
+    cache = llama.init_kv_cache(config, batch=len(prompts), max_len=len(prompts[0]) + budget,
+                                dtype=params[FINAL_NORM].dtype, xp=xp)
+    logits = llama.forward(params, config, xp.asarray(prompts), kv_cache=cache)[:, -1]
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(budget):
+        next_ids = to_host(logits.argmax(axis=-1))
+        for row, token in enumerate(next_ids.tolist()):
+            if done[row]:
+                continue
+            if token == tokenizer.eos_id:
+                done[row] = True
+                continue
+            new_ids[row].append(token)
+            done[row] = _cut_at_stop(_continuation(tokenizer, prompts[row], new_ids[row]), stops)[1]
+        if all(done) or step == budget - 1:
+            break
+        logits = llama.forward(params, config, xp.asarray(next_ids[:, None]), kv_cache=cache)[:, -1]
+    return [_cut_at_stop(_continuation(tokenizer, prompt, ids), stops)[0] for prompt, ids in zip(prompts, new_ids)]
+
+
+def _continuation(tokenizer, prompt_ids, new_ids) -> str:
+    """The text new_ids add after the prompt (decoded in context, so a leading space survives)."""
+    return tokenizer.decode(prompt_ids + new_ids)[len(tokenizer.decode(prompt_ids)):]
+
+
+# --- answers and metrics ------------------------------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(char for char in text if char not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers) -> float:
+    """1.0 when the normalised prediction equals any normalised gold answer."""
+    predicted = normalize_answer(prediction)
+    return float(any(predicted == normalize_answer(answer) for answer in answers))
+
+
+def mean_and_stderr(values) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt n; 0 for one value)."""
+    values = numpy.asarray(values, dtype=numpy.float64)
+    if values.size < 2:
+        return float(values.mean()) if values.size else math.nan, 0.0
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))
+
+
+@dataclass
+class Example:
+    """One evaluated item: its scores, the metrics they give and what the model answered."""
+
+    index: int
+    metrics: dict[str, float]
+    details: dict = field(default_factory=dict)
+
+
+def multiple_choice_metrics(item: MultipleChoice, scored: list[Scored], unconditional: list[Scored] | None):
+    lls = numpy.array([s.logprob for s in scored])
+    lengths = numpy.array([float(len(choice)) for choice in item.choices])
+    metrics = {"acc": float(numpy.argmax(lls) == item.gold),
+               "acc_norm": float(numpy.argmax(lls / lengths) == item.gold)}
+    details = {"logprobs": lls.tolist(), "n_tokens": [s.n_tokens for s in scored],
+               "greedy": [s.greedy for s in scored], "gold": item.gold}
+    if unconditional is not None:
+        calibrated = lls - numpy.array([s.logprob for s in unconditional])
+        metrics["acc_uncond"] = float(numpy.argmax(calibrated) == item.gold)
+        details["unconditional_logprobs"] = [s.logprob for s in unconditional]
+    return metrics, details
+
+
+def evaluate_items(model, items: list, batch_size: int = 32, progress=None) -> list[Example]:
+    """Score `items` (all of one kind, prompts complete) and return one Example per item."""
+    if not items:
+        return []
+    kind = type(items[0])
+    if kind is Generation:
+        predictions = greedy_until(model, [item.context for item in items], batch_size=batch_size,
+                                   progress=progress)
+        return [Example(i, {"exact_match": exact_match(prediction, item.answers)},
+                        {"prediction": prediction, "answers": list(item.answers)})
+                for i, (item, prediction) in enumerate(zip(items, predictions))]
+    pairs, spans = [], []
+    for item in items:
+        start = len(pairs)
+        if kind is Partial:
+            pairs += [(context, " " + item.continuation) for context in item.contexts]
+        else:
+            pairs += [(item.context, " " + choice) for choice in item.choices]
+            if item.unconditional is not None:
+                pairs += [(item.unconditional, " " + choice) for choice in item.choices]
+        spans.append((start, len(pairs)))
+    scored = loglikelihoods(model, pairs, batch_size=batch_size, progress=progress)
+    examples = []
+    for i, (item, (start, end)) in enumerate(zip(items, spans)):
+        if kind is Partial:
+            lls = [s.logprob for s in scored[start:end]]
+            examples.append(Example(i, {"acc": float(numpy.argmax(lls) == item.gold)},
+                                    {"logprobs": lls, "n_tokens": [s.n_tokens for s in scored[start:end]],
+                                     "gold": item.gold}))
+            continue
+        n = len(item.choices)
+        unconditional = scored[start + n:end] if item.unconditional is not None else None
+        metrics, details = multiple_choice_metrics(item, scored[start:start + n], unconditional)
+        examples.append(Example(i, metrics, details))
+    return examples
+
+
+def n_requests(items: list) -> int:
+    """How many log-likelihoods or generations evaluating `items` takes (for a progress bar)."""
+    total = 0
+    for item in items:
+        if isinstance(item, Generation):
+            total += 1
+        elif isinstance(item, Partial):
+            total += len(item.contexts)
+        else:
+            total += len(item.choices) * (2 if item.unconditional is not None else 1)
+    return total
+
+
+def aggregate(examples: list[Example]) -> dict[str, tuple[float, float]]:
+    """{metric: (mean, standard error)} over examples."""
+    names = examples[0].metrics if examples else {}
+    return {name: mean_and_stderr([example.metrics[name] for example in examples]) for name in names}
