@@ -106,15 +106,20 @@ def few_shot_prompts(items: list, pool: list, shots: int, seed: int = 1234, desc
 
     One generator seeded with `seed` draws k shots without replacement for each item in turn
     (`random.Random(seed).sample(pool, k)`, as lm-evaluation-harness draws them), so the same
-    items, pool and seed give the same prompts. `pool` must be another split than `items`'.
+    items, pool and seed give the same prompts. `pool` should be another split than `items`'; an
+    item that is in the pool all the same is never drawn as its own shot.
     """
     if shots > len(pool):
         raise EvaluationError(f"--shots {shots} is more than the {len(pool)} examples of the few-shot pool; "
                               f"ask for at most {len(pool)}")
-    draw = random.Random(seed)
+    draw, in_pool = random.Random(seed), set(pool)
     prompted = []
     for item in items:
-        chosen = draw.sample(pool, shots) if shots else []
+        candidates = pool if item not in in_pool else [shot for shot in pool if shot != item]
+        if shots > len(candidates):
+            raise EvaluationError(f"--shots {shots}: the few-shot pool holds {len(candidates)} examples besides "
+                                  f"the evaluated one; ask for at most {len(candidates)}")
+        chosen = draw.sample(candidates, shots) if shots else []
         prompted.append(item.after(description + "".join(shot.shot() + separator for shot in chosen)))
     return prompted
 
@@ -182,23 +187,45 @@ def _score_shared(params, config, batch) -> list[list[Scored]]:
 
 
 def _score_truncated(params, config, context_ids, continuation_ids) -> Scored:
-    """A completion whose input is longer than the context window: the oldest tokens are dropped."""
+    """A completion whose input is longer than the context window.
+
+    If the completion fits in the window, the oldest context tokens are dropped (as lm-eval does).
+    A completion longer than the window is scored in chunks of half a window, each read after the
+    window's worth of tokens before it, so that every token is predicted from at least half a window.
+    """
     xp = array_namespace(params[FINAL_NORM])
-    whole = (context_ids + continuation_ids)[-(config.max_seq_len + 1):]
-    logits = llama.forward(params, config, xp.asarray([whole[:-1]]))[:, -len(continuation_ids):]
-    logprob, greedy = _log_probs(logits, xp.asarray([continuation_ids]))
-    return Scored(float(logprob.sum()), len(continuation_ids), bool(greedy.all()))
+    sequence, window = context_ids + continuation_ids, config.max_seq_len
+    first = len(context_ids)  # where the completion starts in `sequence`
+    step = len(continuation_ids) if len(continuation_ids) <= window else max(window // 2, 1)
+    logprob, greedy = 0.0, True
+    for start in range(first, len(sequence), step):
+        end = min(start + step, len(sequence))
+        inputs = sequence[max(0, end - 1 - window):end - 1]
+        logits = llama.forward(params, config, xp.asarray([inputs]))[:, -(end - start):]
+        chunk_logprob, chunk_greedy = _log_probs(logits, xp.asarray([sequence[start:end]]))
+        logprob, greedy = logprob + float(chunk_logprob.sum()), greedy and bool(chunk_greedy.all())
+    return Scored(logprob, len(continuation_ids), greedy)
 
 
 def loglikelihoods(model, pairs, batch_size: int = 32, progress=None) -> list[Scored]:
-    """Scored (log-likelihood of continuation given context) for each (context, continuation) pair.
+    """Scored (log-likelihood of continuation given context) for each (context, continuation) pair
+    of strings, encoded by `encode_pair`."""
+    encoded = [encode_pair(model.tokenizer, context, continuation) for context, continuation in pairs]
+    return token_loglikelihoods(model, encoded, batch_size, progress)
+
+
+def token_loglikelihoods(model, encoded, batch_size: int = 32, progress=None) -> list[Scored]:
+    """Scored for each (context ids, continuation ids) pair: the model reads the context, then all
+    continuation tokens but the last, and each continuation token's log-probability is summed.
 
     Pairs that share a context share one run of it; contexts are sorted by token count and those of
     equal count batched (up to `batch_size` contexts). `progress(n)` is told as pairs finish.
     """
-    encoded = [encode_pair(model.tokenizer, context, continuation) for context, continuation in pairs]
+    if any(not continuation_ids or not context_ids for context_ids, continuation_ids in encoded):
+        raise EvaluationError("a request with no context or no continuation tokens; both need at least one "
+                              "(the context starts with BOS)")
     by_context: dict[tuple, list[int]] = defaultdict(list)
-    results: list[Scored | None] = [None] * len(pairs)
+    results: list[Scored | None] = [None] * len(encoded)
     for index, (context_ids, continuation_ids) in enumerate(encoded):
         if len(context_ids) + len(continuation_ids) - 1 > model.config.max_seq_len:
             results[index] = _score_truncated(model.params, model.config, context_ids, continuation_ids)

@@ -35,3 +35,18 @@ def test_digits_bytes_and_inner_whitespace_encode_to_the_same_ids_and_decode_bac
     ids = ours.encode(text)
     assert ids == theirs.encode(text, add_special_tokens=False)
     assert theirs.decode(ids) == ours.decode(ids) == text
+
+
+def test_an_exported_model_directory_gives_auto_tokenizer_the_llama_tokenizer_with_bos(corpus, tmp_path):
+    # without tokenizer_config.json AutoTokenizer reads tokenizer.model as a generic tokenizer that
+    # adds no BOS: lm-evaluation-harness's `hf` model would then score text the model never saw
+    from npllama import model as llama
+    from npllama.convert.hf import export_hf
+
+    _, tokenizer_path = corpus
+    config = llama.LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=512, multiple_of=8, max_seq_len=32)
+    export_hf(tmp_path, config, llama.init_params(config), tokenizer_path.read_bytes())
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Question: Which is larger, 12 or 7?\nAnswer: 12"
+    assert isinstance(theirs, transformers.LlamaTokenizer)
+    assert theirs.encode(text) == Tokenizer.load(tokenizer_path).encode(text, bos=True)

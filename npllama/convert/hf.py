@@ -34,6 +34,12 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# what Meta's Llama checkpoints on the Hub say: without it AutoTokenizer reads tokenizer.model as a
+# generic tokenizer that adds no BOS, and the model would see text without the BOS it was trained with
+TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False,
+                    "clean_up_tokenization_spaces": False}
 SAFETENSORS_DTYPES = {"F64": numpy.float64, "F32": numpy.float32, "F16": numpy.float16, "BF16": numpy.uint16}
 MAX_HEADER_BYTES = 100 * 2**20
 # buffers some older exports carry that hold nothing a model needs (recomputed from the config)
@@ -242,6 +248,7 @@ def export_hf(directory, config: LlamaConfig, params: dict, tokenizer_model: byt
     (directory / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
     if tokenizer_model is not None:
         (directory / TOKENIZER_FILE).write_bytes(tokenizer_model)
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     return directory
 
 

@@ -1,0 +1,106 @@
+"""npllama as a model of lm-evaluation-harness, so that the harness people trust can judge it.
+
+    import lm_eval, npllama.lmeval
+    lm = npllama.lmeval.NpllamaLM(checkpoint="runs/mine")
+    lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+
+    python -m npllama.lmeval --model_args checkpoint=runs/mine --tasks arc_easy --limit 100
+
+lm-eval cannot import a model from outside its package by name, so `python -m npllama.lmeval`
+registers this one as `npllama` and runs lm-eval's own command line (`--model npllama` is implied;
+every other flag is lm-eval's). The three requests are served by npllama.evaluate, the same code
+`python -m npllama.eval` scores with:
+
+    loglikelihood(context, continuation)   -> (log-likelihood, whether greedy decoding gives it)
+    loglikelihood_rolling(text)            -> log-likelihood of the whole text, BOS first, in windows
+                                              of the model's context length
+    generate_until(context, {until, max_gen_toks})  -> the greedy continuation, cut at `until`
+
+lm-eval (`pip install lm_eval`) is optional: only this module imports it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:  # pragma: no cover - the message is the point
+    raise ImportError("npllama.lmeval needs lm-evaluation-harness: pip install lm_eval") from None
+
+from . import evaluate
+from .loading import load
+
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
+
+
+@register_model("npllama")
+class NpllamaLM(LM):
+    """An lm-eval model backed by `npllama.load(checkpoint)` (any kind npllama reads)."""
+
+    def __init__(self, checkpoint=None, backend: str = "numpy", batch_size=32, model=None, **unused) -> None:
+        super().__init__()
+        if model is None and checkpoint is None:
+            raise ValueError("NpllamaLM needs checkpoint=PATH (or an npllama.load model as model=)")
+        self.model = model if model is not None else load(checkpoint, backend=backend, flag="checkpoint")
+        if self.model.tokenizer is None:
+            raise ValueError(f"{self.model.path}: the model has no tokenizer.model")
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> NpllamaLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        arguments = simple_parse_args_string(arg_string)
+        arguments.update({key: value for key, value in (additional_config or {}).items()
+                          if key == "batch_size" and value not in (None, "auto")})
+        return cls(**arguments)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [request.args for request in requests]
+        scored = evaluate.loglikelihoods(self.model, pairs, batch_size=self.batch_size)
+        return [(result.logprob, result.greedy) for result in scored]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        tokenizer, max_seq_len = self.model.tokenizer, self.model.config.max_seq_len
+        windows, owners = [], []
+        for owner, request in enumerate(requests):
+            (text,) = request.args[:1]
+            ids = tokenizer.encode(text)
+            for window in get_rolling_token_windows(ids, prefix_token=tokenizer.bos_id, max_seq_len=max_seq_len,
+                                                    context_len=1):
+                windows.append(make_disjoint_window(window))
+                owners.append(owner)
+        totals = [0.0] * len(requests)
+        for owner, result in zip(owners, evaluate.token_loglikelihoods(self.model, windows, self.batch_size)):
+            totals[owner] += result.logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        answers = []
+        for request in requests:
+            context, settings = request.args[0], dict(request.args[1])
+            until = settings.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            (answer,) = evaluate.greedy_until(self.model, [context], stops=until,
+                                              max_new_tokens=int(settings.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)))
+            answers.append(answer)
+        return answers
+
+
+def main(argv=None) -> int:
+    """lm-eval's command line with `--model npllama` (this module's model) filled in."""
+    from lm_eval.__main__ import cli_evaluate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" not in argv:
+        argv = ["--model", "npllama", *argv]
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

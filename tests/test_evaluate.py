@@ -1,0 +1,196 @@
+"""Scoring as the Llama paper and GPT-3 define it: log-likelihoods computed by hand equal the
+evaluator's, every normalisation picks what its formula picks, WinoGrande's partial scoring scores
+the shared continuation, exact match normalises as SQuAD does, and few-shot prompts never show an
+item its own answer."""
+
+from pathlib import Path
+
+import numpy
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from npllama import evaluate
+from npllama import model as llama
+from npllama.evaluate import Generation, MultipleChoice, Partial, Scored
+from npllama.loading import Model
+from npllama.tokenizer import Tokenizer
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "Answer:", "\n", "42", "déjà", "vu", " ", "Question:", "?"]
+
+
+@pytest.fixture(scope="module")
+def tiny(corpus):
+    _, tokenizer_path = corpus
+    config = llama.LlamaConfig(dim=16, n_layers=2, n_heads=2, vocab_size=512, multiple_of=8, max_seq_len=48)
+    params = llama.init_params(config, seed=11, dtype="float64", std=0.3)
+    return Model(config, params, Tokenizer.load(tokenizer_path), "npllama", Path("tiny"))
+
+
+def log_softmax(logits):
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - top - numpy.log(numpy.exp(logits - top).sum(axis=-1, keepdims=True))
+
+
+def by_hand(model, context, continuation):
+    """log p(continuation | context) from one plain forward pass over the pair's tokens."""
+    context_ids, continuation_ids = evaluate.encode_pair(model.tokenizer, context, continuation)
+    sequence = context_ids + continuation_ids
+    logprobs = log_softmax(llama.forward(model.params, model.config, numpy.array([sequence[:-1]]))[0])
+    return sum(logprobs[len(context_ids) - 1 + j, token] for j, token in enumerate(continuation_ids))
+
+
+# float64 weights: the evaluator's KV-cache runs and one full forward differ only in summation order
+TOLERANCE = 1e-10
+
+
+def test_a_two_choice_item_scores_what_a_hand_computation_gives(tiny):
+    item = MultipleChoice("Question: where sat the cat?\nAnswer:", ("on a mat", "42"), gold=0, unconditional="Answer:")
+    (example,) = evaluate.evaluate_items(tiny, [item])
+    expected = [by_hand(tiny, item.context, " " + choice) for choice in item.choices]
+    unconditional = [by_hand(tiny, "Answer:", " " + choice) for choice in item.choices]
+    numpy.testing.assert_allclose(example.details["logprobs"], expected, rtol=TOLERANCE)
+    numpy.testing.assert_allclose(example.details["unconditional_logprobs"], unconditional, rtol=TOLERANCE)
+    assert example.metrics == {
+        "acc": float(numpy.argmax(expected) == 0),
+        "acc_norm": float(numpy.argmax(numpy.array(expected) / [8, 2]) == 0),
+        "acc_uncond": float(numpy.argmax(numpy.subtract(expected, unconditional)) == 0)}
+
+
+def test_each_normalisation_picks_the_choice_its_formula_picks():
+    item = MultipleChoice("x", ("a", "bbbbbbbbbb", "cc"), gold=1)
+    scored = [Scored(-2.0, 1, False), Scored(-5.0, 3, False), Scored(-3.0, 2, False)]
+    unconditional = [Scored(-1.0, 1, False), Scored(-6.0, 3, False), Scored(-1.5, 2, False)]
+    metrics, _ = evaluate.multiple_choice_metrics(item, scored, unconditional)
+    # raw: -2 > -3 > -5 picks "a"; per character: -0.5 for "bbbbbbbbbb" beats -1.5 and -2;
+    # calibrated: -2 - -1 = -1, -5 - -6 = +1, -3 - -1.5 = -1.5 picks "bbbbbbbbbb"
+    assert metrics == {"acc": 0.0, "acc_norm": 1.0, "acc_uncond": 1.0}
+    item = replace_gold(item, 2)
+    metrics, _ = evaluate.multiple_choice_metrics(item, scored, [Scored(-9.0, 1, False)] * 3)
+    assert metrics == {"acc": 0.0, "acc_norm": 0.0, "acc_uncond": 0.0}  # a constant shift changes nothing
+
+
+def replace_gold(item, gold):
+    return MultipleChoice(item.context, item.choices, gold, item.unconditional)
+
+
+def test_partial_scoring_scores_the_shared_continuation_after_each_filled_in_context(tiny):
+    item = Partial(("the cat sat on the mat because the cat", "the cat sat on the mat because the mat"),
+                   "was tired", gold=0)
+    (example,) = evaluate.evaluate_items(tiny, [item])
+    expected = [by_hand(tiny, context, " was tired") for context in item.contexts]
+    numpy.testing.assert_allclose(example.details["logprobs"], expected, rtol=TOLERANCE)
+    assert example.metrics == {"acc": float(numpy.argmax(expected) == 0)}
+
+
+texts = st.lists(st.sampled_from(WORDS), min_size=1, max_size=8).map(" ".join)
+
+
+@given(contexts=st.lists(texts, min_size=1, max_size=4),
+       continuations=st.lists(texts, min_size=1, max_size=4), data=st.data())
+def test_a_shared_context_run_gives_each_pair_the_log_likelihood_of_its_own_forward_pass(
+        tiny, contexts, continuations, data):
+    pairs = [(data.draw(st.sampled_from(contexts)), " " + continuation) for continuation in continuations]
+    got = evaluate.loglikelihoods(tiny, pairs, batch_size=data.draw(st.integers(1, 3)))
+    for (context, continuation), scored in zip(pairs, got):
+        context_ids, continuation_ids = evaluate.encode_pair(tiny.tokenizer, context, continuation)
+        if len(context_ids) + len(continuation_ids) - 1 <= tiny.config.max_seq_len:  # no truncation
+            numpy.testing.assert_allclose(scored.logprob, by_hand(tiny, context, continuation), rtol=TOLERANCE)
+        assert scored.n_tokens == len(continuation_ids)
+
+
+def test_trailing_whitespace_of_the_context_moves_to_the_completion(tiny):
+    assert evaluate.encode_pair(tiny.tokenizer, "the cat ", "sat") == evaluate.encode_pair(tiny.tokenizer, "the cat",
+                                                                                         " sat")
+
+
+def test_an_input_longer_than_the_window_drops_its_oldest_tokens(tiny):
+    context, continuation = " ".join(["the cat sat on the mat"] * 12), " 42 vu"
+    context_ids, continuation_ids = evaluate.encode_pair(tiny.tokenizer, context, continuation)
+    sequence = (context_ids + continuation_ids)[-(tiny.config.max_seq_len + 1):]
+    logprobs = log_softmax(llama.forward(tiny.params, tiny.config, numpy.array([sequence[:-1]]))[0])
+    n = len(continuation_ids)
+    expected = sum(logprobs[len(sequence) - 1 - n + j, token] for j, token in enumerate(continuation_ids))
+    (scored,) = evaluate.loglikelihoods(tiny, [(context, continuation)])
+    numpy.testing.assert_allclose(scored.logprob, expected, rtol=TOLERANCE)
+
+
+def test_a_completion_longer_than_the_window_is_scored_in_half_window_chunks(tiny):
+    window = tiny.config.max_seq_len  # 48: chunks of 24 completion tokens, each read after 48 tokens
+    context_ids, continuation_ids = [1, 300, 301], list(range(310, 370))
+    sequence = context_ids + continuation_ids
+    expected = 0.0
+    for start, end in [(3, 27), (27, 51), (51, 63)]:
+        inputs = sequence[max(0, end - 1 - window):end - 1]
+        logprobs = log_softmax(llama.forward(tiny.params, tiny.config, numpy.array([inputs]))[0])
+        expected += sum(logprobs[len(inputs) - (end - start) + j, sequence[start + j]] for j in range(end - start))
+    (scored,) = evaluate.token_loglikelihoods(tiny, [(context_ids, continuation_ids)])
+    numpy.testing.assert_allclose(scored.logprob, expected, rtol=TOLERANCE)
+    assert scored.n_tokens == 60
+
+
+def test_greedy_answers_are_token_by_token_argmax_cut_at_the_first_stop(tiny):
+    contexts = ["Q: the cat?\nA:", "Q: a mat?\nA:", "Q: the cat?\nA:", "Question: 42"]
+    answers = evaluate.greedy_until(tiny, contexts, stops=("sat",), max_new_tokens=6, batch_size=2)
+    for context, answer in zip(contexts, answers):
+        ids = tiny.tokenizer.encode(context, bos=True)
+        prompt_length = len(ids)
+        for _ in range(6):
+            next_id = int(llama.forward(tiny.params, tiny.config, numpy.array([ids]))[0, -1].argmax())
+            if next_id == tiny.tokenizer.eos_id:
+                break
+            ids.append(next_id)
+        text = tiny.tokenizer.decode(ids)[len(tiny.tokenizer.decode(ids[:prompt_length])):]
+        assert answer == text.split("sat")[0]
+
+
+@pytest.mark.parametrize("prediction, answers, expected", [
+    ("The Beatles", ["beatles"], 1.0),
+    ("Sunset Blvd.", ["West Sunset Boulevard", "Sunset Blvd"], 1.0),
+    ("  an   apple ", ["Apple"], 1.0),
+    ("U.S.A.", ["usa"], 1.0),
+    ("1,000", ["1000"], 1.0),
+    ("Theatre", ["atre"], 0.0),  # articles go only as whole words
+    ("cats", ["cat"], 0.0),
+    ("", ["a"], 1.0),  # both normalise to nothing
+    ("Paris, France", ["Paris"], 0.0),
+])
+def test_exact_match_lowercases_and_drops_punctuation_articles_and_extra_spaces(prediction, answers, expected):
+    assert evaluate.exact_match(prediction, answers) == expected
+
+
+items = st.lists(st.integers(0, 50), min_size=1, max_size=10, unique=True).map(
+    lambda numbers: [Generation(f"Q: {n}?\nA:", (str(n),)) for n in numbers])
+
+
+@given(evaluated=items, pool=items, shots=st.integers(0, 4), seed=st.integers(0, 2**32 - 1))
+def test_few_shot_prompts_draw_from_the_pool_and_never_show_an_item_its_own_answer(evaluated, pool, shots, seed):
+    available = min(len(pool) - (item in pool) for item in evaluated)
+    if shots > available:
+        with pytest.raises(evaluate.EvaluationError, match="ask for at most"):
+            evaluate.few_shot_prompts(evaluated, pool, shots, seed)
+        return
+    prompted = evaluate.few_shot_prompts(evaluated, pool, shots, seed, description="Answer these questions:\n",
+                                         separator="\n")
+    assert prompted == evaluate.few_shot_prompts(evaluated, pool, shots, seed, "Answer these questions:\n", "\n")
+    for item, prompt in zip(evaluated, prompted):
+        assert prompt.context.startswith("Answer these questions:\n") and prompt.context.endswith(item.context)
+        shown = prompt.context[len("Answer these questions:\n"):-len(item.context)].split("\n")[:-1]
+        pairs = ["\n".join(shown[i:i + 2]) for i in range(0, len(shown), 2)]
+        assert len(pairs) == shots and len(set(pairs)) == shots
+        assert all(pair in {shot.shot() for shot in pool} for pair in pairs)
+        assert item.shot() not in pairs
+
+
+def test_the_gpt3_join_puts_each_shot_with_its_answer_before_the_question():
+    pool = [MultipleChoice("Question: 1+1?\nAnswer:", ("2", "3"), 0)]
+    (prompted,) = evaluate.few_shot_prompts([MultipleChoice("Question: 2+2?\nAnswer:", ("4", "5"), 0)], pool, 1)
+    assert prompted.context == "Question: 1+1?\nAnswer: 2\n\nQuestion: 2+2?\nAnswer:"
+    winogrande = Partial(("Ann beat Bo, so Ann", "Ann beat Bo, so Bo"), "won.", 0)
+    (prompted,) = evaluate.few_shot_prompts([winogrande], [Partial(("X or Y", "X or Z"), "is it.", 1)], 1)
+    assert prompted.contexts == ("X or Z is it.\n\nAnn beat Bo, so Ann", "X or Z is it.\n\nAnn beat Bo, so Bo")
+
+
+def test_the_standard_error_is_the_sample_deviation_over_root_n():
+    assert evaluate.mean_and_stderr([1, 0, 1, 0]) == pytest.approx((0.5, numpy.std([1, 0, 1, 0], ddof=1) / 2))
+    assert evaluate.mean_and_stderr([1.0]) == (1.0, 0.0)
