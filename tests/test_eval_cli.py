@@ -1,0 +1,87 @@
+"""`python -m npllama.eval`: a table of every task's metrics with standard errors and chance
+levels, the same in JSON with every example for audit; bad input is one line and exit 2."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npllama import eval as npllama_eval
+from npllama import model as llama
+from npllama.checkpoint import save_checkpoint
+from npllama.tasks import BENCHMARKS
+
+FIXTURES = Path(__file__).parent / "data" / "tasks"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus):
+    _, tokenizer_path = corpus
+    config = llama.LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=512, multiple_of=8, max_seq_len=128)
+    folder = tmp_path_factory.mktemp("eval-run")
+    save_checkpoint(folder, 1, config=config, params=llama.init_params(config, seed=2, std=0.3),
+                    tokenizer_model=tokenizer_path.read_bytes())
+    return folder
+
+
+def test_all_ten_tasks_give_a_table_and_a_json_report_with_every_example(run, tmp_path, capsys):
+    report = tmp_path / "scores.json"
+    code = npllama_eval.main(["--checkpoint", str(run), "--tasks", "all", "--limit", "4", "--shots", "2",
+                              "--data-dir", str(FIXTURES), "--json", str(report), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for name, task in BENCHMARKS.items():
+        assert f"\n{name:15}" in printed and f"{task.headline} *" in printed
+    assert "2-shot, 40 examples in" in printed
+    results = json.loads(report.read_text())
+    assert results["shots"] == 2 and set(results["tasks"]) == set(BENCHMARKS)
+    chances = {name: round(result["chance"], 4) for name, result in results["tasks"].items()}
+    assert chances["boolq"] == chances["piqa"] == chances["winogrande"] == 0.5 and chances["siqa"] == 0.3333
+    assert chances["nq_open"] == 0.0
+    arc = results["tasks"]["arc_easy"]
+    assert arc["n"] == 4 and set(arc["metrics"]) == {"acc", "acc_norm"} and len(arc["examples"]) == 4
+    first = arc["examples"][0]
+    assert first["prompt"].count("\n\nQuestion: ") == 2 and len(first["logprobs"]) == len(first["n_tokens"]) == 4
+    assert first["acc"] in (0.0, 1.0) and first["gold"] == 0
+    assert set(results["tasks"]["boolq"]["metrics"]) == {"acc", "acc_norm", "acc_uncond"}
+    assert "prediction" in results["tasks"]["triviaqa"]["examples"][0]
+
+
+def test_the_table_marks_the_headline_metric_and_shows_the_standard_error():
+    results = {"piqa": {"headline": "acc_norm", "chance": 0.5, "n": 200,
+                        "metrics": {"acc": {"value": 0.5, "stderr": 0.0354},
+                                    "acc_norm": {"value": 0.52, "stderr": 0.0354}}}}
+    assert npllama_eval.table(results).splitlines()[1:] == [
+        "piqa           acc             0.5000   0.0354       200  0.5000",
+        "               acc_norm *      0.5200   0.0354                  "]
+
+
+def cli(*args):
+    done = subprocess.run([sys.executable, "-m", "npllama.eval", *args], capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "arc"], "--tasks arc: unknown task; choose from arc_easy"),
+    (["--tasks", "piqa", "--data-dir", "EMPTY"], "piqa: no data in .*; run python -m npllama.tasks download"),
+    (["--tasks", "BAD"], r"bad.jsonl line 2: not JSON"),
+    (["--tasks", "piqa", "--shots", "9"], r"--shots 9: the few-shot pool of piqa .* holds 8 examples; ask for at most"),
+    (["--tasks", "piqa", "--shots", "65"], "--shots 65: at most 64"),
+    (["--tasks", "piqa", "--json", "NOWHERE/x.json"], "--json .*: the folder .* does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(run, tmp_path, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a"], "gold": 0}\n{"context": \n')
+    (tmp_path / "empty").mkdir()
+    replaced = {"BAD": str(tmp_path / "bad.jsonl"), "EMPTY": str(tmp_path / "empty"),
+                "NOWHERE/x.json": str(tmp_path / "nowhere" / "x.json")}
+    args = [replaced.get(arg, arg) for arg in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(FIXTURES)]
+    code, stderr = cli("--checkpoint", str(run), *args)
+    assert code == 2 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert re.search(message, lines[0]), lines[0]

