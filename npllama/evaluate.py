@@ -321,9 +321,16 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, answers) -> float:
-    """1.0 when the normalised prediction equals any normalised gold answer."""
+    """1.0 when the normalised prediction equals any normalised gold answer.
+
+    A blank prediction matches nothing; a gold answer that normalises to nothing (TriviaQA has
+    "+-*/") is matched only by itself, ignoring case and surrounding spaces.
+    """
+    if not prediction.strip():
+        return 0.0
     predicted = normalize_answer(prediction)
-    return float(any(predicted == normalize_answer(answer) for answer in answers))
+    return float(any(predicted == normalize_answer(answer)
+                     and (predicted or prediction.strip().lower() == answer.strip().lower()) for answer in answers))
 
 
 def mean_and_stderr(values) -> tuple[float, float]:

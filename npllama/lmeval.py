@@ -27,8 +27,12 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError:  # pragma: no cover - the message is the point
-    raise ImportError("npllama.lmeval needs lm-evaluation-harness: pip install lm_eval") from None
+except ImportError:
+    if __name__ == "__main__":
+        print("error: python -m npllama.lmeval runs lm-evaluation-harness, which is not installed; "
+              "pip install \"lm_eval[hf]\"", file=sys.stderr)
+        sys.exit(2)
+    raise ImportError("npllama.lmeval needs lm-evaluation-harness: pip install \"lm_eval[hf]\"") from None
 
 from . import evaluate
 from .loading import load

@@ -152,7 +152,10 @@ def test_greedy_answers_are_token_by_token_argmax_cut_at_the_first_stop(tiny):
     ("1,000", ["1000"], 1.0),
     ("Theatre", ["atre"], 0.0),  # articles go only as whole words
     ("cats", ["cat"], 0.0),
-    ("", ["a"], 1.0),  # both normalise to nothing
+    ("", ["a"], 0.0),  # both normalise to nothing, but a blank answer answers nothing
+    (" ", [""], 0.0),
+    ("+-*/", ["+-*/"], 1.0),  # a gold answer that normalises to nothing is matched only by itself
+    ("?", ["+-*/"], 0.0),
     ("Paris, France", ["Paris"], 0.0),
 ])
 def test_exact_match_lowercases_and_drops_punctuation_articles_and_extra_spaces(prediction, answers, expected):

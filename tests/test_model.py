@@ -232,7 +232,7 @@ def test_kv_cache_overflow_is_refused():
         model.forward(params, config, numpy.zeros((1, 2), dtype=int), kv_cache=cache)
 
 
-@pytest.mark.parametrize("module", ["train", "generate", "audit", "tokenizer", "model"])
+@pytest.mark.parametrize("module", ["train", "generate", "audit", "tokenizer", "model", "eval", "tasks", "convert"])
 def test_every_command_answers_help_with_its_usage(module):
     import subprocess
     import sys
