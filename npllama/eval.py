@@ -85,7 +85,7 @@ def _parser():
                         help="where python -m npllama.tasks download put the benchmarks "
                              f"(default {default_data_dir()})")
     parser.add_argument("--batch-size", type=integer(minimum=1), default=32,
-                        help="questions scored together (default 32)")
+                        help="completions (or answers) computed in one forward pass (default 32)")
     parser.add_argument("--backend", default="numpy", help=f"array backend: {' or '.join(BACKENDS)}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser

@@ -218,35 +218,55 @@ def token_loglikelihoods(model, encoded, batch_size: int = 32, progress=None) ->
     """Scored for each (context ids, continuation ids) pair: the model reads the context, then all
     continuation tokens but the last, and each continuation token's log-probability is summed.
 
-    Pairs that share a context share one run of it; contexts are sorted by token count and those of
-    equal count batched (up to `batch_size` contexts). `progress(n)` is told as pairs finish.
+    Equal pairs are scored once. Pairs that share a context share one run of it; contexts are sorted
+    by token count, and those of equal count run together, `batch_size` continuations at most to a
+    batch. `progress(n)` is told as pairs finish.
     """
     if any(not continuation_ids or not context_ids for context_ids, continuation_ids in encoded):
         raise EvaluationError("a request with no context or no continuation tokens; both need at least one "
                               "(the context starts with BOS)")
-    by_context: dict[tuple, list[int]] = defaultdict(list)
-    results: list[Scored | None] = [None] * len(encoded)
+    owners: dict[tuple, list[int]] = defaultdict(list)  # (context, continuation) -> the pairs that are it
     for index, (context_ids, continuation_ids) in enumerate(encoded):
-        if len(context_ids) + len(continuation_ids) - 1 > model.config.max_seq_len:
-            results[index] = _score_truncated(model.params, model.config, context_ids, continuation_ids)
-            if progress:
-                progress(1)
+        owners[tuple(context_ids), tuple(continuation_ids)].append(index)
+    results: list[Scored | None] = [None] * len(encoded)
+
+    def done(pair, scored):
+        for index in owners[pair]:
+            results[index] = scored
+        if progress:
+            progress(len(owners[pair]))
+
+    by_context: dict[tuple, list[tuple]] = defaultdict(list)
+    for pair in owners:
+        if len(pair[0]) + len(pair[1]) - 1 > model.config.max_seq_len:
+            done(pair, _score_truncated(model.params, model.config, list(pair[0]), list(pair[1])))
         else:
-            by_context[tuple(context_ids)].append(index)
-    by_length: dict[int, list[tuple]] = defaultdict(list)
-    for context_ids in by_context:
-        by_length[len(context_ids)].append(context_ids)
-    for length in sorted(by_length):
-        contexts = by_length[length]
-        for start in range(0, len(contexts), batch_size):
-            chunk = contexts[start:start + batch_size]
-            batch = [(list(ids), [encoded[i][1] for i in by_context[ids]]) for ids in chunk]
-            for ids, scored in zip(chunk, _score_shared(model.params, model.config, batch)):
-                for index, result in zip(by_context[ids], scored):
-                    results[index] = result
-                if progress:
-                    progress(len(scored))
+            by_context[pair[0]].append(pair)
+    for batch in _batches(by_context, batch_size):
+        groups = [(list(context_ids), [list(pair[1]) for pair in pairs]) for context_ids, pairs in batch]
+        for (_, pairs), scored in zip(batch, _score_shared(model.params, model.config, groups)):
+            for pair, result in zip(pairs, scored):
+                done(pair, result)
     return results
+
+
+def _batches(by_context: dict, batch_size: int):
+    """Lists of (context, its pairs) whose contexts have one token count and whose pairs number at
+    most `batch_size` (a context with more pairs is split across batches)."""
+    by_length: dict[int, list] = defaultdict(list)
+    for context_ids, pairs in by_context.items():
+        for start in range(0, len(pairs), batch_size):
+            by_length[len(context_ids)].append((context_ids, pairs[start:start + batch_size]))
+    for length in sorted(by_length):
+        batch, rows = [], 0
+        for unit in by_length[length]:
+            if rows + len(unit[1]) > batch_size:
+                yield batch
+                batch, rows = [], 0
+            batch.append(unit)
+            rows += len(unit[1])
+        if batch:
+            yield batch
 
 
 # --- greedy generation --------------------------------------------------------------------------
