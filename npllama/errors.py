@@ -3,7 +3,7 @@
 Every command (`python -m npllama.X`) catches `NpllamaError` and prints `error: <message>` with
 exit status 2; anything else is a bug and keeps its traceback. Each module subclasses it for its
 own kind of problem (BackendError, CheckpointError, DataError, TokenizerError, TrainError,
-GenerateError), and the message says what is wrong, where, and how to fix it.
+GenerateError, EvaluationError, TaskError), and the message says what is wrong, where, and how to fix it.
 """
 
 

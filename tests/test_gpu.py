@@ -214,3 +214,29 @@ def test_the_audit_passes_on_the_gpu():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 failed" in result.stdout
+
+
+def test_the_evaluator_on_cupy_gives_numpys_scores_and_answers(cupy, corpus, tmp_path):
+    from pathlib import Path
+
+    from npllama.checkpoint import save_checkpoint
+    from npllama.eval import evaluate_task
+    from npllama.loading import load
+    from npllama.tasks import load_task
+
+    _, tokenizer_path = corpus
+    config = llama.LlamaConfig(dim=64, n_layers=2, n_heads=2, vocab_size=512, multiple_of=16, max_seq_len=256)
+    save_checkpoint(tmp_path, 1, config=config, params=llama.init_params(config, seed=4, std=0.2),
+                    tokenizer_model=tokenizer_path.read_bytes())
+    fixtures = Path(__file__).parent / "data" / "tasks"
+    on_cpu, on_gpu = load(tmp_path, dtype="float64"), load(tmp_path, backend="cupy", dtype="float64")
+    for name in ("hellaswag", "winogrande", "boolq", "nq_open"):
+        task = load_task(name, fixtures)
+        expected = evaluate_task(on_cpu, task, shots=2, limit=10, progress=False)
+        got = evaluate_task(on_gpu, task, shots=2, limit=10, progress=False)
+        assert got["metrics"] == expected["metrics"], name
+        for mine, reference in zip(got["examples"], expected["examples"]):
+            if "logprobs" in reference:  # float64 both sides; only summation orders differ
+                numpy.testing.assert_allclose(mine["logprobs"], reference["logprobs"], rtol=1e-9)
+            else:
+                assert mine["prediction"] == reference["prediction"]
