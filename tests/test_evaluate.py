@@ -129,19 +129,27 @@ def test_a_completion_longer_than_the_window_is_scored_in_half_window_chunks(tin
     assert scored.n_tokens == 60
 
 
+def greedy_by_hand(model, context, n_tokens):
+    """The text of up to n_tokens argmax tokens after context, one full forward pass a token."""
+    ids = model.tokenizer.encode(context, bos=True)
+    prompt_length = len(ids)
+    for _ in range(n_tokens):
+        next_id = int(llama.forward(model.params, model.config, numpy.array([ids]))[0, -1].argmax())
+        if next_id == model.tokenizer.eos_id:
+            break
+        ids.append(next_id)
+    return model.tokenizer.decode(ids)[len(model.tokenizer.decode(ids[:prompt_length])):]
+
+
 def test_greedy_answers_are_token_by_token_argmax_cut_at_the_first_stop(tiny):
     contexts = ["Q: the cat?\nA:", "Q: a mat?\nA:", "Q: the cat?\nA:", "Question: 42"]
-    answers = evaluate.greedy_until(tiny, contexts, stops=("sat",), max_new_tokens=6, batch_size=2)
-    for context, answer in zip(contexts, answers):
-        ids = tiny.tokenizer.encode(context, bos=True)
-        prompt_length = len(ids)
-        for _ in range(6):
-            next_id = int(llama.forward(tiny.params, tiny.config, numpy.array([ids]))[0, -1].argmax())
-            if next_id == tiny.tokenizer.eos_id:
-                break
-            ids.append(next_id)
-        text = tiny.tokenizer.decode(ids)[len(tiny.tokenizer.decode(ids[:prompt_length])):]
-        assert answer == text.split("sat")[0]
+    whole = [greedy_by_hand(tiny, context, 6) for context in contexts]
+    assert evaluate.greedy_until(tiny, contexts, stops=(), max_new_tokens=6, batch_size=2) == whole
+    stops = tuple({text[len(text) // 2] for text in whole if text})  # each answer gets cut somewhere
+    expected = [text[:min((text.find(stop) for stop in stops if stop in text), default=len(text))]
+                for text in whole]
+    assert evaluate.greedy_until(tiny, contexts, stops=stops, max_new_tokens=6, batch_size=2) == expected
+    assert any(len(cut) < len(text) for cut, text in zip(expected, whole))
 
 
 @pytest.mark.parametrize("prediction, answers, expected", [
@@ -183,6 +191,13 @@ def test_few_shot_prompts_draw_from_the_pool_and_never_show_an_item_its_own_answ
         assert len(pairs) == shots and len(set(pairs)) == shots
         assert all(pair in {shot.shot() for shot in pool} for pair in pairs)
         assert item.shot() not in pairs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_an_item_that_is_also_in_the_pool_is_never_its_own_shot(seed):
+    item, other = Generation("Q: 1?\nA:", ("1",)), Generation("Q: 2?\nA:", ("2",))
+    (prompted,) = evaluate.few_shot_prompts([item], [item, other], 1, seed)
+    assert prompted.context == "Q: 2?\nA: 2\n\nQ: 1?\nA:"
 
 
 def test_the_gpt3_join_puts_each_shot_with_its_answer_before_the_question():
