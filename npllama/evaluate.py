@@ -140,12 +140,15 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def _log_probs(logits, targets):
-    """log softmax(logits)[targets] in float64, and whether each target is the argmax: (R, L) host arrays."""
+    """log softmax(logits)[targets] in float64, and whether each target is the argmax, as host arrays.
+
+    logits (N, V), targets (N,): one row a scored token.
+    """
     xp = array_namespace(logits)
     wide = logits.astype(xp.float64)
     top = wide.max(axis=-1, keepdims=True)
-    lse = xp.log(xp.exp(wide - top).sum(axis=-1)) + top[..., 0]
-    picked = xp.take_along_axis(wide, targets[..., None], axis=-1)[..., 0]
+    lse = xp.log(xp.exp(wide - top).sum(axis=-1)) + top[:, 0]
+    picked = xp.take_along_axis(wide, targets[:, None], axis=-1)[:, 0]
     return to_host(picked - lse), to_host(logits.argmax(axis=-1) == targets)
 
 
@@ -158,31 +161,34 @@ def _score_shared(params, config, batch) -> list[list[Scored]]:
     n_context = len(batch[0][0])
     rows = [(group, ids) for group, (_, continuations) in enumerate(batch) for ids in continuations]
     longest = max(len(ids) for _, ids in rows)
+    groups = xp.asarray([group for group, _ in rows])
     cache = llama.init_kv_cache(config, batch=len(batch), max_len=n_context + longest - 1,
                                 dtype=params[FINAL_NORM].dtype, xp=xp)
-    last = llama.forward(params, config, xp.asarray([ids for ids, _ in batch]), kv_cache=cache)[:, -1]
+    last = llama.forward(params, config, xp.asarray([ids for ids, _ in batch]), kv_cache=cache, only_last=True)
     # the first completion token is predicted by the context's last position, shared by its choices
-    groups = numpy.array([group for group, _ in rows])
-    firsts = xp.asarray([[ids[0]] for _, ids in rows])
-    first_logprob, first_greedy = _log_probs(last[xp.asarray(groups)][:, None], firsts)
-    logprob, greedy = first_logprob, first_greedy
+    logprob, greedy = _log_probs(last[:, 0][groups], xp.asarray([ids[0] for _, ids in rows]))
+    logprob, greedy = list(logprob), list(greedy)
     if longest > 1:
         # the rest: each choice reads its own tokens after a copy of its context's cache; shorter
-        # completions are padded at the end, which no earlier position can see (causal attention)
-        index = xp.asarray(groups)
-        shared = llama.KVCache([k[index] for k in cache.keys], [v[index] for v in cache.values], cache.length)
+        # completions are padded at the end, which no earlier position can see (causal attention),
+        # and only real positions are scored
+        shared = llama.KVCache([k[groups] for k in cache.keys], [v[groups] for v in cache.values], cache.length)
         inputs = numpy.zeros((len(rows), longest - 1), dtype=numpy.int64)
-        targets = numpy.zeros((len(rows), longest - 1), dtype=numpy.int64)
         for row, (_, ids) in enumerate(rows):
-            inputs[row, :len(ids) - 1], targets[row, :len(ids) - 1] = ids[:-1], ids[1:]
+            inputs[row, :len(ids) - 1] = ids[:-1]
         logits = llama.forward(params, config, xp.asarray(inputs), kv_cache=shared)
-        rest_logprob, rest_greedy = _log_probs(logits, xp.asarray(targets))
-        logprob = numpy.concatenate([first_logprob, rest_logprob], axis=1)
-        greedy = numpy.concatenate([first_greedy, rest_greedy], axis=1)
+        row_of = numpy.concatenate([[row] * (len(ids) - 1) for row, (_, ids) in enumerate(rows)]).astype(numpy.int64)
+        position = numpy.concatenate([numpy.arange(len(ids) - 1) for _, ids in rows]).astype(numpy.int64)
+        targets = numpy.concatenate([ids[1:] for _, ids in rows]).astype(numpy.int64)
+        if targets.size:
+            rest, rest_greedy = _log_probs(logits[xp.asarray(row_of), xp.asarray(position)], xp.asarray(targets))
+            sums = numpy.bincount(row_of, weights=rest, minlength=len(rows))
+            misses = numpy.bincount(row_of, weights=~rest_greedy, minlength=len(rows))
+            logprob = [first + rest_sum for first, rest_sum in zip(logprob, sums)]
+            greedy = [first and not missed for first, missed in zip(greedy, misses)]
     scored = [[] for _ in batch]
     for row, (group, ids) in enumerate(rows):
-        n = len(ids)
-        scored[group].append(Scored(float(logprob[row, :n].sum()), n, bool(greedy[row, :n].all())))
+        scored[group].append(Scored(float(logprob[row]), len(ids), bool(greedy[row])))
     return scored
 
 
@@ -201,8 +207,8 @@ def _score_truncated(params, config, context_ids, continuation_ids) -> Scored:
     for start in range(first, len(sequence), step):
         end = min(start + step, len(sequence))
         inputs = sequence[max(0, end - 1 - window):end - 1]
-        logits = llama.forward(params, config, xp.asarray([inputs]))[:, -(end - start):]
-        chunk_logprob, chunk_greedy = _log_probs(logits, xp.asarray([sequence[start:end]]))
+        logits = llama.forward(params, config, xp.asarray([inputs]))[0, -(end - start):]
+        chunk_logprob, chunk_greedy = _log_probs(logits, xp.asarray(sequence[start:end]))
         logprob, greedy = logprob + float(chunk_logprob.sum()), greedy and bool(chunk_greedy.all())
     return Scored(logprob, len(continuation_ids), greedy)
 
@@ -306,7 +312,7 @@ def greedy_until(model, contexts, stops=STOP_STRINGS, max_new_tokens: int = MAX_
 def _decode_batch(params, config, tokenizer, xp, prompts, stops, budget) -> list[str]:
     cache = llama.init_kv_cache(config, batch=len(prompts), max_len=len(prompts[0]) + budget,
                                 dtype=params[FINAL_NORM].dtype, xp=xp)
-    logits = llama.forward(params, config, xp.asarray(prompts), kv_cache=cache)[:, -1]
+    logits = llama.forward(params, config, xp.asarray(prompts), kv_cache=cache, only_last=True)[:, -1]
     new_ids: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(budget):

@@ -353,8 +353,10 @@ def grow_kv_cache(cache: KVCache, capacity: int) -> None:
             arrays[layer] = grown
 
 
-def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_cache: KVCache | None = None):
-    """tokens (B, T) -> logits (B, T, V), in the parameters' dtype.
+def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_cache: KVCache | None = None,
+            only_last: bool = False):
+    """tokens (B, T) -> logits (B, T, V), in the parameters' dtype; (B, 1, V) for the last position
+    only with `only_last` (the output head, T x C x V, is then computed once, not T times).
 
     With a KV cache the tokens continue the cached sequence: they sit at positions
     cache.length .. cache.length + T - 1, attend to everything cached before them, and are
@@ -375,6 +377,8 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
         h, _ = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True, kv=kv)
     if kv_cache is not None:
         kv_cache.length = start + tokens.shape[1]
+    if only_last:
+        h = h[:, -1:]
     normed, _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
     logits, _ = linear.forward(normed, params[OUTPUT_HEAD])
     return logits

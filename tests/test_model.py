@@ -223,6 +223,19 @@ def test_kv_cache_decoding_gives_the_logits_of_a_full_forward(config, seq, promp
     assert_close(numpy.concatenate(pieces, axis=1), full, rtol=1e-11, atol=1e-12)
 
 
+@given(config=small_model_configs(), seq=st.integers(1, 9), seed=seeds)
+def test_only_last_gives_the_last_positions_logits_with_or_without_a_cache(config, seq, seed):
+    params = model.init_params(config, seed=seed % 1000, dtype="float64", std=0.5)
+    tokens, _ = random_batch(config, 2, seq, seed)
+    full = model.forward(params, config, tokens)
+    last = model.forward(params, config, tokens, only_last=True)
+    assert last.shape == (2, 1, config.vocab_size)
+    assert_close(last, full[:, -1:], rtol=1e-12, atol=1e-13)  # one matrix product fewer rows: same sums
+    cache = model.init_kv_cache(config, batch=2, max_len=seq, dtype="float64")
+    assert_close(model.forward(params, config, tokens, kv_cache=cache, only_last=True), last, rtol=1e-12, atol=1e-13)
+    assert cache.length == seq
+
+
 def test_kv_cache_overflow_is_refused():
     config = model.PRESETS["nano"]
     cache = model.init_kv_cache(config, batch=1, max_len=4)
