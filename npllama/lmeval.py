@@ -44,7 +44,7 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
 class NpllamaLM(LM):
     """An lm-eval model backed by `npllama.load(checkpoint)` (any kind npllama reads)."""
 
-    def __init__(self, checkpoint=None, backend: str = "numpy", batch_size=32, model=None, **unused) -> None:
+    def __init__(self, checkpoint=None, backend: str = "numpy", batch_size=32, model=None) -> None:
         super().__init__()
         if model is None and checkpoint is None:
             raise ValueError("NpllamaLM needs checkpoint=PATH (or an npllama.load model as model=)")
@@ -57,10 +57,17 @@ class NpllamaLM(LM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> NpllamaLM:
         from lm_eval.utils import simple_parse_args_string
 
-        arguments = simple_parse_args_string(arg_string)
-        arguments.update({key: value for key, value in (additional_config or {}).items()
-                          if key == "batch_size" and value not in (None, "auto")})
-        return cls(**arguments)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> NpllamaLM:
+        """lm-eval's command line adds its own settings (device, batch_size, max_batch_size); of
+        those npllama takes a numeric batch size. The device follows `backend=` (numpy or cupy)."""
+        extra = additional_config or {}
+        batch_size = extra.get("batch_size")
+        if batch_size not in (None, "auto") and "batch_size" not in arg_dict:
+            arg_dict = {**arg_dict, "batch_size": batch_size}
+        return cls(**arg_dict)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [request.args for request in requests]
@@ -83,14 +90,21 @@ class NpllamaLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        answers = []
-        for request in requests:
-            context, settings = request.args[0], dict(request.args[1])
+        """Greedy answers; requests with the same stop strings and length limit decode together."""
+        by_settings: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            settings = dict(request.args[1])
             until = settings.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            (answer,) = evaluate.greedy_until(self.model, [context], stops=until,
-                                              max_new_tokens=int(settings.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)))
-            answers.append(answer)
+            until = (until,) if isinstance(until, str) else tuple(until)
+            limit = int(settings.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            by_settings.setdefault((until, limit), []).append(index)
+        answers = [""] * len(requests)
+        for (until, limit), indices in by_settings.items():
+            contexts = [requests[index].args[0] for index in indices]
+            for index, answer in zip(indices, evaluate.greedy_until(self.model, contexts, stops=until,
+                                                                    max_new_tokens=limit,
+                                                                    batch_size=self.batch_size)):
+                answers[index] = answer
         return answers
 
 
