@@ -1,28 +1,38 @@
-"""Benchmark one full training step (forward, backward, AdamW) of npllama against PyTorch eager.
+"""Benchmark one full training step (forward, backward, clipping, AdamW): npllama against what a
+user would otherwise pick, PyTorch in each of its usual forms.
 
-    python bench/train_step.py [--preset small] [--batch-size 8] [--seq-len 256] [--steps 5] [--backend cupy]
+    python bench/train_step.py [--preset small] [--seq-len 256,1024,2048] [--tokens 2048] [--steps 5]
+    python bench/train_step.py --backend cupy                 # npllama on CuPy against PyTorch CUDA eager
 
-Each framework runs in its own fresh subprocess of this same command, on the same model shape,
-the same random batches and the same number of threads, so that their memory can be told apart:
+Sides, each in a fresh subprocess of this same command, on the same model shape, weights and batches:
+
+  npllama              npllama.model.loss_and_grads + npllama.optim (NumPy; CuPy with --backend cupy)
+  torch reference      reference/torch_llama.py (Meta's formulation, autograd, materialised attention)
+  transformers sdpa    LlamaForCausalLM with attn_implementation="sdpa" (PyTorch's fused attention)
+  transformers eager   LlamaForCausalLM with attn_implementation="eager"
+  sdpa + compile       the sdpa model under torch.compile (its compilation is the untimed warm-up)
+
+All PyTorch sides use torch.optim.AdamW (weight decay 0.1 on matrices) and clip_grad_norm_, as
+npllama does. For each sequence length T the batch is --tokens / T sequences. Reported per side:
 
   tokens/s     B * T / (median wall time of one step), after --warmup untimed steps
-  step memory  peak resident memory during the steps (VmHWM) minus the resident memory before
-               the first step, when the model, optimizer state and batches already exist: what a
-               step allocates on top of the weights
-  peak RSS     the process's whole peak resident memory (interpreter and libraries included)
+  step memory  peak resident memory during the steps minus the resident memory before the first
+               step (weights, optimizer state and batches exist by then)
+  floor %      the step's arithmetic (6 x parameters x tokens for the matrix products, plus causal
+               attention) over the time a single-precision GEMM of this side's BLAS, measured in
+               the same process, would need for it: how close the side comes to the machine
+  BLAS         the library, its kernel and threads (threadpoolctl for NumPy, torch's build config)
 
-PyTorch's side is reference/torch_llama.py (Meta's model.py formulation, autograd, materialised
-attention) with torch.optim.AdamW; it is skipped with a note when torch is not installed.
-The default shape is the issue's target: dim 288, 6 layers, 6 heads, vocab 32000, seq 256, batch 8.
-
-With --backend cupy both sides run on the GPU in float32 with TF32 off (npllama on CuPy with its
-kernels, PyTorch CUDA eager), each step ends with a device synchronisation, and the memory columns
-are the device memory each holds after the steps (CuPy's pool, PyTorch's peak reserved), not RSS.
+The ratio line compares npllama with the fastest PyTorch side at that T. A side that fails (no
+transformers, torch.compile without a working compiler) is reported with why, not counted.
+Where OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are set, each side's subprocess runs without both,
+so that OpenBLAS picks its kernel for this CPU as on a user's machine; the BLAS column says which.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -31,6 +41,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = {"npllama": "npllama", "torch": "torch reference", "hf-sdpa": "transformers sdpa",
+         "hf-eager": "transformers eager", "hf-compile": "sdpa + compile"}
+GPU_SIDES = ("npllama", "torch")
+WORKER_TIMEOUT_S = 1200  # torch.compile's first step compiles C++ for minutes on two cores
 
 
 def _rss_kib(field: str) -> int:
@@ -40,66 +54,107 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _batches(config, batch_size, seq_len, n, seed=0):
+def _config(args):
+    sys.path.insert(0, str(ROOT))
+    from npllama import model
+
+    config = model.get_preset(args.preset)
+    return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, args.seq_len))
+
+
+def _batches(config, args, seed=0):
     import numpy
 
     rng = numpy.random.default_rng(seed)
-    return [rng.integers(0, config.vocab_size, (batch_size, seq_len + 1)) for _ in range(n)]
+    batch = max(args.tokens // args.seq_len, 1)
+    return [rng.integers(0, config.vocab_size, (batch, args.seq_len + 1)) for _ in range(args.warmup + args.steps)]
 
+
+def step_flops(config, batch: int, seq_len: int) -> float:
+    """Multiply-adds x 2 of one training step: forward once, backward twice the forward."""
+    per_layer = 4 * config.dim * config.dim + 3 * config.dim * config.ffn_dim
+    matmuls = 2 * batch * seq_len * (config.n_layers * per_layer + config.dim * config.vocab_size)
+    attention = config.n_layers * 2 * (2 * batch * seq_len * seq_len * config.dim) / 2  # QK^T and PV, causal half
+    return 3 * (matmuls + attention)
+
+
+# --- the sides ----------------------------------------------------------------------------------
 
 def run_npllama(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     from npllama import model, optim
     from npllama.backend import get_backend, synchronize
 
     xp = get_backend(args.backend)
-    config = model.get_preset(args.preset)
+    config = _config(args)
     params = model.init_params(config, seed=0, xp=xp)
     state = optim.init_state(params)
-    batches = _batches(config, args.batch_size, args.seq_len, args.warmup + args.steps)
 
     def step(tokens):
         loss, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
-        optim.step(params, grads, state, 1e-4)
+        optim.step(params, grads, state, 1e-4)  # clips to global norm 1, then AdamW
         synchronize(xp)
         return loss
 
-    result = _measure(step, batches, args)
+    result = _measure(step, _batches(config, args), args)
     if args.backend == "cupy":
         result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
-    return result
+    return {**result, **_numpy_blas()}
+
+
+def _torch_model(args, side, config, device):
+    """(loss of a batch, its parameters) for one PyTorch side, from npllama's initial weights."""
+    import torch
+
+    from npllama import model
+
+    weights = model.init_params(config, seed=0)
+    if side == "torch":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("torch_llama", ROOT / "reference" / "torch_llama.py")
+        torch_llama = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(torch_llama)
+        params = {name: torch.from_numpy(p).to(device).requires_grad_() for name, p in weights.items()}
+        return (lambda tokens: torch_llama.loss(params, config, tokens[:, :-1], tokens[:, 1:])), list(params.values())
+    import tempfile
+
+    import transformers
+
+    from npllama.convert.hf import export_hf
+
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(folder, config, weights)
+        hf = transformers.LlamaForCausalLM.from_pretrained(
+            folder, attn_implementation="eager" if side == "hf-eager" else "sdpa", dtype=torch.float32)
+    hf = hf.to(device).train()
+    forward = torch.compile(hf) if side == "hf-compile" else hf
+
+    def loss(tokens):
+        logits = forward(input_ids=tokens[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), tokens[:, 1:].reshape(-1))
+
+    return loss, list(hf.parameters())
 
 
 def run_torch(args) -> dict:
-    import importlib.util
-
     import torch
-
-    sys.path.insert(0, str(ROOT))
-    from npllama import model
 
     torch.set_num_threads(args.threads)
     device = "cuda" if args.backend == "cupy" else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32, as on npllama's side
     torch.backends.cudnn.allow_tf32 = False
-    spec = importlib.util.spec_from_file_location("torch_llama", ROOT / "reference" / "torch_llama.py")
-    torch_llama = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(torch_llama)
-    config = model.get_preset(args.preset)
-    params = {name: torch.from_numpy(p).to(device).requires_grad_()
-              for name, p in model.init_params(config, seed=0).items()}
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+    config = _config(args)
+    loss_of, params = _torch_model(args, args.worker, config, device)
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=1e-4, betas=(0.9, 0.95))
-    batches = [torch.from_numpy(b).to(device)
-               for b in _batches(config, args.batch_size, args.seq_len, args.warmup + args.steps)]
+    batches = [torch.from_numpy(b).to(device) for b in _batches(config, args)]
 
     def step(tokens):
         optimizer.zero_grad(set_to_none=True)
-        loss = torch_llama.loss(params, config, tokens[:, :-1], tokens[:, 1:])
+        loss = loss_of(tokens)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -108,7 +163,7 @@ def run_torch(args) -> dict:
     result = _measure(step, batches, args)
     if device == "cuda":
         result["device_memory_mib"] = torch.cuda.max_memory_reserved() / 2**20
-    return result
+    return {**result, **_torch_blas(device)}
 
 
 def _measure(step, batches, args) -> dict:
@@ -122,27 +177,119 @@ def _measure(step, batches, args) -> dict:
     times.sort()
     median = times[len(times) // 2]
     peak = _rss_kib("VmHWM")
-    return {"tokens_per_s": args.batch_size * args.seq_len / median, "step_s": median,
+    return {"tokens_per_s": batches[0].shape[0] * args.seq_len / median, "step_s": median,
             "step_memory_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024, "first_loss": losses[0]}
+
+
+# --- what each side's BLAS can do ---------------------------------------------------------------
+
+GEMM_SIZE = 2048
+
+
+def _numpy_blas() -> dict:
+    import numpy
+
+    a = numpy.random.default_rng(0).standard_normal((GEMM_SIZE, GEMM_SIZE)).astype(numpy.float32)
+    best = min(_timed(lambda: a @ a) for _ in range(3))
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = next(info for info in threadpool_info() if info["user_api"] == "blas")
+        name = f"{blas['internal_api']} {blas.get('version')} {blas.get('architecture')}, {blas['num_threads']} threads"
+    except (ImportError, StopIteration):
+        name = "unknown (pip install threadpoolctl)"
+    return {"sgemm_gflops": 2 * GEMM_SIZE**3 / best / 1e9, "blas": name}
+
+
+def _torch_blas(device) -> dict:
+    import torch
+
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device)
+
+    def product():
+        a @ a
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    best = min(_timed(product) for _ in range(3))
+    build = dict(part.split("=", 1) for part in torch.__config__.show().replace(",", " ").split() if "=" in part)
+    name = (f"{build.get('BLAS_INFO', '?')} {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads")
+    return {"sgemm_gflops": 2 * GEMM_SIZE**3 / best / 1e9, "blas": name if device == "cpu" else "cuBLAS"}
+
+
+def _timed(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    if "OPENBLAS_CORETYPE" in env and "OPENBLAS_L2_SIZE" in env:
+        del env["OPENBLAS_CORETYPE"], env["OPENBLAS_L2_SIZE"]
+    return env
+
+
+def _run_side(side, seq_len, args) -> dict:
+    command = [sys.executable, __file__, "--preset", args.preset, "--seq-len", str(seq_len), "--tokens",
+               str(args.tokens), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
+               str(args.threads), "--backend", args.backend, "--worker", side]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=_worker_env(), timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no result within {WORKER_TIMEOUT_S} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip() or "no output").splitlines()[-1]
+        return {"failed": last[:160]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_table(seq_len, args, results) -> None:
+    config = _config(argparse.Namespace(preset=args.preset, seq_len=seq_len))
+    batch = max(args.tokens // seq_len, 1)
+    flops = step_flops(config, batch, seq_len)
+    print(f"\nT {seq_len} x batch {batch}: {flops / 1e9:.0f} GFLOP a step")
+    print(f"{'':20}{'tokens/s':>9}{'step s':>8}{'step MiB':>10}{'peak RSS MiB':>13}{'floor %':>8}"
+          f"{'first loss':>11}  BLAS (sgemm GFLOP/s)")
+    for side, r in results.items():
+        if "failed" in r:
+            print(f"{SIDES[side]:20}  failed: {r['failed']}")
+            continue
+        floor = 100 * flops / (r["sgemm_gflops"] * 1e9) / r["step_s"]
+        print(f"{SIDES[side]:20}{r['tokens_per_s']:>9.0f}{r['step_s']:>8.3f}{r['step_memory_mib']:>10.0f}"
+              f"{r['peak_rss_mib']:>13.0f}{floor:>8.1f}{r['first_loss']:>11.4f}  {r['blas']} ({r['sgemm_gflops']:.0f})")
+    torch_sides = {side: r for side, r in results.items() if side != "npllama" and "failed" not in r}
+    if "failed" not in results.get("npllama", {"failed": ""}) and torch_sides:
+        fastest = max(torch_sides, key=lambda side: torch_sides[side]["tokens_per_s"])
+        ours, theirs = results["npllama"], torch_sides[fastest]
+        speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        memory = ours["step_memory_mib"] / max(theirs["step_memory_mib"], 1e-9)
+        print(f"ratio npllama / fastest PyTorch ({SIDES[fastest]}): speed {speed:.2f}x, step memory {memory:.2f}x")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", default=None, help="comma-separated (default 256,1024,2048; 256 on cupy)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens a step: batch = tokens / T (default 2048)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads; NumPy's BLAS keeps its default, all cores, so the two match only "
                              "at the default")
+    parser.add_argument("--sides", default=None, help=f"comma-separated from {', '.join(SIDES)} (default all; "
+                                                      f"{', '.join(GPU_SIDES)} on cupy)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                        help="cupy: both sides on the GPU (npllama on CuPy, PyTorch CUDA eager)")
-    parser.add_argument("--worker", choices=["npllama", "torch"], help=argparse.SUPPRESS)
+                        help="cupy: npllama on CuPy against PyTorch CUDA eager")
+    parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = run_npllama(args) if args.worker == "npllama" else run_torch(args)
-        print(json.dumps(result))
+        args.seq_len = int(args.seq_len)
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(run_npllama(args) if args.worker == "npllama" else run_torch(args)))
         return 0
 
     sys.path.insert(0, str(ROOT))
@@ -153,46 +300,12 @@ def main(argv=None):
     except BackendError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    common = [a for a in (argv if argv is not None else sys.argv[1:])]
-    results = {}
-    for worker in ("npllama", "torch"):
-        if worker == "torch":
-            try:
-                import torch  # noqa: F401
-            except ImportError:
-                print("torch is not installed: PyTorch eager is not measured (pip install torch==2.13.0)")
-                break
-        done = subprocess.run([sys.executable, __file__, *common, "--worker", worker], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{worker} failed:\n{done.stderr.strip()}", file=sys.stderr)
-            return 1
-        results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
-
-    print(f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, {args.steps} timed steps, "
-          f"{args.threads} threads, {os.cpu_count()} cores, backend {args.backend}")
-    if args.backend == "cupy":
-        return _print_gpu(results)
-    print(f"{'':16}{'tokens/s':>10}{'step s':>9}{'step memory MiB':>17}{'peak RSS MiB':>14}{'first loss':>12}")
-    for name, r in results.items():
-        label = "npllama (numpy)" if name == "npllama" else "PyTorch eager"
-        print(f"{label:16}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.3f}{r['step_memory_mib']:>17.0f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['first_loss']:>12.4f}")
-    if len(results) == 2:
-        ours, theirs = results["npllama"], results["torch"]
-        print(f"ratio npllama / PyTorch: speed {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
-              f"step memory {ours['step_memory_mib'] / max(theirs['step_memory_mib'], 1e-9):.2f}x")
-    return 0
-
-
-def _print_gpu(results) -> int:
-    print(f"{'':22}{'tokens/s':>10}{'step s':>9}{'device MiB':>12}{'first loss':>12}")
-    for name, r in results.items():
-        label = "npllama (cupy)" if name == "npllama" else "PyTorch CUDA eager"
-        print(f"{label:22}{r['tokens_per_s']:>10.0f}{r['step_s']:>9.4f}{r['device_memory_mib']:>12.0f}"
-              f"{r['first_loss']:>12.4f}")
-    if len(results) == 2:
-        ratio = results["npllama"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
-        print(f"ratio npllama / PyTorch: speed {ratio:.2f}x")
+    seq_lens = [int(t) for t in (args.seq_len or ("256" if args.backend == "cupy" else "256,1024,2048")).split(",")]
+    sides = (args.sides or ",".join(GPU_SIDES if args.backend == "cupy" else SIDES)).split(",")
+    print(f"preset {args.preset}, {args.tokens} tokens a step, {args.steps} timed steps, {args.threads} threads, "
+          f"{os.cpu_count()} cores, backend {args.backend}")
+    for seq_len in seq_lens:
+        _print_table(seq_len, args, {side: _run_side(side, seq_len, args) for side in sides})
     return 0
 
 
