@@ -98,6 +98,7 @@ def run_npllama(args) -> dict:
     result = _measure(step, _batches(config, args), args)
     if args.backend == "cupy":
         result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
+        return {**result, **_cupy_blas(xp)}
     return {**result, **_numpy_blas()}
 
 
@@ -199,6 +200,17 @@ def _numpy_blas() -> dict:
     except (ImportError, StopIteration):
         name = "unknown (pip install threadpoolctl)"
     return {"sgemm_gflops": 2 * GEMM_SIZE**3 / best / 1e9, "blas": name}
+
+
+def _cupy_blas(cupy) -> dict:
+    a = cupy.random.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=cupy.float32)
+
+    def product():
+        a @ a
+        cupy.cuda.runtime.deviceSynchronize()
+
+    best = min(_timed(product) for _ in range(3))
+    return {"sgemm_gflops": 2 * GEMM_SIZE**3 / best / 1e9, "blas": "cuBLAS (CuPy)"}
 
 
 def _torch_blas(device) -> dict:
