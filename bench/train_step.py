@@ -54,12 +54,12 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _config(args):
-    sys.path.insert(0, str(ROOT))
+def _config(preset: str, seq_len: int):
+    """The preset's shape, with a context long enough for `seq_len`."""
     from npllama import model
 
-    config = model.get_preset(args.preset)
-    return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, args.seq_len))
+    config = model.get_preset(preset)
+    return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, seq_len))
 
 
 def _batches(config, args, seed=0):
@@ -85,7 +85,7 @@ def run_npllama(args) -> dict:
     from npllama.backend import get_backend, synchronize
 
     xp = get_backend(args.backend)
-    config = _config(args)
+    config = _config(args.preset, args.seq_len)
     params = model.init_params(config, seed=0, xp=xp)
     state = optim.init_state(params)
 
@@ -144,7 +144,7 @@ def run_torch(args) -> dict:
     device = "cuda" if args.backend == "cupy" else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32, as on npllama's side
     torch.backends.cudnn.allow_tf32 = False
-    config = _config(args)
+    config = _config(args.preset, args.seq_len)
     loss_of, params = _torch_model(args, args.worker, config, device)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
@@ -260,7 +260,7 @@ def _run_side(side, seq_len, args) -> dict:
 
 
 def _print_table(seq_len, args, results) -> None:
-    config = _config(argparse.Namespace(preset=args.preset, seq_len=seq_len))
+    config = _config(args.preset, seq_len)
     batch = max(args.tokens // seq_len, 1)
     flops = step_flops(config, batch, seq_len)
     print(f"\nT {seq_len} x batch {batch}: {flops / 1e9:.0f} GFLOP a step")

@@ -109,16 +109,14 @@ def few_shot_prompts(items: list, pool: list, shots: int, seed: int = 1234, desc
     items, pool and seed give the same prompts. `pool` should be another split than `items`'; an
     item that is in the pool all the same is never drawn as its own shot.
     """
-    if shots > len(pool):
-        raise EvaluationError(f"--shots {shots} is more than the {len(pool)} examples of the few-shot pool; "
-                              f"ask for at most {len(pool)}")
     draw, in_pool = random.Random(seed), set(pool)
     prompted = []
     for item in items:
         candidates = pool if item not in in_pool else [shot for shot in pool if shot != item]
         if shots > len(candidates):
-            raise EvaluationError(f"--shots {shots}: the few-shot pool holds {len(candidates)} examples besides "
-                                  f"the evaluated one; ask for at most {len(candidates)}")
+            besides = " besides the evaluated one" if item in in_pool else ""
+            raise EvaluationError(f"--shots {shots}: the few-shot pool holds {len(candidates)} examples{besides}; "
+                                  f"ask for at most {len(candidates)}")
         chosen = draw.sample(candidates, shots) if shots else []
         prompted.append(item.after(description + "".join(shot.shot() + separator for shot in chosen)))
     return prompted
@@ -310,6 +308,7 @@ def greedy_until(model, contexts, stops=STOP_STRINGS, max_new_tokens: int = MAX_
 
 
 def _decode_batch(params, config, tokenizer, xp, prompts, stops, budget) -> list[str]:
+    prompt_texts = [tokenizer.decode(ids) for ids in prompts]  # each answer is cut off after its prompt's text
     cache = llama.init_kv_cache(config, batch=len(prompts), max_len=len(prompts[0]) + budget,
                                 dtype=params[FINAL_NORM].dtype, xp=xp)
     logits = llama.forward(params, config, xp.asarray(prompts), kv_cache=cache, only_last=True)[:, -1]
@@ -324,16 +323,17 @@ def _decode_batch(params, config, tokenizer, xp, prompts, stops, budget) -> list
                 done[row] = True
                 continue
             new_ids[row].append(token)
-            done[row] = _cut_at_stop(_continuation(tokenizer, prompts[row], new_ids[row]), stops)[1]
+            done[row] = _cut_at_stop(_continuation(tokenizer, prompts[row], prompt_texts[row], new_ids[row]), stops)[1]
         if all(done) or step == budget - 1:
             break
         logits = llama.forward(params, config, xp.asarray(next_ids[:, None]), kv_cache=cache)[:, -1]
-    return [_cut_at_stop(_continuation(tokenizer, prompt, ids), stops)[0] for prompt, ids in zip(prompts, new_ids)]
+    return [_cut_at_stop(_continuation(tokenizer, prompt, text, ids), stops)[0]
+            for prompt, text, ids in zip(prompts, prompt_texts, new_ids)]
 
 
-def _continuation(tokenizer, prompt_ids, new_ids) -> str:
+def _continuation(tokenizer, prompt_ids, prompt_text, new_ids) -> str:
     """The text new_ids add after the prompt (decoded in context, so a leading space survives)."""
-    return tokenizer.decode(prompt_ids + new_ids)[len(tokenizer.decode(prompt_ids)):]
+    return tokenizer.decode(prompt_ids + new_ids)[len(prompt_text):]
 
 
 # --- answers and metrics ------------------------------------------------------------------------

