@@ -31,27 +31,49 @@ OPS = {"embedding": embedding, "rmsnorm": rmsnorm, "linear": linear, "rope": rop
        "swiglu": swiglu, "cross_entropy": cross_entropy}
 
 
+HEAD_LINEAR = "linear, output head"
+
+
 class Timers:
-    """Seconds per (op, phase); phase is forward until the step's first backward, then recompute."""
+    """Seconds per (op, phase); phase is forward until the step's first backward, then recompute.
+
+    The output head and the loss run forward and backward chunk by chunk before the blocks'
+    backward (model._head_loss_and_grads): their calls count as forward and backward, and the
+    head's matrix products get a row of their own.
+    """
 
     def __init__(self):
         self.seconds = defaultdict(float)
         self.in_backward = False
+        self.in_head = False
 
     def wrap(self, module, name: str, function: str):
         original = getattr(module, function)
 
         def timed(*args, **kwargs):
-            if function == "backward":
+            label = HEAD_LINEAR if self.in_head and name == "linear" else name
+            if function == "backward" and not self.in_head:
                 self.in_backward = True
             phase = function if function != "forward" else ("recompute" if self.in_backward else "forward")
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[name, phase] += time.perf_counter() - started
+                self.seconds[label, phase] += time.perf_counter() - started
 
         setattr(module, function, timed)
+
+    def mark_head(self):
+        original = model._head_loss_and_grads
+
+        def head(*args, **kwargs):
+            self.in_head = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.in_head = False
+
+        model._head_loss_and_grads = head
 
 
 def main(argv=None) -> int:
@@ -73,6 +95,7 @@ def main(argv=None) -> int:
         timers.wrap(module, name, "forward")
         timers.wrap(module, name, "backward")
     timers.wrap(optim, "AdamW + clipping", "step")
+    timers.mark_head()
     total = 0.0
     for index, tokens in enumerate(batches):
         if index == 1:  # the first step warms up; count from the second
@@ -91,17 +114,17 @@ def _print(seconds, total, args, batch) -> None:
     steps = args.steps
     print(f"preset {args.preset}, T {args.seq_len} x batch {batch}, mean of {steps} steps: "
           f"{total / steps:.3f} s a step")
-    print(f"{'':18}{'forward':>9}{'backward':>10}{'recompute':>11}{'total':>8}{'share':>8}")
-    names = list(OPS) + ["AdamW + clipping"]
+    print(f"{'':20}{'forward':>9}{'backward':>10}{'recompute':>11}{'total':>8}{'share':>8}")
+    names = list(OPS) + [HEAD_LINEAR, "AdamW + clipping"]
     accounted = 0.0
     for name in sorted(names, key=lambda n: -sum(seconds[n, p] for p in ("forward", "backward", "recompute", "step"))):
         row = [seconds[name, phase] / steps for phase in ("forward", "backward", "recompute")]
         row_total = sum(row) + seconds[name, "step"] / steps
         accounted += row_total
         cells = "".join(f"{value:>{width}.3f}" if value else f"{'':>{width}}" for value, width in zip(row, (9, 10, 11)))
-        print(f"{name:18}{cells}{row_total:>8.3f}{100 * row_total / (total / steps):>7.0f}%")
+        print(f"{name:20}{cells}{row_total:>8.3f}{100 * row_total / (total / steps):>7.0f}%")
     between = total / steps - accounted
-    print(f"{'between the ops':18}{'':>30}{between:>8.3f}{100 * between / (total / steps):>7.0f}%")
+    print(f"{'between the ops':20}{'':>30}{between:>8.3f}{100 * between / (total / steps):>7.0f}%")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from .backend import array_namespace
+from .backend import array_namespace, compute_dtype
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .params import (
     FINAL_NORM,
@@ -365,23 +365,29 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens = _on_device(tokens, config, xp)
-    dtype = params[FINAL_NORM].dtype
+    h = _blocks_forward(params, config, tokens, tile_size, kv_cache)
+    if only_last:
+        h = h[:, -1:]
+    normed, _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
+    logits, _ = linear.forward(normed, params[OUTPUT_HEAD])
+    return logits
+
+
+def _blocks_forward(params, config, tokens, tile_size, kv_cache=None):
+    """The residual stream after the last block (B, T, C), for device tokens (inference: no caches)."""
     start = kv_cache.length if kv_cache is not None else 0
     if kv_cache is not None and start + tokens.shape[1] > kv_cache.capacity:
         raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; {start} used, "
                          f"{tokens.shape[1]} more asked")
-    cos, sin = rope_tables(config, tokens.shape[1], dtype, xp, start=start)
+    xp = array_namespace(params[FINAL_NORM])
+    cos, sin = rope_tables(config, tokens.shape[1], params[FINAL_NORM].dtype, xp, start=start)
     h, _ = embedding.forward(tokens, params[TOK_EMBEDDINGS])
     for i in range(config.n_layers):
         kv = (kv_cache.keys[i], kv_cache.values[i], start) if kv_cache is not None else None
         h, _ = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True, kv=kv)
     if kv_cache is not None:
         kv_cache.length = start + tokens.shape[1]
-    if only_last:
-        h = h[:, -1:]
-    normed, _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
-    logits, _ = linear.forward(normed, params[OUTPUT_HEAD])
-    return logits
+    return h
 
 
 def hidden_states(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE) -> list:
@@ -404,9 +410,64 @@ def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE,
     """Mean cross-entropy of next-token targets (B, T); a Python float."""
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
-    logits = forward(params, config, tokens, tile_size)
-    value, _ = cross_entropy.forward(logits, targets, ignore_index)
-    return float(value)
+    normed, _ = rmsnorm.forward(_blocks_forward(params, config, tokens, tile_size), params[FINAL_NORM],
+                                config.norm_eps)
+    return float(_head_loss(normed, params[OUTPUT_HEAD], targets, ignore_index))
+
+
+# The output head and the loss, a chunk of rows at a time. The loss is the model's last op and its
+# gradient is 1, so the head's backward can follow its forward at once, chunk by chunk: the
+# (B*T, V) logits never exist whole (at V = 32000 and 2048 positions they would be 262 MB, and a
+# second buffer as large for exp), and each chunk is still in the cache when its backward reads
+# it. The weight's gradient adds the chunks' in order; a batch that fits in one chunk runs
+# exactly the unchunked ops.
+HEAD_CHUNK_ELEMENTS = 1 << 23
+
+
+def _head_chunks(n_rows, vocab):
+    rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+
+
+def _batch_count(targets, ignore_index, dtype, xp):
+    """N', the number of counted targets (at least 1) that every chunk's loss is divided by."""
+    return xp.maximum((targets != ignore_index).sum(), 1).astype(compute_dtype(xp, dtype))
+
+
+def _head_loss(normed, weight, targets, ignore_index):
+    """Mean cross-entropy of output(normed) against targets, without (B*T, V) logits."""
+    xp = array_namespace(normed)
+    rows, targets = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
+    n_counted = _batch_count(targets, ignore_index, normed.dtype, xp)
+    parts = []
+    for start, stop in _head_chunks(rows.shape[0], weight.shape[0]):
+        logits, _ = linear.forward(rows[start:stop], weight)
+        parts.append(cross_entropy.forward(logits, targets[start:stop], ignore_index, n_counted=n_counted)[0])
+    return sum(parts[1:], parts[0])
+
+
+def _head_loss_and_grads(normed, weight, targets, ignore_index):
+    """Return (loss, dnormed, dweight) for loss = cross_entropy(normed W^T, targets), chunk by chunk."""
+    xp = array_namespace(normed)
+    rows, targets = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
+    n_counted = _batch_count(targets, ignore_index, normed.dtype, xp)
+    drows = xp.empty(rows.shape, dtype=normed.dtype)
+    value, dweight = None, None
+    for start, stop in _head_chunks(rows.shape[0], weight.shape[0]):
+        logits, head_cache = linear.forward(rows[start:stop], weight)
+        part, ce_cache = cross_entropy.forward(logits, targets[start:stop], ignore_index, n_counted=n_counted)
+        del logits  # the cache keeps exp(z - max) instead, and backward turns that buffer into dlogits
+        # forward was: loss = sum over chunks of cross_entropy(logits_c), each divided by the batch's
+        # N'; so dloss/dloss_c = 1, and the chunk's rows and the weight get the chunk's gradients
+        dlogits = cross_entropy.backward(1.0, ce_cache)
+        drows[start:stop], dweight_chunk = linear.backward(dlogits, head_cache)
+        del dlogits
+        value = part if value is None else value + part
+        if dweight is None:
+            dweight = dweight_chunk
+        else:
+            dweight += dweight_chunk
+    return value, drows.reshape(normed.shape), dweight
 
 
 def loss_and_grads(params, config, tokens, targets, recompute=True,
@@ -437,15 +498,9 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
         h, block_cache = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute)
         block_caches.append(block_cache)
     normed, norm_cache = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
-    logits, head_cache = linear.forward(normed, params[OUTPUT_HEAD])
-    value, ce_cache = cross_entropy.forward(logits, targets, ignore_index)
-    del logits  # the cache keeps exp(z - max) instead, and backward turns that buffer into dlogits
-
     grads = {}
-    dlogits = cross_entropy.backward(1.0, ce_cache)
-    del ce_cache
-    dnormed, grads[OUTPUT_HEAD] = linear.backward(dlogits, head_cache)
-    del dlogits
+    value, dnormed, grads[OUTPUT_HEAD] = _head_loss_and_grads(normed, params[OUTPUT_HEAD], targets, ignore_index)
+
     dh, grads[FINAL_NORM] = rmsnorm.backward(dnormed, norm_cache)
     for i in reversed(range(config.n_layers)):
         dh, layer_grads = block_backward(dh, layer_weights(params, i), block_caches.pop(), config)

@@ -111,6 +111,27 @@ def test_recompute_on_and_off_give_bitwise_identical_gradients(config, batch, se
         assert_same(grads_on[name], grads_off[name], err_msg=name)
 
 
+@given(config=small_model_configs(), batch=st.integers(1, 3), seq=st.integers(1, 12), seed=seeds,
+       rows_per_chunk=st.integers(1, 7), ignored_share=st.sampled_from([0.0, 0.5, 1.0]))
+def test_the_head_run_in_chunks_of_rows_gives_the_whole_batchs_loss_and_gradients(
+        config, batch, seq, seed, rows_per_chunk, ignored_share):
+    params = model.init_params(config, seed=seed % 1000, dtype="float64")
+    tokens, targets = random_batch(config, batch, seq, seed)
+    targets = numpy.where(rng_from(seed + 1).random(targets.shape) < ignored_share, -100, targets)
+    whole = model.loss_and_grads(params, config, tokens, targets)
+    whole_loss = model.loss(params, config, tokens, targets)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "HEAD_CHUNK_ELEMENTS", rows_per_chunk * config.vocab_size)
+        chunked_loss, chunked_grads = model.loss_and_grads(params, config, tokens, targets)
+        chunked_eval_loss = model.loss(params, config, tokens, targets)
+    # float64, and the chunks change only the order in which the loss and the output weight's
+    # gradient add their terms: a few roundings of 1e-16 each
+    assert_close(chunked_loss, whole[0], rtol=1e-12, atol=1e-15)
+    assert_close(chunked_eval_loss, whole_loss, rtol=1e-12, atol=1e-15)
+    for name in params:
+        assert_close(chunked_grads[name], whole[1][name], rtol=1e-10, atol=1e-15, err_msg=name)
+
+
 def test_recompute_keeps_only_the_expensive_activations():
     config = model.PRESETS["nano"]
     params = model.init_params(config)

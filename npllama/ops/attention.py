@@ -98,11 +98,12 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
             k1 = min(k0 + tile_size, n_keys)
             scores = q_tile @ k[:, :, k0:k1].astype(ct, copy=False).swapaxes(-1, -2)
             if k1 - 1 > offset + q0:  # the tile crosses the diagonal: mask the future keys
-                mask = _causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0)
-                scores = xp.where(mask, -xp.inf, scores)
+                xp.copyto(scores, -xp.inf, where=_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0))
             # online softmax: every row sees key 0 in the first tile, so new_max is finite
             new_max = xp.maximum(row_max, scores.max(axis=-1))
-            probs = xp.exp(scores - new_max[..., None])
+            # probs = exp(scores - new_max), computed in the scores' own buffer (one tile's
+            # temporaries are written in place here and below: the same arithmetic, less memory traffic)
+            probs = xp.exp(xp.subtract(scores, new_max[..., None], out=scores), out=scores)
             rescale = xp.exp(row_max - new_max)  # exp(-inf) = 0 on the first tile
             row_sum = row_sum * rescale + probs.sum(axis=-1)
             acc = acc * rescale[..., None] + probs @ v[:, :, k0:k1].astype(ct, copy=False)
@@ -146,13 +147,13 @@ def backward(dy, cache):
             # forward was: S = s Q K^T (masked), P = exp(S - L)
             scores = q_tile @ k_tile.swapaxes(-1, -2)
             if k1 - 1 > offset + q0:  # mask before exp: a future score may exceed L by any amount
-                scores = xp.where(_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0), -xp.inf, scores)
-            probs = xp.exp(scores - lse[:, :, q0:q1, None])
+                xp.copyto(scores, -xp.inf, where=_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0))
+            probs = xp.exp(xp.subtract(scores, lse[:, :, q0:q1, None], out=scores), out=scores)
             # forward was: O = P V, so dV = P^T dO and dP = dO V^T
             dv_tile += probs.swapaxes(-1, -2) @ dy_tile
             dprobs = dy_tile @ v_tile.swapaxes(-1, -2)
             # forward was: P = softmax(S) per row, so dS = P * (dP - rowsum(P * dP)) = P * (dP - Dvec)
-            dscores = probs * (dprobs - dvec[:, :, q0:q1, None])
+            dscores = xp.multiply(probs, xp.subtract(dprobs, dvec[:, :, q0:q1, None], out=dprobs), out=dprobs)
             # forward was: S = (s Q) K^T, so dQ = s dS K and dK = dS^T (s Q)
             dq[:, :, q0:q1] += (dscores @ k_tile) * scale
             dk_tile += dscores.swapaxes(-1, -2) @ q_tile

@@ -3,7 +3,9 @@
 Forward:   m_n = max_v z[n, v],   e[n, v] = exp(z[n, v] - m_n),   sum_v e[n, v] = 1 + rest_n
            loss  = (1/N') sum over counted rows n of (lse_n - z[n, t_n]),   lse_n = m_n + log(1 + rest_n)
                  = (1/N') sum over counted rows n of ((m_n - z[n, t_n]) + log1p(rest_n))
-           where a row is counted unless t_n == ignore_index, and N' is the number counted.
+           where a row is counted unless t_n == ignore_index, and N' is the number counted
+           (or, when these rows are a slice of a larger batch, the batch's count, given by the
+           caller: the slices' losses and gradients then add up to the whole batch's).
 Backward:  dz[n, v] = dy / N' * (softmax(z)[n, v] - [v == t_n])   for counted rows, 0 otherwise
            with softmax(z)[n, v] = e[n, v] / (1 + rest_n), and at v = t_n = argmax
            softmax - 1 = -rest_n / (1 + rest_n) (no cancellation)
@@ -37,7 +39,7 @@ class CrossEntropyCache:
     dtype: object
     safe_targets: object
     counted: object
-    n_counted: object  # max(number of counted rows, 1), a 0-d array of the compute dtype
+    n_counted: object  # N', the divisor: a 0-d array of the compute dtype, at least 1
     argmax: object
     rest: object
 
@@ -49,8 +51,11 @@ def check_targets(targets, vocab: int, ignore_index=-100):
         raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index {ignore_index}")
 
 
-def forward(logits, targets, ignore_index=-100):
-    """Return (loss, cache); loss is a 0-d array in the compute dtype (float32 or wider)."""
+def forward(logits, targets, ignore_index=-100, n_counted=None):
+    """Return (loss, cache); loss is a 0-d array in the compute dtype (float32 or wider).
+
+    n_counted: the N' to divide by, when these rows are a chunk of a batch (a 0-d array of the
+    compute dtype, at least 1); by default the number of rows counted here, at least 1."""
     xp = array_namespace(logits)
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)
@@ -61,7 +66,8 @@ def forward(logits, targets, ignore_index=-100):
     if not is_cupy_array(t):  # on a GPU this check would stall every step: model.py checks on the host
         check_targets(t, vocab, ignore_index)
     counted = t != ignore_index
-    n_counted = xp.maximum(counted.sum(), 1).astype(ct)  # stays on the device
+    if n_counted is None:
+        n_counted = xp.maximum(counted.sum(), 1).astype(ct)  # stays on the device
     safe_targets = xp.where(counted, t, 0)
 
     rows = xp.arange(z.shape[0])
