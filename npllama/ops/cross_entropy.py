@@ -106,6 +106,9 @@ def backward(dy, cache):
     target_grad = xp.where(targets == cache.argmax, -rest * row_scale / (1.0 + rest),
                            dlogits[rows, targets] - row_scale)
     dlogits[rows, targets] = target_grad
-    # an ignored row's logits may be inf or nan, and 0 * nan is nan: overwrite, in place (no host sync)
-    xp.copyto(dlogits, 0.0, where=~cache.counted[:, None])
+    # an ignored row's logits may be inf or nan, and 0 * nan is nan: overwrite those rows with 0
+    if is_cupy_array(dlogits):  # in place through the mask, which stays on the device (no host sync)
+        xp.copyto(dlogits, 0.0, where=~cache.counted[:, None])
+    else:  # only the ignored rows, rather than a pass over the whole buffer
+        dlogits[~cache.counted] = 0.0
     return dlogits.astype(cache.dtype, copy=False).reshape(cache.shape)
