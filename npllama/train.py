@@ -38,7 +38,7 @@ import numpy
 
 from . import checkpoint as ckpt
 from . import data as corpus
-from . import files, optim, run_log, stopping
+from . import distributed, files, optim, run_log, stopping
 from . import model as llama
 from .backend import get_backend
 from .errors import NpllamaError
@@ -86,6 +86,7 @@ class Run:
     val_batches: list
     stops: stopping.StopRequests
     xp: object = numpy  # the array module the weights live in (numpy, or cupy for --backend cupy)
+    world: distributed.World = distributed.World()  # the processes of the run (mpirun -n N); rank 0 writes
 
     @property
     def metrics_path(self) -> Path:
@@ -176,21 +177,26 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     before anything is written where possible. A run that created --out and ends without a
     checkpoint leaves no folder, unless it diverged (its log shows how).
     """
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    world = distributed.init_world()
+    log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if world.is_writer else _quiet
     xp = get_backend(config.backend)  # a backend that is unknown or cannot run here stops here, in one line
+    if world.size > 1 and xp is not numpy:
+        raise TrainError(f"--backend {config.backend} runs in one process for now; under mpirun use --backend numpy")
+    distributed.batch_slice(config.batch_size, world)  # a batch the ranks cannot share stops here
     model_config = _model_config(config)
     _check_memory(model_config, config.dtype)
-    out = _output_folder(config)
-    created_out = not out.exists()
-    _check_writable(out, "--out")
+    out = Path(distributed.broadcast(str(_output_folder(config)), world))  # rank 0 names a default --out
+    created_out = world.is_writer and not out.exists()
+    if world.is_writer:
+        _check_writable(out, "--out")
     keep_log = False
     # the signal handlers stay in place until the run has said how it ended: a signal that comes
     # while a stopped run tidies up and names its checkpoint is ignored, not a KeyboardInterrupt
     with stopping.stop_requests() as stops:
         try:
-            with _only_writer_of(out):
+            with _only_writer_of(out) if world.is_writer else contextlib.nullcontext():
                 resumed = _checkpoint_to_resume(config, model_config, out, xp)
-                return _train_into(config, model_config, out, resumed, stops, log, xp)
+                return _train_into(config, model_config, out, resumed, stops, log, xp, world)
         except stopping.StopNow as stop:
             stops.stopped = True
             raise _interrupted(config, out, stop.signal_number) from None
@@ -200,6 +206,10 @@ def train(config: TrainConfig, log=None) -> TrainResult:
         finally:
             if created_out:
                 _remove_unless_of_value(out, keep_log)
+
+
+def _quiet(message: str) -> None:
+    """The log of every rank but 0: one voice for the run."""
 
 
 def _interrupted(config: TrainConfig, out: Path, signal_number: int) -> TrainInterrupted:
@@ -276,29 +286,34 @@ def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path, xp):
     return resumed
 
 
-def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, log, xp) -> TrainResult:
+def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, log, xp, world) -> TrainResult:
     from tqdm import tqdm
 
     config = _with_fixed_warmup(config, resumed)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     _check_writable(cache_dir, "--cache-dir")
-    documents = corpus.find_documents(config.data)
-    tokenizer = _load_tokenizer(config, model_config.vocab_size, documents, cache_dir, resumed, log)
-    tokens = corpus.prepare_tokens(documents, tokenizer, cache_dir / "tokens",
-                                   progress=None if config.no_progress else tqdm, warn=log)
+    with distributed.writer_first(world):  # rank 0 trains the tokenizer and fills the cache; the rest read it
+        documents = corpus.find_documents(config.data)
+        tokenizer = _load_tokenizer(config, model_config.vocab_size, documents, cache_dir, resumed, log)
+        tokens = corpus.prepare_tokens(documents, tokenizer, cache_dir / "tokens",
+                                       progress=None if config.no_progress or not world.is_writer else tqdm, warn=log)
     log(f"data: {tokens.info['n_tokens']['train']:,} training and {tokens.info['n_tokens']['val']:,} validation "
         f"tokens from {len(documents)} files "
         f"(held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
     run = Run(config, model_config, out, tokenizer, tokens.info["content_sha256"],
-              _validation_batches(config, tokens, log), stops, xp)
+              _validation_batches(config, tokens, log), stops, xp, world)
     sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
     state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler, log)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
-        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}")
+        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}"
+        + (f"; {world.size} processes, {config.batch_size // world.size} rows of each batch apiece"
+           if world.size > 1 else ""))
 
     _training_loop(run, state)
     if stops.signal_number is not None and state.step < config.steps:
         raise stopping.StopNow(stops.signal_number)  # the loop stopped early and saved a checkpoint
+    if not world.is_writer:
+        return TrainResult(out, None, state.step, state.val_loss, None)
 
     run_log.plot(run.metrics_path, out / "loss.png", log)
     log(f"checkpoint: {state.last_checkpoint[0]}")
@@ -332,7 +347,8 @@ def _validation_batches(config: TrainConfig, tokens, log) -> list:
 
 
 def _fresh_state(run: Run, sampler, log) -> RunState:
-    run_log.set_aside(run.metrics_path, log)
+    if run.world.is_writer:
+        run_log.set_aside(run.metrics_path, log)
     # drawn on the CPU on every backend, so both start from the same numbers
     params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype, xp=run.xp)
     return RunState(params, optim.init_state(params), sampler, step=0)
@@ -362,7 +378,8 @@ def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
                          f"{run.config.steps}; pass a larger --steps to train further")
     sampler.restore(saved["sampler"])
     params = {name: p.astype(run.config.dtype, copy=False) for name, p in resumed.params.items()}
-    run_log.repair(run.metrics_path, start_step, log)
+    if run.world.is_writer:
+        run_log.repair(run.metrics_path, start_step, log)
     log(f"resumed from {resumed.path} at step {start_step}")
     return RunState(params, resumed.optimizer_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step))
 
@@ -370,7 +387,9 @@ def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
 def _training_loop(run: Run, state: RunState):
     """From state.step to --steps: learning rate, micro-steps, checks, AdamW step, log, evaluate, checkpoint.
 
-    A first SIGINT or SIGTERM ends the loop after the step it arrives in, with a checkpoint.
+    A first SIGINT or SIGTERM ends the loop after the step it arrives in, with a checkpoint. Under
+    mpirun every rank runs the steps; rank 0 alone evaluates, logs and saves, and the ranks agree
+    after each step whether any of them was asked to stop.
     """
     from tqdm import tqdm
 
@@ -378,13 +397,14 @@ def _training_loop(run: Run, state: RunState):
     schedule = optim.CosineSchedule(config.lr, config.steps, config.effective_warmup, config.min_lr_ratio)
     adamw = optim.AdamWConfig(weight_decay=config.weight_decay, grad_clip=config.grad_clip)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
-    progress = tqdm(total=config.steps, initial=state.step, disable=config.no_progress, unit="step",
+    writer = run.world.is_writer
+    progress = tqdm(total=config.steps, initial=state.step, disable=config.no_progress or not writer, unit="step",
                     dynamic_ncols=True, file=sys.stderr)
     # overflow shows up as a non-finite loss, gradient norm or weight, which stops the run with a
     # clear message below; NumPy's per-operation warnings would only bury that message
-    with progress, run_log.open_log(run.metrics_path) as metrics, \
+    with progress, run_log.open_log(run.metrics_path) if writer else contextlib.nullcontext() as metrics, \
             numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        if state.step == 0:
+        if state.step == 0 and writer:
             state.val_loss = _evaluate(state.params, run.model_config, run.val_batches)
             run_log.write_row(metrics, {"step": 0, "val_loss": state.val_loss})
             progress.write(f"step 0: validation loss {state.val_loss:.4f} "
@@ -403,7 +423,13 @@ def _training_loop(run: Run, state: RunState):
             state.step = step + 1
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+            if distributed.any_rank(run.stops.signal_number is not None, run.world):
+                run.stops.signal_number = run.stops.signal_number or signal.SIGTERM  # another rank's stop
             checkpoint_now = _checkpoint_due(config, state.step) or run.stops.signal_number is not None
+            if not writer:
+                if run.stops.signal_number is not None:
+                    break
+                continue
             if checkpoint_now or _evaluation_due(config, state.step):
                 state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches)
                 progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}", file=sys.stderr)
@@ -423,9 +449,11 @@ def _accumulated_loss_and_grads(run: Run, state: RunState):
     The micro-batches' losses are added where they are (in float64) and read once, so a step on the
     GPU waits for it only here and for the gradient norm."""
     loss_sum, grads = 0.0, None
+    rows = distributed.batch_slice(run.config.batch_size, run.world)  # all of them in one process
     for _ in range(run.config.grad_accum):
-        inputs, targets = state.sampler.next_batch()
-        micro_loss, micro_grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs, targets)
+        inputs, targets = state.sampler.next_batch()  # the same global batch on every rank
+        micro_loss, micro_grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs[rows],
+                                                                 targets[rows])
         loss_sum = loss_sum + micro_loss.astype("float64")
         if grads is None:
             grads = micro_grads
@@ -435,7 +463,10 @@ def _accumulated_loss_and_grads(run: Run, state: RunState):
     if run.config.grad_accum > 1:
         for grad in grads.values():
             grad /= run.config.grad_accum
-    return float(loss_sum) / run.config.grad_accum, grads
+    # each rank's loss and gradients are means over its equal share of the rows, so their means
+    # over the ranks are the global batch's
+    distributed.average_gradients(grads, run.world)
+    return distributed.mean(float(loss_sum) / run.config.grad_accum, run.world), grads
 
 
 def _evaluation_due(config: TrainConfig, step: int) -> bool:
@@ -477,10 +508,12 @@ def main(argv=None) -> int:
             print(result.sample, flush=True)
         return 0
     except NpllamaError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {distributed.where()}{error}", file=sys.stderr, flush=True)
+        distributed.stop_all(2)  # under mpirun: the other ranks stop too, rather than wait for this one
         return 2
     except TrainInterrupted as interrupted:
-        print(f"\n{interrupted}", file=sys.stderr)
+        if distributed.current().is_writer:
+            print(f"\n{interrupted}", file=sys.stderr)
         return interrupted.exit_status
     except OSError as error:  # a read or write the messages above did not foresee: still one line
         print(f"error: {error.filename or 'a file'}: {error.strerror or error}; check free space and permissions",

