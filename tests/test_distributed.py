@@ -85,3 +85,37 @@ def test_a_batch_the_ranks_cannot_share_stops_every_rank_with_one_line(corpus, t
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and all("--batch-size 3 is the global batch" in line for line in errors), result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_checkpoint_of_one_number_of_ranks_resumes_with_another(corpus, tmp_path, first, then):
+    steps = ["--steps", "10", "--eval-every", "5", "--checkpoint-every", "5", "--dtype", "float64"]
+
+    def train_on(n_processes, out, *args):
+        if n_processes == 1:
+            return train_cli(*common(corpus, tmp_path, out), *steps, *args)
+        return run_under_mpi(n_processes, "-m", "npllama.train", *common(corpus, tmp_path, out), *steps, *args)
+
+    straight = train_cli(*common(corpus, tmp_path, "straight"), *steps)
+    assert straight.returncode == 0, straight.stderr
+    started = train_on(first, "started")
+    assert started.returncode == 0, started.stdout + started.stderr
+    midway = tmp_path / "started" / "step-00000005"
+    resumed = train_on(then, "resumed", "--resume", str(midway))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {midway}" in resumed.stderr
+    # a checkpoint holds the whole run (the ranks' parameters, moments and sampler are the same),
+    # so any number of ranks picks it up; float64, where only the order of additions differs
+    resumed_rows = {row["step"]: row for row in read_metrics(tmp_path / "resumed")}
+    straight_rows = {row["step"]: row for row in read_metrics(tmp_path / "straight")}
+    assert sorted(resumed_rows) == list(range(6, 11))
+    assert_close([resumed_rows[step]["loss"] for step in range(6, 11)],
+                 [straight_rows[step]["loss"] for step in range(6, 11)], rtol=1e-12)
+
+
+def test_a_rank_that_fails_mid_run_stops_every_rank_with_one_line_naming_it(corpus, tmp_path):
+    result = run_under_mpi(2, "tests/mpi_failing_rank.py", *common(corpus, tmp_path), "--steps", "200", timeout=60)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1 of 2: planted failure at step 3"], result.stderr
+    assert "Traceback" not in result.stderr
