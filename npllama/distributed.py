@@ -172,6 +172,45 @@ def batch_slice(global_batch: int, world: World) -> slice:
     return slice(world.rank * rows, (world.rank + 1) * rows)
 
 
+def row_shards(n_rows: int, world: World) -> list:
+    """[start, stop) rows of each rank: as equal as they can be, the first ranks taking one more."""
+    share, extra = divmod(n_rows, world.size)
+    starts = [rank * share + min(rank, extra) for rank in range(world.size + 1)]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def own_rows(params: dict, world: World) -> dict:
+    """ZeRO stage 1: the rows of every parameter this rank updates, and keeps AdamW's moments of."""
+    return {name: slice(*row_shards(p.shape[0], world)[world.rank]) for name, p in params.items()}
+
+
+def allgather_rows(params: dict, world: World) -> None:
+    """Every rank's own rows of each parameter (own_rows), which it has just updated in place, copied
+    into every other rank's copy: afterwards all ranks hold the same whole parameters."""
+    from mpi4py import MPI
+
+    for full in params.values():
+        world.comm.Allgatherv(MPI.IN_PLACE, [full, _row_layout(full.shape, world)])
+
+
+def gather_rows_to_writer(shards: dict, shapes: dict, world: World) -> dict | None:
+    """The whole arrays, on rank 0, from every rank's own rows of each (None on the other ranks)."""
+    whole = {}
+    for name, shard in shards.items():
+        full = numpy.empty(shapes[name], dtype=shard.dtype) if world.is_writer else None
+        world.comm.Gatherv(numpy.ascontiguousarray(shard),
+                           [full, _row_layout(shapes[name], world)] if world.is_writer else None, root=0)
+        whole[name] = full
+    return whole if world.is_writer else None
+
+
+def _row_layout(shape, world: World) -> tuple:
+    """(counts, displacements) in elements of each rank's own rows of an array of this shape."""
+    row_size = int(numpy.prod(shape[1:], dtype=numpy.int64))
+    counts = [(stop - start) * row_size for start, stop in row_shards(shape[0], world)]
+    return counts, [sum(counts[:rank]) for rank in range(world.size)]
+
+
 def buckets(names, sizes: dict, itemsize: int, bucket_bytes: int = BUCKET_BYTES) -> list:
     """`names` cut, in order, into runs of at most bucket_bytes (a larger array is a bucket alone)."""
     groups, current, current_bytes = [], [], 0

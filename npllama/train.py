@@ -104,6 +104,7 @@ class RunState:
     step: int
     last_checkpoint: tuple | None = None
     val_loss: float = math.nan
+    own_rows: dict | None = None  # --zero 1 under mpirun: the rows of each parameter this rank updates
 
 
 def _check_writable(folder: Path, flag: str):
@@ -181,6 +182,9 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if world.is_writer else _quiet
     xp = get_backend(config.backend)  # a backend that is unknown or cannot run here stops here, in one line
     world = distributed.use_gpus(world, xp)  # under mpirun with CuPy: this rank's GPU and the ranks' NCCL
+    if config.zero and xp is not numpy:
+        raise TrainError("--zero 1 shards the optimizer over processes on the CPU for now; with --backend "
+                         f"{config.backend} use --zero 0")
     distributed.batch_slice(config.batch_size, world)  # a batch the ranks cannot share stops here
     model_config = _model_config(config)
     _check_memory(model_config, config.dtype)
@@ -304,7 +308,8 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
     state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler, log)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
-        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}{_ranks(config, world)}")
+        f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}"
+        + _ranks(config, world, state))
 
     _training_loop(run, state)
     if stops.signal_number is not None and state.step < config.steps:
@@ -325,13 +330,14 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     return TrainResult(out, state.last_checkpoint[0], state.step, state.val_loss, sample)
 
 
-def _ranks(config: TrainConfig, world) -> str:
-    """How the batch is shared, under mpirun: '; 2 processes, 8 rows of each batch apiece, ...'."""
+def _ranks(config: TrainConfig, world, state) -> str:
+    """How the work is shared, under mpirun: '; 2 processes, 8 rows of each batch apiece, ...'."""
     if world.comm is None:
         return ""
     processes = f"{world.size} process{'es' if world.size > 1 else ''}"
     return (f"; {processes}, {config.batch_size // world.size} rows of each batch apiece, gradients averaged by "
-            f"{'NCCL' if world.nccl is not None else 'MPI'}")
+            f"{'NCCL' if world.nccl is not None else 'MPI'}"
+            + (", AdamW's moments sharded (ZeRO stage 1)" if state.own_rows is not None else ""))
 
 
 def _with_fixed_warmup(config: TrainConfig, resumed) -> TrainConfig:
@@ -357,7 +363,15 @@ def _fresh_state(run: Run, sampler, log) -> RunState:
         run_log.set_aside(run.metrics_path, log)
     # drawn on the CPU on every backend, so both start from the same numbers
     params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype, xp=run.xp)
-    return RunState(params, optim.init_state(params), sampler, step=0)
+    own = _own_rows(run, params)
+    opt_state = optim.init_state(params if own is None else {n: p[own[n]] for n, p in params.items()})
+    return RunState(params, opt_state, sampler, step=0, own_rows=own)
+
+
+def _own_rows(run: Run, params) -> dict | None:
+    """ZeRO stage 1 (--zero 1 with several processes): each rank keeps AdamW's moments of, and
+    updates, its own contiguous rows of every parameter; None when one rank updates everything."""
+    return distributed.own_rows(params, run.world) if run.config.zero and run.world.size > 1 else None
 
 
 def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
@@ -387,7 +401,12 @@ def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
     if run.world.is_writer:
         run_log.repair(run.metrics_path, start_step, log)
     log(f"resumed from {resumed.path} at step {start_step}")
-    return RunState(params, resumed.optimizer_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step))
+    opt_state, own = resumed.optimizer_state, _own_rows(run, params)
+    if own is not None:  # the checkpoint holds every row's moments: keep this rank's
+        opt_state = optim.AdamWState(m={n: m[own[n]].copy() for n, m in opt_state.m.items()},
+                                     v={n: v[own[n]].copy() for n, v in opt_state.v.items()}, step=opt_state.step)
+    return RunState(params, opt_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step),
+                    own_rows=own)
 
 
 def _training_loop(run: Run, state: RunState):
@@ -425,7 +444,7 @@ def _training_loop(run: Run, state: RunState):
                 raise _diverged(state, step + 1, f"the loss became {loss}")
             if not math.isfinite(grad_norm):
                 raise _diverged(state, step + 1, f"the gradient norm became {grad_norm} (loss {loss:.4f})")
-            stats = optim.step(state.params, grads, state.opt_state, lr, adamw, grad_norm=grad_norm)
+            stats = _adamw_step(run, state, grads, lr, adamw, grad_norm)
             state.step = step + 1
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
@@ -433,6 +452,8 @@ def _training_loop(run: Run, state: RunState):
                 run.stops.signal_number = run.stops.signal_number or signal.SIGTERM  # another rank's stop
             checkpoint_now = _checkpoint_due(config, state.step) or run.stops.signal_number is not None
             if not writer:
+                if checkpoint_now:
+                    _whole_optimizer_state(run, state)  # this rank's part of what rank 0 saves
                 if run.stops.signal_number is not None:
                     break
                 continue
@@ -447,6 +468,29 @@ def _training_loop(run: Run, state: RunState):
             if run.stops.signal_number is not None:
                 break
         run.stops.deferring = False
+
+
+def _adamw_step(run: Run, state: RunState, grads, lr, adamw, grad_norm) -> dict:
+    """One AdamW step of every parameter; under --zero 1 each rank steps its own rows (the update is
+    elementwise, so the numbers are the same), then the ranks send each other theirs."""
+    if state.own_rows is None:
+        return optim.step(state.params, grads, state.opt_state, lr, adamw, grad_norm=grad_norm)
+    own = state.own_rows
+    stats = optim.step({name: p[own[name]] for name, p in state.params.items()},
+                       {name: g[own[name]] for name, g in grads.items()}, state.opt_state, lr, adamw,
+                       grad_norm=grad_norm)
+    distributed.allgather_rows(state.params, run.world)
+    return stats
+
+
+def _whole_optimizer_state(run: Run, state: RunState):
+    """AdamW's state of every row, on rank 0 (None elsewhere under --zero 1): what a checkpoint holds."""
+    if state.own_rows is None:
+        return state.opt_state
+    shapes = {name: p.shape for name, p in state.params.items()}
+    m = distributed.gather_rows_to_writer(state.opt_state.m, shapes, run.world)
+    v = distributed.gather_rows_to_writer(state.opt_state.v, shapes, run.world)
+    return optim.AdamWState(m=m, v=v, step=state.opt_state.step) if run.world.is_writer else None
 
 
 def _accumulated_loss_and_grads(run: Run, state: RunState):
@@ -494,7 +538,7 @@ def _save_checkpoint(run: Run, state: RunState):
              "sampler": state.sampler.state(), "data_id": run.data_id,
              "tokenizer_fingerprint": run.tokenizer.fingerprint}
     path = ckpt.save_checkpoint(run.out, state.step, config=run.model_config, params=state.params,
-                                optimizer_state=state.opt_state, state=saved,
+                                optimizer_state=_whole_optimizer_state(run, state), state=saved,
                                 tokenizer_model=run.tokenizer.model_bytes,
                                 keep_last=run.config.keep_checkpoints or None)
     state.last_checkpoint = (path, state.step)

@@ -83,9 +83,13 @@ class TrainConfig:
                                         "new); the other flags must match the run's, except --steps (a longer "
                                         "run stretches the schedule)", nargs="?", const="", metavar="CHECKPOINT")
     steps: int = _setting(800, "optimizer steps in total", saved=True, rule=_at_least(1))
-    batch_size: int = _setting(16, "sequences per micro-batch", saved=True, rule=_at_least(1))
+    batch_size: int = _setting(16, "sequences per micro-batch (under mpirun: in all, shared by the processes)",
+                               saved=True, rule=_at_least(1))
     seq_len: int = _setting(128, "tokens per sequence", saved=True, rule=_at_least(1))
     grad_accum: int = _setting(1, "micro-batches per optimizer step", saved=True, rule=_at_least(1))
+    zero: int = _setting(0, "under mpirun, 1 shards AdamW's moments over the processes (ZeRO stage 1: each "
+                            "updates its rows of every parameter); the numbers are those of 0", choices=(0, 1),
+                         type=int, rule=(lambda level: level in (0, 1), "{flag} must be 0 or 1"))
     lr: float = _setting(2e-3, "peak learning rate", saved=True,
                          rule=(lambda lr: lr > 0 and math.isfinite(lr), "{flag} must be a positive number"))
     warmup: int | None = _setting(None, "warmup steps (default: 10%% of --steps; the paper used 2000)", saved=True,

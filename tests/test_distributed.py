@@ -119,3 +119,35 @@ def test_a_rank_that_fails_mid_run_stops_every_rank_with_one_line_naming_it(corp
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 1 of 2: planted failure at step 3"], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_zero_1_shards_the_moments_and_changes_no_number(corpus, tmp_path):
+    steps = ["--steps", "6", "--eval-every", "3", "--checkpoint-every", "3"]
+    plain = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "plain"), *steps)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    sharded = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "sharded"), *steps, "--zero", "1")
+    assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+    assert "AdamW's moments sharded (ZeRO stage 1)" in sharded.stderr
+    assert "sharded" not in plain.stderr
+
+    def measured(run):
+        return [{key: row[key] for key in ("step", "loss", "grad_norm", "val_loss") if key in row}
+                for row in read_metrics(tmp_path / run)]
+
+    # AdamW is elementwise: a rank stepping its own rows computes the very numbers one rank stepping
+    # all of them does, and the checkpoint gathers the moments back into the usual format
+    assert measured("sharded") == measured("plain")
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (tmp_path / "sharded" / "step-00000006" / name).read_bytes() == \
+               (tmp_path / "plain" / "step-00000006" / name).read_bytes(), name
+    resumed = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "resumed"), *steps, "--zero", "1",
+                            "--resume", str(tmp_path / "plain" / "step-00000003"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (tmp_path / "resumed" / "step-00000006" / "optimizer.safetensors").read_bytes() == \
+           (tmp_path / "plain" / "step-00000006" / "optimizer.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("n_rows, size, expected", [(5, 2, [(0, 3), (3, 5)]), (1, 3, [(0, 1), (1, 1), (1, 1)]),
+                                                    (6, 3, [(0, 2), (2, 4), (4, 6)])])
+def test_row_shards_cover_every_row_once_the_first_ranks_taking_the_extra(n_rows, size, expected):
+    assert distributed.row_shards(n_rows, World(size=size)) == expected
