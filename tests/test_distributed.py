@@ -59,12 +59,13 @@ def test_two_ranks_average_to_the_gradient_of_the_whole_batch(dtype, tolerance):
     assert "ranks 2: loss and every gradient within" in result.stdout
 
 
+@pytest.mark.parametrize("zero", ["0", "1"])
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 1e-6)])
-def test_training_on_two_ranks_gives_the_losses_of_one_process(corpus, tmp_path, dtype, tolerance):
+def test_training_on_two_ranks_gives_the_losses_of_one_process(corpus, tmp_path, dtype, tolerance, zero):
     steps = ["--steps", "20", "--eval-every", "10", "--dtype", dtype]
     one = train_cli(*common(corpus, tmp_path, "one"), *steps)
     assert one.returncode == 0, one.stderr
-    two = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "two"), *steps)
+    two = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "two"), *steps, "--zero", zero)
     assert two.returncode == 0, two.stdout + two.stderr
     one_rows, two_rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [row["step"] for row in two_rows] == [row["step"] for row in one_rows] == list(range(21))
