@@ -431,10 +431,8 @@ CATALOGUE = [
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run draws its batches from the start of the sampler's sequence again"),
     Mutant("resume-forgets-the-optimizer", "npllama/train.py",
-           "    return RunState(params, resumed.optimizer_state, sampler, start_step, "
-           "last_checkpoint=(resumed.path, resumed.step))\n",
-           "    return RunState(params, optim.init_state(params), sampler, start_step, "
-           "last_checkpoint=(resumed.path, resumed.step))\n",
+           "    opt_state, own = resumed.optimizer_state, _own_rows(run, params)\n",
+           "    opt_state, own = optim.init_state(params), _own_rows(run, params)\n",
            (TRAIN + "test_kill_during_a_checkpoint_write_then_resume_reproduces_the_uninterrupted_run_bitwise",),
            "a resumed run restarts AdamW's moments from zero"),
     Mutant("resume-derives-warmup-from-the-new-steps", "npllama/train.py",

@@ -108,11 +108,20 @@ def test_shared_memory_reads_nan_before_anything_wrote_it_in_every_block(harness
 
 def test_a_missing_syncthreads_is_reported_as_a_data_race(harness):
     """The copy of block_sum without its barrier still gives the right sum here, by luck of timing;
-    ThreadSanitizer reports the race regardless."""
+    ThreadSanitizer reports the race regardless, in one of three runs at most. (It remembers a bounded
+    number of accesses to each 8 bytes of memory, four, and replaces one when more come, so now and then
+    the racing write is forgotten before the read that would expose it: seen once in a full suite,
+    never in isolation.)"""
     _, launch = block_sum(numpy.float32, (2, 1, 1), (128, 1, 1), 500)
-    with pytest.raises(HarnessFailure, match="ThreadSanitizer: data race") as failure:
-        run(harness["racy"], launch)
-    assert "sample::block_sum<float>" in str(failure.value)
+    reports = []
+    for _ in range(3):
+        try:
+            run(harness["racy"], launch)
+        except HarnessFailure as failure:
+            reports.append(str(failure))
+            break
+    assert reports, "ThreadSanitizer reported no race in three runs of a kernel without its barrier"
+    assert "ThreadSanitizer: data race" in reports[0] and "sample::block_sum<float>" in reports[0], reports[0]
 
 
 def test_an_out_of_bounds_global_read_is_reported_by_address_sanitizer(harness):
