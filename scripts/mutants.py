@@ -463,7 +463,7 @@ CATALOGUE = [
            (FAULTS + "test_a_log_cut_short_by_a_full_disk_is_repaired_on_resume_and_the_run_ends_bitwise",),
            "a resumed run keeps the log rows the interrupted run wrote after its checkpoint"),
     Mutant("fresh-run-appends-to-an-old-log", "npllama/train.py",
-           "    run_log.set_aside(run.metrics_path, log)\n", "",
+           "        run_log.set_aside(run.metrics_path, log)\n", "        pass\n",
            (FAULTS + "test_a_fresh_run_keeps_the_log_of_a_run_that_wrote_no_checkpoint_apart",),
            "a fresh run appends its rows to the log of an earlier run in the same folder"),
     Mutant("read-limit-off-by-one-block", "npllama/files.py",
