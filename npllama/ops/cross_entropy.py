@@ -51,11 +51,18 @@ def check_targets(targets, vocab: int, ignore_index=-100):
         raise ValueError(f"cross_entropy: targets must lie in [0, {vocab}) or equal ignore_index {ignore_index}")
 
 
+def batch_count(targets, ignore_index, dtype):
+    """N', the number of targets that count (at least 1), as a 0-d array of the compute dtype of
+    `dtype`; it stays where the targets are (no host sync on a GPU)."""
+    xp = array_namespace(targets)
+    return xp.maximum((targets != ignore_index).sum(), 1).astype(compute_dtype(xp, dtype))
+
+
 def forward(logits, targets, ignore_index=-100, n_counted=None):
     """Return (loss, cache); loss is a 0-d array in the compute dtype (float32 or wider).
 
-    n_counted: the N' to divide by, when these rows are a chunk of a batch (a 0-d array of the
-    compute dtype, at least 1); by default the number of rows counted here, at least 1."""
+    n_counted: the N' to divide by, when these rows are a chunk of a batch (`batch_count` of the
+    whole batch's targets); by default `batch_count` of these rows'."""
     xp = array_namespace(logits)
     vocab = logits.shape[-1]
     z = logits.reshape(-1, vocab)
@@ -67,7 +74,7 @@ def forward(logits, targets, ignore_index=-100, n_counted=None):
         check_targets(t, vocab, ignore_index)
     counted = t != ignore_index
     if n_counted is None:
-        n_counted = xp.maximum(counted.sum(), 1).astype(ct)  # stays on the device
+        n_counted = batch_count(t, ignore_index, logits.dtype)
     safe_targets = xp.where(counted, t, 0)
 
     rows = xp.arange(z.shape[0])
