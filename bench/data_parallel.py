@@ -10,10 +10,16 @@ npllama.distributed, AdamW) on the same global batch of --batch x --seq-len toke
   N processes   mpiexec -n N, each rank its 1/N of the rows with a BLAS of cores/N threads
                 (threadpoolctl's API, in the rank itself), the gradients averaged by MPI_Allreduce
 
-Reported per side: tokens/s (global batch / median step time after one warm-up step), step memory
-per process (peak resident memory during the steps minus the resident memory before them), and for
-the ranks the time of the gradient allreduce alone (median of --steps, on the model's gradients).
-The scaling efficiency is N-process tokens/s over the one process's.
+The N processes send the gradients' buckets two ways, a step of each in turn: once backward has
+ended (average_gradients), and each as soon as backward has filled it (GradientAverage, as
+training does), so that the sums of the later layers travel while backward computes the earlier.
+
+Reported per side: tokens/s (global batch / median step time after one warm-up step), the time a
+step waits for the gradient sums after backward has ended (median): the whole allreduce when the
+buckets go out after backward, what the overlap leaves of it when they go out during it; and
+step memory per process (peak resident memory during the steps minus the resident memory before
+them; the N processes' figure covers both ways). The scaling efficiency is N-process tokens/s
+(buckets sent during backward) over the one process's.
 
 Larger clusters cannot be run here, so the script ends with the ring-allreduce cost model,
 t(N) = 2 (N - 1) / N * bytes / bandwidth + 2 (N - 1) * latency, with the bandwidth and latency
@@ -70,32 +76,52 @@ def worker(args) -> dict:
     rng = numpy.random.default_rng(0)
     batches = [rng.integers(0, config.vocab_size, (args.batch, args.seq_len + 1)) for _ in range(args.steps + 1)]
     rows = distributed.batch_slice(args.batch, world)
-    step_times, allreduce_times = [], []
+    # with several ranks both ways of sending the buckets run, a step of each in turn, so that
+    # the machine's drift falls on both alike
+    modes = ("after", "during") if world.size > 1 else ("after",)
+    step_times, waited_times = {mode: [] for mode in modes}, {mode: [] for mode in modes}
     base = _rss_mib("VmRSS")  # weights, moments and batches exist; the steps' memory comes on top
     for index, tokens in enumerate(batches):
-        if world.comm is not None:
-            world.comm.Barrier()
-        started = time.perf_counter()
-        _, grads = llama.loss_and_grads(params, config, tokens[rows, :-1], tokens[rows, 1:])
-        reduce_started = time.perf_counter()
-        distributed.average_gradients(grads, world)
-        reduced = time.perf_counter()
-        optim.step(params, grads, state, 1e-4)
-        if world.comm is not None:
-            world.comm.Barrier()
-        if index:
-            step_times.append(time.perf_counter() - started)
-            allreduce_times.append(reduced - reduce_started)
+        for mode in modes:
+            seconds, waited, grads = _step(params, config, state, tokens[rows], world, mode)
+            if index:
+                step_times[mode].append(seconds)
+                waited_times[mode].append(waited)
     memory = _rss_mib("VmHWM") - base
     n_bytes = sum(g.nbytes for g in grads.values())
     if world.comm is not None:
         memory = max(world.comm.allgather(memory))
-    result = {"processes": world.size, "blas": blas, "step_s": statistics.median(step_times),
-              "tokens_per_s": args.batch * args.seq_len / statistics.median(step_times), "step_mib": memory,
-              "allreduce_s": statistics.median(allreduce_times), "gradient_bytes": n_bytes}
+    result = {"processes": world.size, "blas": blas, "step_mib": memory, "gradient_bytes": n_bytes,
+              "step_s": {mode: statistics.median(times) for mode, times in step_times.items()},
+              "waited_s": {mode: statistics.median(times) for mode, times in waited_times.items()}}
     if world.is_writer:
         print(json.dumps(result), flush=True)
     return result
+
+
+def _step(params, config, state, tokens, world, mode: str):
+    """One training step on this rank's rows; (its seconds, the seconds it waited for the gradient
+    sums after backward, the averaged gradients)."""
+    from npllama import distributed, optim
+    from npllama import model as llama
+
+    if world.comm is not None:
+        world.comm.Barrier()
+    started = time.perf_counter()
+    if mode == "during":  # as training does: each bucket sent as soon as backward has filled it
+        average = distributed.GradientAverage(params, world)
+        llama.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:], on_grad=average.add)
+        backward_ended = time.perf_counter()
+        grads = average.wait()
+    else:  # every bucket sent once backward has ended
+        _, grads = llama.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
+        backward_ended = time.perf_counter()
+        grads = distributed.average_gradients(grads, world)
+    reduced = time.perf_counter()
+    optim.step(params, grads, state, 1e-4)
+    if world.comm is not None:
+        world.comm.Barrier()
+    return time.perf_counter() - started, reduced - backward_ended, grads
 
 
 def _mpiexec() -> str:
@@ -144,17 +170,24 @@ def main(argv=None) -> int:
     one, many = _side(args, 1), _side(args, args.processes)
     print(f"preset {args.preset}, global batch {args.batch} x {args.seq_len}, median of {args.steps} steps, "
           f"{os.cpu_count()} cores")
-    print(f"{'':14}{'tokens/s':>10}{'step s':>9}{'MiB/process':>13}{'allreduce s':>13}  BLAS")
-    for label, side in (("1 process", one), (f"{args.processes} processes", many)):
-        allreduce = f"{side['allreduce_s']:.4f}" if side["processes"] > 1 else "-"
-        print(f"{label:14}{side['tokens_per_s']:>10.0f}{side['step_s']:>9.3f}{side['step_mib']:>13.0f}"
-              f"{allreduce:>13}  {side['blas']}")
-    print(f"scaling efficiency {many['tokens_per_s'] / one['tokens_per_s']:.2f} (N-process tokens/s over one "
-          f"process's, same cores); the allreduce is {100 * many['allreduce_s'] / many['step_s']:.1f}% of a step")
+    print(f"{'':36}{'tokens/s':>10}{'step s':>9}{'waited s':>10}{'MiB/process':>13}  BLAS")
+    tokens = args.batch * args.seq_len
+    rows = [("1 process", one, "after"), (f"{args.processes} processes, sums sent after backward", many, "after"),
+            (f"{args.processes} processes, sums sent during it", many, "during")]
+    for label, side, mode in rows:
+        waited = f"{side['waited_s'][mode]:.4f}" if side["processes"] > 1 else "-"
+        print(f"{label:36}{tokens / side['step_s'][mode]:>10.0f}{side['step_s'][mode]:>9.3f}{waited:>10}"
+              f"{side['step_mib']:>13.0f}  {side['blas']}")
+    after, during = many["step_s"]["after"], many["step_s"]["during"]
+    print(f"scaling efficiency {one['step_s']['after'] / during:.2f} (N-process tokens/s, sums sent during "
+          f"backward, over one process's, same cores); sending the sums during backward makes a step "
+          f"{after / during:.2f}x as fast as sending them after it, where the whole allreduce is "
+          f"{100 * many['waited_s']['after'] / after:.1f}% of a step")
+    allreduce_s = many["waited_s"]["after"]
     n_bytes = many["gradient_bytes"]
-    here = n_bytes * 2 * (args.processes - 1) / args.processes / max(many["allreduce_s"], 1e-9)
+    here = n_bytes * 2 * (args.processes - 1) / args.processes / max(allreduce_s, 1e-9)
     print("\nring allreduce model, t(N) = 2 (N-1)/N * bytes / bandwidth + 2 (N-1) * latency:")
-    print(f"  measured here: {n_bytes / 2**20:.0f} MiB of gradients in {many['allreduce_s'] * 1e3:.1f} ms "
+    print(f"  measured here: {n_bytes / 2**20:.0f} MiB of gradients in {allreduce_s * 1e3:.1f} ms "
           f"({here / 1e9:.1f} GB/s effective, shared memory)")
     for name, size in (("this model", n_bytes), ("Llama-7B, float32", 6.74e9 * 4)):
         cells = ", ".join(f"N={n}: {_ring_seconds(n, size, 12.5e9, 5e-6):.3g} s" for n in (2, 8, 64, 2048))

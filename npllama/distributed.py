@@ -9,16 +9,19 @@ size, the mean of the ranks' mean-loss gradients is the gradient of the global b
 loss, so a run is the same computation for any N that divides the batch, up to the order in
 which the gradient's terms are added.
 
-The gradients travel in buckets of about `BUCKET_BYTES`, each one flat buffer and one
-MPI_Allreduce, last layer first (the order in which backward produces them). MPI adds the ranks'
-buffers in an order its library fixes for a given number of ranks and message size, so a run with
-a given N on a given MPI is reproducible bitwise; with N = 2 the order cannot matter at all
-(a + b is b + a exactly).
+The gradients travel in buckets of about `BUCKET_BYTES`, each one flat buffer and one allreduce,
+last layer first (`GradientAverage`): backward hands over each gradient as it finishes it, and a
+bucket goes out as soon as it is whole, so the sums of the later layers travel while backward
+computes the earlier ones (the overlap the paper describes). MPI adds the ranks' buffers in an
+order its library fixes for a given number of ranks and message size, so a run with a given N on
+a given MPI is reproducible bitwise; with N = 2 the order cannot matter at all (a + b is b + a
+exactly).
 
 With `--backend cupy` each rank binds to GPU `local rank mod device count` and the gradients,
 which stay on the GPU, are averaged by NCCL (`cupy.cuda.nccl`; rank 0 makes the communicator's
-unique id and MPI broadcasts it). Under a launcher the NCCL communicator is made and used even
-for one rank, so that path runs wherever a GPU does.
+unique id and MPI broadcasts it) on a CUDA stream of their own, beside the one backward runs
+on. Under a launcher the NCCL communicator is made and used even for one rank, so that path runs
+wherever a GPU does.
 
 A process not started by an MPI launcher is a world of one (`World()`), and mpi4py is not even
 imported: with one process nothing changes. `python -m pip install "npllama[mpi]"` brings mpi4py;
@@ -57,6 +60,7 @@ class World:
     local_rank: int = 0
     comm: object = None
     nccl: object = None  # the ranks' NCCL communicator, when their gradients live on GPUs
+    nccl_stream: object = None  # the CUDA stream its sums run on, beside the compute stream
 
     @property
     def is_writer(self) -> bool:
@@ -123,13 +127,13 @@ def mean(value: float, world: World) -> float:
     return world.comm.allreduce(float(value), op=MPI.SUM) / world.size
 
 
-def any_rank(flag: bool, world: World) -> bool:
-    """True on every rank when it is True on any."""
+def largest(value: int, world: World) -> int:
+    """The largest of an integer over the ranks, on every rank."""
     if world.size == 1:
-        return bool(flag)
+        return int(value)
     from mpi4py import MPI
 
-    return bool(world.comm.allreduce(int(bool(flag)), op=MPI.MAX))
+    return int(world.comm.allreduce(int(value), op=MPI.MAX))
 
 
 @contextlib.contextmanager
@@ -159,7 +163,8 @@ def use_gpus(world: World, xp) -> World:
                                "here; pip install nvidia-nccl-cu13 (or run one process without mpirun)")
     xp.cuda.Device(world.local_rank % xp.cuda.runtime.getDeviceCount()).use()
     unique_id = world.comm.bcast(nccl.get_unique_id() if world.is_writer else None, root=0)
-    _world = dataclasses.replace(world, nccl=nccl.NcclCommunicator(world.size, unique_id, world.rank))
+    _world = dataclasses.replace(world, nccl=nccl.NcclCommunicator(world.size, unique_id, world.rank),
+                                 nccl_stream=xp.cuda.Stream(non_blocking=True))
     return _world
 
 
@@ -226,37 +231,105 @@ def buckets(names, sizes: dict, itemsize: int, bucket_bytes: int = BUCKET_BYTES)
     return groups
 
 
-def average_gradients(grads: dict, world: World, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Replace every gradient, in place, by its mean over the ranks.
+def averages(world: World) -> bool:
+    """Whether this world averages gradients: several ranks, or GPUs joined by NCCL (even one)."""
+    return world.size > 1 or world.nccl is not None
 
-    The names go last first, as backward produces them, in flat buckets: one allreduce each, by
-    MPI for host arrays and by NCCL for GPU arrays.
+
+class GradientAverage:
+    """The mean over the ranks of every gradient of one step, sent while backward is still running.
+
+    The gradients are planned, last layer first (the order backward produces them), into buckets of
+    about `bucket_bytes`, each one flat buffer. `add(name, grad)` copies a gradient into its place
+    in its bucket and returns that place, a view; a bucket whose gradients are all in is summed over
+    the ranks at once, without waiting (MPI_Iallreduce, or NCCL on a CUDA stream of its own), so
+    the later layers' sums travel while backward computes the earlier layers. `wait()` returns
+    when every sum is in, divides them by N, and gives the views: then they hold the means.
+
+    Every rank adds the same names in the same order, so the buckets go out in one order on all.
     """
-    if world.size == 1 and world.nccl is None:
-        return
-    names = list(reversed(grads))
-    xp = array_namespace(grads[names[0]])
-    dtype = grads[names[0]].dtype
-    sizes = {name: grads[name].size for name in names}
-    for bucket in buckets(names, sizes, dtype.itemsize, bucket_bytes):
-        flat = xp.concatenate([grads[name].reshape(-1) for name in bucket])
-        _allreduce_sum(flat, world, xp)
-        flat /= world.size
-        offset = 0
-        for name in bucket:
-            grads[name][...] = flat[offset:offset + sizes[name]].reshape(grads[name].shape)
-            offset += sizes[name]
+
+    def __init__(self, params: dict, world: World, bucket_bytes: int = BUCKET_BYTES):
+        self.names = list(params)
+        sizes = {name: params[name].size for name in self.names}
+        first = params[self.names[0]]
+        self.world, self.xp, self.dtype = world, array_namespace(first), first.dtype
+        self.plan = buckets(list(reversed(self.names)), sizes, self.dtype.itemsize, bucket_bytes)
+        self.places = {}  # name: (bucket, offset, shape)
+        for index, bucket in enumerate(self.plan):
+            offset = 0
+            for name in bucket:
+                self.places[name] = (index, offset, params[name].shape)
+                offset += sizes[name]
+        self.bucket_sizes = [sum(sizes[name] for name in bucket) for bucket in self.plan]
+        self.flats = [None] * len(self.plan)  # each made when its first gradient comes, as backward's would be
+        self.views = {}
+        self.missing = [len(bucket) for bucket in self.plan]
+        self.sent = 0  # buckets whose sum has been started
+        self.requests = []  # MPI's, for buckets on their way
+
+    def add(self, name: str, grad):
+        """Copy one gradient into its bucket, send the bucket if it is now whole; return the view."""
+        index, offset, shape = self.places[name]
+        if len(self.plan[index]) == 1 and grad.flags.c_contiguous:
+            # a bucket of its own (the head's gradient, at peak memory): sent as it is, not copied
+            self.flats[index], view = grad.reshape(-1), grad
+        else:
+            if self.flats[index] is None:
+                self.flats[index] = self.xp.empty(self.bucket_sizes[index], dtype=self.dtype)
+            view = self.flats[index][offset:offset + grad.size].reshape(shape)
+            view[...] = grad
+        self.views[name] = view
+        self.missing[index] -= 1
+        if self.missing[index] == 0:
+            request = _start_sum(self.flats[index], self.world, self.xp)
+            self.sent += 1
+            if request is not None:
+                self.requests.append(request)
+        if self.requests:
+            from mpi4py import MPI
+
+            MPI.Request.Testall(self.requests)  # MPI moves a non-blocking collective on inside its calls
+        return view
+
+    def wait(self) -> dict:
+        """Every gradient's mean over the ranks (the views add returned, in the order of `params`),
+        once every sum is in."""
+        if any(self.missing):
+            unsent = [name for name in self.names if name not in self.views]
+            raise RuntimeError(f"gradients never added: {', '.join(unsent[:5])}")
+        if self.world.nccl is None:
+            from mpi4py import MPI
+
+            MPI.Request.Waitall(self.requests)
+        else:  # the compute stream goes on only once the NCCL stream has summed every bucket
+            self.xp.cuda.get_current_stream().wait_event(self.world.nccl_stream.record())
+        for flat in self.flats:
+            flat /= self.world.size
+        return {name: self.views[name] for name in self.names}
 
 
-def _allreduce_sum(flat, world: World, xp) -> None:
-    """flat becomes, in place, its sum over the ranks: NCCL on the GPU, MPI on the host."""
+def average_gradients(grads: dict, world: World, bucket_bytes: int = BUCKET_BYTES) -> dict:
+    """Every gradient's mean over the ranks, all of them sent once backward has ended (the training
+    loop sends them during backward instead, through GradientAverage)."""
+    if not averages(world):
+        return grads
+    average = GradientAverage(grads, world, bucket_bytes)
+    for name in reversed(grads):
+        average.add(name, grads[name])
+    return average.wait()
+
+
+def _start_sum(flat, world: World, xp):
+    """Start summing flat over the ranks, in place; MPI's request for it (None for NCCL, which
+    queues the sum on its own stream behind the copies the compute stream has made so far)."""
     if world.nccl is None:
         from mpi4py import MPI
 
-        world.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
-        return
+        return world.comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
     from cupy.cuda import nccl
 
     nccl_type = {numpy.dtype("float32"): nccl.NCCL_FLOAT32, numpy.dtype("float64"): nccl.NCCL_FLOAT64}[flat.dtype]
-    world.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, nccl_type, nccl.NCCL_SUM,
-                         xp.cuda.get_current_stream().ptr)
+    world.nccl_stream.wait_event(xp.cuda.get_current_stream().record())
+    world.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, nccl_type, nccl.NCCL_SUM, world.nccl_stream.ptr)
+    return None

@@ -465,21 +465,28 @@ def _head_loss_and_grads(normed, weight, targets, ignore_index):
 
 
 def loss_and_grads(params, config, tokens, targets, recompute=True,
-                   tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
+                   tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None):
     """Return (loss, grads): the mean cross-entropy, a Python float, and its gradient for every
     parameter (see loss_and_grads_on_device)."""
-    value, grads = loss_and_grads_on_device(params, config, tokens, targets, recompute, tile_size, ignore_index)
+    value, grads = loss_and_grads_on_device(params, config, tokens, targets, recompute, tile_size, ignore_index,
+                                            on_grad=on_grad)
     return float(value), grads
 
 
 def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
-                             tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100):
+                             tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None):
     """Return (loss, grads): the mean cross-entropy as a 0-d array where the weights live (reading
     it from a GPU waits for the GPU, so a caller that adds several reads once) and its gradient for
     every parameter.
 
     The backward pass is written out by hand, block by block, in reverse. `grads` has the same
     names, shapes and dtypes as `params`.
+
+    on_grad(name, grad), when given, is called with each parameter's gradient as soon as backward
+    has finished it (the head's first, the embedding's last), and `grads` keeps what it returns: a
+    caller can send the later layers' gradients to other processes while backward computes the
+    earlier ones (npllama.distributed.GradientAverage), or copy a gradient into a buffer of its own
+    without two copies living at once.
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
@@ -493,16 +500,24 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
         block_caches.append(block_cache)
     normed, norm_cache = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
     grads = {}
-    value, dnormed, grads[OUTPUT_HEAD] = _head_loss_and_grads(normed, params[OUTPUT_HEAD], targets, ignore_index)
 
+    def finished(name):  # grads[name] is complete: in the parameter's dtype, and handed to on_grad
+        grads[name] = grads[name].astype(params[name].dtype, copy=False)
+        if on_grad is not None:  # what on_grad returns replaces it, so the two never both live on
+            grads[name] = on_grad(name, grads[name])
+
+    value, dnormed, grads[OUTPUT_HEAD] = _head_loss_and_grads(normed, params[OUTPUT_HEAD], targets, ignore_index)
+    finished(OUTPUT_HEAD)
     dh, grads[FINAL_NORM] = rmsnorm.backward(dnormed, norm_cache)
+    finished(FINAL_NORM)
     for i in reversed(range(config.n_layers)):
         dh, layer_grads = block_backward(dh, layer_weights(params, i), block_caches.pop(), config)
-        for short, grad in layer_grads.items():
-            grads[layer_name(i, short)] = grad
+        for short in list(layer_grads):
+            grads[layer_name(i, short)] = layer_grads.pop(short)
+            finished(layer_name(i, short))
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
-    grads = {name: grads[name].astype(params[name].dtype, copy=False) for name in params}
-    return value, grads
+    finished(TOK_EMBEDDINGS)
+    return value, {name: grads[name] for name in params}
 
 
 def describe_presets() -> str:

@@ -1,4 +1,8 @@
-"""Stopping a run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler, `kill`).
+"""Stopping a run cleanly on SIGINT (Ctrl-C), SIGTERM (a scheduler, `kill`) or SIGUSR1.
+
+SIGUSR1 is the one to send under mpirun: Open MPI's mpirun passes it on to every rank and lets
+them finish, while a SIGTERM sent to mpirun kills its ranks within a second, before any can save.
+Slurm sends it ahead of a job's time limit when asked (`sbatch --signal=B:USR1@120`).
 
 The first signal while the training loop runs only asks it to stop: the loop finishes its step,
 saves a checkpoint and ends. A second signal, or one while nothing can be saved yet (the data is
@@ -12,10 +16,13 @@ import contextlib
 import signal
 import threading
 
+# where a platform has no SIGUSR1 (Windows), the other two
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
 
 class StopRequests:
-    """SIGINT and SIGTERM while a run trains: the first asks the loop to stop after its step (and
-    checkpoint); a second, or one that comes before the loop has begun, stops at once."""
+    """SIGINT, SIGTERM and SIGUSR1 while a run trains: the first asks the loop to stop after its step
+    (and checkpoint); a second, or one that comes before the loop has begun, stops at once."""
 
     def __init__(self):
         self.signal_number = None  # the first signal received
@@ -43,13 +50,13 @@ class StopNow(BaseException):
 
 @contextlib.contextmanager
 def stop_requests():
-    """Route SIGINT and SIGTERM to a StopRequests for the block (where signals can be handled:
-    the main thread), and restore the previous handlers after it."""
+    """Route SIGINT, SIGTERM and SIGUSR1 to a StopRequests for the block (where signals can be
+    handled: the main thread), and restore the previous handlers after it."""
     requests = StopRequests()
     if threading.current_thread() is not threading.main_thread():
         yield requests
         return
-    previous = {number: signal.signal(number, requests) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, requests) for number in SIGNALS}
     try:
         yield requests
     finally:

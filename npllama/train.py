@@ -53,9 +53,10 @@ class Diverged(TrainError):
 
 
 class TrainInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run; the message says what was saved and how to resume.
+    """SIGINT, SIGTERM or SIGUSR1 stopped the run; the message says what was saved and how to resume.
 
-    `exit_status` is 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports it.
+    `exit_status` is 128 + the signal's number (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1 on
+    Linux), as a shell reports it.
     """
 
     def __init__(self, message: str, signal_number: int):
@@ -221,7 +222,9 @@ def _interrupted(config: TrainConfig, out: Path, signal_number: int) -> TrainInt
     latest = ckpt.find_latest(out) if out.is_dir() else None
     if latest is None:
         return TrainInterrupted(f"stopped by {name} before the first checkpoint; nothing to resume", signal_number)
-    resume = shlex.join(["python", "-m", "npllama.train",
+    world = distributed.current()
+    launcher = ["mpirun", "-n", str(world.size)] if world.size > 1 else []  # any other number resumes it too
+    resume = shlex.join([*launcher, "python", "-m", "npllama.train",
                          *command_line(dataclasses.replace(config, out=str(out), resume=""))])
     return TrainInterrupted(f"stopped by {name}; the newest checkpoint is {latest}; resume with: {resume}",
                             signal_number)
@@ -412,9 +415,9 @@ def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
 def _training_loop(run: Run, state: RunState):
     """From state.step to --steps: learning rate, micro-steps, checks, AdamW step, log, evaluate, checkpoint.
 
-    A first SIGINT or SIGTERM ends the loop after the step it arrives in, with a checkpoint. Under
-    mpirun every rank runs the steps; rank 0 alone evaluates, logs and saves, and the ranks agree
-    after each step whether any of them was asked to stop.
+    A first SIGINT, SIGTERM or SIGUSR1 ends the loop after the step it arrives in, with a
+    checkpoint. Under mpirun every rank runs the steps; rank 0 alone evaluates, logs and saves, and
+    the ranks agree after each step whether any of them was asked to stop.
     """
     from tqdm import tqdm
 
@@ -448,8 +451,8 @@ def _training_loop(run: Run, state: RunState):
             state.step = step + 1
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
-            if distributed.any_rank(run.stops.signal_number is not None, run.world):
-                run.stops.signal_number = run.stops.signal_number or signal.SIGTERM  # another rank's stop
+            # a signal any rank has had stops them all after this step, under one name
+            run.stops.signal_number = distributed.largest(run.stops.signal_number or 0, run.world) or None
             checkpoint_now = _checkpoint_due(config, state.step) or run.stops.signal_number is not None
             if not writer:
                 if checkpoint_now:
@@ -494,29 +497,43 @@ def _whole_optimizer_state(run: Run, state: RunState):
 
 
 def _accumulated_loss_and_grads(run: Run, state: RunState):
-    """The mean loss and gradient over --grad-accum micro-batches (equal to one batch that many times larger).
+    """The mean loss and gradient over --grad-accum micro-batches (equal to one batch that many times
+    larger), averaged over the ranks under mpirun.
 
-    The micro-batches' losses are added where they are (in float64) and read once, so a step on the
-    GPU waits for it only here and for the gradient norm."""
-    loss_sum, grads = 0.0, None
+    The last micro-batch's backward hands each finished gradient to `finish`, which adds the
+    earlier micro-batches' sum and, with several ranks, sends it on at once (GradientAverage): the
+    later layers' gradients travel while backward computes the earlier ones. The micro-batches'
+    losses are added where they are (in float64) and read once, so a step on the GPU waits for it
+    only here and for the gradient norm."""
+    accum = run.config.grad_accum
+    loss_sum, sums = 0.0, None
+    average = distributed.GradientAverage(state.params, run.world) if distributed.averages(run.world) else None
+
+    def finish(name, grad):
+        if sums is not None:
+            grad = sums.pop(name) + grad
+            grad /= accum
+        return grad if average is None else average.add(name, grad)
+
     rows = distributed.batch_slice(run.config.batch_size, run.world)  # all of them in one process
-    for _ in range(run.config.grad_accum):
+    for micro_step in range(accum):
         inputs, targets = state.sampler.next_batch()  # the same global batch on every rank
-        micro_loss, micro_grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs[rows],
-                                                                 targets[rows])
+        last = micro_step == accum - 1
+        micro_loss, grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs[rows],
+                                                           targets[rows], on_grad=finish if last else None)
         loss_sum = loss_sum + micro_loss.astype("float64")
-        if grads is None:
-            grads = micro_grads
+        if last:
+            break
+        if sums is None:
+            sums = grads
         else:
-            for name, grad in micro_grads.items():
-                grads[name] += grad
-    if run.config.grad_accum > 1:
-        for grad in grads.values():
-            grad /= run.config.grad_accum
+            for name, grad in grads.items():
+                sums[name] += grad
     # each rank's loss and gradients are means over its equal share of the rows, so their means
     # over the ranks are the global batch's
-    distributed.average_gradients(grads, run.world)
-    return distributed.mean(float(loss_sum) / run.config.grad_accum, run.world), grads
+    if average is not None:
+        grads = average.wait()
+    return distributed.mean(float(loss_sum) / accum, run.world), grads
 
 
 def _evaluation_due(config: TrainConfig, step: int) -> bool:

@@ -5,6 +5,8 @@ reason, where mpiexec or mpi4py is missing (`pip install ".[test]"` brings both 
 """
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from assertions import assert_close
 from npllama import distributed
 from npllama.distributed import DistributedError, World
-from training import common, measured, read_metrics, run_under_mpi, train_cli
+from training import common, measured, read_metrics, run_under_mpi, signal_after_steps, start_under_mpi, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +82,27 @@ def test_training_on_two_ranks_gives_the_losses_of_one_process(corpus, tmp_path,
     assert not (tmp_path / "two" / "rank-1").exists() and sorted(p.name for p in (tmp_path / "two").glob("step-*"))
 
 
+def test_the_readme_command_on_two_ranks_gives_the_losses_of_one_process_with_and_without_zero(tmp_path):
+    # the README's `mpirun -n 2 python -m npllama.train --preset nano --steps 50`, on the built-in
+    # corpus and the preset's own batch (16 x 128), each run in a folder of its own
+    command = ["-m", "npllama.train", "--preset", "nano", "--steps", "50", "--no-progress",
+               "--cache-dir", str(tmp_path / "cache")]
+    one = train_cli(*command[2:], "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    expected = read_metrics(tmp_path / "one")
+    for zero in ("0", "1"):
+        two = run_under_mpi(2, *command, "--out", str(tmp_path / f"two-zero-{zero}"), "--zero", zero, timeout=300)
+        assert two.returncode == 0, two.stdout + two.stderr
+        rows = read_metrics(tmp_path / f"two-zero-{zero}")
+        assert [row["step"] for row in rows] == [row["step"] for row in expected] == list(range(51))
+        # float32, and only the order of the gradient's additions differs (two half batches
+        # averaged instead of one whole batch): rounding, compounded over 50 AdamW steps
+        for key in ("loss", "val_loss", "grad_norm"):
+            pairs = [(a[key], b[key]) for a, b in zip(expected, rows) if key in a]
+            assert pairs and len(pairs) == sum(key in b for b in rows)
+            assert_close([b for _, b in pairs], [a for a, _ in pairs], rtol=1e-6, err_msg=f"{key}, --zero {zero}")
+
+
 def test_a_batch_the_ranks_cannot_share_stops_every_rank_with_one_line(corpus, tmp_path):
     result = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path), "--batch-size", "3", "--steps", "2")
     assert result.returncode != 0
@@ -90,7 +113,7 @@ def test_a_batch_the_ranks_cannot_share_stops_every_rank_with_one_line(corpus, t
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_a_checkpoint_of_one_number_of_ranks_resumes_with_another(corpus, tmp_path, first, then):
-    steps = ["--steps", "10", "--eval-every", "5", "--checkpoint-every", "5", "--dtype", "float64"]
+    steps = ["--steps", "10", "--eval-every", "5", "--checkpoint-every", "5", "--dtype", "float64", "--grad-accum", "2"]
 
     def train_on(n_processes, out, *args):
         if n_processes == 1:
@@ -120,6 +143,31 @@ def test_a_rank_that_fails_mid_run_stops_every_rank_with_one_line_naming_it(corp
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: rank 1 of 2: planted failure at step 3"], result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="this platform has no SIGUSR1")
+def test_sigusr1_to_mpirun_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(corpus, tmp_path):
+    """Open MPI's mpirun kills its ranks at once on SIGTERM, but passes SIGUSR1 on to each."""
+    settings = ["--steps", "40", "--checkpoint-every", "1000", "--eval-batches", "1"]
+    whole = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "whole"), *settings)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    process = start_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "stopped"), *settings)
+    _, stderr = signal_after_steps(process, tmp_path / "stopped", 3, signal.SIGUSR1)
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr
+    said = [line for line in stderr.splitlines() if line.startswith("stopped by")]  # mpirun adds its own lines
+    assert len(said) == 1, stderr
+    assert said[0].startswith(f"stopped by SIGUSR1; the newest checkpoint is {tmp_path / 'stopped'}/step-"), stderr
+    command = shlex.split(said[0].split("resume with: ", 1)[1])
+    assert command[:6] == ["mpirun", "-n", "2", "python", "-m", "npllama.train"] and "--resume" in command
+    resumed = run_under_mpi(2, *command[4:])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    # the same two ranks, stopped and resumed: the very numbers of the uninterrupted run (the
+    # stopped one also has the validation loss of its extra checkpoint)
+    steps = {run: [(row["step"], row["loss"], row["grad_norm"])
+                   for row in read_metrics(tmp_path / run) if "loss" in row] for run in ("whole", "stopped")}
+    assert steps["stopped"] == steps["whole"] and len(steps["whole"]) == 40
+    final = {run: (tmp_path / run / "step-00000040" / "model.safetensors").read_bytes() for run in ("whole", "stopped")}
+    assert final["stopped"] == final["whole"]
 
 
 def test_zero_1_shards_the_moments_and_changes_no_number(corpus, tmp_path):

