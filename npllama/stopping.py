@@ -2,7 +2,7 @@
 
 SIGUSR1 is the one to send under mpirun: Open MPI's mpirun passes it on to every rank and lets
 them finish, while a SIGTERM sent to mpirun kills its ranks within a second, before any can save.
-Slurm sends it ahead of a job's time limit when asked (`sbatch --signal=B:USR1@120`).
+Slurm sends it to every task ahead of a job's time limit when asked (`sbatch --signal=USR1@120`).
 
 The first signal while the training loop runs only asks it to stop: the loop finishes its step,
 saves a checkpoint and ends. A second signal, or one while nothing can be saved yet (the data is

@@ -183,9 +183,6 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if world.is_writer else _quiet
     xp = get_backend(config.backend)  # a backend that is unknown or cannot run here stops here, in one line
     world = distributed.use_gpus(world, xp)  # under mpirun with CuPy: this rank's GPU and the ranks' NCCL
-    if config.zero and xp is not numpy:
-        raise TrainError("--zero 1 shards the optimizer over processes on the CPU for now; with --backend "
-                         f"{config.backend} use --zero 0")
     distributed.batch_slice(config.batch_size, world)  # a batch the ranks cannot share stops here
     model_config = _model_config(config)
     _check_memory(model_config, config.dtype)

@@ -117,6 +117,9 @@ class TrainConfig:
     def __post_init__(self):
         for spec in fields(self):
             _check(spec, getattr(self, spec.name))
+        if self.zero and self.backend != "numpy":
+            raise TrainError(f"--zero 1 shards AdamW's moments of CPU processes only (the GPUs' NCCL has no "
+                             f"all-gather of uneven shards); with --backend {self.backend} use --zero 0")
 
     @property
     def effective_warmup(self) -> int:

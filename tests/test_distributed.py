@@ -145,14 +145,44 @@ def test_a_rank_that_fails_mid_run_stops_every_rank_with_one_line_naming_it(corp
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="this platform has no SIGUSR1")
-def test_sigusr1_to_mpirun_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(corpus, tmp_path):
-    """Open MPI's mpirun kills its ranks at once on SIGTERM, but passes SIGUSR1 on to each."""
+def rank_process(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of one rank that a launcher started (Linux: /proc lists children and environments)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no child of the launcher is rank {rank}")
+
+
+class OneRank:
+    """Stands in for the launcher's process where the signal goes to one rank alone."""
+
+    def __init__(self, launcher: subprocess.Popen, rank: int):
+        self.launcher, self.rank = launcher, rank
+
+    def poll(self):
+        return self.launcher.poll()
+
+    def communicate(self, timeout=None):
+        return self.launcher.communicate(timeout=timeout)
+
+    def send_signal(self, signal_number):
+        os.kill(rank_process(self.launcher, self.rank), signal_number)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(signal, "SIGUSR1"),
+                    reason="needs Linux's /proc and SIGUSR1")
+@pytest.mark.parametrize("to", ["mpirun", "rank 1 alone"])
+def test_sigusr1_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(corpus, tmp_path, to):
+    """Open MPI's mpirun kills its ranks at once on SIGTERM, but passes SIGUSR1 on to each; a signal
+    to one rank alone stops the others too, since the ranks agree after each step."""
     settings = ["--steps", "40", "--checkpoint-every", "1000", "--eval-batches", "1"]
     whole = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "whole"), *settings)
     assert whole.returncode == 0, whole.stdout + whole.stderr
     process = start_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "stopped"), *settings)
-    _, stderr = signal_after_steps(process, tmp_path / "stopped", 3, signal.SIGUSR1)
+    receiver = process if to == "mpirun" else OneRank(process, rank=1)
+    _, stderr = signal_after_steps(receiver, tmp_path / "stopped", 3, signal.SIGUSR1)
     assert process.returncode != 0 and "Traceback" not in stderr, stderr
     said = [line for line in stderr.splitlines() if line.startswith("stopped by")]  # mpirun adds its own lines
     assert len(said) == 1, stderr

@@ -120,15 +120,17 @@ def test_resume_with_more_steps_keeps_the_runs_warmup_and_stretches_the_cosine(c
         "warmup"] == 2
 
 
-def test_grad_accum_two_half_batches_take_the_clipped_steps_of_one_full_batch(corpus, tmp_path):
-    """--grad-accum 2 --batch-size 2 draws the same 4 windows as --batch-size 4 and averages the two
-    half-batch gradients, which equals the full batch's gradient: the same loss, the same gradient
-    norm (clipping must measure the average, not the sum) and the same weights after three steps
-    clipped to a norm well below the gradient's."""
+@pytest.mark.parametrize("accum", [2, 4])
+def test_grad_accum_micro_batches_take_the_clipped_steps_of_one_full_batch(corpus, tmp_path, accum):
+    """--grad-accum 2 --batch-size 2 (or 4 and 1) draws the same 4 windows as --batch-size 4 and
+    averages the micro-batch gradients, which equals the full batch's gradient: the same loss, the
+    same gradient norm (clipping must measure the average, not the sum) and the same weights after
+    three steps clipped to a norm well below the gradient's. Four micro-batches also add the middle
+    ones, which two never do (the first is kept, the last is added as backward hands it over)."""
     runs = {}
-    for name, batch_size, accum in (("accum", "2", "2"), ("full", "4", "1")):
+    for name, batch_size, micro_batches in (("accum", str(4 // accum), str(accum)), ("full", "4", "1")):
         args = common(corpus, tmp_path, name) + ["--steps", "3", "--dtype", "float64", "--grad-clip", "0.05",
-                                                 "--grad-accum", accum]
+                                                 "--grad-accum", micro_batches]
         args[args.index("--batch-size") + 1] = batch_size
         result = train_cli(*args)
         assert result.returncode == 0, result.stderr

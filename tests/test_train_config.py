@@ -96,3 +96,10 @@ def test_train_from_python_writes_what_the_command_line_writes(corpus, tmp_path)
     assert python_weights.keys() == cli_weights.keys()
     for name in python_weights:
         assert python_weights[name].tobytes() == cli_weights[name].tobytes(), name
+
+
+def test_zero_1_on_gpus_is_refused_in_one_line_before_anything_starts():
+    with pytest.raises(TrainError, match=r"--zero 1 shards AdamW's moments of CPU processes only.*use --zero 0"):
+        TrainConfig(zero=1, backend="cupy")
+    assert TrainConfig(zero=1, backend="numpy").zero == 1
+
