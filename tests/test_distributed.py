@@ -155,11 +155,12 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no child of the launcher is rank {rank}")
 
 
-class OneRank:
-    """Stands in for the launcher's process where the signal goes to one rank alone."""
+class Ranks:
+    """Stands in for the launcher's process where a signal goes straight to some of its ranks (as
+    Slurm's scancel sends SIGTERM to every task), not through the launcher."""
 
-    def __init__(self, launcher: subprocess.Popen, rank: int):
-        self.launcher, self.rank = launcher, rank
+    def __init__(self, launcher: subprocess.Popen, ranks):
+        self.launcher, self.ranks = launcher, ranks
 
     def poll(self):
         return self.launcher.poll()
@@ -168,25 +169,27 @@ class OneRank:
         return self.launcher.communicate(timeout=timeout)
 
     def send_signal(self, signal_number):
-        os.kill(rank_process(self.launcher, self.rank), signal_number)
+        for rank in self.ranks:
+            os.kill(rank_process(self.launcher, rank), signal_number)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(signal, "SIGUSR1"),
                     reason="needs Linux's /proc and SIGUSR1")
-@pytest.mark.parametrize("to", ["mpirun", "rank 1 alone"])
-def test_sigusr1_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(corpus, tmp_path, to):
-    """Open MPI's mpirun kills its ranks at once on SIGTERM, but passes SIGUSR1 on to each; a signal
-    to one rank alone stops the others too, since the ranks agree after each step."""
+@pytest.mark.parametrize("signal_name, to", [("SIGUSR1", "mpirun"), ("SIGUSR1", "rank 1 alone"),
+                                             ("SIGTERM", "every rank")])
+def test_a_signal_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(corpus, tmp_path, signal_name, to):
+    """Open MPI's mpirun kills its ranks at once on SIGTERM, but passes SIGUSR1 on to each; a
+    scheduler may signal the ranks themselves (every one, or one); the ranks agree after each step."""
     settings = ["--steps", "40", "--checkpoint-every", "1000", "--eval-batches", "1"]
     whole = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "whole"), *settings)
     assert whole.returncode == 0, whole.stdout + whole.stderr
     process = start_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "stopped"), *settings)
-    receiver = process if to == "mpirun" else OneRank(process, rank=1)
-    _, stderr = signal_after_steps(receiver, tmp_path / "stopped", 3, signal.SIGUSR1)
+    receiver = {"mpirun": process, "rank 1 alone": Ranks(process, [1]), "every rank": Ranks(process, [0, 1])}[to]
+    _, stderr = signal_after_steps(receiver, tmp_path / "stopped", 3, getattr(signal, signal_name))
     assert process.returncode != 0 and "Traceback" not in stderr, stderr
     said = [line for line in stderr.splitlines() if line.startswith("stopped by")]  # mpirun adds its own lines
     assert len(said) == 1, stderr
-    assert said[0].startswith(f"stopped by SIGUSR1; the newest checkpoint is {tmp_path / 'stopped'}/step-"), stderr
+    assert said[0].startswith(f"stopped by {signal_name}; the newest checkpoint is {tmp_path / 'stopped'}/step-")
     command = shlex.split(said[0].split("resume with: ", 1)[1])
     assert command[:6] == ["mpirun", "-n", "2", "python", "-m", "npllama.train"] and "--resume" in command
     resumed = run_under_mpi(2, *command[4:])
