@@ -47,7 +47,15 @@ BUCKET_BYTES = 32 << 20
 
 
 class DistributedError(NpllamaError):
-    """A multi-process run that cannot start or go on, in one line: which rank, what, how to fix."""
+    """A multi-process run that cannot start or go on, in one line: which rank, what, how to fix.
+
+    `every_rank`: every rank raises this very error at the same point (a setting none can run, a
+    difference they have found together), so rank 0 alone says it and none needs to stop the rest.
+    """
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,20 @@ def largest(value: int, world: World) -> int:
     return int(world.comm.allreduce(int(value), op=MPI.MAX))
 
 
+def check_same(value: str, world: World, what: str, fix: str) -> None:
+    """Stop every rank, naming those whose `value` is not rank 0's: ranks on machines of their own
+    can read different files under one path, and would then train apart without a word."""
+    if world.size == 1:
+        return
+    values = world.comm.allgather(value)
+    differing = [rank for rank, other in enumerate(values) if other != values[0]]
+    if differing:
+        ranks = ", ".join(map(str, differing))
+        raise DistributedError(f"{what} of rank{'s' if len(differing) > 1 else ''} {ranks} of {world.size} differ "
+                               f"from rank 0's ({values[differing[0]][:12]}... against {values[0][:12]}...); {fix}",
+                               every_rank=True)
+
+
 @contextlib.contextmanager
 def writer_first(world: World):
     """Rank 0 runs the block first (filling caches on disk), then the other ranks (reading them)."""
@@ -172,7 +194,8 @@ def batch_slice(global_batch: int, world: World) -> slice:
     """The rows of the global batch that this rank computes: a contiguous 1/N of them."""
     if global_batch % world.size:
         raise DistributedError(f"--batch-size {global_batch} is the global batch and must be divisible by the "
-                               f"number of processes, {world.size}; pick a multiple of {world.size} or another -n")
+                               f"number of processes, {world.size}; pick a multiple of {world.size} or another -n",
+                               every_rank=True)
     rows = global_batch // world.size
     return slice(world.rank * rows, (world.rank + 1) * rows)
 

@@ -300,6 +300,9 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
         tokenizer = _load_tokenizer(config, model_config.vocab_size, documents, cache_dir, resumed, log)
         tokens = corpus.prepare_tokens(documents, tokenizer, cache_dir / "tokens",
                                        progress=None if config.no_progress or not world.is_writer else tqdm, warn=log)
+    distributed.check_same(tokens.info["content_sha256"], world, "the token streams (their sha256)",
+                           "every rank must read the same --data with the same tokenizer (ranks on other "
+                           "machines: copy both there, or use a file system the machines share)")
     log(f"data: {tokens.info['n_tokens']['train']:,} training and {tokens.info['n_tokens']['val']:,} validation "
         f"tokens from {len(documents)} files "
         f"(held out: {'whole files' if tokens.info['split'] == 'documents' else 'the last 5%'})")
@@ -572,6 +575,10 @@ def main(argv=None) -> int:
             print(result.sample, flush=True)
         return 0
     except NpllamaError as error:
+        if getattr(error, "every_rank", False):  # every rank stops here with it: rank 0 says it, once
+            if distributed.current().is_writer:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            return 2
         print(f"error: {distributed.where()}{error}", file=sys.stderr, flush=True)
         distributed.stop_all(2)  # under mpirun: the other ranks stop too, rather than wait for this one
         return 2

@@ -6,6 +6,7 @@ reason, where mpiexec or mpi4py is missing (`pip install ".[test]"` brings both 
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,16 @@ import pytest
 from assertions import assert_close
 from npllama import distributed
 from npllama.distributed import DistributedError, World
-from training import common, measured, read_metrics, run_under_mpi, signal_after_steps, start_under_mpi, train_cli
+from training import (
+    common,
+    measured,
+    read_metrics,
+    run_ranks_apart,
+    run_under_mpi,
+    signal_after_steps,
+    start_under_mpi,
+    train_cli,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,8 +117,27 @@ def test_a_batch_the_ranks_cannot_share_stops_every_rank_with_one_line(corpus, t
     result = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path), "--batch-size", "3", "--steps", "2")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors and all("--batch-size 3 is the global batch" in line for line in errors), result.stderr
+    assert len(errors) == 1 and "--batch-size 3 is the global batch" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ranks_that_read_other_data_under_one_path_stop_with_one_line_naming_the_rank(corpus, tmp_path):
+    folder, _ = corpus
+    elsewhere = tmp_path / "the-other-machines-copy"
+    shutil.copytree(folder, elsewhere)
+    first = sorted(elsewhere.iterdir())[0]
+    first.write_text(first.read_text() + "\n# edited on one machine only\n")
+
+    def reading(data):
+        return ["-m", "npllama.train", *common(corpus, tmp_path), "--data", str(data), "--steps", "5"]
+
+    result = run_ranks_apart(reading(folder), reading(elsewhere))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr  # every rank stops, rank 0 says why
+    assert errors[0].startswith("error: the token streams (their sha256) of rank 1 of 2 differ from rank 0's")
+    assert "same --data with the same tokenizer" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing trained, and the new --out is removed as in one process
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])

@@ -72,6 +72,15 @@ def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedP
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def run_ranks_apart(*rank_args, timeout=120) -> subprocess.CompletedProcess:
+    """One rank per list of arguments under one mpiexec (its MPMD form, `-n 1 A : -n 1 B`): ranks
+    that see other files, as ranks on machines of their own can."""
+    command, env = _under_mpi(1, rank_args[0])
+    for args in rank_args[1:]:
+        command += [":", "-n", "1", sys.executable, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
 def start_under_mpi(n_processes: int, *args) -> subprocess.Popen:
     command, env = _under_mpi(n_processes, args)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
