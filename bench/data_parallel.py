@@ -8,7 +8,7 @@ npllama.distributed, AdamW) on the same global batch of --batch x --seq-len toke
 
   1 process     all the rows, its BLAS on every core (its default)
   N processes   mpiexec -n N, each rank its 1/N of the rows with a BLAS of cores/N threads
-                (threadpoolctl's API, in the rank itself), the gradients averaged by MPI_Allreduce
+                (threadpoolctl's API, in the rank itself), the gradients averaged over MPI
 
 The N processes send the gradients' buckets two ways, a step of each in turn: once backward has
 ended (average_gradients), and each as soon as backward has filled it (GradientAverage, as

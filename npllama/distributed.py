@@ -128,20 +128,21 @@ def broadcast(value, world: World):
 
 def mean(value: float, world: World) -> float:
     """The mean of a number over the ranks."""
-    if world.size == 1:
-        return value
-    from mpi4py import MPI
-
-    return world.comm.allreduce(float(value), op=MPI.SUM) / world.size
+    return _reduce(float(value), "SUM", world) / world.size
 
 
 def largest(value: int, world: World) -> int:
     """The largest of an integer over the ranks, on every rank."""
+    return _reduce(int(value), "MAX", world)
+
+
+def _reduce(value, op_name: str, world: World):
+    """One Python number combined over the ranks by MPI's operation `op_name`, on every rank."""
     if world.size == 1:
-        return int(value)
+        return value
     from mpi4py import MPI
 
-    return int(world.comm.allreduce(int(value), op=MPI.MAX))
+    return world.comm.allreduce(value, op=getattr(MPI, op_name))
 
 
 def check_same(value: str, world: World, what: str, fix: str) -> None:
