@@ -25,19 +25,26 @@ class StopRequests:
     (and checkpoint); a second, or one that comes before the loop has begun, stops at once."""
 
     def __init__(self):
-        self.signal_number = None  # the first signal received
+        self.signal_number = None  # the signal the run stops under: the first received, or the ranks' choice
+        self.received = 0  # the signals this process itself has received
         self.deferring = False  # True while the training loop can stop cleanly at its next step
         self.stopped = False  # True once the run is stopping: later signals have nothing left to stop
 
     def __call__(self, signal_number, frame):
         if self.stopped:
             return
-        if self.deferring and self.signal_number is None:
-            self.signal_number = signal_number
+        self.received += 1
+        if self.deferring and self.received == 1:
+            self.signal_number = self.signal_number or signal_number
             return
         self.signal_number = self.signal_number or signal_number
         self.stopped = True
         raise StopNow(signal_number)
+
+    def stop_after_step(self, signal_number):
+        """Under mpirun: the ranks have agreed to stop after this step, under this signal (another
+        rank's, perhaps). This process's own signal, arriving later, is still its first: a request."""
+        self.signal_number = signal_number
 
 
 class StopNow(BaseException):

@@ -451,13 +451,17 @@ def _training_loop(run: Run, state: RunState):
             state.step = step + 1
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
-            # a signal any rank has had stops them all after this step, under one name
-            run.stops.signal_number = distributed.largest(run.stops.signal_number or 0, run.world) or None
-            checkpoint_now = _checkpoint_due(config, state.step) or run.stops.signal_number is not None
+            # a signal any rank has had stops them all after this step, under one name; the ranks
+            # act on what they agreed here, never on a signal that lands after it (that one counts
+            # at the next step), or one rank would stop while the others wait for it
+            agreed = distributed.largest(run.stops.signal_number or 0, run.world)
+            if agreed:
+                run.stops.stop_after_step(agreed)
+            checkpoint_now = _checkpoint_due(config, state.step) or bool(agreed)
             if not writer:
                 if checkpoint_now:
                     _whole_optimizer_state(run, state)  # this rank's part of what rank 0 saves
-                if run.stops.signal_number is not None:
+                if agreed:
                     break
                 continue
             if checkpoint_now or _evaluation_due(config, state.step):
@@ -468,7 +472,7 @@ def _training_loop(run: Run, state: RunState):
             progress.update(1)
             if checkpoint_now:
                 _save_checkpoint(run, state)
-            if run.stops.signal_number is not None:
+            if agreed:
                 break
         run.stops.deferring = False
 

@@ -119,6 +119,18 @@ def test_a_signal_after_the_run_began_to_stop_is_ignored_while_it_tidies_up():
     assert requests(signal.SIGINT, None) is None and requests.signal_number == signal.SIGINT
 
 
+def test_a_stop_agreed_with_the_other_ranks_leaves_this_ranks_own_later_signal_a_request():
+    """Under mpirun a rank can learn of a stop from another rank just before its own copy of the same
+    signal arrives (scancel signals every rank at once): that copy is its first, and must not stop
+    it at once in the middle of the checkpoint the stop is for."""
+    requests = stopping.StopRequests()
+    requests.deferring = True
+    requests.stop_after_step(signal.SIGTERM)  # agreed after a step: another rank had it first
+    assert requests(signal.SIGTERM, None) is None and requests.signal_number == signal.SIGTERM
+    with pytest.raises(stopping.StopNow):
+        requests(signal.SIGTERM, None)  # a second of its own still stops at once
+
+
 def test_a_second_signal_stops_at_once_and_leaves_the_last_checkpoint_loadable(corpus, tmp_path):
     args = common(corpus, tmp_path) + ["--steps", "100000", "--checkpoint-every", "3", "--eval-batches", "8"]
     process = start_training(*args)

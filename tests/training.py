@@ -68,8 +68,14 @@ def _under_mpi(n_processes: int, args) -> tuple[list, dict]:
 
 
 def run_under_mpi(n_processes: int, *args, timeout=120) -> subprocess.CompletedProcess:
-    command, env = _under_mpi(n_processes, args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    process = start_under_mpi(n_processes, *args)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)  # the launcher and its ranks, which would otherwise spin on
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_ranks_apart(*rank_args, timeout=120) -> subprocess.CompletedProcess:
@@ -82,8 +88,10 @@ def run_ranks_apart(*rank_args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def start_under_mpi(n_processes: int, *args) -> subprocess.Popen:
+    """The launcher in a session of its own, so that a test that gives up on it can end its ranks too."""
     command, env = _under_mpi(n_processes, args)
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
 
 
 def step_rows(run: Path) -> int:
@@ -98,4 +106,10 @@ def signal_after_steps(process: subprocess.Popen, run: Path, steps: int, signal_
         assert time.monotonic() < deadline, "the run did not reach the step"
         time.sleep(0.01)
     process.send_signal(signal_number)
-    return process.communicate(timeout=timeout)
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pid = getattr(process, "launcher", process).pid
+        if os.getpgid(pid) == pid:  # a launcher in a session of its own: its ranks must not spin on
+            os.killpg(pid, 9)
+        raise
