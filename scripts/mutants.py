@@ -494,7 +494,7 @@ CATALOGUE = [
            (FAULTS + "test_a_training_into_a_folder_another_process_holds_is_refused_naming_it",),
            "the run folder's lock is never taken, so two trainings write into one folder"),
     Mutant("signal-stops-without-a-checkpoint", "npllama/train.py",
-           "            checkpoint_now = _checkpoint_due(config, state.step) or run.stops.signal_number is not None\n",
+           "            checkpoint_now = _checkpoint_due(config, state.step) or bool(agreed)\n",
            "            checkpoint_now = _checkpoint_due(config, state.step)\n",
            (FAULTS + "test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_it_bitwise",),
            "SIGINT/SIGTERM end the loop without saving, losing the steps since the last checkpoint"),
