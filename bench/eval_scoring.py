@@ -3,11 +3,11 @@
     python bench/eval_scoring.py --checkpoint runs/tiny-20261129-220641 [--task hellaswag] [--limit 30]
 
 Both sides score the same (context, completion) pairs of one task with the same model in this
-process: npllama.evaluate.loglikelihoods (each context once, its KV cache shared by its choices,
+process: npllama.eval.scoring.loglikelihoods (each context once, its KV cache shared by its choices,
 equal-length contexts batched) and the plain way, one full forward pass over context + completion
 for every choice. It prints both times, their ratio and the largest difference between the two
 sets of log-likelihoods. The task's items come from the test fixtures unless --data-dir says
-where `python -m npllama.tasks download` put them.
+where `python -m npllama.eval.download` put them.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy
 
-from npllama import evaluate
 from npllama import model as llama
-from npllama.loading import load
-from npllama.tasks import load_task
+from npllama.convert.load import load
+from npllama.eval import scoring as evaluate
+from npllama.eval.tasks import load_task
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "data" / "tasks"
 

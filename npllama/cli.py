@@ -1,5 +1,6 @@
-"""What every command line of npllama shares: a parser whose errors are one line, and flag types
-that check their value where it is parsed, so a bad value names its flag and the range it needs.
+"""What every command line of npllama shares: a parser whose errors are one line, flag types that
+check their value where it is parsed (so a bad value names its flag and the range it needs), and
+the one way a command ends on bad input: `error: <one line>` on stderr and exit status 2.
 
     error: argument --top-p: must lie in (0, 1], got 1.5; see python -m npllama.generate --help
 """
@@ -7,7 +8,37 @@ that check their value where it is parsed, so a bad value names its flag and the
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import re
+import sys
+from collections.abc import Callable
+
+from .errors import NpllamaError
+
+BAD_INPUT = 2  # the exit status of every command on bad input (argparse's own, for usage errors)
+
+
+def fail(error: BaseException | str, prefix: str = "") -> int:
+    """Say `error: <message>` on stderr, on one line (a message that spans lines is joined), and
+    return BAD_INPUT: the one place a command's bad input becomes its last words."""
+    message = re.sub(r"\s*\n\s*", " ", str(error).strip())
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    return BAD_INPUT
+
+
+def command(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's `main(argv=None) -> int` whose NpllamaError ends it with `fail` (exit status 2);
+    any other exception is a bug and keeps its traceback."""
+
+    @functools.wraps(main)
+    def guarded(argv=None) -> int:
+        try:
+            return main(argv)
+        except NpllamaError as error:
+            return fail(error)
+
+    return guarded
 
 
 class OneLineParser(argparse.ArgumentParser):

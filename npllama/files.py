@@ -1,5 +1,5 @@
 """Durable file writes shared by the tokenizer, the token cache, the training log and checkpoints,
-and the lock that makes one process the only writer of a run folder.
+the lock that makes one process the only writer of a run folder, and where npllama keeps its caches.
 
 Every temporary file or folder npllama writes is named `.tmp-<final name>-<pid>` beside its final
 name (`temporary_sibling`), so that whoever finds one later can tell a leftover of a process that
@@ -177,3 +177,11 @@ def owned_by_a_live_process(name: str) -> bool:
     except PermissionError:
         pass  # it exists, owned by another user
     return True
+
+
+def default_cache_dir() -> Path:
+    """$NPLLAMA_CACHE, else $XDG_CACHE_HOME/npllama, else ~/.cache/npllama."""
+    if os.environ.get("NPLLAMA_CACHE"):
+        return Path(os.environ["NPLLAMA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "npllama"

@@ -485,7 +485,7 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     on_grad(name, grad), when given, is called with each parameter's gradient as soon as backward
     has finished it (the head's first, the embedding's last), and `grads` keeps what it returns: a
     caller can send the later layers' gradients to other processes while backward computes the
-    earlier ones (npllama.distributed.GradientAverage), or copy a gradient into a buffer of its own
+    earlier ones (npllama.train.distributed.GradientAverage), or copy a gradient into a buffer of its own
     without two copies living at once.
     """
     xp = array_namespace(params[FINAL_NORM])
@@ -518,28 +518,3 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
     finished(TOK_EMBEDDINGS)
     return value, {name: grads[name] for name in params}
-
-
-def describe_presets() -> str:
-    """A table of every preset: shape and parameter count (`python -m npllama.model`)."""
-    lines = [f"{'preset':<7} {'dim':>5} {'layers':>6} {'heads':>5} {'ffn':>6} {'vocab':>6}  params"]
-    for name, c in PRESETS.items():
-        count = c.n_params()
-        human = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
-        lines.append(f"{name:<7} {c.dim:>5} {c.n_layers:>6} {c.n_heads:>5} {c.ffn_dim:>6} {c.vocab_size:>6}  "
-                     f"{human} ({count:,})")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    """`python -m npllama.model`: the preset table."""
-    from .cli import OneLineParser
-
-    OneLineParser(prog="python -m npllama.model",
-                  description="Print every preset: its shape and parameter count.").parse_args(argv)
-    print(describe_presets())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,8 +6,10 @@ its third step, as a rank of a real job might (a full disk, a bad node); every r
 
 import sys
 
-from npllama import distributed, optim, train
+from npllama import optim
 from npllama.errors import NpllamaError
+from npllama.train import distributed
+from npllama.train.__main__ import main as train_main
 
 step = optim.step
 
@@ -20,4 +22,4 @@ def step_that_fails_on_rank_1(params, grads, state, *args, **kwargs):
 
 if __name__ == "__main__":
     optim.step = step_that_fails_on_rank_1
-    sys.exit(train.main(sys.argv[1:]))
+    sys.exit(train_main(sys.argv[1:]))

@@ -13,8 +13,8 @@ import sys
 
 import numpy
 
-from npllama import distributed
 from npllama import model as llama
+from npllama.train import distributed
 
 SMALL_BUCKETS = 1 << 16  # several buckets, so that some can go out while backward still runs
 

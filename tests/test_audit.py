@@ -7,7 +7,8 @@ import sys
 import numpy
 import pytest
 
-from npllama import audit
+from npllama.audit import ops as audit
+from npllama.audit.__main__ import main as audit_main
 from npllama.params import parameter_shapes
 
 EXPECTED_ROWS = {
@@ -41,7 +42,7 @@ def test_audit_table_ends_with_a_summary():
 def test_audit_fails_with_exit_1_when_a_gradient_is_wrong(monkeypatch, capsys):
     original = audit.swiglu.backward
     monkeypatch.setattr(audit.swiglu, "backward", lambda dy, cache: tuple(1.001 * g for g in original(dy, cache)))
-    assert audit.main(["--only", "swiglu"]) == 1
+    assert audit_main(["--only", "swiglu"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
@@ -54,7 +55,7 @@ def test_an_op_whose_backward_returns_nan_fails_the_audit_which_names_it(op, mon
     module = getattr(audit, op.removesuffix("_kv"))  # attention_kv is attention, with a KV cache
     original = module.backward
     monkeypatch.setattr(module, "backward", lambda dy, cache: nan_like(original(dy, cache)))
-    assert audit.main(["--only", op]) == 1
+    assert audit_main(["--only", op]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     rows = [line for line in lines if line.startswith(op)]
     assert rows and all("FAIL: the gradient is not finite" in row and "(nan)" in row for row in rows), lines
@@ -70,7 +71,7 @@ def test_a_model_gradient_with_nan_fails_the_audit_which_names_the_parameter(mon
         return value, grads
 
     monkeypatch.setattr(audit.llama, "loss_and_grads", loss_and_grads_with_a_nan)
-    assert audit.main(["--only", "model", "--json"]) == 1
+    assert audit_main(["--only", "model", "--json"]) == 1
     rows = json.loads(capsys.readouterr().out)  # strict JSON: no NaN literals
     failed = [row for row in rows if not row["passed"]]
     assert [row["wrt"] for row in failed] == ["layers.1.ffn_norm.weight"]

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from assertions import assert_close
-from npllama import distributed
-from npllama.distributed import DistributedError, World
+from npllama.train import distributed
+from npllama.train.distributed import DistributedError, World
 from training import (
     common,
     measured,

@@ -2,12 +2,13 @@
 
 import pytest
 
-from npllama import backend, checkpoint, data, generate, tokenizer, train
+from npllama import backend, checkpoint, data, generate, sampling, tokenizer, train
 from npllama.errors import NpllamaError
+from npllama.train.__main__ import main as train_main
 
 
 @pytest.mark.parametrize("error", [backend.BackendError, checkpoint.CheckpointError, data.DataError,
-                                   tokenizer.TokenizerError, train.TrainError, generate.GenerateError])
+                                   tokenizer.TokenizerError, train.TrainError, sampling.GenerateError])
 def test_every_kind_of_bad_input_is_an_npllama_error(error):
     assert issubclass(error, NpllamaError)
 
@@ -20,7 +21,7 @@ def a_run_folder(tmp_path):
 
 
 @pytest.mark.parametrize("command, argv", [(generate.main, ["--checkpoint", "{run}"]),
-                                           (train.main, ["--resume", "{run}", "--out", "y"])])
+                                           (train_main, ["--resume", "{run}", "--out", "y"])])
 def test_a_bug_is_not_reported_as_bad_input(command, argv, monkeypatch, tmp_path):
     """A plain ValueError from inside is a bug: it propagates with its traceback instead of becoming
     'error: ...' and exit status 2."""

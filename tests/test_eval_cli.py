@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from conftest import TASK_FIXTURES, save_random_run
-from npllama import eval as npllama_eval
 from npllama import model as llama
-from npllama.tasks import BENCHMARKS
+from npllama.eval import __main__ as npllama_eval
+from npllama.eval.tasks import BENCHMARKS
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def cli(*args):
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "arc"], "--tasks arc: unknown task; choose from arc_easy"),
-    (["--tasks", "piqa", "--data-dir", "EMPTY"], "piqa: no data in .*; run python -m npllama.tasks download"),
+    (["--tasks", "piqa", "--data-dir", "EMPTY"], "piqa: no data in .*; run python -m npllama.eval.download"),
     (["--tasks", "BAD"], r"bad.jsonl line 2: not JSON"),
     (["--tasks", "piqa", "--shots", "9"], r"--shots 9: the few-shot pool of piqa .* holds 8 examples; ask for at most"),
     (["--tasks", "piqa", "--shots", "65"], "--shots 65: at most 64"),

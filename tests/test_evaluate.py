@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npllama import evaluate
 from npllama import model as llama
-from npllama.evaluate import Generation, MultipleChoice, Partial, Scored
-from npllama.loading import Model
+from npllama.convert.load import Model
+from npllama.eval import scoring as evaluate
+from npllama.eval.scoring import Generation, MultipleChoice, Partial, Scored
 from npllama.tokenizer import Tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "Answer:", "\n", "42", "déjà", "vu", " ", "Question:", "?"]

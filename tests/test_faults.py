@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from npllama import checkpoint, files, run_log, stopping, train
+from npllama import checkpoint, files
+from npllama.train import run_log, stopping
+from npllama.train.__main__ import main as train_main
 from training import assert_one_line_error, common, contents, read_metrics, signal_after_steps, train_cli
 
 
@@ -39,7 +41,7 @@ def wait_for_checkpoint(run: Path, process: subprocess.Popen, timeout=120):
 def test_a_training_into_a_folder_another_process_holds_is_refused_naming_it(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     with files.exclusive_lock(run):  # flock binds to the open file: this excludes a second open here too
-        status = train.main(common(corpus, tmp_path) + ["--steps", "2"])
+        status = train_main(common(corpus, tmp_path) + ["--steps", "2"])
     error = capsys.readouterr().err
     assert status == 2 and error.count("\n") == 1
     assert f"--out {run} is in use by another training (process {os.getpid()})" in error
@@ -323,12 +325,12 @@ def failing_open(error_number, only="", real_open=open):
 def test_a_failing_write_is_one_line_and_keeps_every_checkpoint(corpus, tmp_path, capsys, monkeypatch, error_number,
                                                                 where):
     args = common(corpus, tmp_path) + ["--checkpoint-every", "2", "--eval-batches", "1"]
-    assert train.main(args + ["--steps", "2"]) == 0
+    assert train_main(args + ["--steps", "2"]) == 0
     before = contents(tmp_path / "run")
     capsys.readouterr()
     fails = failing_open(error_number, only="loss.png" if where == "plot" else "")
     monkeypatch.setattr(run_log if where == "log" else files, "open", fails, raising=False)
-    status = train.main(args + ["--steps", "4", "--resume"])
+    status = train_main(args + ["--steps", "4", "--resume"])
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(error) == 1, error
     assert os.strerror(error_number) in error[0]
@@ -344,7 +346,7 @@ def test_a_tokenizer_that_cannot_be_saved_is_one_line_and_leaves_no_run_folder(c
                                                                                monkeypatch, error_number):
     folder, _ = corpus
     monkeypatch.setattr(files, "open", failing_open(error_number, only="bpe-512"), raising=False)
-    status = train.main(["--preset", "nano", "--vocab-size", "512", "--data", str(folder), "--no-progress",
+    status = train_main(["--preset", "nano", "--vocab-size", "512", "--data", str(folder), "--no-progress",
                          "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--steps", "2"])
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(error) == 1 and "cannot write tokenizer file" in error[0], error

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from assertions import assert_close, assert_same
-from npllama import checkpoint, generate, model
+from npllama import checkpoint, generate, model, sampling
 
 logit_vectors = st.integers(2, 40).flatmap(
     lambda n: st.lists(st.floats(-20, 20, allow_nan=False), min_size=n, max_size=n)).map(numpy.array)
@@ -17,13 +17,13 @@ logit_vectors = st.integers(2, 40).flatmap(
 
 @given(logits=logit_vectors)
 def test_temperature_zero_is_greedy(logits):
-    probs = generate.sampling_distribution(logits, 0.0, None, None)
+    probs = sampling.sampling_distribution(logits, 0.0, None, None)
     assert probs[int(numpy.argmax(logits))] == 1.0 and probs.sum() == 1.0
 
 
 @given(logits=logit_vectors, top_k=st.integers(1, 40), temperature=st.floats(0.1, 3.0))
 def test_top_k_keeps_at_most_k_of_the_most_likely_tokens(logits, top_k, temperature):
-    probs = generate.sampling_distribution(logits, temperature, top_k, None)
+    probs = sampling.sampling_distribution(logits, temperature, top_k, None)
     kth_largest = numpy.sort(logits)[-min(top_k, logits.size)]
     # exactly the tokens at or above the k-th largest logit survive (more than k only on ties)
     assert_same(probs > 0, logits >= kth_largest)
@@ -32,8 +32,8 @@ def test_top_k_keeps_at_most_k_of_the_most_likely_tokens(logits, top_k, temperat
 
 @given(logits=logit_vectors, top_p=st.floats(0.05, 0.99))
 def test_top_p_keeps_the_smallest_most_likely_set_reaching_p(logits, top_p):
-    full = generate.sampling_distribution(logits, 1.0, None, None)
-    probs = generate.sampling_distribution(logits, 1.0, None, top_p)
+    full = sampling.sampling_distribution(logits, 1.0, None, None)
+    probs = sampling.sampling_distribution(logits, 1.0, None, top_p)
     kept = numpy.flatnonzero(probs)
     assert full[kept].sum() >= top_p - 1e-12  # reaches p
     smallest_kept = full[kept].min()
@@ -59,7 +59,7 @@ def test_generation_stops_at_eos_and_streams_the_same_text_it_returns():
     params["output.weight"][:] = 0.0
     params["output.weight"][2] = 5.0 * numpy.sign(numpy.arange(8) - 3.5)  # make EOS likely
     streamed = []
-    text = generate.generate(params, config, CountingTokenizer(), "ab", max_new_tokens=25, temperature=1.0,
+    text = sampling.generate(params, config, CountingTokenizer(), "ab", max_new_tokens=25, temperature=1.0,
                              seed=3, on_text=streamed.append)
     assert "".join(streamed) == text
     assert len(text) < 25
@@ -105,9 +105,9 @@ def test_streaming_never_splits_a_multibyte_character(monkeypatch):
         logits[0, -1, script[next(calls)]] = 0.0
         return logits
 
-    monkeypatch.setattr(generate.llama, "forward", scripted_forward)
+    monkeypatch.setattr(sampling.llama, "forward", scripted_forward)
     chunks = []
-    text = generate.generate(params, config, tokenizer, "x", max_new_tokens=20, temperature=1.0,
+    text = sampling.generate(params, config, tokenizer, "x", max_new_tokens=20, temperature=1.0,
                              on_text=chunks.append)
     assert text == " 中 aé"
     assert "".join(chunks) == text and not any("\ufffd" in chunk for chunk in chunks)
@@ -123,8 +123,8 @@ def test_a_kv_cache_that_grows_while_decoding_gives_the_text_of_one_allocated_in
 
     texts = {}
     for room in (1000, 3):
-        monkeypatch.setattr(generate, "INITIAL_CACHE_ROOM", room)
-        texts[room] = generate.generate(params, config, NeverStops(), "ab", max_new_tokens=40,
+        monkeypatch.setattr(sampling, "INITIAL_CACHE_ROOM", room)
+        texts[room] = sampling.generate(params, config, NeverStops(), "ab", max_new_tokens=40,
                                         temperature=1.0, top_p=None, seed=5)
     assert texts[3] == texts[1000] and len(texts[3]) > 10  # ids 0..2 decode to nothing
 
@@ -184,7 +184,7 @@ def test_a_huge_context_and_token_budget_allocate_only_what_is_decoded(monkeypat
         asked.append(kwargs["max_len"])
         return real_init(*args, **kwargs)
 
-    monkeypatch.setattr(generate.llama, "init_kv_cache", recording_init)
-    text = generate.generate(params, config, CountingTokenizer(), "ab", max_new_tokens=10**9, temperature=1.0,
+    monkeypatch.setattr(sampling.llama, "init_kv_cache", recording_init)
+    text = sampling.generate(params, config, CountingTokenizer(), "ab", max_new_tokens=10**9, temperature=1.0,
                              seed=3)
     assert asked == [3 + generate.INITIAL_CACHE_ROOM] and len(text) < 100

@@ -18,7 +18,7 @@ from npllama.kernels import attention as cuda_attention
 from npllama.kernels import embedding as cuda_embedding
 from npllama.ops import attention, embedding
 from npllama.train import train
-from npllama.train_config import TrainConfig
+from npllama.train.config import TrainConfig
 from training import common, measured, run_under_mpi, train_cli
 
 pytestmark = pytest.mark.gpu
@@ -219,9 +219,9 @@ def test_the_audit_passes_on_the_gpu():
 
 def test_the_evaluator_on_cupy_gives_numpys_scores_and_answers(cupy, corpus, tmp_path):
     from conftest import TASK_FIXTURES, save_random_run
-    from npllama.eval import evaluate_task
-    from npllama.loading import load
-    from npllama.tasks import load_task
+    from npllama.convert.load import load
+    from npllama.eval.report import evaluate_task
+    from npllama.eval.tasks import load_task
 
     _, tokenizer_path = corpus
     config = llama.LlamaConfig(dim=64, n_layers=2, n_heads=2, vocab_size=512, multiple_of=16, max_seq_len=256)

@@ -8,7 +8,8 @@ shape or dtype; a backward that returns too few gradients) is a failure that say
 import numpy
 import pytest
 
-from npllama import audit, gradcheck
+from npllama.audit import gradcheck
+from npllama.audit import ops as audit
 from npllama.ops import linear, rmsnorm, swiglu
 from strategies import rng_from
 

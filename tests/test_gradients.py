@@ -10,7 +10,8 @@ import numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npllama import audit, gradcheck
+from npllama.audit import gradcheck
+from npllama.audit import ops as audit
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from strategies import (
     attention_problems,

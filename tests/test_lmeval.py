@@ -21,8 +21,8 @@ import npllama
 from conftest import TASK_FIXTURES, save_random_run
 from npllama import model as llama
 from npllama.checkpoint import load_checkpoint
-from npllama.eval import evaluate_task
-from npllama.tasks import load_task
+from npllama.eval.report import evaluate_task
+from npllama.eval.tasks import load_task
 
 pytestmark = pytest.mark.oracle
 lm_eval = pytest.importorskip("lm_eval", reason="the outside judge is lm-evaluation-harness: pip install '.[test]'")
@@ -103,7 +103,7 @@ def compare(ours, samples, tolerance):
 @pytest.mark.parametrize("name", LOGLIKELIHOOD_TASKS)
 def test_lm_eval_through_the_adapter_builds_our_prompts_and_gets_our_scores(
         name, shots, model, task_manager, tmp_path):
-    from npllama.lmeval import NpllamaLM
+    from npllama.eval.lmeval import NpllamaLM
 
     samples = judge(NpllamaLM(model=model), name, task_manager, tmp_path, shots)
     ours = evaluate_task(model, load_task(name, TASK_FIXTURES), shots=shots, progress=False)
@@ -143,7 +143,7 @@ def test_lm_eval_with_transformers_on_the_same_weights_gets_our_scores(name, mod
 def test_the_adapters_rolling_log_likelihood_is_the_whole_texts_in_windows(model):
     from lm_eval.api.instance import Instance
 
-    from npllama.lmeval import NpllamaLM
+    from npllama.eval.lmeval import NpllamaLM
 
     rows = (TASK_FIXTURES / "boolq" / "validation.jsonl").read_text().splitlines()
     text = " ".join(json.loads(line)["passage"] for line in rows)[:6000]
@@ -170,8 +170,8 @@ def test_the_adapters_rolling_log_likelihood_is_the_whole_texts_in_windows(model
 def test_the_adapters_generate_until_is_npllamas_greedy_answer(model):
     from lm_eval.api.instance import Instance
 
-    from npllama import evaluate
-    from npllama.lmeval import NpllamaLM
+    from npllama.eval import scoring as evaluate
+    from npllama.eval.lmeval import NpllamaLM
 
     contexts = ["Answer these questions:\nQ: who wrote hamlet?\nA:", "Q: what is 2+2?\nA:"]
     requests = [Instance("generate_until", doc={}, arguments=(context, {"until": ["\n", "."], "max_gen_toks": 8}),
@@ -187,7 +187,7 @@ def test_lm_evals_command_line_runs_npllama_through_the_wrapper_module(run, tmp_
     config["task"] = "arc_easy_local"
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "arc_easy_local.yaml").write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "-m", "npllama.lmeval", "--model_args", f"checkpoint={run}",
+    done = subprocess.run([sys.executable, "-m", "npllama.eval.lmeval", "--model_args", f"checkpoint={run}",
                            "--tasks", "arc_easy_local", "--include_path", str(tmp_path / "tasks"), "--limit", "5"],
                           capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]

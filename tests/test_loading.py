@@ -10,7 +10,7 @@ import pytest
 import npllama
 from npllama import model as llama
 from npllama.checkpoint import save_checkpoint
-from npllama.loading import LoadError
+from npllama.convert.load import LoadError
 from npllama.tokenizer import Tokenizer
 
 

@@ -222,7 +222,7 @@ def test_preset_table_reports_the_7b_model_as_6_7b_parameters():
     import subprocess
     import sys
 
-    table = subprocess.run([sys.executable, "-m", "npllama.model"], capture_output=True, text=True, check=True).stdout
+    table = subprocess.run([sys.executable, "-m", "npllama.presets"], capture_output=True, text=True, check=True).stdout
     row = next(line for line in table.splitlines() if line.startswith("7B "))
     assert "6.7B (6,738,415,616)" in row
 
@@ -266,7 +266,7 @@ def test_kv_cache_overflow_is_refused():
         model.forward(params, config, numpy.zeros((1, 2), dtype=int), kv_cache=cache)
 
 
-@pytest.mark.parametrize("module", ["train", "generate", "audit", "tokenizer", "model", "eval", "tasks", "convert"])
+@pytest.mark.parametrize("module", ["train", "generate", "audit", "tokenizer", "presets", "eval", "eval.download", "convert"])
 def test_every_command_answers_help_with_its_usage(module):
     import subprocess
     import sys

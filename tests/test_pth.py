@@ -9,7 +9,7 @@ import zipfile
 import numpy
 import pytest
 
-from npllama.pth import PthError, read_pth
+from npllama.convert.pth import PthError, read_pth
 
 torch = pytest.importorskip("torch", reason="torch writes the files read here: pip install '.[test]'")
 
@@ -107,7 +107,7 @@ def test_a_file_that_is_not_a_torch_zip_is_refused_in_one_line(tmp_path, content
 def test_npllama_reads_pth_files_without_importing_torch(tmp_path):
     path = tmp_path / "w.pth"
     torch.save({"w": torch.ones(2)}, path)
-    code = ("import sys; from npllama.pth import read_pth; "
+    code = ("import sys; from npllama.convert.pth import read_pth; "
             f"assert read_pth({str(path)!r})['w'].tolist() == [1.0, 1.0]; assert 'torch' not in sys.modules")
     import subprocess
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TASK_FIXTURES
-from npllama.evaluate import Generation, MultipleChoice, Partial
-from npllama.tasks import BENCHMARKS, TaskError, load_task
-from npllama.tasks import download as tasks_download
+from npllama.eval import download as tasks_download
+from npllama.eval.scoring import Generation, MultipleChoice, Partial
+from npllama.eval.tasks import BENCHMARKS, TaskError, load_task
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
@@ -128,7 +128,7 @@ def test_a_malformed_local_task_line_is_named_by_file_and_line(tmp_path, line, m
 def test_unknown_tasks_and_missing_data_say_what_to_do(tmp_path):
     with pytest.raises(TaskError, match="--tasks arc: unknown task; choose from arc_easy"):
         load_task("arc", tmp_path)
-    with pytest.raises(TaskError, match="piqa: no data in .*; run python -m npllama.tasks download"):
+    with pytest.raises(TaskError, match="piqa: no data in .*; run python -m npllama.eval.download"):
         load_task("piqa", tmp_path)
     with pytest.raises(TaskError, match="no such file"):
         load_task(str(tmp_path / "absent.jsonl"))

@@ -268,7 +268,7 @@ def test_help_states_each_default_once():
 
 
 def test_loss_png_is_drawn_when_matplotlib_is_installed_and_skipped_with_one_note_otherwise(tmp_path, monkeypatch):
-    from npllama import run_log
+    from npllama.train import run_log
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 6.0 - 0.1 * s, **({"val_loss": 6.0 - 0.09 * s}

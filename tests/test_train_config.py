@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from npllama import train
-from npllama.train_config import TrainConfig, TrainError, flag, from_command_line, parser, saved_settings
+from npllama.train.__main__ import main as train_main
+from npllama.train.config import TrainConfig, TrainError, flag, from_command_line, parser, saved_settings
 
 
 def test_no_flags_give_the_dataclass_defaults():
@@ -87,7 +88,7 @@ def test_train_from_python_writes_what_the_command_line_writes(corpus, tmp_path)
              "--sample-tokens", "5"]
     notes = []
     result = train.train(from_command_line(flags + ["--out", str(tmp_path / "python")]), log=notes.append)
-    assert train.main(flags + ["--out", str(tmp_path / "cli")]) == 0
+    assert train_main(flags + ["--out", str(tmp_path / "cli")]) == 0
     assert result.out == tmp_path / "python" and result.step == 3 and math.isfinite(result.val_loss)
     assert result.checkpoint == tmp_path / "python" / "step-00000003"
     assert isinstance(result.sample, str) and any(note.startswith("sample") for note in notes)

@@ -1,5 +1,7 @@
 """Llama checkpoints in other formats: Hugging Face directories in and out (`hf.py`), Meta's
-original layout in (`meta.py`: params.json and model-parallel consolidated.NN.pth shards).
+original layout in (`meta.py`: params.json and model-parallel consolidated.NN.pth shards, read by
+`pth.py` without running their pickles), `npllama.load` for every kind (`load.py`), and
+`python -m npllama.convert` (`__main__.py`).
 
 Names and shapes come from the one parameter table (npllama/params.py). What npllama does not
 implement (grouped-query attention, RoPE scaling, biases, tied embeddings) is refused in one line

@@ -13,9 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli import OneLineParser
+from ..checkpoint import save_checkpoint
+from ..cli import OneLineParser, command
 from ..errors import NpllamaError
 from .hf import export_hf
+from .load import load
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -40,30 +42,24 @@ def _empty_or_new(out: Path, what: str):
                            f"{what}")
 
 
+@command
 def main(argv=None) -> int:
-    from ..checkpoint import save_checkpoint
-    from ..loading import load
-
     args = _parser().parse_args(argv)
     out = Path(args.out)
-    try:
-        if args.command == "import":
-            _empty_or_new(out, "npllama run")
-            model = load(args.source, flag="source")
-            tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
-            path = save_checkpoint(out, 0, config=model.config, params=model.params, tokenizer_model=tokenizer,
-                                   state={"imported_from": str(Path(args.source).resolve()), "kind": model.kind})
-            print(f"{model.kind} model {args.source} -> {path} ({model.config.n_params():,} parameters"
-                  f"{', with its tokenizer' if tokenizer else ', no tokenizer.model found'})")
-        else:
-            _empty_or_new(out, "Hugging Face directory")
-            model = load(args.source, flag="source")
-            tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
-            export_hf(out, model.config, model.params, tokenizer_model=tokenizer, dtype=args.dtype)
-            print(f"{model.kind} model {args.source} -> {out} (Hugging Face, {args.dtype})")
-    except NpllamaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "import":
+        _empty_or_new(out, "npllama run")
+        model = load(args.source, flag="source")
+        tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
+        path = save_checkpoint(out, 0, config=model.config, params=model.params, tokenizer_model=tokenizer,
+                               state={"imported_from": str(Path(args.source).resolve()), "kind": model.kind})
+        print(f"{model.kind} model {args.source} -> {path} ({model.config.n_params():,} parameters"
+              f"{', with its tokenizer' if tokenizer else ', no tokenizer.model found'})")
+    else:
+        _empty_or_new(out, "Hugging Face directory")
+        model = load(args.source, flag="source")
+        tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
+        export_hf(out, model.config, model.params, tokenizer_model=tokenizer, dtype=args.dtype)
+        print(f"{model.kind} model {args.source} -> {out} (Hugging Face, {args.dtype})")
     return 0
 
 

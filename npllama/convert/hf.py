@@ -27,8 +27,8 @@ import numpy
 
 from ..model import LlamaConfig
 from ..params import hf_names, parameter_shapes, rope_permuted_names
-from ..pth import widen_bfloat16
 from . import ConvertError
+from .pth import widen_bfloat16
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -9,7 +9,7 @@ Each rank holds a slice of every matrix, cut the way Meta's model-parallel layer
     RMSNorm gains                                       whole on every rank
 
 so the import concatenates each tensor's slices along its axis, in rank order, and checks that
-the norm gains agree. The .pth files are read by npllama/pth.py: without torch, and without
+the norm gains agree. The .pth files are read by npllama/convert/pth.py: without torch, and without
 running any code a pickle might hold. Meta's layout is npllama's own (names, RoPE), so nothing is
 permuted.
 """
@@ -24,9 +24,9 @@ import numpy
 
 from ..model import LlamaConfig
 from ..params import EMBEDDING, LAYER_SUFFIXES, NORM, TOK_EMBEDDINGS, layer_name, parameter_table
-from ..pth import read_pth
 from . import ConvertError
 from .hf import Imported
+from .pth import read_pth
 
 PARAMS_FILE = "params.json"
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")

@@ -13,6 +13,7 @@ import re
 import sys
 from dataclasses import dataclass
 
+from ..cli import fail
 from . import COMPILE_OPTIONS, CUPY_ADDED_OPTIONS
 from . import attention as attention_kernels
 from . import embedding as embedding_kernels
@@ -112,9 +113,8 @@ def report(nvrtc) -> tuple[list[Resources], list[str]]:
 def main(argv=None) -> int:
     nvrtc = nvrtc_module()
     if nvrtc is None:
-        print('error: NVRTC is not available: pip install "npllama[gpu]" nvidia-cuda-nvrtc (the test extra pins '
-              "the version this report was checked with)", file=sys.stderr)
-        return 2
+        return fail('NVRTC is not available: pip install "npllama[gpu]" nvidia-cuda-nvrtc (the test extra pins '
+                    "the version this report was checked with)")
     major, minor = nvrtc.getVersion()
     print(f"NVRTC {major}.{minor}; options {' '.join((*COMPILE_OPTIONS, *CUPY_ADDED_OPTIONS))}")
     rows, errors = report(nvrtc)

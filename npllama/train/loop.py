@@ -16,15 +16,13 @@ one AdamW step at the learning rate of a cosine schedule with linear warmup. Out
 
 `--resume` continues a run exactly: the resumed steps give bitwise the parameters an
 uninterrupted run would have given (on the CPU, same machine). The settings are
-npllama/train_config.py's `TrainConfig`, which also makes the command line.
+npllama/train/config.py's `TrainConfig`, which also makes the command line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shlex
@@ -36,16 +34,17 @@ from pathlib import Path
 
 import numpy
 
-from . import checkpoint as ckpt
-from . import data as corpus
-from . import distributed, files, optim, run_log, stopping
-from . import model as llama
-from .backend import get_backend
-from .errors import NpllamaError
-from .tokenizer import Tokenizer, train_tokenizer
-from .train_config import TrainConfig, TrainError, command_line, default_cache_dir, from_command_line, saved_settings
-
-__all__ = ["TrainConfig", "TrainError", "TrainInterrupted", "TrainResult", "train", "main"]
+from .. import checkpoint as ckpt
+from .. import data as corpus
+from .. import files, optim
+from .. import model as llama
+from ..backend import get_backend
+from ..files import default_cache_dir
+from ..sampling import generate
+from ..tokenizer import Tokenizer, recipe_key, train_tokenizer
+from . import distributed, resume, run_log, stopping, zero
+from .config import TrainConfig, TrainError, command_line, saved_settings
+from .state import Run, RunState
 
 
 class Diverged(TrainError):
@@ -73,39 +72,6 @@ class TrainResult:
     step: int
     val_loss: float
     sample: str | None
-
-
-@dataclass
-class Run:
-    """What stays fixed while a run trains: its settings, model, data and where it writes."""
-
-    config: TrainConfig
-    model_config: llama.LlamaConfig
-    out: Path
-    tokenizer: Tokenizer
-    data_id: str
-    val_batches: list
-    stops: stopping.StopRequests
-    xp: object = numpy  # the array module the weights live in (numpy, or cupy for --backend cupy)
-    world: distributed.World = distributed.World()  # the processes of the run (mpirun -n N); rank 0 writes
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
-
-
-@dataclass
-class RunState:
-    """What each step changes: the weights, AdamW's moments, the sampler's position, the step count,
-    and the newest checkpoint as (path, step)."""
-
-    params: dict
-    opt_state: optim.AdamWState
-    sampler: corpus.BatchSampler
-    step: int
-    last_checkpoint: tuple | None = None
-    val_loss: float = math.nan
-    own_rows: dict | None = None  # --zero 1 under mpirun: the rows of each parameter this rank updates
 
 
 def _check_writable(folder: Path, flag: str):
@@ -141,14 +107,7 @@ def _load_tokenizer(config: TrainConfig, vocab_size: int, documents, cache_dir: 
     elif resumed is not None and resumed.tokenizer_model is not None:
         tokenizer = Tokenizer.from_bytes(resumed.tokenizer_model)
     else:
-        signature = corpus.sources_signature(documents)
-        import sentencepiece
-
-        from .tokenizer import DEFAULT_MAX_SENTENCES, LLAMA_TRAINING_OPTIONS
-
-        recipe = {"vocab": vocab_size, "sources": signature, "options": LLAMA_TRAINING_OPTIONS,
-                  "max_sentences": DEFAULT_MAX_SENTENCES, "seed": 0, "sentencepiece": sentencepiece.__version__}
-        key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = recipe_key(vocab_size, corpus.sources_signature(documents))
         path = cache_dir / "tokenizers" / f"bpe-{vocab_size}-{key}.model"
         if path.is_file():
             tokenizer = Tokenizer.load(path)
@@ -196,7 +155,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     with stopping.stop_requests() as stops:
         try:
             with _only_writer_of(out) if world.is_writer else contextlib.nullcontext():
-                resumed = _checkpoint_to_resume(config, model_config, out, xp)
+                resumed = resume.checkpoint_to_resume(config, model_config, out, xp)
                 return _train_into(config, model_config, out, resumed, stops, log, xp, world)
         except stopping.StopNow as stop:
             stops.stopped = True
@@ -271,28 +230,10 @@ def _output_folder(config: TrainConfig) -> Path:
     return Path(config.out) if config.out else Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _checkpoint_to_resume(config: TrainConfig, model_config, out: Path, xp):
-    """The checkpoint --resume names (or None), after checking it belongs to --out's run."""
-    out_had_run = out.is_dir() and ckpt.find_latest(out) is not None
-    if config.resume is None:
-        if out_had_run:
-            raise TrainError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-        return None
-    if config.resume == "" and not out_had_run:
-        raise TrainError(f"--resume: {out} holds no checkpoint to resume; pass --resume CHECKPOINT_DIR")
-    # checkpoints hold host arrays: one saved on either backend resumes on either
-    resumed = ckpt.load_checkpoint(Path(config.resume) if config.resume else out, expected_config=model_config,
-                                   xp=xp)
-    if out_had_run and resumed.path.parent.resolve() != out.resolve():
-        raise TrainError(f"--out {out} already holds another run; to continue {resumed.path} pass "
-                         f"--out {resumed.path.parent}, or choose a new --out")
-    return resumed
-
-
 def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, log, xp, world) -> TrainResult:
     from tqdm import tqdm
 
-    config = _with_fixed_warmup(config, resumed)
+    config = resume.with_fixed_warmup(config, resumed)
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     _check_writable(cache_dir, "--cache-dir")
     with distributed.writer_first(world):  # rank 0 trains the tokenizer and fills the cache; the rest read it
@@ -309,7 +250,10 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     run = Run(config, model_config, out, tokenizer, tokens.info["content_sha256"],
               _validation_batches(config, tokens, log), stops, xp, world)
     sampler = corpus.BatchSampler(tokens.train, config.batch_size, config.seq_len, config.seed)
-    state = _resumed_state(run, resumed, sampler, log) if resumed is not None else _fresh_state(run, sampler, log)
+    if resumed is not None:
+        state = resume.resumed_state(run, resumed, sampler, log)
+    else:
+        state = resume.fresh_state(run, sampler, log)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
         f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}"
         + _ranks(config, world, state))
@@ -324,8 +268,6 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     log(f"checkpoint: {state.last_checkpoint[0]}")
     sample = None
     if config.sample_tokens > 0 and stops.signal_number is None:  # a signal in the last step: no sample
-        from .generate import generate
-
         prompt = config.sample_prompt if config.sample_prompt is not None else ("def " if config.data is None else "")
         log(f"sample ({config.sample_tokens} tokens, temperature 0.8):")
         sample = prompt + generate(state.params, model_config, tokenizer, prompt, config.sample_tokens,
@@ -343,15 +285,6 @@ def _ranks(config: TrainConfig, world, state) -> str:
             + (", AdamW's moments sharded (ZeRO stage 1)" if state.own_rows is not None else ""))
 
 
-def _with_fixed_warmup(config: TrainConfig, resumed) -> TrainConfig:
-    """The warmup is fixed when a run starts (--warmup, or 10% of --steps) and saved with it, so a
-    resumed run without --warmup keeps its run's warmup and a larger --steps only stretches the cosine."""
-    if config.warmup is not None:
-        return config
-    saved = resumed.state.get("settings", {}).get("warmup") if resumed is not None else None
-    return dataclasses.replace(config, warmup=saved if isinstance(saved, int) else config.effective_warmup)
-
-
 def _validation_batches(config: TrainConfig, tokens, log) -> list:
     batches = corpus.fixed_batches(tokens.val, config.batch_size, config.seq_len, config.eval_batches)
     if not batches:
@@ -359,57 +292,6 @@ def _validation_batches(config: TrainConfig, tokens, log) -> list:
             "validating on training windows instead")
         batches = corpus.fixed_batches(tokens.train, config.batch_size, config.seq_len, config.eval_batches)
     return batches
-
-
-def _fresh_state(run: Run, sampler, log) -> RunState:
-    if run.world.is_writer:
-        run_log.set_aside(run.metrics_path, log)
-    # drawn on the CPU on every backend, so both start from the same numbers
-    params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype, xp=run.xp)
-    own = _own_rows(run, params)
-    opt_state = optim.init_state(params if own is None else {n: p[own[n]] for n, p in params.items()})
-    return RunState(params, opt_state, sampler, step=0, own_rows=own)
-
-
-def _own_rows(run: Run, params) -> dict | None:
-    """ZeRO stage 1 (--zero 1 with several processes): each rank keeps AdamW's moments of, and
-    updates, its own contiguous rows of every parameter; None when one rank updates everything."""
-    return distributed.own_rows(params, run.world) if run.config.zero and run.world.size > 1 else None
-
-
-def _resumed_state(run: Run, resumed, sampler, log) -> RunState:
-    """The state saved in `resumed`, after checking that the run's data and settings are the checkpoint's."""
-    saved = resumed.state
-    if saved.get("data_id") != run.data_id:
-        raise TrainError(f"--resume: the checkpoint {resumed.path} was trained on other data (or another "
-                         "tokenizer); pass the same --data, or start a new run with another --out")
-    before = dict(saved.get("settings", {}))
-    now = saved_settings(run.config, run.model_config.vocab_size)
-    changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if k != "steps" and before.get(k) != v]
-    if changed:
-        raise TrainError(f"--resume: the run's settings differ from the checkpoint's ({', '.join(changed)}); "
-                         "resume with the same flags, or start a new run with another --out")
-    if before.get("steps") != run.config.steps:
-        log(f"note: --steps changed from {before.get('steps')} to {run.config.steps}: the learning-rate schedule "
-            "is stretched, so the run will not match one trained for this many steps from the start")
-    if resumed.optimizer_state is None:
-        raise TrainError(f"--resume: {resumed.path} holds no optimizer state (an exported model?); "
-                         "training cannot continue exactly from it")
-    start_step = int(saved["step"])
-    if start_step >= run.config.steps:
-        raise TrainError(f"--resume: the checkpoint is at step {start_step}, the run has --steps "
-                         f"{run.config.steps}; pass a larger --steps to train further")
-    sampler.restore(saved["sampler"])
-    params = {name: p.astype(run.config.dtype, copy=False) for name, p in resumed.params.items()}
-    if run.world.is_writer:
-        run_log.repair(run.metrics_path, start_step, log)
-    log(f"resumed from {resumed.path} at step {start_step}")
-    opt_state, own = resumed.optimizer_state, _own_rows(run, params)
-    if own is not None:  # the checkpoint holds every row's moments: keep this rank's
-        opt_state = optim.AdamWState(m={n: m[own[n]].copy() for n, m in opt_state.m.items()},
-                                     v={n: v[own[n]].copy() for n, v in opt_state.v.items()}, step=opt_state.step)
-    return RunState(params, opt_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step),
-                    own_rows=own)
 
 
 def _training_loop(run: Run, state: RunState):
@@ -447,7 +329,7 @@ def _training_loop(run: Run, state: RunState):
                 raise _diverged(state, step + 1, f"the loss became {loss}")
             if not math.isfinite(grad_norm):
                 raise _diverged(state, step + 1, f"the gradient norm became {grad_norm} (loss {loss:.4f})")
-            stats = _adamw_step(run, state, grads, lr, adamw, grad_norm)
+            stats = zero.adamw_step(run, state, grads, lr, adamw, grad_norm)
             state.step = step + 1
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
@@ -460,7 +342,7 @@ def _training_loop(run: Run, state: RunState):
             checkpoint_now = _checkpoint_due(config, state.step) or bool(agreed)
             if not writer:
                 if checkpoint_now:
-                    _whole_optimizer_state(run, state)  # this rank's part of what rank 0 saves
+                    zero.whole_optimizer_state(run, state)  # this rank's part of what rank 0 saves
                 if agreed:
                     break
                 continue
@@ -475,29 +357,6 @@ def _training_loop(run: Run, state: RunState):
             if agreed:
                 break
         run.stops.deferring = False
-
-
-def _adamw_step(run: Run, state: RunState, grads, lr, adamw, grad_norm) -> dict:
-    """One AdamW step of every parameter; under --zero 1 each rank steps its own rows (the update is
-    elementwise, so the numbers are the same), then the ranks send each other theirs."""
-    if state.own_rows is None:
-        return optim.step(state.params, grads, state.opt_state, lr, adamw, grad_norm=grad_norm)
-    own = state.own_rows
-    stats = optim.step({name: p[own[name]] for name, p in state.params.items()},
-                       {name: g[own[name]] for name, g in grads.items()}, state.opt_state, lr, adamw,
-                       grad_norm=grad_norm)
-    distributed.allgather_rows(state.params, run.world)
-    return stats
-
-
-def _whole_optimizer_state(run: Run, state: RunState):
-    """AdamW's state of every row, on rank 0 (None elsewhere under --zero 1): what a checkpoint holds."""
-    if state.own_rows is None:
-        return state.opt_state
-    shapes = {name: p.shape for name, p in state.params.items()}
-    m = distributed.gather_rows_to_writer(state.opt_state.m, shapes, run.world)
-    v = distributed.gather_rows_to_writer(state.opt_state.v, shapes, run.world)
-    return optim.AdamWState(m=m, v=v, step=state.opt_state.step) if run.world.is_writer else None
 
 
 def _accumulated_loss_and_grads(run: Run, state: RunState):
@@ -559,7 +418,7 @@ def _save_checkpoint(run: Run, state: RunState):
              "sampler": state.sampler.state(), "data_id": run.data_id,
              "tokenizer_fingerprint": run.tokenizer.fingerprint}
     path = ckpt.save_checkpoint(run.out, state.step, config=run.model_config, params=state.params,
-                                optimizer_state=_whole_optimizer_state(run, state), state=saved,
+                                optimizer_state=zero.whole_optimizer_state(run, state), state=saved,
                                 tokenizer_model=run.tokenizer.model_bytes,
                                 keep_last=run.config.keep_checkpoints or None)
     state.last_checkpoint = (path, state.step)
@@ -570,34 +429,3 @@ def _diverged(state: RunState, step: int, what: str) -> Diverged:
              if state.last_checkpoint else "no checkpoint had been written yet")
     return Diverged(f"{what} at step {step}; stopped without saving; {where}; "
                     "start a new run (another --out) with a lower --lr")
-
-
-def main(argv=None) -> int:
-    try:
-        result = train(from_command_line(argv))
-        if result.sample is not None:
-            print(result.sample, flush=True)
-        return 0
-    except NpllamaError as error:
-        if getattr(error, "every_rank", False):  # every rank stops here with it: rank 0 says it, once
-            if distributed.current().is_writer:
-                print(f"error: {error}", file=sys.stderr, flush=True)
-            return 2
-        print(f"error: {distributed.where()}{error}", file=sys.stderr, flush=True)
-        distributed.stop_all(2)  # under mpirun: the other ranks stop too, rather than wait for this one
-        return 2
-    except TrainInterrupted as interrupted:
-        if distributed.current().is_writer:
-            print(f"\n{interrupted}", file=sys.stderr)
-        return interrupted.exit_status
-    except OSError as error:  # a read or write the messages above did not foresee: still one line
-        print(f"error: {error.filename or 'a file'}: {error.strerror or error}; check free space and permissions",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C before the run could route it (while Python was starting up)
-        print("\nstopped by SIGINT before training began; nothing was written", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import model as llama
-from .backend import get_backend
-from .errors import NpllamaError
-from .model import LlamaConfig
+from .. import model as llama
+from ..backend import get_backend
+from ..errors import NpllamaError
+from ..model import LlamaConfig
+from ..sampling import generate
 
 KINDS = ("npllama", "huggingface", "meta")
 
@@ -51,8 +52,6 @@ class Model:
     def generate(self, prompt: str = "", max_new_tokens: int = 100, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0) -> str:
         """The text the model writes after `prompt` (KV-cache decoding; temperature 0 is greedy)."""
-        from .generate import generate
-
         if self.tokenizer is None:
             raise LoadError(f"{self.path}: the model has no tokenizer.model, so it cannot turn text into ids; "
                             "put the model's tokenizer.model beside its weights")
@@ -62,8 +61,8 @@ class Model:
 
 def kind_of_directory(path: Path) -> str | None:
     """Which of KINDS the folder `path` holds, or None."""
-    from .convert.hf import is_hf_directory
-    from .convert.meta import is_meta_directory
+    from .hf import is_hf_directory
+    from .meta import is_meta_directory
 
     if not path.is_dir():
         return None
@@ -78,7 +77,7 @@ def kind_of_directory(path: Path) -> str | None:
 
 def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
     """The model in `path` (any of KINDS) on `backend`; errors are one-line NpllamaErrors."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     xp = get_backend(backend)
     path = Path(path)
@@ -91,14 +90,14 @@ def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
         raise LoadError(f"{flag} {path} {what}; pass an npllama run or checkpoint folder, a Hugging Face Llama "
                         "directory (config.json + *.safetensors) or Meta's (params.json + consolidated.NN.pth)")
     if kind == "npllama":
-        from .checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(path, flag=flag)
         config, params = checkpoint.config, checkpoint.params
         tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model) if checkpoint.tokenizer_model else None
     else:
-        from .convert.hf import import_hf
-        from .convert.meta import import_meta
+        from .hf import import_hf
+        from .meta import import_meta
 
         imported = (import_hf if kind == "huggingface" else import_meta)(path)
         config, params = imported.config, imported.params

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from .backend import array_namespace, to_host
+from ..backend import array_namespace, to_host
 
 DEFAULT_RTOL = 1e-6
 DEFAULT_STEP = 1e-4

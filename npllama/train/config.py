@@ -16,29 +16,20 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-from .backend import BACKENDS
-from .cli import OneLineParser
-from .errors import NpllamaError
-from .model import PRESETS
+from ..backend import BACKENDS
+from ..cli import OneLineParser
+from ..errors import NpllamaError
+from ..files import default_cache_dir
+from ..model import PRESETS
 
 DTYPES = ("float32", "float64")  # the parameter dtypes training supports
 
 
 class TrainError(NpllamaError):
     """A problem with the run's settings or state, stated in one line."""
-
-
-def default_cache_dir() -> Path:
-    """$NPLLAMA_CACHE, else $XDG_CACHE_HOME/npllama, else ~/.cache/npllama."""
-    if os.environ.get("NPLLAMA_CACHE"):
-        return Path(os.environ["NPLLAMA_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "npllama"
 
 
 def _setting(default, help, *, rule=None, saved=False, **argparse_options):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy
 
-from .errors import NpllamaError
+from ..errors import NpllamaError
 
 MAX_PICKLE_BYTES = 64 * 2**20  # data.pkl holds names and shapes, never the weights themselves
 

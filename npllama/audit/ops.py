@@ -4,32 +4,25 @@
 
 For each op (each differentiable input and parameter) and for the whole model on a small config,
 the gradient that backward returns is compared with fourth-order central differences along
-random unit directions and entry by entry (see npllama/gradcheck.py for the exact error
+random unit directions and entry by entry (see npllama/audit/gradcheck.py for the exact error
 measures). Prints a table, or with --json a list of {op, wrt, max_abs_err, max_rel_err, passed, problem}.
 A gradient that cannot be compared (NaN or infinite values in it or in the finite differences, a
 wrong shape or dtype) fails, and its row says why (`problem`; its errors are null in the JSON).
 Exits 1 if any check fails, naming the ops that failed; 2 on bad arguments.
 
-    python -m npllama.audit compare MODEL_DIR --batch B.npy --grads THEIRS.safetensors
-    python -m npllama.audit reference MODEL_DIR --batch B.npy --out REFERENCE.safetensors
-
-audit another implementation's gradients against npllama's float64 reference (npllama/audit_compare.py).
+The command is npllama/audit/__main__.py; `compare` and `reference`, which audit another
+implementation's gradients, are npllama/audit/compare.py.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-
 import numpy
 
+from .. import model as llama
+from ..errors import few
+from ..ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from ..params import NORM, parameter_table
 from . import gradcheck
-from . import model as llama
-from .backend import BACKENDS, get_backend
-from .cli import OneLineParser, integer
-from .errors import NpllamaError, few
-from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
-from .params import NORM, parameter_table
 
 OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "attention_kv", "cross_entropy", "model")
 
@@ -118,44 +111,3 @@ def format_table(results) -> str:
                                             for op in failed_ops)
     lines.append(summary)
     return "\n".join(lines)
-
-
-def _parser():
-    parser = OneLineParser(
-        prog="python -m npllama.audit",
-        description="Check every hand-derived gradient of npllama against finite differences (float64).")
-    parser.add_argument("--seed", type=integer(minimum=0), default=0,
-                        help="seed for inputs, directions and entries (default 0)")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("--backend", default="numpy",
-                        help=f"array backend: {' or '.join(BACKENDS)} (cupy: a CUDA GPU, with npllama's kernels)")
-    parser.add_argument("--only", nargs="+", metavar="OP", help=f"check only these ops: {', '.join(OPS)}")
-    return parser
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("compare", "reference"):  # another implementation's gradients: audit_compare.py
-        from . import audit_compare
-
-        return audit_compare.main(argv[0], argv[1:])
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        xp = get_backend(args.backend)
-    except NpllamaError as error:
-        parser.exit(2, f"error: {error}\n")
-    if args.only:
-        unknown = sorted(set(args.only) - set(OPS))
-        if unknown:
-            parser.exit(2, f"error: --only: unknown op {', '.join(unknown)}; choose from {', '.join(OPS)}\n")
-    results = run_audit(args.seed, xp, args.only)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2, allow_nan=False))
-    else:
-        print(format_table(results))
-    return 0 if all(r.passed for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

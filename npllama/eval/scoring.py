@@ -35,12 +35,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy
 
-from . import model as llama
-from .backend import array_namespace, to_host
-from .errors import NpllamaError
-from .params import FINAL_NORM
+from .. import model as llama
+from .. import sampling
+from ..backend import array_namespace, to_host
+from ..errors import NpllamaError
+from ..params import FINAL_NORM
 
-UNCONDITIONAL_CONTEXT = "Answer:"  # GPT-3's answer context for the calibrated score
 STOP_STRINGS = ("\n", ".", ",")  # closed-book QA answers end at the first of these
 MAX_ANSWER_TOKENS = 32  # a closed-book answer is a few words; decoding stops here at the latest
 MAX_SHOTS = 64
@@ -275,18 +275,12 @@ def _batches(by_context: dict, batch_size: int):
 
 # --- greedy generation --------------------------------------------------------------------------
 
-def _cut_at_stop(text: str, stops) -> tuple[str, bool]:
-    """`text` up to the first of `stops`, and whether one was found."""
-    cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
 def greedy_until(model, contexts, stops=STOP_STRINGS, max_new_tokens: int = MAX_ANSWER_TOKENS,
                  batch_size: int = 32, progress=None) -> list[str]:
     """The greedy continuation of each context, cut at the first of `stops`, at EOS or after
-    `max_new_tokens` tokens. Contexts of equal token count decode as one batch with one KV cache."""
+    `max_new_tokens` tokens. Contexts of equal token count decode as one batch with one KV cache
+    (npllama.sampling.decode)."""
     params, config, tokenizer = model.params, model.config, model.tokenizer
-    xp = array_namespace(params[FINAL_NORM])
     prompts = [tokenizer.encode(context, bos=True) for context in contexts]
     room = max(config.max_seq_len - max_new_tokens, 1)
     prompts = [ids[-room:] for ids in prompts]  # the oldest tokens go, as in loglikelihoods
@@ -298,42 +292,13 @@ def greedy_until(model, contexts, stops=STOP_STRINGS, max_new_tokens: int = MAX_
         indices = by_length[length]
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            texts = _decode_batch(params, config, tokenizer, xp, [prompts[i] for i in chunk], stops,
-                                  min(max_new_tokens, config.max_seq_len - length))
+            texts = sampling.decode(params, config, tokenizer, [prompts[i] for i in chunk],
+                                    min(max_new_tokens, config.max_seq_len - length), sampling.greedy, stops)
             for index, text in zip(chunk, texts):
                 answers[index] = text
             if progress:
                 progress(len(chunk))
     return answers
-
-
-def _decode_batch(params, config, tokenizer, xp, prompts, stops, budget) -> list[str]:
-    prompt_texts = [tokenizer.decode(ids) for ids in prompts]  # each answer is cut off after its prompt's text
-    cache = llama.init_kv_cache(config, batch=len(prompts), max_len=len(prompts[0]) + budget,
-                                dtype=params[FINAL_NORM].dtype, xp=xp)
-    logits = llama.forward(params, config, xp.asarray(prompts), kv_cache=cache, only_last=True)[:, -1]
-    new_ids: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in range(budget):
-        next_ids = to_host(logits.argmax(axis=-1))
-        for row, token in enumerate(next_ids.tolist()):
-            if done[row]:
-                continue
-            if token == tokenizer.eos_id:
-                done[row] = True
-                continue
-            new_ids[row].append(token)
-            done[row] = _cut_at_stop(_continuation(tokenizer, prompts[row], prompt_texts[row], new_ids[row]), stops)[1]
-        if all(done) or step == budget - 1:
-            break
-        logits = llama.forward(params, config, xp.asarray(next_ids[:, None]), kv_cache=cache)[:, -1]
-    return [_cut_at_stop(_continuation(tokenizer, prompt, text, ids), stops)[0]
-            for prompt, text, ids in zip(prompts, prompt_texts, new_ids)]
-
-
-def _continuation(tokenizer, prompt_ids, prompt_text, new_ids) -> str:
-    """The text new_ids add after the prompt (decoded in context, so a leading space survives)."""
-    return tokenizer.decode(prompt_ids + new_ids)[len(prompt_text):]
 
 
 # --- answers and metrics ------------------------------------------------------------------------

@@ -1,0 +1,33 @@
+"""`python -m npllama.presets` (the console script `npllama-presets`): every preset of
+npllama.model with its shape and parameter count; the 7B preset has 6,738,415,616 parameters,
+the paper's 6.7B."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import OneLineParser, command
+from .model import PRESETS
+
+
+def describe_presets() -> str:
+    """A table of every preset: shape and parameter count."""
+    lines = [f"{'preset':<7} {'dim':>5} {'layers':>6} {'heads':>5} {'ffn':>6} {'vocab':>6}  params"]
+    for name, c in PRESETS.items():
+        count = c.n_params()
+        human = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
+        lines.append(f"{name:<7} {c.dim:>5} {c.n_layers:>6} {c.n_heads:>5} {c.ffn_dim:>6} {c.vocab_size:>6}  "
+                     f"{human} ({count:,})")
+    return "\n".join(lines)
+
+
+@command
+def main(argv=None) -> int:
+    OneLineParser(prog="python -m npllama.presets",
+                  description="Print every preset: its shape and parameter count.").parse_args(argv)
+    print(describe_presets())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,0 @@
-"""python -m npllama.tasks download | list"""
-
-import sys
-
-from .download import main
-
-if __name__ == "__main__":
-    sys.exit(main())
