@@ -315,10 +315,7 @@ def _training_loop(run: Run, state: RunState):
     with progress, run_log.open_log(run.metrics_path) if writer else contextlib.nullcontext() as metrics, \
             numpy.errstate(over="ignore", invalid="ignore", divide="ignore"):
         if state.step == 0 and writer:
-            state.val_loss = _evaluate(state.params, run.model_config, run.val_batches)
-            run_log.write_row(metrics, {"step": 0, "val_loss": state.val_loss})
-            progress.write(f"step 0: validation loss {state.val_loss:.4f} "
-                           f"(ln V = {math.log(run.model_config.vocab_size):.4f})", file=sys.stderr)
+            _record_step(run, state, {"step": 0}, True, metrics, progress)
         run.stops.deferring = True
         for step in range(state.step, config.steps):
             started = time.perf_counter()
@@ -346,17 +343,26 @@ def _training_loop(run: Run, state: RunState):
                 if agreed:
                     break
                 continue
-            if checkpoint_now or _evaluation_due(config, state.step):
-                state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches)
-                progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}", file=sys.stderr)
-            run_log.write_row(metrics, record)
-            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            progress.update(1)
+            _record_step(run, state, record, checkpoint_now or _evaluation_due(config, state.step), metrics, progress)
             if checkpoint_now:
                 _save_checkpoint(run, state)
             if agreed:
                 break
         run.stops.deferring = False
+
+
+def _record_step(run: Run, state: RunState, record: dict, evaluate: bool, metrics, progress):
+    """Rank 0's account of a step: the validation loss when `evaluate`, the log row, the progress bar.
+    Step 0 is the run's first evaluation, before any training."""
+    if evaluate:
+        state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches)
+        first = f" (ln V = {math.log(run.model_config.vocab_size):.4f})" if state.step == 0 else ""
+        progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}{first}", file=sys.stderr)
+    run_log.write_row(metrics, record)
+    if state.step > 0:
+        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+        progress.update(1)
 
 
 def _accumulated_loss_and_grads(run: Run, state: RunState):
