@@ -4,7 +4,7 @@ gradient allreduce costs.
     python bench/data_parallel.py [--preset small] [--seq-len 256] [--batch 8] [--steps 5] [--processes 2]
 
 Both sides run the same training steps (npllama.model.loss_and_grads, the gradient average of
-npllama.distributed, AdamW) on the same global batch of --batch x --seq-len tokens:
+npllama.train.distributed, AdamW) on the same global batch of --batch x --seq-len tokens:
 
   1 process     all the rows, its BLAS on every core (its default)
   N processes   mpiexec -n N, each rank its 1/N of the rows with a BLAS of cores/N threads
@@ -55,8 +55,9 @@ def worker(args) -> dict:
 
     import numpy
 
-    from npllama import distributed, optim
     from npllama import model as llama
+    from npllama import optim
+    from npllama.train import distributed
 
     world = distributed.init_world()
     blas = "default"
@@ -102,8 +103,9 @@ def worker(args) -> dict:
 def _step(params, config, state, tokens, world, mode: str):
     """One training step on this rank's rows; (its seconds, the seconds it waited for the gradient
     sums after backward, the averaged gradients)."""
-    from npllama import distributed, optim
     from npllama import model as llama
+    from npllama import optim
+    from npllama.train import distributed
 
     if world.comm is not None:
         world.comm.Barrier()

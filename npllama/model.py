@@ -365,7 +365,7 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens = _on_device(tokens, config, xp)
-    h = _blocks_forward(params, config, tokens, tile_size, kv_cache)
+    h = _run_layers(params, config, tokens, tile_size, kv_cache=kv_cache)
     if only_last:
         h = h[:, -1:]
     normed, _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
@@ -373,18 +373,28 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     return logits
 
 
-def _blocks_forward(params, config, tokens, tile_size, kv_cache=None):
-    """The residual stream after the last block (B, T, C), for device tokens (inference: no caches)."""
+def _run_layers(params, config, tokens, tile_size, recompute=True, kv_cache=None, on_output=None):
+    """Embed device tokens (B, T) and run every block over them: the residual stream after the last
+    block (B, T, C). The one embed-then-blocks loop of inference, `hidden_states` and training.
+
+    on_output(h, cache), when given, sees each layer's output and cache as it comes: the
+    embedding's first, then each block's (training keeps the caches, `hidden_states` the outputs).
+    With a KV cache the tokens continue the cached sequence and are appended to it.
+    """
     start = kv_cache.length if kv_cache is not None else 0
     if kv_cache is not None and start + tokens.shape[1] > kv_cache.capacity:
         raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; {start} used, "
                          f"{tokens.shape[1]} more asked")
     xp = array_namespace(params[FINAL_NORM])
     cos, sin = rope_tables(config, tokens.shape[1], params[FINAL_NORM].dtype, xp, start=start)
-    h, _ = embedding.forward(tokens, params[TOK_EMBEDDINGS])
+    h, cache = embedding.forward(tokens, params[TOK_EMBEDDINGS])
     for i in range(config.n_layers):
+        if on_output is not None:
+            on_output(h, cache)
         kv = (kv_cache.keys[i], kv_cache.values[i], start) if kv_cache is not None else None
-        h, _ = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True, kv=kv)
+        h, cache = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=recompute, kv=kv)
+    if on_output is not None:
+        on_output(h, cache)
     if kv_cache is not None:
         kv_cache.length = start + tokens.shape[1]
     return h
@@ -395,13 +405,9 @@ def hidden_states(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE)
     output of each block but the last, then the last block's output after the final RMSNorm
     (n_layers + 1 arrays of (B, T, C))."""
     xp = array_namespace(params[FINAL_NORM])
-    tokens = _on_device(tokens, config, xp)
-    cos, sin = rope_tables(config, tokens.shape[1], params[FINAL_NORM].dtype, xp)
-    h, _ = embedding.forward(tokens, params[TOK_EMBEDDINGS])
-    states = [h]
-    for i in range(config.n_layers):
-        h, _ = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=True)
-        states.append(h)
+    states: list = []
+    h = _run_layers(params, config, _on_device(tokens, config, xp), tile_size,
+                    on_output=lambda output, cache: states.append(output))
     states[-1], _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
     return states
 
@@ -410,7 +416,7 @@ def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE,
     """Mean cross-entropy of next-token targets (B, T); a Python float."""
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
-    normed, _ = rmsnorm.forward(_blocks_forward(params, config, tokens, tile_size), params[FINAL_NORM],
+    normed, _ = rmsnorm.forward(_run_layers(params, config, tokens, tile_size), params[FINAL_NORM],
                                 config.norm_eps)
     return float(_head_loss(normed, params[OUTPUT_HEAD], targets, ignore_index))
 
@@ -490,14 +496,9 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
-    dtype = params[FINAL_NORM].dtype
-    cos, sin = rope_tables(config, tokens.shape[1], dtype, xp)
-
-    h, emb_cache = embedding.forward(tokens, params[TOK_EMBEDDINGS])
-    block_caches = []
-    for i in range(config.n_layers):
-        h, block_cache = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute)
-        block_caches.append(block_cache)
+    caches: list = []  # the embedding's, then each block's
+    h = _run_layers(params, config, tokens, tile_size, recompute, on_output=lambda output, cache: caches.append(cache))
+    emb_cache, block_caches = caches[0], caches[1:]
     normed, norm_cache = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
     grads = {}
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_process_not_started_by_mpi_is_a_world_of_one_and_never_imports_mpi4py():
     environ = {name: value for name, value in os.environ.items() if name not in distributed.LAUNCHER_VARIABLES}
-    code = ("import sys; from npllama import distributed; w = distributed.init_world(); "
+    code = ("import sys; from npllama.train import distributed; w = distributed.init_world(); "
             "print(w.rank, w.size, w.is_writer, 'mpi4py' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, cwd=ROOT)
     assert result.stdout.split() == ["0", "1", "True", "False"], result.stderr
