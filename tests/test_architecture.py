@@ -193,3 +193,32 @@ def test_the_layers_are_read_from_the_page():
     assert documented_layers("layer 0  errors params\nlayer 3  model optim\n") == {
         "errors": 0, "params": 0, "model": 3, "optim": 3}
     assert LAYERS["ops"] < LAYERS["model"] < LAYERS["train"]
+
+
+# --- functions of a screen or less -------------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 60  # a screen: a function longer than this does more than one thing
+
+
+def long_functions(package: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions (decorators and docstring included) longer than `limit` lines."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+                if node.end_lineno - start + 1 > limit:
+                    found.append(f"{path.relative_to(package.parent)}:{start} {node.name} "
+                                 f"({node.end_lineno - start + 1} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen():
+    assert long_functions() == []
+
+
+def test_a_long_function_is_reported(tmp_path):
+    (tmp_path / "npllama").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "npllama" / "long.py").write_text("def long():\n" + body)
+    assert long_functions(tmp_path / "npllama") == [f"npllama/long.py:1 long ({MAX_FUNCTION_LINES + 1} lines)"]
