@@ -1,9 +1,10 @@
 """The one error type of npllama's commands: a problem with the input, stated in one line.
 
-Every command (`python -m npllama.X`) catches `NpllamaError` and prints `error: <message>` with
-exit status 2; anything else is a bug and keeps its traceback. Each module subclasses it for its
-own kind of problem (BackendError, CheckpointError, DataError, TokenizerError, TrainError,
-GenerateError, EvaluationError, TaskError), and the message says what is wrong, where, and how to fix it.
+Every command ends on an `NpllamaError` through `npllama.cli.fail`: `error: <message>` on stderr
+and exit status 2; anything else is a bug and keeps its traceback. Each part of the package
+subclasses it for its own kind of problem (BackendError, CheckpointError, DataError,
+TokenizerError, TrainError, GenerateError, EvaluationError, TaskError, ConvertError, ...), and the
+message says what is wrong, where, and how to fix it.
 """
 
 

@@ -334,7 +334,8 @@ CATALOGUE = [
            (DISTRIBUTED + "test_a_launcher_without_mpi4py_is_one_line_naming_the_fix",),
            "a process counts as launched by MPI only if every launcher's variable is set"),
     Mutant("train-failing-rank-leaves-the-others-waiting", "npllama/train/__main__.py",
-           "        distributed.stop_all(status)  # under mpirun: the other ranks stop too, rather than wait for this one\n",
+           "        distributed.stop_all(status)  # under mpirun: the other ranks stop too, rather than wait for "
+           "this one\n",
            "",
            (DISTRIBUTED + "test_a_rank_that_fails_mid_run_stops_every_rank_with_one_line_naming_it",),
            "a rank that fails exits alone, and the others wait for it in the next allreduce"),

@@ -4,12 +4,20 @@
     python scripts/mutation_check.py --only NAME ...  # some of them
     python scripts/mutation_check.py --list           # the catalogue, nothing run
     python scripts/mutation_check.py --jobs 2         # mutants run in parallel (default: CPU count)
+    python scripts/mutation_check.py --jobs 2 --write-results docs/mutation_results.md
 
 For every mutant of the catalogue (scripts/mutants.py): copy the repository's package, tests and
 reference into a scratch folder, replace the mutant's snippet, and run the tests it names there
 (`pytest -x`, Hypothesis seed 0, the `mutation` profile: ci's examples, no shrinking). A failing
 test kills the mutant; passing tests let it SURVIVE. The unmutated copy runs the same tests first
 and must pass, or nothing that follows would mean anything. Prints a table (mutant, killed by, seconds) and the score.
+
+--write-results FILE: after a full run (it cannot be combined with --only or --list, so that a
+partial run never overwrites the full record), also write FILE in Markdown, regenerated from
+that run alone: the date, the machine (processor, CPU count, Python and NumPy versions), the
+jobs and wall time, the score, and the printed table's rows. It replaces FILE atomically
+(a temporary file, then os.replace), whatever the score; nothing is written when the
+unmutated tests fail.
 
 Results: killed (a test failed: exit status 1 of pytest), SURVIVED (the tests passed), TIMEOUT
 (over 600 s; the run and everything it started is killed), STALE (the snippet is not in its file
@@ -21,7 +29,9 @@ when the unmutated tests fail or the arguments are wrong. Runs on demand, not in
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import re
 import shutil
 import signal
@@ -169,6 +179,58 @@ def format_table(outcomes, seconds: float, jobs: int) -> str:
     return "\n".join(lines)
 
 
+def _cell(text) -> str:
+    """`text` as one cell of a Markdown table."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def machine_description() -> str:
+    """The processor, CPU count, Python and NumPy versions this run measured."""
+    import numpy
+
+    processor = platform.processor()
+    machine = platform.machine() or "unknown machine"
+    if processor and processor != machine:
+        machine = f"{machine} ({processor})"
+    return (f"{machine}, {os.cpu_count() or 1} CPU(s), Python {platform.python_version()}, "
+            f"NumPy {numpy.__version__}")
+
+
+def render_results(outcomes, seconds: float, jobs: int, date: str | None = None,
+                   machine: str | None = None) -> str:
+    """The Markdown record of one run: what, where, how long, the score, and a row per mutant."""
+    date = date or datetime.date.today().isoformat()
+    machine = machine or machine_description()
+    killed = sum(o.killed for o in outcomes)
+    lines = ["# Mutation check results", "",
+             "Written by `python scripts/mutation_check.py --write-results FILE` from one full run; "
+             "regenerate it, do not edit it. What the check does: docs/testing.md.", "",
+             f"Run {date} on {machine}, with {jobs} job(s), in {seconds / 60:.1f} min.", "",
+             f"**Score: {killed}/{len(outcomes)} killed ({100 * killed / max(len(outcomes), 1):.0f}%).**", "",
+             "| mutant | file | result | s | killed by / why |",
+             "| --- | --- | --- | ---: | --- |"]
+    for o in outcomes:
+        lines.append(f"| `{_cell(o.mutant.name)}` | `{_cell(o.mutant.file)}` | {_cell(o.verdict)} "
+                     f"| {o.seconds:.1f} | {_cell(o.detail)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path, text: str) -> None:
+    """Replace the file at `path` with `text` atomically: a reader sees the old file or the new one."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(descriptor, 0o644)  # mkstemp's 0o600 would make the record private to its writer
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         prog="python scripts/mutation_check.py",
@@ -177,11 +239,14 @@ def _parser():
     parser.add_argument("--list", action="store_true", help="list the catalogue and exit")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="mutants run at once")
     parser.add_argument("--keep", action="store_true", help="keep each mutant's scratch folder (for debugging)")
+    parser.add_argument("--write-results", metavar="FILE", type=Path,
+                        help="after a full run (not with --only or --list), replace FILE with the run's "
+                             "Markdown record: date, machine, jobs, time, score, a row per mutant")
     return parser
 
 
-def main(argv=None) -> int:
-    parser = _parser()
+def _parse(parser, argv):
+    """The arguments, and the mutants they select; a one-line error and exit status 2 if wrong."""
     args = parser.parse_args(argv)
     mutants = CATALOGUE
     if args.only:
@@ -192,6 +257,30 @@ def main(argv=None) -> int:
         mutants = [m for m in CATALOGUE if m.name in args.only]
     if args.jobs < 1:
         parser.exit(2, "error: --jobs must be at least 1\n")
+    if args.write_results is not None:
+        if args.only or args.list:
+            parser.exit(2, "error: --write-results records a full run: it cannot be used with "
+                           f"{'--only' if args.only else '--list'}\n")
+        if not args.write_results.parent.is_dir():
+            parser.exit(2, f"error: --write-results: no folder {args.write_results.parent}\n")
+    return args, mutants
+
+
+def _run_all(mutants, jobs: int, keep: bool) -> list:
+    """Every mutant's outcome, in catalogue order, with progress on stderr."""
+    outcomes = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_mutant, m, keep): m for m in mutants}
+        for done, future in enumerate(as_completed(futures), 1):
+            outcome = future.result()
+            outcomes[outcome.mutant.name] = outcome
+            print(f"[{done}/{len(mutants)}] {outcome.mutant.name}: {outcome.verdict} "
+                  f"({outcome.detail}, {outcome.seconds:.1f} s)", file=sys.stderr, flush=True)
+    return [outcomes[m.name] for m in mutants]
+
+
+def main(argv=None) -> int:
+    args, mutants = _parse(_parser(), argv)
     if args.list:
         for m in mutants:
             print(f"{m.name:<44} {m.file:<28} {m.bug}")
@@ -204,16 +293,12 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    outcomes = {}
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_mutant, m, args.keep): m for m in mutants}
-        for done, future in enumerate(as_completed(futures), 1):
-            outcome = future.result()
-            outcomes[outcome.mutant.name] = outcome
-            print(f"[{done}/{len(mutants)}] {outcome.mutant.name}: {outcome.verdict} "
-                  f"({outcome.detail}, {outcome.seconds:.1f} s)", file=sys.stderr, flush=True)
-    ordered = [outcomes[m.name] for m in mutants]
-    print(format_table(ordered, time.perf_counter() - started, args.jobs))
+    ordered = _run_all(mutants, args.jobs, args.keep)
+    seconds = time.perf_counter() - started
+    print(format_table(ordered, seconds, args.jobs))
+    if args.write_results is not None:
+        write_results(args.write_results, render_results(ordered, seconds, args.jobs))
+        print(f"results written to {args.write_results}", file=sys.stderr)
     return 0 if all(o.killed for o in ordered) else 1
 
 
