@@ -6,6 +6,7 @@ mutant's name, instead of months later.
 """
 
 import importlib.util
+import os
 import re
 import sys
 from dataclasses import replace
@@ -81,3 +82,41 @@ def test_the_runner_reports_a_snippet_that_is_gone_as_stale():
     gone = replace(by_name("swiglu-db-without-a"), name="gone", find="    db = dy * a * sig * 2\n")
     outcome = runner.run_mutant(gone)
     assert outcome.verdict == "STALE" and "occurs 0 times" in outcome.detail
+
+
+def test_the_results_file_is_regenerated_from_the_outcomes_of_a_run(tmp_path):
+    """--write-results' record: every mutant's row and the score, from the run alone, replacing the old file."""
+    outcomes = [runner.Outcome(by_name("swiglu-db-without-a"), "killed", "test_swiglu_backward[a|b]", 3.25),
+                runner.Outcome(by_name("linear-dweight-transposed"), "SURVIVED", "1 test(s) passed", 2.0),
+                runner.Outcome(by_name("rope-sign-of-sine"), "STALE", "its snippet occurs 0 times", 0.0)]
+    path = tmp_path / "results.md"
+    path.write_text("| a row kept by hand | from an older run |\n")
+    runner.write_results(path, runner.render_results(outcomes, 90.0, 2, date="2026-12-01", machine="a test box"))
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# ") and "| a row kept by hand | from an older run |" not in lines
+    assert "Run 2026-12-01 on a test box, with 2 job(s), in 1.5 min." in lines
+    assert "**Score: 1/3 killed (33%).**" in lines
+    assert ["| `swiglu-db-without-a` | `npllama/ops/swiglu.py` | killed | 3.2 | test_swiglu_backward[a\\|b] |",
+            "| `linear-dweight-transposed` | `npllama/ops/linear.py` | SURVIVED | 2.0 | 1 test(s) passed |",
+            "| `rope-sign-of-sine` | `npllama/ops/rope.py` | STALE | 0.0 | its snippet occurs 0 times |"] == lines[-3:]
+    assert list(tmp_path.iterdir()) == [path], "a temporary file was left behind"
+
+
+def test_the_results_name_the_machine_that_ran_them():
+    import platform
+
+    import numpy
+
+    text = runner.render_results([runner.Outcome(by_name("swiglu-db-without-a"), "killed", "a test", 1.0)], 60.0, 1)
+    assert f"Python {platform.python_version()}" in text and f"NumPy {numpy.__version__}" in text
+    assert f"{os.cpu_count()} CPU(s)" in text and platform.machine() in text
+
+
+@pytest.mark.parametrize("other", [["--only", "swiglu-db-without-a"], ["--list"]])
+def test_write_results_refuses_a_partial_run_with_one_line(tmp_path, capsys, other):
+    path = tmp_path / "results.md"
+    with pytest.raises(SystemExit) as stopped:
+        runner.main([*other, "--write-results", str(path)])
+    assert stopped.value.code == 2 and not path.exists()
+    error = capsys.readouterr().err
+    assert error.startswith("error: --write-results") and error.count("\n") == 1
