@@ -42,7 +42,7 @@ def _parser():
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    printed = []  # the prompt is printed with the first new text, after every check has passed
+    printed: list[bool] = []  # the prompt is printed with the first new text, after every check has passed
 
     def show(piece):
         if not printed:

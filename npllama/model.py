@@ -500,7 +500,7 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     h = _run_layers(params, config, tokens, tile_size, recompute, on_output=lambda output, cache: caches.append(cache))
     emb_cache, block_caches = caches[0], caches[1:]
     normed, norm_cache = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
-    grads = {}
+    grads: dict = {}
 
     def finished(name):  # grads[name] is complete: in the parameter's dtype, and handed to on_grad
         grads[name] = grads[name].astype(params[name].dtype, copy=False)

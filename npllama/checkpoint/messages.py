@@ -30,7 +30,7 @@ def tensor_problem(found: dict, expected: dict) -> str | None:
     for name, shape in expected.items():
         if tuple(found[name][0]) != tuple(shape):
             return f"{name} has shape {tuple(found[name][0])}, this config needs {tuple(shape)}"
-    dtypes = {}
+    dtypes: dict[str, list[str]] = {}
     for name, (_, dtype) in found.items():
         dtypes.setdefault(dtype, []).append(name)
     for dtype, names in dtypes.items():

@@ -189,4 +189,6 @@ def _step_dirs(run_dir: Path) -> list:
 
 
 def _step_of(path: Path) -> int:
-    return int(_STEP_DIR.fullmatch(path.name).group(1))
+    match = _STEP_DIR.fullmatch(path.name)
+    assert match is not None, path  # only for the folders _step_dirs found by this pattern
+    return int(match.group(1))

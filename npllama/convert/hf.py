@@ -22,6 +22,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy
 
@@ -262,7 +263,8 @@ def to_bfloat16_bits(array) -> numpy.ndarray:
 def _save_bfloat16(file: Path, tensors: dict):
     """A safetensors file of BF16 tensors (NumPy has no bfloat16, so safetensors.numpy cannot write one):
     an 8-byte little-endian header length, the JSON header padded to 8 bytes, the data."""
-    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    chunks, offset = [], 0
     for name, array in tensors.items():
         data = to_bfloat16_bits(array).astype("<u2").tobytes()
         header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}

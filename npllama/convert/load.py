@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import model as llama
 from ..backend import get_backend
 from ..errors import NpllamaError
 from ..model import LlamaConfig
 from ..sampling import generate
+
+if TYPE_CHECKING:  # for the annotation only: load() imports it when it runs, as before
+    from ..tokenizer import Tokenizer
 
 KINDS = ("npllama", "huggingface", "meta")
 
@@ -37,7 +41,7 @@ class Model:
 
     config: LlamaConfig
     params: dict
-    tokenizer: object | None  # npllama.tokenizer.Tokenizer, when the directory has one
+    tokenizer: Tokenizer | None  # when the directory has one
     kind: str  # one of KINDS
     path: Path
 

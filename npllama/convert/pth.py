@@ -27,6 +27,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy
 
@@ -110,7 +111,7 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, byteorder: str):
         super().__init__(io.BytesIO(data))
         self.archive, self.root, self.byteorder = archive, root, byteorder
-        self.storages = {}
+        self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module, name):
         try:
@@ -142,7 +143,7 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
         return _Storage(elements, bfloat16=type_name == "BFloat16Storage")
 
 
-def read_pth(path) -> object:
+def read_pth(path) -> Any:
     """The object a `torch.save` file holds (a state dict: names -> NumPy arrays), read without torch.
 
     Raises PthError, naming the file, for anything but a zip-format torch file of tensors: a legacy

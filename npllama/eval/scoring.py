@@ -32,6 +32,7 @@ import re
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy
 
@@ -184,7 +185,7 @@ def _score_shared(params, config, batch) -> list[list[Scored]]:
             misses = numpy.bincount(row_of, weights=~rest_greedy, minlength=len(rows))
             logprob = [first + rest_sum for first, rest_sum in zip(logprob, sums)]
             greedy = [first and not missed for first, missed in zip(greedy, misses)]
-    scored = [[] for _ in batch]
+    scored: list[list[Scored]] = [[] for _ in batch]
     for row, (group, ids) in enumerate(rows):
         scored[group].append(Scored(float(logprob[row]), len(ids), bool(greedy[row])))
     return scored
@@ -251,7 +252,7 @@ def token_loglikelihoods(model, encoded, batch_size: int = 32, progress=None) ->
         for (_, pairs), scored in zip(batch, _score_shared(model.params, model.config, groups)):
             for pair, result in zip(pairs, scored):
                 done(pair, result)
-    return results
+    return cast("list[Scored]", results)  # done() has filled every place
 
 
 def _batches(by_context: dict, batch_size: int):
@@ -262,7 +263,8 @@ def _batches(by_context: dict, batch_size: int):
         for start in range(0, len(pairs), batch_size):
             by_length[len(context_ids)].append((context_ids, pairs[start:start + batch_size]))
     for length in sorted(by_length):
-        batch, rows = [], 0
+        batch: list[tuple] = []
+        rows = 0
         for unit in by_length[length]:
             if rows + len(unit[1]) > batch_size:
                 yield batch
@@ -366,7 +368,8 @@ def evaluate_items(model, items: list, batch_size: int = 32, progress=None) -> l
         return [Example(i, {"exact_match": exact_match(prediction, item.answers)},
                         {"prediction": prediction, "answers": list(item.answers)})
                 for i, (item, prediction) in enumerate(zip(items, predictions))]
-    pairs, spans = [], []
+    pairs: list[tuple[str, str]] = []
+    spans: list[tuple[int, int]] = []
     for item in items:
         start = len(pairs)
         if kind is Partial:

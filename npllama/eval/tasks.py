@@ -199,7 +199,8 @@ def _read_jsonl(path: Path, missing: str) -> list[tuple[int, dict]]:
     return rows
 
 
-LOCAL_KINDS = {  # the keys that name an item's kind, and the fields it must have
+# the keys that name an item's kind, and the fields it must have
+LOCAL_KINDS: dict[str, tuple[type, dict[str, type]]] = {
     "choices": (MultipleChoice, {"context": str, "choices": list, "gold": int}),
     "contexts": (Partial, {"contexts": list, "continuation": str, "gold": int}),
     "answers": (Generation, {"context": str, "answers": list}),
@@ -260,4 +261,4 @@ def _load_local(path: Path) -> LoadedTask:
                         f"the task {type(items[0]).__name__}; make them the same kind")
     kind = type(items[0])
     headline = "exact_match" if kind is Generation else "acc"
-    return LoadedTask(Task(path.stem, local_item, headline), items, pool, path)
+    return LoadedTask(Task(path.stem, lambda row: local_item(row, str(path)), headline), items, pool, path)

@@ -87,6 +87,7 @@ def parse_ptxas(log: str, names: dict, shared: dict, arch: str) -> list[Resource
             stack, spills = int(match.group(1)), int(match.group(2)) + int(match.group(3))
         elif match := re.search(r"Used (\d+) registers", line):
             static = re.search(r"(\d+) bytes smem", line)
+            assert kernel is not None, line  # ptxas names each entry function before its registers
             found.append(Resources(kernel, arch, int(match.group(1)), stack, spills,
                                    int(static.group(1)) if static else 0, shared.get(kernel, 0)))
     return found

@@ -42,8 +42,9 @@ class Tokenizer:
         self._model_bytes = bytes(model_bytes)
         self._processor = processor_from_bytes(self._model_bytes, source)
         self._literal_whitespace_symbol_ids = self._byte_piece_ids(WHITESPACE_SYMBOL.encode())
-        self._processor_without_dummy_prefix = None  # built when first needed
-        self._cuttable_vocabulary = None  # decided when first needed
+        # built when first needed
+        self._processor_without_dummy_prefix: sentencepiece.SentencePieceProcessor | None = None
+        self._cuttable_vocabulary: bool | None = None  # decided when first needed
 
     @classmethod
     def load(cls, path, what: str = "tokenizer file") -> Tokenizer:

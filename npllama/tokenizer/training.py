@@ -23,6 +23,7 @@ import io
 import json
 import random
 import re
+from typing import Any
 
 import sentencepiece
 
@@ -37,7 +38,7 @@ MAX_SENTENCE_BYTES = 4 * LINE_CHUNK_CHARS
 DEFAULT_MAX_SENTENCES = 1_000_000  # about 40 MB of code: some 20 s of training for 32000 pieces
 
 # The options of Meta's tokenizer.model (its trainer_spec and normalizer_spec).
-LLAMA_TRAINING_OPTIONS = dict(
+LLAMA_TRAINING_OPTIONS: dict[str, Any] = dict(
     model_type="bpe",
     split_digits=True,
     byte_fallback=True,
@@ -120,7 +121,8 @@ def _training_lines(texts):
 def _sample_lines(lines, max_lines: int, seed: int):
     """(at most max_lines of `lines`, chosen uniformly by reservoir sampling; total count)."""
     rng = random.Random(seed)
-    sample, count = [], 0
+    sample: list[str] = []
+    count = 0
     for line in lines:
         count += 1
         if len(sample) < max_lines:
@@ -147,7 +149,7 @@ def _training_error(message: str, vocab_size: int) -> TokenizerError:
     return TokenizerError("SentencePiece training failed: " + " ".join(message.split()))
 
 
-def recipe_key(vocab_size: int, sources: str) -> str:
+def recipe_key(vocab_size: int, sources: Any) -> str:
     """A name for the tokenizer `train_tokenizer(texts, vocab_size)` gives with its defaults on the
     texts `sources` identifies (a signature of their files): the same key, the same model bytes.
     It covers everything that decides those bytes: the options, the line bound, the seed and

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy
 
@@ -66,9 +67,9 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    comm: object = None
-    nccl: object = None  # the ranks' NCCL communicator, when their gradients live on GPUs
-    nccl_stream: object = None  # the CUDA stream its sums run on, beside the compute stream
+    comm: Any = None  # an mpi4py communicator
+    nccl: Any = None  # the ranks' NCCL communicator, when their gradients live on GPUs
+    nccl_stream: Any = None  # the CUDA stream its sums run on, beside the compute stream
 
     @property
     def is_writer(self) -> bool:
@@ -242,7 +243,9 @@ def _row_layout(shape, world: World) -> tuple:
 
 def buckets(names, sizes: dict, itemsize: int, bucket_bytes: int = BUCKET_BYTES) -> list:
     """`names` cut, in order, into runs of at most bucket_bytes (a larger array is a bucket alone)."""
-    groups, current, current_bytes = [], [], 0
+    groups: list[list] = []
+    current: list = []
+    current_bytes = 0
     for name in names:
         nbytes = sizes[name] * itemsize
         if current and current_bytes + nbytes > bucket_bytes:
@@ -286,11 +289,11 @@ class GradientAverage:
                 self.places[name] = (index, offset, params[name].shape)
                 offset += sizes[name]
         self.bucket_sizes = [sum(sizes[name] for name in bucket) for bucket in self.plan]
-        self.flats = [None] * len(self.plan)  # each made when its first gradient comes, as backward's would be
-        self.views = {}
+        self.flats: list = [None] * len(self.plan)  # each made when its first gradient comes, as backward's would be
+        self.views: dict = {}
         self.missing = [len(bucket) for bucket in self.plan]
         self.sent = 0  # buckets whose sum has been started
-        self.requests = []  # MPI's, for buckets on their way
+        self.requests: list = []  # MPI's, for buckets on their way
 
     def add(self, name: str, grad):
         """Copy one gradient into its bucket, send the bucket if it is now whole; return the view."""

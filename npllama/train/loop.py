@@ -68,7 +68,7 @@ class TrainResult:
     """What a finished run leaves: its folder, its newest checkpoint and final validation loss, the sample."""
 
     out: Path
-    checkpoint: Path
+    checkpoint: Path | None  # None on every rank but rank 0
     step: int
     val_loss: float
     sample: str | None
@@ -265,6 +265,7 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
         return TrainResult(out, None, state.step, state.val_loss, None)
 
     run_log.plot(run.metrics_path, out / "loss.png", log)
+    assert state.last_checkpoint is not None  # rank 0 saves at the last step, and when a signal stops it
     log(f"checkpoint: {state.last_checkpoint[0]}")
     sample = None
     if config.sample_tokens > 0 and stops.signal_number is None:  # a signal in the last step: no sample

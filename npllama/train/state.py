@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy
 
@@ -28,7 +29,7 @@ class Run:
     data_id: str
     val_batches: list
     stops: stopping.StopRequests
-    xp: object = numpy  # the array module the weights live in (numpy, or cupy for --backend cupy)
+    xp: Any = numpy  # the array module the weights live in (numpy, or cupy for --backend cupy)
     world: distributed.World = distributed.World()  # the processes of the run (mpirun -n N); rank 0 writes
 
     @property

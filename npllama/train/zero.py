@@ -35,5 +35,8 @@ def whole_optimizer_state(run: Run, state: RunState):
     shapes = {name: p.shape for name, p in state.params.items()}
     m = distributed.gather_rows_to_writer(state.opt_state.m, shapes, run.world)
     v = distributed.gather_rows_to_writer(state.opt_state.v, shapes, run.world)
-    return optim.AdamWState(m=m, v=v, step=state.opt_state.step) if run.world.is_writer else None
+    if not run.world.is_writer:
+        return None
+    assert m is not None and v is not None  # rank 0 gathers the whole arrays
+    return optim.AdamWState(m=m, v=v, step=state.opt_state.step)
 
