@@ -3,6 +3,7 @@
 import pytest
 
 from npllama import backend, checkpoint, data, generate, sampling, tokenizer, train
+from npllama.cli import BAD_INPUT, command, fail
 from npllama.errors import NpllamaError
 from npllama.train.__main__ import main as train_main
 
@@ -43,3 +44,19 @@ def test_bad_input_is_one_line_and_exit_status_2(monkeypatch, capsys, tmp_path):
     assert generate.main(["--checkpoint", a_run_folder(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: checkpoint x: no such file or directory; check the path"]
+
+
+def test_fail_says_one_line_and_returns_the_bad_input_status(capsys):
+    """cli.fail is where every command's bad input ends: a message over several lines is joined."""
+    assert fail(NpllamaError("the model\n   has no tokenizer")) == BAD_INPUT == 2
+    assert capsys.readouterr().err == "error: the model has no tokenizer\n"
+
+
+def test_a_command_turns_only_bad_input_into_exit_status_2(capsys):
+    @command
+    def main(argv=None):
+        raise NpllamaError(f"--flag {argv[0]}: out of range") if argv[0] == "bad" else ValueError("a bug")
+
+    assert main(["bad"]) == 2 and capsys.readouterr().err == "error: --flag bad: out of range\n"
+    with pytest.raises(ValueError, match="a bug"):
+        main(["other"])
