@@ -7,7 +7,7 @@ process: npllama.eval.scoring.loglikelihoods (each context once, its KV cache sh
 equal-length contexts batched) and the plain way, one full forward pass over context + completion
 for every choice. It prints both times, their ratio and the largest difference between the two
 sets of log-likelihoods. The task's items come from the test fixtures unless --data-dir says
-where `python -m npllama.eval.download` put them.
+where `python -m npllama.eval.datasets download` put them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy
 
 from npllama import model as llama
 from npllama.convert.load import load
-from npllama.eval import scoring as evaluate
+from npllama.eval import scoring
 from npllama.eval.tasks import load_task
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "data" / "tasks"
@@ -31,7 +31,7 @@ def one_forward_per_pair(model, pairs) -> list[float]:
     """The baseline: every pair run on its own, BOS + context + completion, no cache."""
     results = []
     for context, continuation in pairs:
-        context_ids, continuation_ids = evaluate.encode_pair(model.tokenizer, context, continuation)
+        context_ids, continuation_ids = scoring.encode_pair(model.tokenizer, context, continuation)
         sequence = (context_ids + continuation_ids)[-(model.config.max_seq_len + 1):]
         logits = llama.forward(model.params, model.config, numpy.array([sequence[:-1]]))[0]
         logits = logits[-len(continuation_ids):].astype(numpy.float64)
@@ -51,10 +51,10 @@ def main() -> None:
     model = load(args.checkpoint)
     items = load_task(args.task, args.data_dir).items[:args.limit]
     pairs = [(item.context, " " + choice) for item in items for choice in item.choices]
-    evaluate.loglikelihoods(model, pairs[:4])  # warm up both paths once
+    scoring.loglikelihoods(model, pairs[:4])  # warm up both paths once
     one_forward_per_pair(model, pairs[:4])
     started = time.perf_counter()
-    shared = [scored.logprob for scored in evaluate.loglikelihoods(model, pairs)]
+    shared = [scored.logprob for scored in scoring.loglikelihoods(model, pairs)]
     shared_seconds = time.perf_counter() - started
     started = time.perf_counter()
     plain = one_forward_per_pair(model, pairs)

@@ -519,3 +519,9 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
     finished(TOK_EMBEDDINGS)
     return value, {name: grads[name] for name in params}
+
+
+if __name__ == "__main__":  # a library module: the preset table is a command of its own
+    from .cli import fail
+
+    raise SystemExit(fail("npllama.model is a library module; the preset table is python -m npllama.presets"))

@@ -39,8 +39,8 @@ FAULTS = "tests/test_faults.py::"
 FILES = "tests/test_files.py::"
 TOKENIZER = "tests/test_tokenizer.py::"
 GENERATE = "tests/test_generate.py::"
-EVALUATE = "tests/test_evaluate.py::"
-TASKS = "tests/test_tasks.py::"
+EVALUATE = "tests/test_eval_scoring.py::"
+TASKS = "tests/test_eval_tasks.py::"
 EVAL_CLI = "tests/test_eval_cli.py::"
 LMEVAL = "tests/test_lmeval.py::"
 DISTRIBUTED = "tests/test_distributed.py::"
@@ -397,7 +397,7 @@ CATALOGUE = [
            (DISTRIBUTED + "test_ranks_that_read_other_data_under_one_path_stop_with_one_line_naming_the_rank",),
            "ranks that read other files under the same --data train apart without a word"),
     Mutant("every-ranks-error-said-by-every-rank", "npllama/train/__main__.py",
-           "            return fail(error) if distributed.current().is_writer else 2\n",
+           "            return fail(error) if distributed.current().is_writer else BAD_INPUT\n",
            "            return fail(error)\n",
            (DISTRIBUTED + "test_a_batch_the_ranks_cannot_share_stops_every_rank_with_one_line",),
            "an error every rank stops on is printed once per rank"),
@@ -621,7 +621,7 @@ CATALOGUE = [
     Mutant("load-mistakes-a-run-for-hugging-face", "npllama/convert/load.py",
            '    if (path / "state.json").is_file() or (path / "latest").is_file():\n        return "npllama"\n',
            "",
-           ("tests/test_loading.py::test_an_npllama_run_loads_with_its_tokenizer_and_gives_the_models_logits",),
+           ("tests/test_load.py::test_an_npllama_run_loads_with_its_tokenizer_and_gives_the_models_logits",),
            "an npllama checkpoint (config.json + model.safetensors) is read as a Hugging Face directory"),
     Mutant("audit-compare-keeps-rotate-half-gradient-rows", "npllama/audit/compare.py",
            "        return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]\n",
@@ -812,7 +812,7 @@ CATALOGUE = [
            "                   row[\"sentence\"][blank + 1:], {",
            (TASKS + "test_every_benchmark_reads_its_fixture_rows_and_no_pool_row_is_evaluated",),
            "WinoGrande's continuation keeps its leading space and gets a second one when scored"),
-    Mutant("tasks-pool-also-evaluated", "npllama/eval/download.py",
+    Mutant("tasks-pool-also-evaluated", "npllama/eval/datasets.py",
            "    return ([row for i, row in enumerate(rows) if i not in chosen],",
            "    return ([row for i, row in enumerate(rows)],",
            (TASKS + "test_the_download_splits_each_benchmark_into_evaluated_rows_and_a_disjoint_seeded_pool",),

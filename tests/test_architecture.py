@@ -158,10 +158,15 @@ def test_kernels_errors_and_params_import_nothing_of_npllama():
     assert base_violations(GRAPH, COMMANDS) == []
 
 
+def test_only_training_imports_the_distributed_module():
+    assert [module for module, imported in GRAPH.items()
+            if "npllama.train.distributed" in imported and unit(module) != "train"] == []
+
+
 def test_the_commands_are_the_ones_the_page_names():
     """Every `__main__.py`, and these modules, each a command line and nothing else imports it."""
     top_level = {module for module in COMMANDS if not module.endswith("__main__")}
-    assert top_level == {"npllama.generate", "npllama.presets", "npllama.eval.download", "npllama.eval.lmeval"}
+    assert top_level == {"npllama.generate", "npllama.presets", "npllama.eval.datasets", "npllama.eval.lmeval"}
 
 
 # --- the checks can fail ---------------------------------------------------------------------------

@@ -83,3 +83,14 @@ def test_audit_rejects_an_unknown_backend_op_and_a_bad_seed_in_one_line():
         result = run_cli(*args)
         assert result.returncode == 2
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# (--only takes every word up to the next option, so a real command line ends it with another option)
+@pytest.mark.parametrize("before", [["--json"], ["--seed", "3"], ["--only", "model", "--json"], ["--backend", "cupy"]])
+def test_an_op_audit_option_before_compare_is_refused_not_ignored(before, capsys):
+    """`--json compare ...` would print a table: the option belongs to the op audit, so it is an error."""
+    with pytest.raises(SystemExit) as stopped:
+        audit_main([*before, "compare", "model", "--batch", "b.npy", "--grads", "g.safetensors"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "an option of the op audit, not of compare" in error and before[0] in error

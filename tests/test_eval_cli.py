@@ -60,7 +60,7 @@ def cli(*args):
 
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "arc"], "--tasks arc: unknown task; choose from arc_easy"),
-    (["--tasks", "piqa", "--data-dir", "EMPTY"], "piqa: no data in .*; run python -m npllama.eval.download"),
+    (["--tasks", "piqa", "--data-dir", "EMPTY"], "piqa: no data in .*; run python -m npllama.eval.datasets download"),
     (["--tasks", "BAD"], r"bad.jsonl line 2: not JSON"),
     (["--tasks", "piqa", "--shots", "9"], r"--shots 9: the few-shot pool of piqa .* holds 8 examples; ask for at most"),
     (["--tasks", "piqa", "--shots", "65"], "--shots 65: at most 64"),

@@ -266,7 +266,7 @@ def test_kv_cache_overflow_is_refused():
         model.forward(params, config, numpy.zeros((1, 2), dtype=int), kv_cache=cache)
 
 
-@pytest.mark.parametrize("module", ["train", "generate", "audit", "tokenizer", "presets", "eval", "eval.download",
+@pytest.mark.parametrize("module", ["train", "generate", "audit", "tokenizer", "presets", "eval", "eval.datasets",
                                     "convert"])
 def test_every_command_answers_help_with_its_usage(module):
     import subprocess

@@ -59,6 +59,8 @@ def _parser() -> OneLineParser:
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command is not None:
+        _refuse_op_audit_options(parser, args)
     if args.command == "compare":
         return _compare(args)
     if args.command == "reference":
@@ -73,6 +75,16 @@ def main(argv=None) -> int:
     else:
         print(format_table(results))
     return 0 if all(r.passed for r in results) else 1
+
+
+def _refuse_op_audit_options(parser: OneLineParser, args) -> None:
+    """The op audit's options given before `compare` or `reference` would be silently unused."""
+    given = [flag for flag, value, default in (("--seed", args.seed, 0), ("--json", args.json, False),
+                                               ("--backend", args.backend, "numpy"), ("--only", args.only, None))
+             if value != default]
+    if given:
+        parser.error(f"{', '.join(given)}: an option of the op audit, not of {args.command}; give {args.command}'s "
+                     f"options after it (python -m npllama.audit {args.command} --help)")
 
 
 def _reference(args) -> int:

@@ -11,9 +11,10 @@ Meta's layout, as the weights are. It may also hold `loss` (a scalar) and `hidde
 `hidden_states.L` (as transformers' `output_hidden_states` gives them): then the report names
 the first layer whose output diverges, which is where a bug in the forward shows first.
 
-npllama computes the same loss and gradients in float64 from the same weights and prints one row
-per parameter, in forward order: relative error |g - g_ref| / |g_ref| (Frobenius norms), cosine
-similarity, max abs error, and pass/fail at --tolerance; then the verdict. Exit 1 on any failure.
+npllama computes the same loss and gradients in float64 from the same weights and compares them
+per parameter, in forward order (`compare_rows`): relative error |g - g_ref| / |g_ref| (Frobenius
+norms), cosine similarity, max abs error, and pass/fail at the tolerance; the command
+(npllama/audit/__main__.py) prints the rows and the verdict and exits 1 on any failure.
 The default tolerance, 1e-4, is what a float32 implementation meets comfortably (its rounding
 gives ~1e-6 .. 1e-5) and what a real bug (a wrong epsilon, a missing term) does not.
 `reference` writes npllama's own loss, gradients and hidden states in either naming, so that

@@ -28,6 +28,7 @@ import numpy
 
 from ..model import LlamaConfig
 from ..params import hf_names, parameter_shapes, rope_permuted_names
+from ..tokenizer import BOS_ID, EOS_ID
 from . import ConvertError
 from .pth import widen_bfloat16
 
@@ -106,7 +107,7 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "dtype": dtype, "torch_dtype": dtype,
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "dtype": dtype, "torch_dtype": dtype,
     }
 
 

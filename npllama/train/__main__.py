@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import fail
+from ..cli import BAD_INPUT, fail
 from ..errors import NpllamaError
 from . import distributed
 from .config import from_command_line
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         return 0
     except NpllamaError as error:
         if getattr(error, "every_rank", False):  # every rank stops here with it: rank 0 says it, once
-            return fail(error) if distributed.current().is_writer else 2
+            return fail(error) if distributed.current().is_writer else BAD_INPUT
         status = fail(f"{distributed.where()}{error}")
         distributed.stop_all(status)  # under mpirun: the other ranks stop too, rather than wait for this one
         return status

@@ -24,6 +24,7 @@ from ..cli import OneLineParser
 from ..errors import NpllamaError
 from ..files import default_cache_dir
 from ..model import PRESETS
+from ..tokenizer import BYTE_PIECE_COUNT, MIN_VOCAB_SIZE
 
 DTYPES = ("float32", "float64")  # the parameter dtypes training supports
 
@@ -60,8 +61,9 @@ class TrainConfig:
                                  f"{{flag}} {{value}}: unknown preset; choose one of {', '.join(PRESETS)}"))
     vocab_size: int | None = _setting(None, "override the preset's vocabulary size (the tokenizer is trained to "
                                             "match)", saved=True,
-                                      rule=(lambda n: n >= 259, "{flag} must be at least 259 (256 byte pieces + "
-                                                                "unk, bos, eos)"))
+                                      rule=(lambda n: n >= MIN_VOCAB_SIZE,
+                                            f"{{flag}} must be at least {MIN_VOCAB_SIZE} ({BYTE_PIECE_COUNT} byte "
+                                            "pieces + unk, bos, eos)"))
     data: list[str] | None = _setting(None, "text files, folders or globs (default: the Python standard library's "
                                             "*.py files). Files found in folders/globs that are not UTF-8 are "
                                             "skipped and counted; a file named directly that is not UTF-8 is an "

@@ -180,9 +180,9 @@ def _interrupted(config: TrainConfig, out: Path, signal_number: int) -> TrainInt
         return TrainInterrupted(f"stopped by {name} before the first checkpoint; nothing to resume", signal_number)
     world = distributed.current()
     launcher = ["mpirun", "-n", str(world.size)] if world.size > 1 else []  # any other number resumes it too
-    resume = shlex.join([*launcher, "python", "-m", "npllama.train",
-                         *command_line(dataclasses.replace(config, out=str(out), resume=""))])
-    return TrainInterrupted(f"stopped by {name}; the newest checkpoint is {latest}; resume with: {resume}",
+    again = shlex.join([*launcher, "python", "-m", "npllama.train",
+                        *command_line(dataclasses.replace(config, out=str(out), resume=""))])
+    return TrainInterrupted(f"stopped by {name}; the newest checkpoint is {latest}; resume with: {again}",
                             signal_number)
 
 

