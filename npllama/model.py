@@ -3,8 +3,10 @@
 A block (Touvron et al. 2023 §2.2):
 
     n1 = rmsnorm(x)                                   pre-normalisation
-    q, k, v = Wq n1, Wk n1, Wv n1                     (B, T, C) each, C = H * D
-    o = attention(rope(q), rope(k), v)                causal, per head, memory-efficient
+    q, k, v = Wq n1, Wk n1, Wv n1                     q (B, T, C), C = H * D; k, v (B, T, Hkv * D)
+    o = attention(rope(q), rope(k), v)                causal, per head, memory-efficient; the H
+                                                      query heads share the Hkv key/value heads
+                                                      in groups of H / Hkv (Hkv = H: Llama-1)
     h = x + Wo o
     n2 = rmsnorm(h)
     a, b = W1 n2, W3 n2                               (B, T, F)
@@ -62,15 +64,22 @@ class LlamaConfig:
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
     hidden_dim: int | None = None  # the FFN width, when it does not follow Meta's rule
+    # key/value heads, shared by groups of n_heads / n_kv_heads query heads (grouped-query
+    # attention); None means n_heads (multi-head attention, Llama-1), and becomes it
+    n_kv_heads: int | None = None
 
     def __post_init__(self):
-        names = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        names = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "n_kv_heads")
         for name in names + (("hidden_dim",) if self.hidden_dim is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
@@ -79,6 +88,11 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys and of the values: n_kv_heads * head_dim (dim under multi-head attention)."""
+        return self.n_kv_heads * self.head_dim
 
     @property
     def ffn_dim(self) -> int:
@@ -94,10 +108,13 @@ class LlamaConfig:
         return sum(math.prod(shape) for shape in parameter_shapes(self).values())
 
     def to_dict(self) -> dict:
-        """The fields, without `hidden_dim` when the rule gives the width (as configs were before it)."""
+        """The fields, without `hidden_dim` when the rule gives the width and without `n_kv_heads`
+        under multi-head attention (as configs were before them)."""
         fields = asdict(self)
         if fields["hidden_dim"] is None:
             del fields["hidden_dim"]
+        if fields["n_kv_heads"] == self.n_heads:
+            del fields["n_kv_heads"]
         return fields
 
 
@@ -197,7 +214,7 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
 
     With recompute=True the cache keeps only what `KEPT_ACTIVATIONS` and `KEPT_CACHES` name.
 
-    Decoding passes kv = (keys, values, start): this layer's cache arrays (B, H, max_len, D) and
+    Decoding passes kv = (keys, values, start): this layer's cache arrays (B, Hkv, max_len, D) and
     the number of positions already in them. The new rotated keys and values are written at
     start .. start + T - 1 and the queries attend over all start + T positions (inference only).
     """
@@ -209,9 +226,9 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
     k, ops["wk"] = linear.forward(n1, w["wk"])
     v, ops["wv"] = linear.forward(n1, w["wv"])
     q_rot, ops["rope_q"] = rope.forward(_split_heads(q, config.n_heads), cos, sin)
-    k_rot, ops["rope_k"] = rope.forward(_split_heads(k, config.n_heads), cos, sin)
+    k_rot, ops["rope_k"] = rope.forward(_split_heads(k, config.n_kv_heads), cos, sin)
     q_heads, k_heads = _to_attention_layout(q_rot, xp), _to_attention_layout(k_rot, xp)
-    v_heads = _to_attention_layout(_split_heads(v, config.n_heads), xp)
+    v_heads = _to_attention_layout(_split_heads(v, config.n_kv_heads), xp)
     if kv is not None:
         keys, values, start = kv
         keys[:, :, start:start + seq] = k_heads
@@ -277,8 +294,8 @@ def block_backward(dy, w, cache, config):
     dq_heads, dk_heads, dv_heads = attention.backward(dattn, ops["attention"])
     # forward was: q_heads = rope(q), k_heads = rope(k), in (B, T, H, D) before the layout change
     dq = rope.backward(dq_heads.transpose(0, 2, 1, 3), ops["rope_q"]).reshape(batch, seq, dim)
-    dk = rope.backward(dk_heads.transpose(0, 2, 1, 3), ops["rope_k"]).reshape(batch, seq, dim)
-    dv = dv_heads.transpose(0, 2, 1, 3).reshape(batch, seq, dim)
+    dk = rope.backward(dk_heads.transpose(0, 2, 1, 3), ops["rope_k"]).reshape(batch, seq, config.kv_dim)
+    dv = dv_heads.transpose(0, 2, 1, 3).reshape(batch, seq, config.kv_dim)
     # forward was: q, k, v = Wq n1, Wk n1, Wv n1
     dn1, grads["wq"] = linear.backward(dq, ops["wq"])
     dn1_from_k, grads["wk"] = linear.backward(dk, ops["wk"])
@@ -324,7 +341,7 @@ def _on_device(tokens, config, xp, targets=None, ignore_index=-100):
 class KVCache:
     """Rotated keys and values of every layer for the positions decoded so far (inference only).
 
-    keys[i], values[i]: (B, H, max_len, D); `length` positions are filled.
+    keys[i], values[i]: (B, Hkv, max_len, D), the key/value heads only; `length` positions are filled.
     """
 
     keys: list
@@ -339,7 +356,7 @@ class KVCache:
 def init_kv_cache(config: LlamaConfig, batch: int, max_len: int | None = None, dtype="float32", xp=numpy) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` (default max_seq_len) positions."""
     max_len = config.max_seq_len if max_len is None else max_len
-    shape = (batch, config.n_heads, max_len, config.head_dim)
+    shape = (batch, config.n_kv_heads, max_len, config.head_dim)
     return KVCache([xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)],
                    [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)])
 

@@ -3,7 +3,8 @@
 Every other module asks this one for a parameter's name, shape or role instead of spelling it:
 
     tok_embeddings.weight                     (V, C)   embedding
-    layers.{i}.attention.{wq,wk,wv}.weight    (C, C)   linear
+    layers.{i}.attention.wq.weight            (C, C)   linear
+    layers.{i}.attention.{wk,wv}.weight       (K, C)   linear, K = n_kv_heads * head_dim (C for Llama-1)
     layers.{i}.attention.wo.weight            (C, C)   linear, writes into the residual stream
     layers.{i}.feed_forward.{w1,w3}.weight    (F, C)   linear
     layers.{i}.feed_forward.w2.weight         (C, F)   linear, writes into the residual stream
@@ -14,7 +15,7 @@ Every other module asks this one for a parameter's name, shape or role instead o
 Linear weights are [out, in], as in Meta's and PyTorch's checkpoints. The order of the table is
 the checkpoint order. Roles decide initialisation (norm gains start at 1; the two projections
 into the residual stream get a smaller standard deviation) and weight decay (everything but the
-norm gains). The config only needs `dim`, `n_layers`, `vocab_size` and `ffn_dim`.
+norm gains). The config only needs `dim`, `kv_dim`, `n_layers`, `vocab_size` and `ffn_dim`.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def _layer_spec(config, layer: int, short: str) -> ParamSpec:
     dim, ffn = config.dim, config.ffn_dim
     if short.endswith("norm"):
         return ParamSpec(layer_name(layer, short), (dim,), NORM)
-    shape = {"w1": (ffn, dim), "w2": (dim, ffn), "w3": (ffn, dim)}.get(short, (dim, dim))
+    shape = {"w1": (ffn, dim), "w2": (dim, ffn), "w3": (ffn, dim),
+             "wk": (config.kv_dim, dim), "wv": (config.kv_dim, dim)}.get(short, (dim, dim))
     return ParamSpec(layer_name(layer, short), shape, LINEAR, residual=short in _RESIDUAL_WRITERS)
 
 

@@ -16,7 +16,9 @@ float64 for the same reason; in float32 they are rounded once, at the end.
 
 Parameters are a flat dict of torch tensors under Meta's names (`tok_embeddings.weight`,
 `layers.{i}.attention.wq.weight`, ..., `norm.weight`, `output.weight`), linear weights [out, in].
-`config` needs dim, n_layers, n_heads, norm_eps and rope_theta (npllama's LlamaConfig has them).
+`config` needs dim, n_layers, n_heads, norm_eps and rope_theta (npllama's LlamaConfig has them),
+and may give n_kv_heads: grouped-query attention as in Meta's Llama 2 `model.py`, which repeats
+each key/value head for the query heads that share it (`repeat_kv`) before the attention.
 
 Never imported by npllama/: only tests/ use it.
 """
@@ -63,19 +65,28 @@ def causal_attention(q, k, v):
     return probs @ v
 
 
+def repeat_kv(x, n_rep):
+    """(B, T, Hkv, D) -> (B, T, Hkv * n_rep, D): each key/value head copied for its n_rep query heads."""
+    batch, seq, n_kv_heads, head_dim = x.shape
+    return x[:, :, :, None, :].expand(batch, seq, n_kv_heads, n_rep, head_dim).reshape(
+        batch, seq, n_kv_heads * n_rep, head_dim)
+
+
 def block(params, prefix, config, x, freqs_cis):
     """One Llama block: pre-norm attention and pre-norm SwiGLU feed-forward, each with a residual."""
     batch, seq, dim = x.shape
     heads, head_dim = config.n_heads, dim // config.n_heads
+    kv_heads = getattr(config, "n_kv_heads", None) or heads
 
     def weight(name):
         return params[prefix + name + ".weight"]
 
     n1 = rms_norm(x, weight("attention_norm"), config.norm_eps)
     q = F.linear(n1, weight("attention.wq")).view(batch, seq, heads, head_dim)
-    k = F.linear(n1, weight("attention.wk")).view(batch, seq, heads, head_dim)
-    v = F.linear(n1, weight("attention.wv")).view(batch, seq, heads, head_dim)
+    k = F.linear(n1, weight("attention.wk")).view(batch, seq, kv_heads, head_dim)
+    v = F.linear(n1, weight("attention.wv")).view(batch, seq, kv_heads, head_dim)
     q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+    k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)
     attn = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     attn = attn.transpose(1, 2).reshape(batch, seq, dim)
     h = x + F.linear(attn, weight("attention.wo"))

@@ -27,6 +27,17 @@ def attention_problems(draw):
     return batch, heads, seq, head_dim, tile_size
 
 
+@st.composite
+def grouped_attention_problems(draw):
+    """(batch, n_kv_heads, group, seq, head_dim, tile_size): grouped-query attention, the
+    n_kv_heads * group query heads sharing key/value heads in groups of `group` (>= 2; 1 is
+    multi-head attention, which attention_problems draws); n_kv_heads = 1 is multi-query."""
+    batch, seq, head_dim = draw(batch_sizes), draw(seq_lens), draw(head_dims)
+    n_kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(2, 3))
+    tile_size = draw(st.integers(min_value=1, max_value=seq + 2))
+    return batch, n_kv_heads, group, seq, head_dim, tile_size
+
+
 # RMSNorm epsilons: Meta's 1e-6, Hugging Face's 1e-5, and two large enough that a path which
 # silently used another epsilon than the config's would change the numbers well beyond rounding
 norm_epsilons = st.sampled_from([1e-6, 1e-5, 1e-3, 0.1])
@@ -34,12 +45,15 @@ norm_epsilons = st.sampled_from([1e-6, 1e-5, 1e-3, 0.1])
 
 @st.composite
 def small_model_configs(draw):
-    """A LlamaConfig small enough to difference: 1-2 layers, 1-3 heads of even dim 2-6."""
+    """A LlamaConfig small enough to difference: 1-2 layers, 1-3 heads of even dim 2-6, sharing one
+    key/value head or each with its own."""
     from npllama.model import LlamaConfig
 
     n_heads = draw(st.integers(1, 3))
+    n_kv_heads = draw(st.sampled_from([1, n_heads]))  # multi-query or multi-head (the same for n_heads 1)
     head_dim = 2 * draw(st.integers(1, 3))
     return LlamaConfig(dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads,
+                       n_kv_heads=n_kv_heads,
                        vocab_size=draw(st.integers(2, 11)), multiple_of=draw(st.sampled_from([1, 4, 8])),
                        max_seq_len=16, rope_theta=draw(st.sampled_from([100.0, 10000.0])),
                        norm_eps=draw(norm_epsilons))

@@ -14,7 +14,8 @@ from npllama.params import parameter_shapes
 EXPECTED_ROWS = {
     ("embedding", "weight"), ("linear", "x"), ("linear", "weight"), ("rmsnorm", "x"), ("rmsnorm", "weight"),
     ("rope", "x"), ("swiglu", "a"), ("swiglu", "b"), ("attention", "q"), ("attention", "k"), ("attention", "v"),
-    ("attention_kv", "q"), ("attention_kv", "k"), ("attention_kv", "v"), ("cross_entropy", "logits"),
+    ("attention_kv", "q"), ("attention_kv", "k"), ("attention_kv", "v"),
+    ("attention_gqa", "q"), ("attention_gqa", "k"), ("attention_gqa", "v"), ("cross_entropy", "logits"),
 }
 
 
@@ -52,7 +53,7 @@ def nan_like(grads):
 
 @pytest.mark.parametrize("op", [op for op in audit.OPS if op != "model"])
 def test_an_op_whose_backward_returns_nan_fails_the_audit_which_names_it(op, monkeypatch, capsys):
-    module = getattr(audit, op.removesuffix("_kv"))  # attention_kv is attention, with a KV cache
+    module = getattr(audit, op.split("_")[0] if op.startswith("attention") else op)  # attention_kv, _gqa: attention
     original = module.backward
     monkeypatch.setattr(module, "backward", lambda dy, cache: nan_like(original(dy, cache)))
     assert audit_main(["--only", op]) == 1

@@ -9,7 +9,8 @@ import pytest
 
 from npllama import model as llama
 from npllama.convert import ConvertError
-from npllama.convert.hf import export_hf, import_hf, read_safetensors
+from npllama.convert.hf import export_hf, hf_rows_to_meta, import_hf, read_safetensors
+from npllama.params import hf_names, rope_permuted_names
 
 pytestmark = pytest.mark.oracle
 torch = pytest.importorskip("torch", reason="the oracle needs torch: pip install '.[test]'")
@@ -64,6 +65,64 @@ def test_greedy_continuations_of_32_tokens_are_identical(tmp_path):
     assert sequence[5:] == expected.tolist()
 
 
+def float64_throughout(model):
+    """transformers computes RMSNorm's statistics and RoPE's angles in float32 even in a float64
+    model (a 1e-7 relative difference). This computes both in float64, by the same formulas, and
+    leaves the rest of the model (embedding, attention with its key/value heads, MLP, head) as
+    transformers' own."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    inv_freq = 1.0 / config.rope_parameters["rope_theta"] ** exponents
+
+    def rope_tables(x, position_ids):
+        angles = position_ids[..., None].double() * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+    def rms_norm(norm):
+        return lambda x: norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+    model.model.rotary_emb.forward = rope_tables
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+            module.forward = rms_norm(module)
+    return model
+
+
+def float64_loss_and_grads(model, tokens, targets):
+    """transformers' loss and gradients by autograd, everything in float64."""
+    model.zero_grad(set_to_none=True)
+    logits = model(torch.from_numpy(tokens)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             torch.from_numpy(targets).reshape(-1))
+    loss.backward()
+    return loss.item(), logits.detach().numpy(), {name: p.grad.numpy() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2], ids=["multi-query", "two-key-value-heads"])
+def test_grouped_query_models_give_transformers_float64_logits_loss_and_every_gradient(tmp_path, n_kv_heads):
+    model = tiny_hf_model(hidden_size=32, num_attention_heads=4, num_key_value_heads=n_kv_heads).double()
+    model.save_pretrained(tmp_path)
+    imported = import_hf(tmp_path)
+    config = imported.config
+    assert config.n_kv_heads == n_kv_heads
+    assert imported.params["layers.0.attention.wk.weight"].shape == (8 * n_kv_heads, 32)
+    tokens, targets = TOKENS[:, :-1], TOKENS[:, 1:]
+    expected_loss, expected_logits, expected_grads = float64_loss_and_grads(float64_throughout(model), tokens, targets)
+    # float64 on both sides, two blocks of O(1) activations: rounding is ~1e-14 relative
+    assert relative_error(llama.forward(imported.params, config, tokens), expected_logits) <= 1e-10
+    value, grads = llama.loss_and_grads(imported.params, config, tokens, targets, tile_size=8)
+    assert abs(value - expected_loss) <= 1e-12 * abs(expected_loss)
+    permuted = rope_permuted_names(config)
+    for name, hf_name in hf_names(config).items():
+        expected = expected_grads[hf_name]  # wq and wk rows permute like the weights they belong to
+        expected = hf_rows_to_meta(expected, config) if name in permuted else expected
+        # autograd's order of operations against the hand-written one: 1e-10 of the largest
+        # gradient is far below any real error (a missing sum over the group is O(1) off)
+        assert numpy.abs(grads[name] - expected).max() <= 1e-10 * numpy.abs(expected).max(), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights_import_exactly_as_torch_widens_them(tmp_path, dtype):
     model = tiny_hf_model().to(dtype)
@@ -106,7 +165,7 @@ def test_an_exported_model_loads_into_transformers_with_the_same_logits(tmp_path
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"num_key_value_heads": 1}, "num_key_value_heads"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters"),
     ({"attention_bias": True}, "attention_bias"),
@@ -190,7 +249,8 @@ def break_weights(folder, name, value):
 
 
 BROKEN = {
-    "grouped-query attention": (lambda f: break_config(f, num_key_value_heads=1), "num_key_value_heads"),
+    "key/value heads that do not divide the query heads": (lambda f: break_config(f, num_key_value_heads=2),
+                                                           "num_key_value_heads 2 does not divide"),
     "a missing config field": (lambda f: break_config(f, vocab_size=None), "missing field 'vocab_size'"),
     "a mismatched shape": (lambda f: break_weights(f, "model.norm.weight", numpy.ones(7, numpy.float32)),
                            "'model.norm.weight' has shape (7,)"),

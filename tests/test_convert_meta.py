@@ -35,7 +35,8 @@ def write_meta_layout(folder, config, params, n_ranks=2, params_json=None):
     for rank, shard in enumerate(shards):
         torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
     fields = params_json or {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
-                             "multiple_of": config.multiple_of, "norm_eps": config.norm_eps, "vocab_size": -1}
+                             "multiple_of": config.multiple_of, "norm_eps": config.norm_eps, "vocab_size": -1,
+                             "n_kv_heads": config.n_kv_heads}
     (folder / "params.json").write_text(json.dumps(fields))
     return folder
 
@@ -65,6 +66,23 @@ def test_two_model_parallel_shards_import_to_transformers_logits(hf_model_and_me
     assert float(numpy.abs(logits - expected).max() / numpy.abs(expected).max()) <= 1e-5
 
 
+def test_grouped_query_shards_import_to_transformers_logits(tmp_path):
+    """Llama 2 70B's layout: each model-parallel rank holds some of the key/value heads."""
+    torch.manual_seed(1)
+    hf_config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf_model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()  # bf16 as Meta ships them
+    hf_model.save_pretrained(tmp_path / "hf")
+    imported = import_hf(tmp_path / "hf")
+    meta = import_meta(write_meta_layout(tmp_path / "70B", imported.config, imported.params))
+    assert meta.config.n_kv_heads == 2 and meta.params["layers.1.attention.wv.weight"].shape == (16, 32)
+    tokens = numpy.random.default_rng(2).integers(0, 64, (2, 21))
+    with torch.no_grad():
+        expected = hf_model.float()(torch.from_numpy(tokens)).logits.numpy()
+    logits = llama.forward(meta.params, meta.config, tokens)
+    assert float(numpy.abs(logits - expected).max() / numpy.abs(expected).max()) <= 1e-5  # float32, other orders
+
+
 def test_the_tokenizer_is_found_beside_the_shards_or_one_folder_up(hf_model_and_meta_folder, tmp_path):
     _, imported, _ = hf_model_and_meta_folder
     folder = write_meta_layout(tmp_path / "7B", imported.config, imported.params)
@@ -82,7 +100,7 @@ def test_a_missing_shard_is_named(hf_model_and_meta_folder, tmp_path):
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"n_kv_heads": 1}, "n_kv_heads 1 != n_heads 4"),
+    ({"n_kv_heads": 3}, "n_heads 4 is not a multiple of n_kv_heads 3"),
     ({"n_heads": None}, "missing field 'n_heads'"),
     ({"dim": 48}, "params.json implies"),
 ])

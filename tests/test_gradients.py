@@ -16,6 +16,7 @@ from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, ro
 from strategies import (
     attention_problems,
     batch_sizes,
+    grouped_attention_problems,
     head_counts,
     head_dims,
     model_dims,
@@ -84,6 +85,19 @@ def test_attention_backward_matches_finite_differences(problem, scale, softmax_s
     inputs = {name: scale * rng.standard_normal((batch, heads, seq, head_dim)) for name in ("q", "k", "v")}
     results = gradcheck.check_op("attention",
                                  lambda q, k, v: attention.forward(q, k, v, tile_size, scale=softmax_scale),
+                                 attention.backward, inputs, ["q", "k", "v"], rng, max_elements=24)
+    assert_all_pass(results)
+
+
+@given(problem=grouped_attention_problems(), scale=value_scales, seed=seeds)
+def test_grouped_query_attention_backward_matches_finite_differences(problem, scale, seed):
+    """dK and dV of a key/value head shared by a group of query heads: the sums over the group."""
+    batch, n_kv_heads, group, seq, head_dim, tile_size = problem
+    rng = rng_from(seed)
+    inputs = {"q": scale * rng.standard_normal((batch, n_kv_heads * group, seq, head_dim)),
+              "k": scale * rng.standard_normal((batch, n_kv_heads, seq, head_dim)),
+              "v": scale * rng.standard_normal((batch, n_kv_heads, seq, head_dim))}
+    results = gradcheck.check_op("attention", lambda q, k, v: attention.forward(q, k, v, tile_size),
                                  attention.backward, inputs, ["q", "k", "v"], rng, max_elements=24)
     assert_all_pass(results)
 

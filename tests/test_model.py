@@ -240,6 +240,7 @@ def test_kv_cache_decoding_gives_the_logits_of_a_full_forward(config, seq, promp
     for t in range(prompt, seq):
         pieces.append(model.forward(params, config, tokens[:, t:t + 1], tile_size=tile_size, kv_cache=cache))
     assert cache.length == seq
+    assert cache.keys[0].shape == (2, config.n_kv_heads, seq, config.head_dim)  # key/value heads only
     # the same sums, only split differently across tiles: float64 agrees to ~1e-15 relative
     assert_close(numpy.concatenate(pieces, axis=1), full, rtol=1e-11, atol=1e-12)
 

@@ -12,6 +12,7 @@ from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, ro
 from strategies import (
     attention_problems,
     batch_sizes,
+    grouped_attention_problems,
     head_counts,
     head_dims,
     model_dims,
@@ -80,6 +81,36 @@ def test_attention_is_causal(problem, position, seed):
     out2, _ = attention.forward(q, k2, v2, tile_size)
     assert_same(out2[:, :, :position + 1], out[:, :, :position + 1])
     assert_differ(out2[:, :, position + 1:], out[:, :, position + 1:])
+
+
+@given(problem=grouped_attention_problems(), seed=seeds)
+def test_grouped_query_attention_equals_multi_head_attention_over_repeated_key_value_heads(problem, seed):
+    """Sharing a key/value head among G query heads is attention with that head copied G times;
+    its gradients are the copies' gradients summed over the group."""
+    batch, n_kv_heads, group, seq, head_dim, tile_size = problem
+    rng = rng_from(seed)
+    q, dout = (rng.standard_normal((batch, n_kv_heads * group, seq, head_dim)) for _ in range(2))
+    k, v = (rng.standard_normal((batch, n_kv_heads, seq, head_dim)) for _ in range(2))
+    k_copies, v_copies = numpy.repeat(k, group, axis=1), numpy.repeat(v, group, axis=1)
+    out, cache = attention.forward(q, k, v, tile_size)
+    expected_out, expected_cache = attention.forward(q, k_copies, v_copies, tile_size)
+    assert_close(out, expected_out, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+    assert_close(cache.lse, expected_cache.lse, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+    dq, dk, dv = attention.backward(dout, cache)
+    expected_dq, dk_copies, dv_copies = attention.backward(dout, expected_cache)
+    assert dk.shape == k.shape and dv.shape == v.shape
+    assert_close(dq, expected_dq, rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+    for got, copies in ((dk, dk_copies), (dv, dv_copies)):
+        assert_close(got, copies.reshape(batch, n_kv_heads, group, seq, head_dim).sum(axis=2),
+                     rtol=FLOAT64_TOL, atol=FLOAT64_TOL)
+
+
+@pytest.mark.parametrize("q_shape, kv_shape", [((1, 3, 4, 2), (1, 2, 4, 2)), ((1, 2, 4, 2), (2, 1, 4, 2)),
+                                               ((1, 2, 4, 2), (1, 1, 4, 4))])
+def test_attention_refuses_key_value_heads_that_do_not_divide_the_query_heads(q_shape, kv_shape):
+    q, k = numpy.zeros(q_shape), numpy.zeros(kv_shape)
+    with pytest.raises(ValueError, match="do not fit"):
+        attention.forward(q, k, k)
 
 
 def test_attention_keeps_float32_in_float32():

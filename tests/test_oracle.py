@@ -31,6 +31,7 @@ from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, ro
 from strategies import (
     attention_problems,
     batch_sizes,
+    grouped_attention_problems,
     head_counts,
     head_dims,
     model_dims,
@@ -191,6 +192,15 @@ def test_attention_with_a_kv_cache_equals_torch_with_a_bottom_right_causal_mask(
     dout = rng.standard_normal(q.shape)
     visible = torch.ones(seq - n_cached, seq, dtype=torch.bool).tril(diagonal=n_cached)
     assert_attention_matches_torch(q, k, v, dout, tile_size, attn_mask=visible)
+
+
+@given(problem=grouped_attention_problems(), seed=seeds)
+def test_grouped_query_attention_equals_torch_sdpa_with_shared_key_value_heads(problem, seed):
+    batch, n_kv_heads, group, seq, head_dim, tile_size = problem
+    rng = rng_from(seed)
+    q, dout = (rng.standard_normal((batch, n_kv_heads * group, seq, head_dim)) for _ in range(2))
+    k, v = (rng.standard_normal((batch, n_kv_heads, seq, head_dim)) for _ in range(2))
+    assert_attention_matches_torch(q, k, v, dout, tile_size, is_causal=True, enable_gqa=True)
 
 
 def test_the_oracles_materialised_attention_equals_torch_sdpa():

@@ -24,7 +24,8 @@ from ..ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, sw
 from ..params import NORM, parameter_table
 from . import gradcheck
 
-OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "attention_kv", "cross_entropy", "model")
+OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "attention_kv", "attention_gqa",
+       "cross_entropy", "model")
 
 # A model small enough to difference entry by entry, big enough to have every structure:
 # two layers, two heads of dim 4, an FFN width that is not a multiple of the model dim.
@@ -49,12 +50,15 @@ def op_cases(rng, xp):
     yield ("rope", lambda x: rope.forward(x, cos, sin), rope.backward, {"x": normal(2, 5, 3, 8)}, ["x"])
     yield ("swiglu", swiglu.forward, swiglu.backward, {"a": 2 * normal(2, 3, 7), "b": normal(2, 3, 7)},
            ["a", "b"])
-    # head dim 16: on --backend cupy both run the CUDA kernels (their float64 instance); attention_kv has
-    # fewer queries than keys, the queries after a KV cache that generation runs
+    # head dim 16: on --backend cupy these run the CUDA kernels (their float64 instance); attention_kv has
+    # fewer queries than keys, the queries after a KV cache that generation runs; attention_gqa has
+    # four query heads sharing two key/value heads (grouped-query attention)
     yield ("attention", lambda q, k, v: attention.forward(q, k, v, tile_size=4), attention.backward,
            {"q": normal(2, 2, 9, 16), "k": normal(2, 2, 9, 16), "v": normal(2, 2, 9, 16)}, ["q", "k", "v"])
     yield ("attention_kv", lambda q, k, v: attention.forward(q, k, v, tile_size=4), attention.backward,
            {"q": normal(1, 2, 3, 16), "k": normal(1, 2, 9, 16), "v": normal(1, 2, 9, 16)}, ["q", "k", "v"])
+    yield ("attention_gqa", lambda q, k, v: attention.forward(q, k, v, tile_size=4), attention.backward,
+           {"q": normal(2, 4, 9, 16), "k": normal(2, 2, 9, 16), "v": normal(2, 2, 9, 16)}, ["q", "k", "v"])
     targets = xp.asarray(numpy.array([3, 0, -100, 10, 7, 7]))  # one ignored row
     yield ("cross_entropy", lambda logits: cross_entropy.forward(logits, targets), cross_entropy.backward,
            {"logits": 3 * normal(6, 11)}, ["logits"])

@@ -62,7 +62,7 @@ class Imported:
 
 def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
     """LlamaConfig for a Hugging Face config.json, or a ConvertError naming the field."""
-    fix = "npllama implements Llama-1: multi-head attention, plain RoPE, no biases, untied embeddings"
+    fix = "npllama implements the Llama architecture: plain RoPE, no biases, untied embeddings"
 
     def need(name):
         if name not in fields:
@@ -72,9 +72,10 @@ def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
     if fields.get("model_type", "llama") != "llama":
         raise ConvertError(file, f"model_type {fields['model_type']!r} is not 'llama'", fix)
     heads = need("num_attention_heads")
-    if fields.get("num_key_value_heads", heads) != heads:
-        raise ConvertError(file, f"num_key_value_heads {fields['num_key_value_heads']} != num_attention_heads "
-                           f"{heads} (grouped-query attention)", fix)
+    kv_heads = fields.get("num_key_value_heads", heads)
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
+        raise ConvertError(file, f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}",
+                           "each key/value head must serve the same number of query heads")
     for name, allowed in (("attention_bias", False), ("mlp_bias", False), ("tie_word_embeddings", False),
                           ("hidden_act", "silu"), ("rope_scaling", None)):
         if fields.get(name, allowed) != allowed:
@@ -90,6 +91,7 @@ def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
         raise ConvertError(file, f"head_dim {fields['head_dim']} != hidden_size / num_attention_heads", fix)
     try:
         return LlamaConfig(dim=hidden, n_layers=need("num_hidden_layers"), n_heads=heads,
+                           n_kv_heads=kv_heads,
                            vocab_size=need("vocab_size"), hidden_dim=need("intermediate_size"),
                            norm_eps=float(fields.get("rms_norm_eps", 1e-6)),
                            max_seq_len=need("max_position_embeddings"), rope_theta=float(rope_theta))
@@ -102,7 +104,7 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": config.dim, "intermediate_size": config.ffn_dim, "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_heads, "head_dim": config.head_dim,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
         "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
@@ -219,12 +221,17 @@ def to_meta(weights: dict, config: LlamaConfig, where: dict, directory: Path) ->
 
 
 def hf_rows_to_meta(weight, config):
-    heads, head_dim = config.n_heads, config.head_dim
+    """wq or wk rows from Hugging Face's RoPE layout (rotate-half) to Meta's (interleaved pairs),
+    head by head (n_heads heads for wq, n_kv_heads for wk)."""
+    head_dim = config.head_dim
+    heads = weight.shape[0] // head_dim
     return weight.reshape(heads, 2, head_dim // 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
 
 
 def meta_rows_to_hf(weight, config):
-    heads, head_dim = config.n_heads, config.head_dim
+    """The inverse of hf_rows_to_meta."""
+    head_dim = config.head_dim
+    heads = weight.shape[0] // head_dim
     return weight.reshape(heads, head_dim // 2, 2, -1).transpose(0, 2, 1, 3).reshape(weight.shape)
 
 

@@ -69,9 +69,6 @@ def _read_params_json(file: Path) -> dict:
     for name in ("dim", "n_layers", "n_heads"):
         if name not in fields:
             raise ConvertError(file, f"missing field {name!r}", "is this Meta's params.json?")
-    if fields.get("n_kv_heads") not in (None, fields["n_heads"]):
-        raise ConvertError(file, f"n_kv_heads {fields['n_kv_heads']} != n_heads {fields['n_heads']} "
-                           "(grouped-query attention)", "npllama implements Llama-1: multi-head attention")
     if fields.get("use_scaled_rope"):
         raise ConvertError(file, "use_scaled_rope is true", "npllama implements plain RoPE only")
     return fields
@@ -92,6 +89,7 @@ def import_meta(directory, dtype=None) -> Imported:
     vocab = fields.get("vocab_size", -1)
     try:
         config = LlamaConfig(dim=fields["dim"], n_layers=fields["n_layers"], n_heads=fields["n_heads"],
+                             n_kv_heads=fields.get("n_kv_heads"),
                              vocab_size=vocab if vocab and vocab > 0 else embedding.shape[0],
                              norm_eps=float(fields.get("norm_eps", 1e-6)),
                              rope_theta=float(fields.get("rope_theta", 10000.0)),

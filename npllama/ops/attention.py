@@ -1,6 +1,6 @@
-"""Causal multi-head attention that never stores the T x T attention weights.
+"""Causal attention, multi-head or grouped-query, that never stores the T x T attention weights.
 
-Forward (per batch b and head h; s = 1/sqrt(D) unless given):
+Forward (per batch b and query head h; s = 1/sqrt(D) unless given):
     S = s * Q K^T            S[i, j] = -inf where key j comes after query i (causal mask)
     L = logsumexp_j S        per-row log-normaliser, the only statistic kept
     P = exp(S - L)           softmax(S) row by row
@@ -10,9 +10,15 @@ Backward, with Dvec = rowsum(dO * O) (equal to rowsum(P * dP), see the derivatio
     dP = dO V^T
     dS = P * (dP - Dvec)
     dQ = s * dS K            dK = s * dS^T Q
-Shapes: q (B, H, Tq, D); k, v (B, H, Tk, D); O (B, H, Tq, D); L (B, H, Tq). Usually Tq = Tk = T.
+Shapes: q (B, H, Tq, D); k, v (B, Hkv, Tk, D); O (B, H, Tq, D); L (B, H, Tq). Usually Tq = Tk = T.
 When Tq < Tk (decoding with a KV cache) the queries are the last Tq positions: query i sits at
 position Tk - Tq + i and sees keys 0 .. Tk - Tq + i.
+
+Grouped-query attention (Ainslie et al., 2023): H is a multiple of Hkv, and the G = H / Hkv query
+heads h = g*G .. g*G + G - 1 share key/value head g (Hkv = H is multi-head attention, Hkv = 1
+multi-query). Keys and values are never copied per query head: the queries are viewed as
+(B, Hkv, G, Tq, D) and each key/value head broadcasts over its group. A shared head's dK and dV
+are the sums of the G query heads' contributions (K and V are used G times).
 
 The algorithm is FlashAttention's (Dao et al., 2022; Dao, 2023), in NumPy/CuPy: queries are cut
 into tiles of `tile_size` rows and each meets the key tiles one at a time with an online softmax
@@ -68,9 +74,31 @@ def _runs_on_kernels(*arrays) -> bool:
             and n_queries >= 1 and 1 <= batch * n_heads <= cuda_attention.MAX_HEADS)
 
 
+def group_size(q, k, v) -> int:
+    """G = H / Hkv, the query heads per key/value head; ValueError if the shapes do not fit together."""
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+                         "need q (B, H, Tq, D) and k, v both (B, Hkv, Tk, D)")
+    (batch, n_heads, _, head_dim), (kv_batch, n_kv_heads, _, kv_head_dim) = q.shape, k.shape
+    if kv_batch != batch or kv_head_dim != head_dim or n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k, v {tuple(k.shape)} do not fit: need the same "
+                         "batch and head dim, and a number of query heads that is a multiple of the key/value heads")
+    return n_heads // n_kv_heads
+
+
+def _grouped(q, k, v, ct):
+    """q as (B, Hkv, G, Tq, D) and k, v as (B, Hkv, 1, Tk, D), in the compute dtype: each key/value
+    head broadcasts over the G query heads of its group, without a copy."""
+    batch, n_heads, n_queries, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    grouped_q = q.astype(ct, copy=False).reshape(batch, n_kv_heads, n_heads // n_kv_heads, n_queries, head_dim)
+    return grouped_q, k.astype(ct, copy=False)[:, :, None], v.astype(ct, copy=False)[:, :, None]
+
+
 def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
     """Return (out, cache); cache holds the inputs, out and the row logsumexp L, nothing T x T."""
     xp = array_namespace(q, k, v)
+    group_size(q, k, v)
     batch, n_heads, n_queries, head_dim = q.shape
     n_keys = k.shape[2]
     if n_queries > n_keys:
@@ -84,19 +112,20 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
     offset = n_keys - n_queries  # absolute position of query 0
     ct = compute_dtype(xp, q.dtype)
 
-    out = xp.empty(q.shape, dtype=q.dtype)
-    lse = xp.empty((batch, n_heads, n_queries), dtype=ct)
-    q_scaled = q.astype(ct, copy=False) * scale  # s Q once: (s Q) K^T = s (Q K^T)
+    grouped_q, grouped_k, grouped_v = _grouped(q, k, v, ct)  # (B, Hkv, G, Tq, D), (B, Hkv, 1, Tk, D) x 2
+    out = xp.empty(grouped_q.shape, dtype=q.dtype)
+    lse = xp.empty(grouped_q.shape[:-1], dtype=ct)
+    q_scaled = grouped_q * scale  # s Q once: (s Q) K^T = s (Q K^T)
     for q0 in range(0, n_queries, tile_size):
         q1 = min(q0 + tile_size, n_queries)
-        q_tile = q_scaled[:, :, q0:q1]
-        row_max = xp.full((batch, n_heads, q1 - q0), -xp.inf, dtype=ct)
-        row_sum = xp.zeros((batch, n_heads, q1 - q0), dtype=ct)
-        acc = xp.zeros((batch, n_heads, q1 - q0, head_dim), dtype=ct)
+        q_tile = q_scaled[..., q0:q1, :]
+        row_max = xp.full(q_tile.shape[:-1], -xp.inf, dtype=ct)
+        row_sum = xp.zeros(q_tile.shape[:-1], dtype=ct)
+        acc = xp.zeros(q_tile.shape, dtype=ct)
         last_visible_key = offset + q1 - 1  # the last query of the tile sees keys up to here
         for k0 in range(0, last_visible_key + 1, tile_size):
             k1 = min(k0 + tile_size, n_keys)
-            scores = q_tile @ k[:, :, k0:k1].astype(ct, copy=False).swapaxes(-1, -2)
+            scores = q_tile @ grouped_k[..., k0:k1, :].swapaxes(-1, -2)
             if k1 - 1 > offset + q0:  # the tile crosses the diagonal: mask the future keys
                 xp.copyto(scores, -xp.inf, where=_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0))
             # online softmax: every row sees key 0 in the first tile, so new_max is finite
@@ -106,10 +135,11 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
             probs = xp.exp(xp.subtract(scores, new_max[..., None], out=scores), out=scores)
             rescale = xp.exp(row_max - new_max)  # exp(-inf) = 0 on the first tile
             row_sum = row_sum * rescale + probs.sum(axis=-1)
-            acc = acc * rescale[..., None] + probs @ v[:, :, k0:k1].astype(ct, copy=False)
+            acc = acc * rescale[..., None] + probs @ grouped_v[..., k0:k1, :]
             row_max = new_max
-        out[:, :, q0:q1] = acc / row_sum[..., None]
-        lse[:, :, q0:q1] = row_max + xp.log(row_sum)
+        out[..., q0:q1, :] = acc / row_sum[..., None]
+        lse[..., q0:q1] = row_max + xp.log(row_sum)
+    out, lse = out.reshape(q.shape), lse.reshape(q.shape[:-1])
     return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
 
 
@@ -120,58 +150,64 @@ def backward(dy, cache):
     if _runs_on_kernels(dy, q, k, v):
         return cuda_attention.backward(dy, q, k, v, out, lse, scale)
     xp = array_namespace(dy)
-    batch, n_heads, n_queries, head_dim = q.shape
-    n_keys = k.shape[2]
+    n_queries, n_keys = q.shape[2], k.shape[2]
     offset = n_keys - n_queries
     ct = compute_dtype(xp, q.dtype)
 
-    dy_c = dy.astype(ct, copy=False)
+    grouped_q, grouped_k, grouped_v = _grouped(q, k, v, ct)  # (B, Hkv, G, Tq, D), (B, Hkv, 1, Tk, D) x 2
+    lse = lse.reshape(grouped_q.shape[:-1])
+    dy_c = dy.astype(ct, copy=False).reshape(grouped_q.shape)
     # Dvec_i = sum_d dO[i, d] * O[i, d] = sum_j P[i, j] dP[i, j]: the softmax Jacobian's
     # projection term, computed once from O instead of from the T x T P and dP.
-    dvec = (dy_c * out.astype(ct, copy=False)).sum(axis=-1)
-    q_scaled = q.astype(ct, copy=False) * scale
-    dq = xp.zeros(q.shape, dtype=ct)
+    dvec = (dy_c * out.astype(ct, copy=False).reshape(grouped_q.shape)).sum(axis=-1)
+    q_scaled = grouped_q * scale
+    dq = xp.zeros(grouped_q.shape, dtype=ct)
     dk = xp.empty(k.shape, dtype=ct)
     dv = xp.empty(v.shape, dtype=ct)
     for k0 in range(0, n_keys, tile_size):
         k1 = min(k0 + tile_size, n_keys)
-        k_tile = k[:, :, k0:k1].astype(ct, copy=False)
-        v_tile = v[:, :, k0:k1].astype(ct, copy=False)
-        dk_tile = xp.zeros(k_tile.shape, dtype=ct)
-        dv_tile = xp.zeros(v_tile.shape, dtype=ct)
+        k_tile, v_tile = grouped_k[..., k0:k1, :], grouped_v[..., k0:k1, :]
+        # one dK, dV tile per query head of the group; the shared head's are their sum, below
+        dk_tile = xp.zeros(grouped_q.shape[:3] + k_tile.shape[-2:], dtype=ct)
+        dv_tile = xp.zeros(dk_tile.shape, dtype=ct)
         first_query = max(0, k0 - offset)  # the first query that sees any key of this tile
         for q0 in range((first_query // tile_size) * tile_size, n_queries, tile_size):
             q1 = min(q0 + tile_size, n_queries)
-            q_tile = q_scaled[:, :, q0:q1]
-            dy_tile = dy_c[:, :, q0:q1]
+            q_tile = q_scaled[..., q0:q1, :]
+            dy_tile = dy_c[..., q0:q1, :]
             # forward was: S = s Q K^T (masked), P = exp(S - L)
             scores = q_tile @ k_tile.swapaxes(-1, -2)
             if k1 - 1 > offset + q0:  # mask before exp: a future score may exceed L by any amount
                 xp.copyto(scores, -xp.inf, where=_causal_mask(xp, offset + q0, q1 - q0, k0, k1 - k0))
-            probs = xp.exp(xp.subtract(scores, lse[:, :, q0:q1, None], out=scores), out=scores)
+            probs = xp.exp(xp.subtract(scores, lse[..., q0:q1, None], out=scores), out=scores)
             # forward was: O = P V, so dV = P^T dO and dP = dO V^T
             dv_tile += probs.swapaxes(-1, -2) @ dy_tile
             dprobs = dy_tile @ v_tile.swapaxes(-1, -2)
             # forward was: P = softmax(S) per row, so dS = P * (dP - rowsum(P * dP)) = P * (dP - Dvec)
-            dscores = xp.multiply(probs, xp.subtract(dprobs, dvec[:, :, q0:q1, None], out=dprobs), out=dprobs)
+            dscores = xp.multiply(probs, xp.subtract(dprobs, dvec[..., q0:q1, None], out=dprobs), out=dprobs)
             # forward was: S = (s Q) K^T, so dQ = s dS K and dK = dS^T (s Q)
-            dq[:, :, q0:q1] += (dscores @ k_tile) * scale
+            dq[..., q0:q1, :] += (dscores @ k_tile) * scale
             dk_tile += dscores.swapaxes(-1, -2) @ q_tile
-        dk[:, :, k0:k1] = dk_tile
-        dv[:, :, k0:k1] = dv_tile
+        # forward was: every query head g of a group reads the shared K, V; so dK, dV = sum over g
+        dk[:, :, k0:k1] = dk_tile.sum(axis=2)
+        dv[:, :, k0:k1] = dv_tile.sum(axis=2)
+    dq = dq.reshape(q.shape)
     return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
 
 
 def naive_forward(q, k, v, scale=None):
     """softmax(s Q K^T + causal mask) V with the whole (B, H, Tq, Tk) matrix: the test oracle.
 
-    Returns (out, lse). Quadratic memory; use only to check `forward` on small shapes.
+    Returns (out, lse). Grouped-query attention by copying each key/value head G times, the plain
+    way `forward` avoids. Quadratic memory; use only to check `forward` on small shapes.
     """
     xp = array_namespace(q, k, v)
+    group = group_size(q, k, v)
     n_queries, head_dim = q.shape[2], q.shape[3]
     n_keys = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     ct = compute_dtype(xp, q.dtype)
+    k, v = xp.repeat(k, group, axis=1), xp.repeat(v, group, axis=1)  # query head h reads head h // G
     scores = (q.astype(ct) @ k.astype(ct).swapaxes(-1, -2)) * scale
     mask = _causal_mask(xp, n_keys - n_queries, n_queries, 0, n_keys)
     scores = xp.where(mask, -xp.inf, scores)
