@@ -12,7 +12,8 @@ A block (Touvron et al. 2023 §2.2):
     a, b = W1 n2, W3 n2                               (B, T, F)
     y = h + W2 (silu(a) * b)
 
-The model is: tok_embeddings -> n_layers blocks -> rmsnorm -> output (untied) -> logits (B, T, V).
+The model is: tok_embeddings -> n_layers blocks -> rmsnorm -> output -> logits (B, T, V). With tied
+embeddings the output head is the embedding matrix itself, and its gradient adds both uses.
 
 Every op's backward takes exactly the cache its forward returned (npllama/ops); the block never
 opens or builds one, so another attention implementation slots in without a change here.
@@ -43,6 +44,7 @@ from .params import (
     NORM,
     OUTPUT_HEAD,
     TOK_EMBEDDINGS,
+    head_name,
     layer_name,
     layer_weights,
     parameter_shapes,
@@ -67,6 +69,7 @@ class LlamaConfig:
     # key/value heads, shared by groups of n_heads / n_kv_heads query heads (grouped-query
     # attention); None means n_heads (multi-head attention, Llama-1), and becomes it
     n_kv_heads: int | None = None
+    tie_embeddings: bool = False  # the output head is tok_embeddings (no output.weight)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -78,10 +81,12 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"LlamaConfig: dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
+        if self.n_heads % (self.n_kv_heads or self.n_heads):
             raise ValueError(f"LlamaConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"LlamaConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise ValueError("LlamaConfig: norm_eps and rope_theta must be positive")
 
@@ -92,7 +97,7 @@ class LlamaConfig:
     @property
     def kv_dim(self) -> int:
         """Width of the keys and of the values: n_kv_heads * head_dim (dim under multi-head attention)."""
-        return self.n_kv_heads * self.head_dim
+        return (self.n_kv_heads or self.n_heads) * self.head_dim  # never None after __post_init__
 
     @property
     def ffn_dim(self) -> int:
@@ -104,17 +109,17 @@ class LlamaConfig:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def n_params(self) -> int:
-        """Number of parameters: embeddings + blocks + final norm + untied output head."""
+        """Number of parameters: embeddings + blocks + final norm + output head (unless tied)."""
         return sum(math.prod(shape) for shape in parameter_shapes(self).values())
 
     def to_dict(self) -> dict:
-        """The fields, without `hidden_dim` when the rule gives the width and without `n_kv_heads`
-        under multi-head attention (as configs were before them)."""
+        """The fields, without those that hold Llama-1's choice (as configs were before them): no
+        `hidden_dim` when the rule gives the width, no `n_kv_heads` under multi-head attention, no
+        `tie_embeddings` when untied."""
         fields = asdict(self)
-        if fields["hidden_dim"] is None:
-            del fields["hidden_dim"]
-        if fields["n_kv_heads"] == self.n_heads:
-            del fields["n_kv_heads"]
+        for name, llama1 in (("hidden_dim", None), ("n_kv_heads", self.n_heads), ("tie_embeddings", False)):
+            if fields[name] == llama1:
+                del fields[name]
         return fields
 
 
@@ -386,7 +391,7 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     if only_last:
         h = h[:, -1:]
     normed, _ = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
-    logits, _ = linear.forward(normed, params[OUTPUT_HEAD])
+    logits, _ = linear.forward(normed, params[head_name(config)])
     return logits
 
 
@@ -435,7 +440,7 @@ def loss(params, config, tokens, targets, tile_size=attention.DEFAULT_TILE_SIZE,
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
     normed, _ = rmsnorm.forward(_run_layers(params, config, tokens, tile_size), params[FINAL_NORM],
                                 config.norm_eps)
-    return float(_head_loss(normed, params[OUTPUT_HEAD], targets, ignore_index))
+    return float(_head_loss(normed, params[head_name(config)], targets, ignore_index))
 
 
 # The output head and the loss, a chunk of rows at a time. The loss is the model's last op and its
@@ -506,8 +511,8 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     names, shapes and dtypes as `params`.
 
     on_grad(name, grad), when given, is called with each parameter's gradient as soon as backward
-    has finished it (the head's first, the embedding's last), and `grads` keeps what it returns: a
-    caller can send the later layers' gradients to other processes while backward computes the
+    has finished it (the head's first, the embedding's last, a tied head's with it), and `grads`
+    keeps what it returns: a caller can send the later layers' gradients to other processes while backward computes the
     earlier ones (npllama.train.distributed.GradientAverage), or copy a gradient into a buffer of its own
     without two copies living at once.
     """
@@ -524,8 +529,10 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
         if on_grad is not None:  # what on_grad returns replaces it, so the two never both live on
             grads[name] = on_grad(name, grads[name])
 
-    value, dnormed, grads[OUTPUT_HEAD] = _head_loss_and_grads(normed, params[OUTPUT_HEAD], targets, ignore_index)
-    finished(OUTPUT_HEAD)
+    value, dnormed, dhead = _head_loss_and_grads(normed, params[head_name(config)], targets, ignore_index)
+    if head_name(config) == OUTPUT_HEAD:
+        grads[OUTPUT_HEAD], dhead = dhead, None
+        finished(OUTPUT_HEAD)
     dh, grads[FINAL_NORM] = rmsnorm.backward(dnormed, norm_cache)
     finished(FINAL_NORM)
     for i in reversed(range(config.n_layers)):
@@ -534,6 +541,8 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
             grads[layer_name(i, short)] = layer_grads.pop(short)
             finished(layer_name(i, short))
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
+    if dhead is not None:  # tied: forward used tok_embeddings twice (lookup and head), so its gradient adds both
+        grads[TOK_EMBEDDINGS] += dhead
     finished(TOK_EMBEDDINGS)
     return value, {name: grads[name] for name in params}
 

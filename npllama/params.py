@@ -10,12 +10,14 @@ Every other module asks this one for a parameter's name, shape or role instead o
     layers.{i}.feed_forward.w2.weight         (C, F)   linear, writes into the residual stream
     layers.{i}.{attention,ffn}_norm.weight    (C,)     norm gain
     norm.weight                               (C,)     norm gain
-    output.weight                             (V, C)   output head (untied from the embedding)
+    output.weight                             (V, C)   output head; absent when tied to the embedding
 
 Linear weights are [out, in], as in Meta's and PyTorch's checkpoints. The order of the table is
 the checkpoint order. Roles decide initialisation (norm gains start at 1; the two projections
 into the residual stream get a smaller standard deviation) and weight decay (everything but the
-norm gains). The config only needs `dim`, `kv_dim`, `n_layers`, `vocab_size` and `ffn_dim`.
+norm gains). The config only needs `dim`, `kv_dim`, `n_layers`, `vocab_size`, `ffn_dim` and
+`tie_embeddings`. With tied embeddings (`tie_embeddings`) the output head multiplies by the
+embedding matrix itself: one parameter used twice (`head_name`).
 """
 
 from __future__ import annotations
@@ -99,9 +101,15 @@ def parameter_table(config) -> dict[str, ParamSpec]:
     order = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "attention_norm", "ffn_norm")
     specs = [ParamSpec(TOK_EMBEDDINGS, (config.vocab_size, config.dim), EMBEDDING)]
     specs += [_layer_spec(config, layer, short) for layer in range(config.n_layers) for short in order]
-    specs += [ParamSpec(FINAL_NORM, (config.dim,), NORM),
-              ParamSpec(OUTPUT_HEAD, (config.vocab_size, config.dim), OUTPUT)]
+    specs.append(ParamSpec(FINAL_NORM, (config.dim,), NORM))
+    if not config.tie_embeddings:
+        specs.append(ParamSpec(OUTPUT_HEAD, (config.vocab_size, config.dim), OUTPUT))
     return {spec.name: spec for spec in specs}
+
+
+def head_name(config) -> str:
+    """The parameter the output head multiplies by: output.weight, or the embedding when tied."""
+    return TOK_EMBEDDINGS if config.tie_embeddings else OUTPUT_HEAD
 
 
 def parameter_shapes(config) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,8 @@ float64 for the same reason; in float32 they are rounded once, at the end.
 Parameters are a flat dict of torch tensors under Meta's names (`tok_embeddings.weight`,
 `layers.{i}.attention.wq.weight`, ..., `norm.weight`, `output.weight`), linear weights [out, in].
 `config` needs dim, n_layers, n_heads, norm_eps and rope_theta (npllama's LlamaConfig has them),
-and may give n_kv_heads: grouped-query attention as in Meta's Llama 2 `model.py`, which repeats
+and may give tie_embeddings (the output head is the embedding matrix; autograd adds the gradients
+of both uses) and n_kv_heads: grouped-query attention as in Meta's Llama 2 `model.py`, which repeats
 each key/value head for the query heads that share it (`repeat_kv`) before the attention.
 
 Never imported by npllama/: only tests/ use it.
@@ -103,7 +104,8 @@ def forward(params, config, tokens):
     freqs_cis = precompute_freqs_cis(config.dim // config.n_heads, tokens.shape[1], config.rope_theta)
     for i in range(config.n_layers):
         h = block(params, f"layers.{i}.", config, h, freqs_cis)
-    return F.linear(rms_norm(h, params["norm.weight"], config.norm_eps), params["output.weight"])
+    head = params["tok_embeddings.weight"] if getattr(config, "tie_embeddings", False) else params["output.weight"]
+    return F.linear(rms_norm(h, params["norm.weight"], config.norm_eps), head)
 
 
 def loss(params, config, tokens, targets, ignore_index=-100):

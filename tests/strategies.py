@@ -46,14 +46,14 @@ norm_epsilons = st.sampled_from([1e-6, 1e-5, 1e-3, 0.1])
 @st.composite
 def small_model_configs(draw):
     """A LlamaConfig small enough to difference: 1-2 layers, 1-3 heads of even dim 2-6, sharing one
-    key/value head or each with its own."""
+    key/value head or each with its own, the output head tied to the embedding or not."""
     from npllama.model import LlamaConfig
 
     n_heads = draw(st.integers(1, 3))
     n_kv_heads = draw(st.sampled_from([1, n_heads]))  # multi-query or multi-head (the same for n_heads 1)
     head_dim = 2 * draw(st.integers(1, 3))
     return LlamaConfig(dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads,
-                       n_kv_heads=n_kv_heads,
+                       n_kv_heads=n_kv_heads, tie_embeddings=draw(st.booleans()),
                        vocab_size=draw(st.integers(2, 11)), multiple_of=draw(st.sampled_from([1, 4, 8])),
                        max_seq_len=16, rope_theta=draw(st.sampled_from([100.0, 10000.0])),
                        norm_eps=draw(norm_epsilons))

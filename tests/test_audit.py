@@ -31,6 +31,8 @@ def test_audit_json_lists_every_op_and_the_model_all_passing():
     assert EXPECTED_ROWS <= {(row["op"], row["wrt"]) for row in rows}
     model_rows = {row["wrt"] for row in rows if row["op"] == "model"}
     assert model_rows == set(parameter_shapes(audit.AUDIT_CONFIG))
+    shipped_rows = {row["wrt"] for row in rows if row["op"] == "model_gqa_tied"}  # no output.weight: tied
+    assert shipped_rows == set(parameter_shapes(audit.AUDIT_GQA_TIED_CONFIG)) and "output.weight" not in shipped_rows
     assert all(row["passed"] and row["problem"] is None and 0 <= row["max_rel_err"] <= 1e-6 for row in rows)
 
 
@@ -51,7 +53,7 @@ def nan_like(grads):
     return tuple(g * numpy.nan for g in grads) if isinstance(grads, tuple) else grads * numpy.nan
 
 
-@pytest.mark.parametrize("op", [op for op in audit.OPS if op != "model"])
+@pytest.mark.parametrize("op", [op for op in audit.OPS if op not in audit.MODELS])
 def test_an_op_whose_backward_returns_nan_fails_the_audit_which_names_it(op, monkeypatch, capsys):
     module = getattr(audit, op.split("_")[0] if op.startswith("attention") else op)  # attention_kv, _gqa: attention
     original = module.backward

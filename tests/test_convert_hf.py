@@ -100,13 +100,17 @@ def float64_loss_and_grads(model, tokens, targets):
     return loss.item(), logits.detach().numpy(), {name: p.grad.numpy() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("n_kv_heads", [1, 2], ids=["multi-query", "two-key-value-heads"])
-def test_grouped_query_models_give_transformers_float64_logits_loss_and_every_gradient(tmp_path, n_kv_heads):
-    model = tiny_hf_model(hidden_size=32, num_attention_heads=4, num_key_value_heads=n_kv_heads).double()
+@pytest.mark.parametrize("n_kv_heads, tied", [(1, False), (2, False), (4, True), (2, True)],
+                         ids=["multi-query", "two-key-value-heads", "tied-embeddings", "both"])
+def test_grouped_query_and_tied_models_give_transformers_float64_logits_loss_and_every_gradient(
+        tmp_path, n_kv_heads, tied):
+    model = tiny_hf_model(hidden_size=32, num_attention_heads=4, num_key_value_heads=n_kv_heads,
+                          tie_word_embeddings=tied).double()
     model.save_pretrained(tmp_path)
     imported = import_hf(tmp_path)
     config = imported.config
-    assert config.n_kv_heads == n_kv_heads
+    assert config.n_kv_heads == n_kv_heads and config.tie_embeddings == tied
+    assert ("output.weight" in imported.params) != tied
     assert imported.params["layers.0.attention.wk.weight"].shape == (8 * n_kv_heads, 32)
     tokens, targets = TOKENS[:, :-1], TOKENS[:, 1:]
     expected_loss, expected_logits, expected_grads = float64_loss_and_grads(float64_throughout(model), tokens, targets)
@@ -152,8 +156,10 @@ def test_an_older_style_config_with_rope_theta_and_torch_dtype_imports_the_same(
     assert import_hf(tmp_path).config.rope_theta == 500.0
 
 
-def test_an_exported_model_loads_into_transformers_with_the_same_logits(tmp_path):
-    config = llama.LlamaConfig(dim=24, n_layers=2, n_heads=3, vocab_size=61, multiple_of=8, max_seq_len=96)
+@pytest.mark.parametrize("n_kv_heads, tied", [(3, False), (1, True)], ids=["llama-1", "multi-query-tied"])
+def test_an_exported_model_loads_into_transformers_with_the_same_logits(tmp_path, n_kv_heads, tied):
+    config = llama.LlamaConfig(dim=24, n_layers=2, n_heads=3, vocab_size=61, multiple_of=8, max_seq_len=96,
+                               n_kv_heads=n_kv_heads, tie_embeddings=tied)
     params = llama.init_params(config, seed=3, std=0.2)
     export_hf(tmp_path, config, params)
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
@@ -169,7 +175,7 @@ def test_an_exported_model_loads_into_transformers_with_the_same_logits(tmp_path
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ({"tie_word_embeddings": "yes"}, "tie_embeddings"),
     ({"model_type": "mistral"}, "model_type"),
     ({"hidden_size": None}, "hidden_size"),
 ], ids=lambda value: value if isinstance(value, str) else None)

@@ -232,8 +232,10 @@ def test_a_signal_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(corpus
     assert final["stopped"] == final["whole"]
 
 
-def test_zero_1_shards_the_moments_and_changes_no_number(corpus, tmp_path):
-    steps = ["--steps", "6", "--eval-every", "3", "--checkpoint-every", "3"]
+@pytest.mark.parametrize("shape", [[], ["--n-kv-heads", "1", "--tie-embeddings"]],
+                         ids=["llama-1", "multi-query-tied-embeddings"])
+def test_zero_1_shards_the_moments_and_changes_no_number(corpus, tmp_path, shape):
+    steps = ["--steps", "6", "--eval-every", "3", "--checkpoint-every", "3", *shape]
     plain = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "plain"), *steps)
     assert plain.returncode == 0, plain.stdout + plain.stderr
     sharded = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "sharded"), *steps, "--zero", "1")

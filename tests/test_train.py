@@ -205,6 +205,7 @@ def test_divergence_stops_the_run_and_names_the_last_good_checkpoint(corpus, tmp
     (lambda c, t: ["--preset", "7B", "--vocab-size", "512"], ["more than this machine's"]),
     (lambda c, t: ["--data", str(_write(t / "latin1.txt", "caf\xe9 " .encode("latin-1") * 100))], ["not UTF-8"]),
     (lambda c, t: ["--seq-len", "4096"], ["--seq-len 4096 exceeds", "128"]),
+    (lambda c, t: ["--n-kv-heads", "3"], ["--n-kv-heads 3", "4 query heads", "divides"]),
     (lambda c, t: ["--preset", "huge"], ["unknown preset"]),
     (lambda c, t: ["--vocab-size", "1000"], ["tokenizer has 512 pieces", "1000"]),
     (lambda c, t: ["--out", str(_write(t / "a-file", b"x") / "run")], ["cannot write there"]),

@@ -25,12 +25,17 @@ from ..params import NORM, parameter_table
 from . import gradcheck
 
 OPS = ("embedding", "linear", "rmsnorm", "rope", "swiglu", "attention", "attention_kv", "attention_gqa",
-       "cross_entropy", "model")
+       "cross_entropy", "model", "model_gqa_tied")
+MODELS = ("model", "model_gqa_tied")
 
 # A model small enough to difference entry by entry, big enough to have every structure:
 # two layers, two heads of dim 4, an FFN width that is not a multiple of the model dim.
 AUDIT_CONFIG = llama.LlamaConfig(dim=8, n_layers=2, n_heads=2, vocab_size=13, multiple_of=4,
                                  max_seq_len=16)
+# The shape of the models people ship today (Llama 3, SmolLM): query heads sharing a key/value
+# head, and the embedding matrix used again as the output head.
+AUDIT_GQA_TIED_CONFIG = llama.LlamaConfig(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, tie_embeddings=True,
+                                          vocab_size=13, multiple_of=4, max_seq_len=16)
 
 
 def op_cases(rng, xp):
@@ -74,7 +79,7 @@ def audit_ops(seed, xp, only=None):
     return results
 
 
-def audit_model(seed, xp, config=AUDIT_CONFIG, batch=2, seq=7, recompute=True):
+def audit_model(seed, xp, config=AUDIT_CONFIG, batch=2, seq=7, recompute=True, op="model"):
     """One row per parameter of the whole model: loss(params) differenced against loss_and_grads."""
     rng = numpy.random.default_rng(seed)
     # a larger init than training's 0.02 so every path carries a gradient well above rounding
@@ -89,7 +94,7 @@ def audit_model(seed, xp, config=AUDIT_CONFIG, batch=2, seq=7, recompute=True):
     def func(values):
         return llama.loss(values, config, tokens, targets, tile_size=3)
 
-    return [gradcheck.check_gradient("model", func, params, name, grads[name], rng, n_directions=2,
+    return [gradcheck.check_gradient(op, func, params, name, grads[name], rng, n_directions=2,
                                      max_elements=24) for name in params]
 
 
@@ -97,6 +102,8 @@ def run_audit(seed=0, xp=numpy, only=None):
     results = audit_ops(seed, xp, only)
     if not only or "model" in only:
         results += audit_model(seed, xp)
+    if not only or "model_gqa_tied" in only:
+        results += audit_model(seed, xp, AUDIT_GQA_TIED_CONFIG, op="model_gqa_tied")
     return results
 
 

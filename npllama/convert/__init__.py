@@ -4,7 +4,7 @@ original layout in (`meta.py`: params.json and model-parallel consolidated.NN.pt
 `python -m npllama.convert` (`__main__.py`).
 
 Names and shapes come from the one parameter table (npllama/params.py). What npllama does not
-implement (RoPE scaling, biases, tied embeddings) is refused in one line
+implement (RoPE scaling, biases, other architectures) is refused in one line
 that names the file and the field.
 """
 

@@ -62,7 +62,7 @@ class Imported:
 
 def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
     """LlamaConfig for a Hugging Face config.json, or a ConvertError naming the field."""
-    fix = "npllama implements the Llama architecture: plain RoPE, no biases, untied embeddings"
+    fix = "npllama implements the Llama architecture: plain RoPE, no biases"
 
     def need(name):
         if name not in fields:
@@ -76,8 +76,8 @@ def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
     if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
         raise ConvertError(file, f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}",
                            "each key/value head must serve the same number of query heads")
-    for name, allowed in (("attention_bias", False), ("mlp_bias", False), ("tie_word_embeddings", False),
-                          ("hidden_act", "silu"), ("rope_scaling", None)):
+    for name, allowed in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
+                          ("rope_scaling", None)):
         if fields.get(name, allowed) != allowed:
             raise ConvertError(file, f"{name} {fields[name]!r} is not supported", fix)
     rope_theta = fields.get("rope_theta", 10000.0)
@@ -91,7 +91,7 @@ def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
         raise ConvertError(file, f"head_dim {fields['head_dim']} != hidden_size / num_attention_heads", fix)
     try:
         return LlamaConfig(dim=hidden, n_layers=need("num_hidden_layers"), n_heads=heads,
-                           n_kv_heads=kv_heads,
+                           n_kv_heads=kv_heads, tie_embeddings=fields.get("tie_word_embeddings", False),
                            vocab_size=need("vocab_size"), hidden_dim=need("intermediate_size"),
                            norm_eps=float(fields.get("rms_norm_eps", 1e-6)),
                            max_seq_len=need("max_position_embeddings"), rope_theta=float(rope_theta))
@@ -108,7 +108,7 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
         "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "dtype": dtype, "torch_dtype": dtype,
     }
 

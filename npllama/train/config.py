@@ -64,6 +64,10 @@ class TrainConfig:
                                       rule=(lambda n: n >= MIN_VOCAB_SIZE,
                                             f"{{flag}} must be at least {MIN_VOCAB_SIZE} ({BYTE_PIECE_COUNT} byte "
                                             "pieces + unk, bos, eos)"))
+    n_kv_heads: int | None = _setting(None, "key/value heads, shared by groups of query heads (grouped-query "
+                                            "attention; default: the preset's, one per query head)",
+                                      rule=_at_least(1))
+    tie_embeddings: bool = _setting(False, "use the embedding matrix as the output head too (no output.weight)")
     data: list[str] | None = _setting(None, "text files, folders or globs (default: the Python standard library's "
                                             "*.py files). Files found in folders/globs that are not UTF-8 are "
                                             "skipped and counted; a file named directly that is not UTF-8 is an "

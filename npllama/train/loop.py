@@ -216,8 +216,14 @@ def _remove_unless_of_value(out: Path, keep_log: bool):
 
 def _model_config(config: TrainConfig) -> llama.LlamaConfig:
     model_config = llama.get_preset(config.preset)
-    if config.vocab_size is not None:
-        model_config = llama.LlamaConfig(**{**model_config.to_dict(), "vocab_size": config.vocab_size})
+    changes = {"vocab_size": config.vocab_size, "n_kv_heads": config.n_kv_heads,
+               "tie_embeddings": config.tie_embeddings or None}
+    try:
+        model_config = llama.LlamaConfig(**{**model_config.to_dict(),
+                                            **{name: value for name, value in changes.items() if value is not None}})
+    except ValueError:  # the only field that can disagree with the preset: --n-kv-heads
+        raise TrainError(f"--n-kv-heads {config.n_kv_heads}: the {config.preset} model has {model_config.n_heads} "
+                         "query heads; pass a number of key/value heads that divides it") from None
     if config.seq_len > model_config.max_seq_len:
         raise TrainError(f"--seq-len {config.seq_len} exceeds the {config.preset} model's maximum context of "
                          f"{model_config.max_seq_len}; pass --seq-len {model_config.max_seq_len} or less")
