@@ -4,6 +4,12 @@
 with exact round trips), `training.py` trains one with the paper's options and names a trained
 one by its recipe, `model_bytes.py` checks a model's bytes before SentencePiece reads them, and
 `__main__.py` is `python -m npllama.tokenizer train | encode | decode`.
+
+`bpe.py` is `BpeTokenizer`, byte-level BPE tokenizers (GPT-2's kind: SmolLM, Llama 3, Qwen 2) read
+from a Hugging Face tokenizer.json or a GGUF file's metadata and run by Hugging Face's `tokenizers`,
+the optional extra `models`. It is not imported here, so that this package never needs `tokenizers`:
+`from npllama.tokenizer.bpe import BpeTokenizer` always works, and building one without the package
+raises a TokenizerError that says how to install it.
 """
 
 from .encoding import (

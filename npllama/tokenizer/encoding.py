@@ -135,7 +135,7 @@ class Tokenizer:
             return
         start = 0
         while start < len(text):
-            end = _cut_point(text, start, chunk_chars)
+            end = cut_point(text, start, chunk_chars)
             ids = [self._special_id("bos", self.bos_id)] if bos and start == 0 else []
             ids += self._encode_part(text[start:end], at_start=start == 0)
             if eos and end == len(text):
@@ -159,11 +159,7 @@ class Tokenizer:
                 ids += self._without_dummy_prefix().encode(segment)
             return ids
         except RuntimeError:  # what SentencePiece raises for a str that UTF-8 cannot encode
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as error:
-                raise TokenizerError(f"text is not valid Unicode ({error}); "
-                                     "decode it with errors='replace' first") from None
+            check_unicode(text)
             raise
 
     def _cuttable(self) -> bool:
@@ -221,16 +217,26 @@ class Tokenizer:
 
 
 
-def _cut_point(text: str, start: int, chunk_chars: int) -> int:
+def check_unicode(text: str) -> None:
+    """TokenizerError if `text` holds what UTF-8 cannot encode (a lone surrogate, say)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise TokenizerError(f"text is not valid Unicode ({error}); decode it with errors='replace' first") from None
+
+
+def cut_point(text: str, start: int, chunk_chars: int, safe_cut=None) -> int:
     """The end of the chunk that begins at `start`: the last safe cut at most `chunk_chars` after it,
-    else the first one beyond; the end of the text when there is none."""
+    else the first one beyond; the end of the text when there is none. `safe_cut(text, cut)` says
+    whether no piece can cross text[cut - 1] | text[cut] (default: SentencePiece's rule below)."""
+    safe_cut = _safe_cut if safe_cut is None else safe_cut
     limit = start + chunk_chars
     if limit >= len(text):
         return len(text)
     for cut in range(limit, start, -1):
-        if _safe_cut(text, cut):
+        if safe_cut(text, cut):
             return cut
-    return next((cut for cut in range(limit + 1, len(text)) if _safe_cut(text, cut)), len(text))
+    return next((cut for cut in range(limit + 1, len(text)) if safe_cut(text, cut)), len(text))
 
 
 def _safe_cut(text: str, cut: int) -> bool:
