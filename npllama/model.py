@@ -39,6 +39,7 @@ import numpy
 
 from .backend import array_namespace
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from .ops.rope import RopeScaling
 from .params import (
     FINAL_NORM,
     NORM,
@@ -70,10 +71,15 @@ class LlamaConfig:
     # attention); None means n_heads (multi-head attention, Llama-1), and becomes it
     n_kv_heads: int | None = None
     tie_embeddings: bool = False  # the output head is tok_embeddings (no output.weight)
+    rope_scaling: RopeScaling | None = None  # RoPE frequency scaling (linear, llama3); a dict becomes one
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if isinstance(self.rope_scaling, dict):  # as config.json holds it
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"LlamaConfig.rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
         names = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "n_kv_heads")
         for name in names + (("hidden_dim",) if self.hidden_dim is not None else ()):
             value = getattr(self, name)
@@ -115,9 +121,10 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         """The fields, without those that hold Llama-1's choice (as configs were before them): no
         `hidden_dim` when the rule gives the width, no `n_kv_heads` under multi-head attention, no
-        `tie_embeddings` when untied."""
+        `tie_embeddings` when untied, no `rope_scaling` without scaling."""
         fields = asdict(self)
-        for name, llama1 in (("hidden_dim", None), ("n_kv_heads", self.n_heads), ("tie_embeddings", False)):
+        for name, llama1 in (("hidden_dim", None), ("n_kv_heads", self.n_heads), ("tie_embeddings", False),
+                             ("rope_scaling", None)):
             if fields[name] == llama1:
                 del fields[name]
         return fields
@@ -167,7 +174,8 @@ def init_params(config: LlamaConfig, seed: int = 0, dtype="float32", xp=numpy, s
 def rope_tables(config: LlamaConfig, n_positions: int, dtype, xp, start: int = 0):
     """(cos, sin) for positions start .. start + n_positions - 1, each (T, D/2)."""
     positions = xp.arange(start, start + n_positions)
-    return rope.frequencies(config.head_dim, positions, config.rope_theta, dtype=dtype, xp=xp)
+    return rope.frequencies(config.head_dim, positions, config.rope_theta, dtype=dtype, xp=xp,
+                            scaling=config.rope_scaling)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ float64 for the same reason; in float32 they are rounded once, at the end.
 Parameters are a flat dict of torch tensors under Meta's names (`tok_embeddings.weight`,
 `layers.{i}.attention.wq.weight`, ..., `norm.weight`, `output.weight`), linear weights [out, in].
 `config` needs dim, n_layers, n_heads, norm_eps and rope_theta (npllama's LlamaConfig has them),
-and may give tie_embeddings (the output head is the embedding matrix; autograd adds the gradients
-of both uses) and n_kv_heads: grouped-query attention as in Meta's Llama 2 `model.py`, which repeats
-each key/value head for the query heads that share it (`repeat_kv`) before the attention.
+and may give rope_scaling (Meta's Llama 3.1 `apply_scaling`), tie_embeddings (the output head is
+the embedding matrix; autograd adds the gradients of both uses) and n_kv_heads: grouped-query
+attention as in Meta's Llama 2 `model.py`, which repeats each key/value head for the query heads
+that share it (`repeat_kv`) before the attention.
 
 Never imported by npllama/: only tests/ use it.
 """
@@ -41,9 +42,32 @@ def rms_norm(x, weight, eps):
     return normed.type_as(x) * weight
 
 
-def precompute_freqs_cis(head_dim, n_positions, theta=10000.0, start=0):
+def apply_scaling(freqs, scaling):
+    """RoPE frequency scaling as Meta's Llama 3.1 `apply_scaling` writes it, frequency by frequency
+    (llama3), or positions divided by the factor (linear, as transformers' linear rope type)."""
+    if scaling.rope_type == "linear":
+        return freqs / scaling.factor
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    new_freqs = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            new_freqs.append(freq)
+        elif wavelen > low_freq_wavelen:
+            new_freqs.append(freq / scaling.factor)
+        else:
+            smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+                      / (scaling.high_freq_factor - scaling.low_freq_factor))
+            new_freqs.append((1 - smooth) * freq / scaling.factor + smooth * freq)
+    return torch.tensor(new_freqs, dtype=freqs.dtype)
+
+
+def precompute_freqs_cis(head_dim, n_positions, theta=10000.0, start=0, scaling=None):
     """e^{i p f_i} for positions p = start .. start + n_positions - 1: complex128 (T, D/2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64)[: head_dim // 2] / head_dim))
+    if scaling is not None:
+        freqs = apply_scaling(freqs, scaling)
     positions = torch.arange(start, start + n_positions, dtype=torch.float64)
     angles = torch.outer(positions, freqs)
     return torch.polar(torch.ones_like(angles), angles)
@@ -101,7 +125,8 @@ def forward(params, config, tokens):
     """tokens (B, T) integers -> logits (B, T, V) for every position (no KV cache)."""
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     h = F.embedding(tokens, params["tok_embeddings.weight"])
-    freqs_cis = precompute_freqs_cis(config.dim // config.n_heads, tokens.shape[1], config.rope_theta)
+    freqs_cis = precompute_freqs_cis(config.dim // config.n_heads, tokens.shape[1], config.rope_theta,
+                                     scaling=getattr(config, "rope_scaling", None))
     for i in range(config.n_layers):
         h = block(params, f"layers.{i}.", config, h, freqs_cis)
     head = params["tok_embeddings.weight"] if getattr(config, "tie_embeddings", False) else params["output.weight"]

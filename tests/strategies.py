@@ -3,6 +3,8 @@
 import numpy
 from hypothesis import strategies as st
 
+from npllama.ops.rope import RopeScaling
+
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 batch_sizes = st.integers(min_value=1, max_value=3)
 seq_lens = st.integers(min_value=1, max_value=19)  # includes T = 1 and odd lengths
@@ -43,10 +45,18 @@ def grouped_attention_problems(draw):
 norm_epsilons = st.sampled_from([1e-6, 1e-5, 1e-3, 0.1])
 
 
+# RoPE scaling: none, linear, and llama3 over an original context of 16 positions, so that with
+# theta 100 or 10000 and head dims 2-6 some frequencies are kept, some divided, some blended
+rope_scalings = st.sampled_from([
+    None, RopeScaling("linear", factor=2.0),
+    RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)])
+
+
 @st.composite
 def small_model_configs(draw):
     """A LlamaConfig small enough to difference: 1-2 layers, 1-3 heads of even dim 2-6, sharing one
-    key/value head or each with its own, the output head tied to the embedding or not."""
+    key/value head or each with its own, the output head tied to the embedding or not, RoPE scaled
+    or not."""
     from npllama.model import LlamaConfig
 
     n_heads = draw(st.integers(1, 3))
@@ -54,6 +64,7 @@ def small_model_configs(draw):
     head_dim = 2 * draw(st.integers(1, 3))
     return LlamaConfig(dim=n_heads * head_dim, n_layers=draw(st.integers(1, 2)), n_heads=n_heads,
                        n_kv_heads=n_kv_heads, tie_embeddings=draw(st.booleans()),
+                       rope_scaling=draw(rope_scalings),
                        vocab_size=draw(st.integers(2, 11)), multiple_of=draw(st.sampled_from([1, 4, 8])),
                        max_seq_len=16, rope_theta=draw(st.sampled_from([100.0, 10000.0])),
                        norm_eps=draw(norm_epsilons))

@@ -127,6 +127,25 @@ def test_grouped_query_and_tied_models_give_transformers_float64_logits_loss_and
         assert numpy.abs(grads[name] - expected).max() <= 1e-10 * numpy.abs(expected).max(), name
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}],
+                         ids=["linear", "llama3"])
+def test_rope_scaling_imports_with_transformers_logits_and_exports_back(tmp_path, rope):
+    # an original context of 32 positions with theta 500 and head dim 8: llama3 keeps some
+    # frequencies, divides some and blends the rest over these 36 positions
+    model = tiny_hf_model(rope_parameters={**rope, "rope_theta": 500.0})
+    model.save_pretrained(tmp_path / "hf")
+    imported = import_hf(tmp_path / "hf")
+    assert imported.config.rope_scaling.rope_type == rope["rope_type"]
+    logits = llama.forward(imported.params, imported.config, TOKENS)
+    assert relative_error(logits, hf_logits(model, TOKENS)) <= 1e-5  # float32 on both sides
+    export_hf(tmp_path / "out", imported.config, imported.params)
+    assert import_hf(tmp_path / "out").config == imported.config
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert relative_error(hf_logits(loaded, TOKENS), logits) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights_import_exactly_as_torch_widens_them(tmp_path, dtype):
     model = tiny_hf_model().to(dtype)
@@ -172,7 +191,8 @@ def test_an_exported_model_loads_into_transformers_with_the_same_logits(tmp_path
 
 @pytest.mark.parametrize("change, field", [
     ({"num_key_value_heads": 2}, "num_key_value_heads"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters"),
     ({"attention_bias": True}, "attention_bias"),
     ({"tie_word_embeddings": "yes"}, "tie_embeddings"),

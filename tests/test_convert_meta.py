@@ -11,6 +11,7 @@ from npllama import model as llama
 from npllama.convert import ConvertError
 from npllama.convert.hf import import_hf
 from npllama.convert.meta import import_meta
+from npllama.ops.rope import RopeScaling
 from npllama.params import EMBEDDING, LAYER_SUFFIXES, NORM, parameter_table
 
 pytestmark = pytest.mark.oracle
@@ -81,6 +82,17 @@ def test_grouped_query_shards_import_to_transformers_logits(tmp_path):
         expected = hf_model.float()(torch.from_numpy(tokens)).logits.numpy()
     logits = llama.forward(meta.params, meta.config, tokens)
     assert float(numpy.abs(logits - expected).max() / numpy.abs(expected).max()) <= 1e-5  # float32, other orders
+
+
+def test_use_scaled_rope_is_llama_3_1s_frequency_scaling(hf_model_and_meta_folder, tmp_path):
+    _, imported, _ = hf_model_and_meta_folder
+    config = imported.config
+    fields = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads, "vocab_size": -1,
+              "rope_theta": 500000.0, "use_scaled_rope": True}
+    meta = import_meta(write_meta_layout(tmp_path / "m", config, imported.params, params_json=fields))
+    # the constants of Meta's apply_scaling (llama-models, Llama 3.1)
+    assert meta.config.rope_scaling == RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                   original_max_position_embeddings=8192)
 
 
 def test_the_tokenizer_is_found_beside_the_shards_or_one_folder_up(hf_model_and_meta_folder, tmp_path):

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 import assertions
 from npllama import model, optim
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
+from npllama.ops.rope import RopeScaling
 from strategies import (
     attention_problems,
     batch_sizes,
@@ -253,6 +254,35 @@ def test_rope_equals_metas_complex_multiplication_forward_and_backward(batch, se
     # p * f carries as an absolute error of up to ~2000 * 2.2e-16 = 4.4e-13 at the last positions
     assert_close(y, expected, rtol=1e-11, name="y")
     assert_close(dx, tx.grad, rtol=1e-11, name="dx")
+
+
+LLAMA31 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("scaling", [RopeScaling("linear", factor=4.0), LLAMA31,
+                                     RopeScaling("llama3", factor=32.0, low_freq_factor=2.0, high_freq_factor=8.0,
+                                                 original_max_position_embeddings=4096)],
+                         ids=["linear", "llama-3.1", "llama3-other-factors"])
+@pytest.mark.parametrize("head_dim, theta", [(64, 500000.0), (128, 500000.0), (64, 10000.0)])
+def test_scaled_rope_frequencies_equal_metas_apply_scaling_and_transformers(scaling, head_dim, theta):
+    got = rope.inverse_frequencies(head_dim, theta, scaling, numpy)
+    unscaled = torch.from_numpy(rope.inverse_frequencies(head_dim, theta, None, numpy))
+    # Meta's loop, frequency by frequency, in float64: the same arithmetic in another order
+    assert_close(got, oracle.apply_scaling(unscaled, scaling), rtol=1e-14, name="Meta")
+    settings = {"rope_type": scaling.rope_type, "factor": scaling.factor, "rope_theta": theta}
+    if scaling.rope_type == "llama3":
+        settings.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                        original_max_position_embeddings=scaling.original_max_position_embeddings)
+    transformers = pytest.importorskip("transformers", reason="the oracle needs transformers: pip install '.[test]'")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, rope_parameters=settings)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[scaling.rope_type](config, "cpu")
+    # transformers computes its frequencies in float32: agreement to float32's precision
+    assert_close(got, inv_freq.double(), rtol=2e-7, name="transformers")
+    kept, divided = got == unscaled.numpy(), got == unscaled.numpy() / scaling.factor
+    assert (kept | divided).any() and (scaling.rope_type == "linear") == divided.all()
 
 
 @given(batch=batch_sizes, seq=seq_lens, width=model_dims, seed=seeds, scale=st.sampled_from([0.1, 1.0, 3.0, 30.0]))

@@ -2,11 +2,13 @@
 
 A directory holds `config.json`, the weights as `model.safetensors` or as shards listed by
 `model.safetensors.index.json`, and perhaps `tokenizer.model`. The config comes in two styles:
-older files state `rope_theta` (and `torch_dtype`), newer ones `rope_parameters` (and `dtype`).
+older files state `rope_theta` and `rope_scaling` (and `torch_dtype`), newer ones `rope_parameters`
+(and `dtype`); RoPE scaling `linear` and `llama3` are read from either, other kinds refused.
 
 Hugging Face's RoPE rotates halves ([x0..x(D/2-1)] against [x(D/2)..]) where Meta's rotates
 interleaved pairs (x0,x1), (x2,x3), ...; the two agree once wq's and wk's rows are permuted within
-each head, which is what Meta's conversion script does on the way in and `to_meta` undoes here:
+each head (H = n_heads for wq, n_kv_heads for wk), which is what Meta's conversion script does on
+the way in and `hf_rows_to_meta` undoes here:
 
     Meta -> HF:  w.reshape(H, D/2, 2, C).transpose(0, 2, 1, 3).reshape(H*D, C)
     HF -> Meta:  w.reshape(H, 2, D/2, C).transpose(0, 2, 1, 3).reshape(H*D, C)
@@ -20,13 +22,14 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy
 
 from ..model import LlamaConfig
+from ..ops.rope import ROPE_TYPES, RopeScaling
 from ..params import hf_names, parameter_shapes, rope_permuted_names
 from ..tokenizer import BOS_ID, EOS_ID
 from . import ConvertError
@@ -76,16 +79,10 @@ def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
     if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
         raise ConvertError(file, f"num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}",
                            "each key/value head must serve the same number of query heads")
-    for name, allowed in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
-                          ("rope_scaling", None)):
+    for name, allowed in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if fields.get(name, allowed) != allowed:
             raise ConvertError(file, f"{name} {fields[name]!r} is not supported", fix)
-    rope_theta = fields.get("rope_theta", 10000.0)
-    rope = fields.get("rope_parameters")
-    if rope is not None:
-        if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
-            raise ConvertError(file, f"rope_parameters {rope!r}: only the default RoPE is supported", fix)
-        rope_theta = rope.get("rope_theta", rope_theta)
+    rope_theta, rope_scaling = _rope_from_hf(fields, file)
     hidden = need("hidden_size")
     if fields.get("head_dim") not in (None, hidden // heads if isinstance(hidden, int) and heads else None):
         raise ConvertError(file, f"head_dim {fields['head_dim']} != hidden_size / num_attention_heads", fix)
@@ -94,9 +91,38 @@ def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
                            n_kv_heads=kv_heads, tie_embeddings=fields.get("tie_word_embeddings", False),
                            vocab_size=need("vocab_size"), hidden_dim=need("intermediate_size"),
                            norm_eps=float(fields.get("rms_norm_eps", 1e-6)),
-                           max_seq_len=need("max_position_embeddings"), rope_theta=float(rope_theta))
+                           max_seq_len=need("max_position_embeddings"), rope_theta=float(rope_theta),
+                           rope_scaling=rope_scaling)
     except (TypeError, ValueError) as error:
         raise ConvertError(file, f"not a valid Llama configuration ({error})", "check its fields") from None
+
+
+def _rope_from_hf(fields: dict, file: Path) -> tuple:
+    """(rope_theta, RopeScaling or None) from newer files' `rope_parameters` or older ones'
+    `rope_theta` and `rope_scaling` (whose type is `type` in the oldest)."""
+    theta = fields.get("rope_theta", 10000.0)
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = fields.get(name)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ConvertError(file, f"{name} {rope!r} is not a JSON object", "check its fields")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", theta)
+        if rope_type == "default":
+            continue
+        if rope_type not in ROPE_TYPES:
+            raise ConvertError(file, f"{name} has rope_type {rope_type!r}, which npllama does not implement",
+                               f"npllama implements RoPE scaling {', '.join(ROPE_TYPES)}")
+        factor = rope.get("factor")
+        if factor is None:
+            raise ConvertError(file, f"{name} has rope_type {rope_type!r} but no factor", "check its fields")
+        try:
+            return theta, RopeScaling(rope_type, factor, rope.get("low_freq_factor"),
+                                      rope.get("high_freq_factor"), rope.get("original_max_position_embeddings"))
+        except (TypeError, ValueError) as error:
+            raise ConvertError(file, f"{name}: {error}", "check its fields") from None
+    return theta, None
 
 
 def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
@@ -107,10 +133,18 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
         "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": _rope_to_hf(config), "rope_scaling": _rope_to_hf(config) if config.rope_scaling else None,
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "dtype": dtype, "torch_dtype": dtype,
     }
+
+
+def _rope_to_hf(config: LlamaConfig) -> dict:
+    scaling = config.rope_scaling
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    fields = {key: value for key, value in asdict(scaling).items() if value is not None}
+    return {**fields, "rope_theta": config.rope_theta}
 
 
 # --- safetensors --------------------------------------------------------------------------------

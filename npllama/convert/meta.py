@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy
 
-from ..model import LlamaConfig
+from ..model import LlamaConfig, RopeScaling
 from ..params import EMBEDDING, LAYER_SUFFIXES, NORM, TOK_EMBEDDINGS, layer_name, parameter_table
 from . import ConvertError
 from .hf import Imported
@@ -69,9 +69,17 @@ def _read_params_json(file: Path) -> dict:
     for name in ("dim", "n_layers", "n_heads"):
         if name not in fields:
             raise ConvertError(file, f"missing field {name!r}", "is this Meta's params.json?")
-    if fields.get("use_scaled_rope"):
-        raise ConvertError(file, "use_scaled_rope is true", "npllama implements plain RoPE only")
     return fields
+
+
+def _rope_scaling(fields: dict):
+    """Llama 3.1's `use_scaled_rope`: Meta's apply_scaling, factor 8 (or `rope_scaling_factor`),
+    low and high frequency factors 1 and 4 (or `high_freq_factor`), over an original 8192 positions."""
+    if not fields.get("use_scaled_rope"):
+        return None
+    return RopeScaling("llama3", factor=float(fields.get("rope_scaling_factor", 8.0)), low_freq_factor=1.0,
+                       high_freq_factor=float(fields.get("high_freq_factor", 4.0)),
+                       original_max_position_embeddings=8192)
 
 
 def import_meta(directory, dtype=None) -> Imported:
@@ -89,7 +97,7 @@ def import_meta(directory, dtype=None) -> Imported:
     vocab = fields.get("vocab_size", -1)
     try:
         config = LlamaConfig(dim=fields["dim"], n_layers=fields["n_layers"], n_heads=fields["n_heads"],
-                             n_kv_heads=fields.get("n_kv_heads"),
+                             n_kv_heads=fields.get("n_kv_heads"), rope_scaling=_rope_scaling(fields),
                              vocab_size=vocab if vocab and vocab > 0 else embedding.shape[0],
                              norm_eps=float(fields.get("norm_eps", 1e-6)),
                              rope_theta=float(fields.get("rope_theta", 10000.0)),
