@@ -2,10 +2,18 @@
 
     python -m npllama.generate --checkpoint RUN_OR_CHECKPOINT_DIR --prompt "def fib(n):"
 
-The prompt is encoded with the model's own tokenizer (BOS first) and continued by
-npllama.sampling's KV-cache decoding: temperature, then top-k, then top-p, then a seeded draw;
-temperature 0 is greedy. Decoding stops at EOS or after --max-new-tokens. Text is streamed to
-stdout as it is produced (byte-fallback pieces that make up one character appear together).
+    python -m npllama.generate --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "Hi!"
+
+The prompt is encoded with the model's own tokenizer (BOS first where the tokenizer adds one) and
+continued by npllama.sampling's KV-cache decoding: temperature, then top-k, then top-p, then a
+seeded draw; temperature 0 is greedy. Decoding stops at EOS or after --max-new-tokens. Text is
+streamed to stdout as it is produced (byte-fallback pieces that make up one character appear
+together).
+
+With --chat the prompt is a user's message: the model's own chat template (npllama.tokenizer.chat,
+rendered in jinja2's sandbox) wraps it, after --system's message if given, and opens the
+assistant's turn; only the reply is printed. Without --prompt, --chat reads one message per line
+from standard input and keeps the conversation, until end of input.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from .convert.load import load
 from .errors import NpllamaError
 from .sampling import generate
 from .tokenizer import TokenizerError
+from .tokenizer.chat import ChatTemplateError, render_chat
 
 
 def _parser():
@@ -34,6 +43,10 @@ def _parser():
     parser.add_argument("--top-p", type=real(minimum=0, maximum=1, above=True), default=0.95,
                         help="nucleus sampling mass, in (0, 1] (default 0.95; 1 = off)")
     parser.add_argument("--seed", type=integer(minimum=0), default=0, help="sampling seed (default 0)")
+    parser.add_argument("--chat", action="store_true",
+                        help="treat --prompt as a user's message in the model's own chat template (instruct "
+                             "models); without --prompt, chat line by line from standard input")
+    parser.add_argument("--system", default=None, help="with --chat: a system message first")
     parser.add_argument("--backend", default="numpy",
                         help=f"array backend: {' or '.join(BACKENDS)} (cupy: a CUDA GPU, with npllama's kernels)")
     return parser
@@ -42,21 +55,25 @@ def _parser():
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.system is not None and not args.chat:
+        parser.error("--system needs --chat")
     printed: list[bool] = []  # the prompt is printed with the first new text, after every check has passed
 
     def show(piece):
         if not printed:
             printed.append(True)
-            print(args.prompt, end="", flush=True)
+            print("" if args.chat else args.prompt, end="", flush=True)
         print(piece, end="", flush=True)
 
     try:
         loaded = load(args.checkpoint, backend=args.backend, flag="--checkpoint")
         if loaded.tokenizer is None:
-            raise TokenizerError(f"--checkpoint {loaded.path}: the model holds no tokenizer.model; pass a "
-                                 "checkpoint written by npllama.train, or put the model's tokenizer.model beside it")
-        generate(loaded.params, loaded.config, loaded.tokenizer, args.prompt, args.max_new_tokens,
-                 args.temperature, args.top_k, args.top_p if args.top_p < 1 else None, args.seed, on_text=show)
+            raise TokenizerError(f"--checkpoint {loaded.path}: the model holds no tokenizer; pass a checkpoint "
+                                 "written by npllama.train, or put the model's tokenizer beside it")
+        if args.chat and not args.prompt:
+            return _chat_on_stdin(loaded, args)
+        prompt = _chat_text(loaded, args, [{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        _continue(loaded, args, prompt, show)
         if not printed:
             show("")
         print()
@@ -65,6 +82,34 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print()
         return 130
+    return 0
+
+
+def _continue(loaded, args, prompt: str, show) -> str:
+    """The model's continuation of `prompt`, streamed to `show`; a chat's text already holds its BOS."""
+    return generate(loaded.params, loaded.config, loaded.tokenizer, prompt, args.max_new_tokens, args.temperature,
+                    args.top_k, args.top_p if args.top_p < 1 else None, args.seed, on_text=show,
+                    bos=False if args.chat else None)
+
+
+def _chat_text(loaded, args, turns: list[dict]) -> str:
+    """The conversation (after --system's message) in the model's chat template, the assistant's turn open."""
+    template = loaded.tokenizer.chat_template
+    if not template:
+        raise ChatTemplateError(f"--checkpoint {loaded.path}: the model has no chat template (not an instruct "
+                                "model?); generate without --chat")
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return render_chat(template, system + turns, loaded.tokenizer.special_tokens())
+
+
+def _chat_on_stdin(loaded, args) -> int:
+    """A conversation: each line of standard input is the user's next message, each reply printed."""
+    turns: list[dict] = []
+    for line in sys.stdin:
+        turns.append({"role": "user", "content": line.rstrip("\n")})
+        reply = _continue(loaded, args, _chat_text(loaded, args, turns), lambda piece: print(piece, end="", flush=True))
+        print(flush=True)
+        turns.append({"role": "assistant", "content": reply})
     return 0
 
 

@@ -87,7 +87,7 @@ class _Row:
 def decode(params, config, tokenizer, prompts: list[list[int]], budget: int,
            choose: Callable[[object], Sequence[int]], stops: Sequence[str] = (),
            on_text: Callable[[str], None] | None = None) -> list[str]:
-    """The continuation of each prompt (ids, all of one length, BOS first), cut at its first stop.
+    """The continuation of each prompt (ids, all of one length, at least one), cut at its first stop.
 
     choose(logits) -> the next id of every row, from the last position's logits (B, V) as they lie
     on the weights' backend. `on_text(piece)`, for one prompt only, gets each new piece of text as
@@ -128,15 +128,20 @@ def greedy(logits) -> Sequence[int]:
 
 
 def generate(params, config, tokenizer, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
-             top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0, on_text=None) -> str:
-    """Continue `prompt` (encoded with BOS first); returns the generated text, without the prompt.
+             top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0, on_text=None,
+             bos: bool | None = None) -> str:
+    """Continue `prompt` (encoded with BOS first when `bos`, by default when the tokenizer's
+    `add_bos_token` says so); returns the generated text, without the prompt.
 
     Each id is drawn from `sampling_distribution` with a generator seeded by `seed`; decoding stops
     at EOS or after `max_new_tokens`. `on_text(piece)` is called with each new piece of text.
     """
     rng = numpy.random.default_rng(seed)
-    prompt_ids = tokenizer.encode(prompt, bos=True)
+    prompt_ids = tokenizer.encode(prompt, bos=tokenizer.add_bos_token if bos is None else bos)
     budget = min(max_new_tokens, config.max_seq_len - len(prompt_ids))
+    if not prompt_ids:
+        raise GenerateError("the prompt is empty and this tokenizer adds no BOS, so there is nothing to continue; "
+                            "give a --prompt")
     if budget <= 0:
         raise GenerateError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {config.max_seq_len}; "
                             "shorten --prompt")

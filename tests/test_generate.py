@@ -48,6 +48,7 @@ class CountingTokenizer:
     """ids 3.. spell letters; eos_id = 2."""
 
     bos_id, eos_id, vocab_size = 1, 2, 8
+    add_bos_token, chat_template = True, None
 
     def encode(self, text, bos=False, eos=False):
         return [1] * bos + [3 + (ord(c) - ord("a")) % 5 for c in text] + [2] * eos
@@ -191,3 +192,58 @@ def test_a_huge_context_and_token_budget_allocate_only_what_is_decoded(monkeypat
     text = sampling.generate(params, config, CountingTokenizer(), "ab", max_new_tokens=10**9, temperature=1.0,
                              seed=3)
     assert asked == [3 + sampling.INITIAL_CACHE_ROOM] and len(text) < 100
+
+
+def test_chat_on_a_model_without_a_chat_template_is_one_line(tmp_path):
+    result = generate_cli("--checkpoint", str(small_checkpoint(tmp_path)), "--chat", "--prompt", "hi")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "has no chat template" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_system_without_chat_is_refused(tmp_path):
+    result = generate_cli("--checkpoint", str(tmp_path), "--system", "be brief")
+    assert result.returncode == 2 and "--system needs --chat" in result.stderr
+
+
+class ChatTokenizer(CountingTokenizer):
+    add_bos_token = False
+    chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}" \
+                    "{% if add_generation_prompt %}[assistant]{% endif %}"
+
+    def special_tokens(self):
+        return {"bos_token": "<s>", "eos_token": "</s>"}
+
+
+def chat_with(monkeypatch, argv, stdin=""):
+    """Run generate's main with a stand-in model; return the (prompt, bos) of each generation and stdout."""
+    import io
+    import types
+
+    from npllama import generate as command
+
+    calls = []
+
+    def fake_generate(params, config, tokenizer, prompt, *args, on_text=None, bos=None):
+        calls.append((prompt, bos))
+        on_text("ok")
+        return "ok"
+
+    loaded = types.SimpleNamespace(params={}, config=None, tokenizer=ChatTokenizer(), path="m")
+    monkeypatch.setattr(command, "load", lambda *args, **kwargs: loaded)
+    monkeypatch.setattr(command, "generate", fake_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert command.main(["--checkpoint", "m", *argv]) == 0
+    return calls
+
+
+def test_chat_wraps_the_prompt_in_the_models_template_and_adds_no_second_bos(monkeypatch, capsys):
+    calls = chat_with(monkeypatch, ["--chat", "--system", "be brief", "--prompt", "hi"])
+    assert calls == [("<s>[system]be brief[user]hi[assistant]", False)]
+    assert capsys.readouterr().out == "ok\n"  # the reply only, not the templated prompt
+
+
+def test_chat_without_a_prompt_keeps_the_conversation_line_by_line(monkeypatch, capsys):
+    calls = chat_with(monkeypatch, ["--chat"], stdin="hi\nand then?\n")
+    assert [prompt for prompt, _ in calls] == ["<s>[user]hi[assistant]",
+                                               "<s>[user]hi[assistant]ok[user]and then?[assistant]"]
+    assert capsys.readouterr().out == "ok\nok\n"

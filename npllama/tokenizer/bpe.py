@@ -243,6 +243,12 @@ class BpeTokenizer:
                 "add_bos_token": self.add_bos_token, "add_eos_token": self.add_eos_token,
                 "chat_template": self.chat_template}
 
+    def special_tokens(self) -> dict:
+        """The named special tokens as text ({"bos_token": ..., "eos_token": ...}), as a chat
+        template sees them (transformers passes the same)."""
+        config = self.tokenizer_config()
+        return {name: config[name] for name in ("bos_token", "eos_token", "unk_token", "pad_token") if config[name]}
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`, with the BOS id in front and the EOS id at the end if asked. Special
         tokens written in the text ("<|im_start|>") are their own ids, as in transformers."""

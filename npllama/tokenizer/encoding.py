@@ -93,6 +93,16 @@ class Tokenizer:
         """The padding id, or -1 when the model has none (Llama has none)."""
         return self._processor.pad_id()
 
+    # what BpeTokenizer also says: Llama's SentencePiece models begin every text with BOS, and a
+    # SentencePiece model file holds no chat template
+    add_bos_token = True
+    chat_template: str | None = None
+
+    def special_tokens(self) -> dict:
+        """The named special tokens as text ({"bos_token": "<s>", ...}), as a chat template sees them."""
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id}
+        return {name: self.id_to_piece(i) for name, i in names.items() if i >= 0}
+
     @property
     def model_bytes(self) -> bytes:
         """The serialized model (a SentencePiece ModelProto): what a .model file holds."""
