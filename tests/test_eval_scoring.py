@@ -212,3 +212,20 @@ def test_the_gpt3_join_puts_each_shot_with_its_answer_before_the_question():
 def test_the_standard_error_is_the_sample_deviation_over_root_n():
     assert evaluate.mean_and_stderr([1, 0, 1, 0]) == pytest.approx((0.5, numpy.std([1, 0, 1, 0], ddof=1) / 2))
     assert evaluate.mean_and_stderr([1.0]) == (1.0, 0.0)
+
+
+class LettersWithoutBos:
+    """A byte-level-BPE-like tokenizer that adds no BOS (SmolLM2's): one id per letter, EOS = 0."""
+
+    add_bos_token, bos_id, eos_id = False, -1, 0
+
+    def encode(self, text, bos=False):
+        assert not bos
+        return [1 + ord(c) % 50 for c in text]
+
+
+def test_without_bos_the_context_is_its_own_tokens_and_an_empty_one_is_eos_as_in_lm_eval():
+    tokenizer = LettersWithoutBos()
+    assert evaluate.encode_pair(tokenizer, "ab ", "cd") == ([1 + ord("a") % 50, 1 + ord("b") % 50],
+                                                          [1 + ord(c) % 50 for c in " cd"])
+    assert evaluate.encode_pair(tokenizer, "", "cd") == ([0], [1 + ord(c) % 50 for c in "cd"])

@@ -126,16 +126,25 @@ def few_shot_prompts(items: list, pool: list, shots: int, seed: int = 1234, desc
 # --- log-likelihoods ----------------------------------------------------------------------------
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids with BOS, continuation ids): the continuation's are encode(x + c) after encode(x)'s."""
+    """(context ids, continuation ids): the continuation's are encode(x + c) after encode(x)'s, both
+    with BOS first where the tokenizer adds one (as lm-eval's `hf` model encodes). An empty context
+    without BOS is one token, BOS or else EOS, so that the first continuation token has a context."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    context_ids = tokenizer.encode(context, bos=True)
-    continuation_ids = tokenizer.encode(context + continuation, bos=True)[len(context_ids):]
+    bos = tokenizer.add_bos_token
+    context_ids = tokenizer.encode(context, bos=bos)
+    continuation_ids = tokenizer.encode(context + continuation, bos=bos)[len(context_ids):]
+    context_ids = context_ids or [_prefix_id(tokenizer)]
     if not continuation_ids:
         raise EvaluationError(f"the completion {continuation!r} after {context[-40:]!r} has no tokens of its own; "
                               "completions must not be empty")
     return context_ids, continuation_ids
+
+
+def _prefix_id(tokenizer) -> int:
+    """What an empty context is read as: BOS, or EOS when the tokenizer has none (lm-eval's prefix)."""
+    return tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
 
 
 def _log_probs(logits, targets):
@@ -283,7 +292,8 @@ def greedy_until(model, contexts, stops=STOP_STRINGS, max_new_tokens: int = MAX_
     `max_new_tokens` tokens. Contexts of equal token count decode as one batch with one KV cache
     (npllama.sampling.decode)."""
     params, config, tokenizer = model.params, model.config, model.tokenizer
-    prompts = [tokenizer.encode(context, bos=True) for context in contexts]
+    prompts = [tokenizer.encode(context, bos=tokenizer.add_bos_token) or [_prefix_id(tokenizer)]
+               for context in contexts]
     room = max(config.max_seq_len - max_new_tokens, 1)
     prompts = [ids[-room:] for ids in prompts]  # the oldest tokens go, as in loglikelihoods
     by_length: dict[int, list[int]] = defaultdict(list)
