@@ -3,7 +3,8 @@
     compute-sanitizer --tool racecheck python scripts/gpu_kernels_once.py
 
 Each attention instance runs forward and backward on T = 70 (a partial last tile) with Tq < Tk
-too, and the embedding backward on repeated ids; the results are compared with NumPy so a run
+too, with multi-head, grouped-query (4 query heads on 2 key/value heads) and multi-query (3 on 1)
+shapes, and the embedding backward on repeated ids; the results are compared with NumPy so a run
 that the sanitizer passes is also a correct one. Exit 1 on a mismatch.
 """
 
@@ -28,9 +29,9 @@ def main() -> int:
     bad = []
     for dtype in cuda_attention.DTYPES:
         for head_dim in cuda_attention.HEAD_DIMS:
-            for n_queries, n_keys in ((70, 70), (5, 70)):
-                q = rng.standard_normal((1, 2, n_queries, head_dim))
-                k, v = (rng.standard_normal((1, 2, n_keys, head_dim)) for _ in range(2))
+            for n_queries, n_keys, heads, kv_heads in ((70, 70, 2, 2), (5, 70, 2, 2), (70, 70, 4, 2), (5, 70, 3, 1)):
+                q = rng.standard_normal((1, heads, n_queries, head_dim))
+                k, v = (rng.standard_normal((1, kv_heads, n_keys, head_dim)) for _ in range(2))
                 dout = rng.standard_normal(q.shape)
                 out, cache = attention.forward(q, k, v)
                 expected = (out, *attention.backward(dout, cache))
@@ -40,7 +41,8 @@ def main() -> int:
                 tolerance = 2e-4 if dtype == "float32" else 1e-10
                 for name, want, have in zip(("out", "dq", "dk", "dv"), expected, got):
                     if not numpy.allclose(have.get(), want, rtol=tolerance, atol=tolerance):
-                        bad.append(f"{dtype} D={head_dim} Tq={n_queries} Tk={n_keys}: {name}")
+                        bad.append(f"{dtype} D={head_dim} Tq={n_queries} Tk={n_keys} H={heads} Hkv={kv_heads}: "
+                                   f"{name}")
     ids = rng.integers(0, 20, (4, 50))
     dy = rng.standard_normal((4, 50, 32)).astype(numpy.float32)
     expected = numpy.zeros((20, 32), dtype=numpy.float32)

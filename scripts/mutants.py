@@ -731,6 +731,20 @@ CATALOGUE = [
            "= dq_acc[i][c];\n",
            (KERNELS_ON_CPU + "test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanitizers",),
            "dQ forgets the softmax scale"),
+    Mutant("kernel-dkdv-ignores-the-group", "npllama/kernels/attention.cu",
+           "  for (int step = 0; step < group_size * n_tiles; ++step) {\n",
+           "  for (int step = 0; step < n_tiles; ++step) {\n",
+           (KERNELS_ON_CPU + "test_grouped_query_kernels_match_the_repeated_heads_reference_under_address_and_"
+            "undefined_behaviour_sanitizers",),
+           "a shared key/value head's dK and dV hold only the first query head of its group"),
+    Mutant("kernel-forward-shares-heads-round-robin", "npllama/kernels/attention.cu",
+           "  const long long head = blockIdx.y, kv_head = static_cast<int>(blockIdx.y) / group_size;  "
+           "// = b Hkv + h / G\n",
+           "  const long long head = blockIdx.y, kv_head = static_cast<int>(blockIdx.y) % (gridDim.y / group_size);"
+           "  // = b Hkv + h / G\n",
+           (KERNELS_ON_CPU + "test_grouped_query_kernels_match_the_repeated_heads_reference_under_address_and_"
+            "undefined_behaviour_sanitizers",),
+           "the forward kernel's query head h reads key/value head h % Hkv instead of h / G"),
     Mutant("kernel-dkdv-grid-too-small", "npllama/kernels/attention.py",
            "        Launch(names[2], (math.ceil(n_keys / tiles.dkdv[1]), heads, 1)",
            "        Launch(names[2], (n_keys // tiles.dkdv[1], heads, 1)",
@@ -791,8 +805,8 @@ CATALOGUE = [
     # --- evaluation -----------------------------------------------------------------------------
     Mutant("eval-context-keeps-trailing-space", "npllama/eval/scoring.py",
            "    if n_spaces:\n        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation\n"
-           "    context_ids",
-           "    context_ids",
+           "    bos = ",
+           "    bos = ",
            (EVALUATE + "test_trailing_whitespace_of_the_context_moves_to_the_completion",),
            "a context ending in a space is encoded with it, so the completion's first piece loses its space"),
     Mutant("eval-first-token-from-first-position", "npllama/eval/scoring.py",

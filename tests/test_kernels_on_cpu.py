@@ -3,6 +3,8 @@ exactly as the CuPy path launches it (npllama.kernels.attention's launch functio
 shared memory and the exact scalar types for both), under AddressSanitizer + UBSan and under
 ThreadSanitizer, against the float64 NumPy reference. Every output buffer starts as NaN and every
 block's shared memory is NaN, so an element never written or a tile read before it was filled shows.
+Grouped-query attention (k, v with fewer heads than q) is checked against an oracle of its own:
+multi-head attention on keys and values repeated over each group (`grouped_reference`).
 
 And the compile report: every instance compiles through NVRTC for sm_80 and sm_90 without spilling.
 """
@@ -50,10 +52,12 @@ def harness(tmp_path_factory):
         return {name: future.result() for name, future in builds.items()}
 
 
-def draw_problem(seed, batch, n_heads, n_queries, n_keys, head_dim, logit_scale=1.0):
+def draw_problem(seed, batch, n_heads, n_queries, n_keys, head_dim, logit_scale=1.0, n_kv_heads=None):
+    """q, k, v, dout in float64; k and v have n_kv_heads heads (n_heads unless given)."""
     rng = numpy.random.default_rng(seed)
     q = rng.standard_normal((batch, n_heads, n_queries, head_dim)) * logit_scale
-    k, v = (rng.standard_normal((batch, n_heads, n_keys, head_dim)) for _ in range(2))
+    kv_shape = (batch, n_heads if n_kv_heads is None else n_kv_heads, n_keys, head_dim)
+    k, v = (rng.standard_normal(kv_shape) for _ in range(2))
     return q, k, v, rng.standard_normal(q.shape)
 
 
@@ -75,10 +79,24 @@ def run_kernels(binary, q, k, v, dout, dtype):
     return out, lse, dq, dk, dv
 
 
+def grouped_reference(q, k, v, dout):
+    """out, lse, dq, dk, dv in float64 for k, v with Hkv heads shared by groups of G = H / Hkv query
+    heads, through no grouped-query code: each key/value head repeated G times (copy h is what query
+    head h reads, head h // G), multi-head attention through the NumPy reference, and each shared
+    head's dk, dv the sum of its G copies' (it was read G times). With G = 1 it is the reference."""
+    batch, n_kv_heads, n_keys, head_dim = k.shape
+    group = q.shape[1] // n_kv_heads
+    k_repeated, v_repeated = numpy.repeat(k, group, axis=1), numpy.repeat(v, group, axis=1)
+    out, cache = attention.forward(q, k_repeated, v_repeated, tile_size=16)
+    dq, dk_repeated, dv_repeated = attention.backward(dout, cache)
+    dk, dv = (a.reshape(batch, n_kv_heads, group, n_keys, head_dim).sum(axis=2) for a in (dk_repeated, dv_repeated))
+    return out, cache.lse, dq, dk, dv
+
+
 def assert_matches_reference(got, q, k, v, dout, tolerance):
-    out, cache = attention.forward(q, k, v, tile_size=16)
-    expected = (out, cache.lse, *attention.backward(dout, cache))
+    expected = grouped_reference(q, k, v, dout)
     for name, want, have in zip(("out", "lse", "dq", "dk", "dv"), expected, got):
+        assert have.shape == want.shape, f"{name}: shape {have.shape}, expected {want.shape}"
         assert numpy.isfinite(have).all(), f"{name}: some element was never written (still NaN)"
         numpy.testing.assert_allclose(have, want, rtol=tolerance, atol=tolerance, err_msg=name)
 
@@ -115,6 +133,57 @@ def test_kernels_have_no_data_race_under_thread_sanitizer(harness, dtype, head_d
     assert_matches_reference(run_kernels(harness["thread"], *problem, dtype), *problem, TOLERANCES[dtype])
 
 
+# dK/dV's block walks the query tiles of each query head of its group in turn, through the same shared tiles
+@pytest.mark.parametrize("dtype, head_dim, n_heads, n_kv_heads, n_queries, n_keys",
+                         [("float32", 48, 6, 2, 65, 65), ("float64", 16, 3, 1, 5, 70)])
+def test_grouped_query_kernels_have_no_data_race_under_thread_sanitizer(harness, dtype, head_dim, n_heads, n_kv_heads,
+                                                                        n_queries, n_keys):
+    problem = draw_problem(n_keys, 1, n_heads, n_queries, n_keys, head_dim, n_kv_heads=n_kv_heads)
+    assert_matches_reference(run_kernels(harness["thread"], *problem, dtype), *problem, TOLERANCES[dtype])
+
+
+# (query heads, key/value heads): groups of G = 2 and 3 query heads, and multi-query attention (Hkv = 1)
+GROUPINGS = [(4, 2), (6, 2), (3, 1)]
+
+
+# The tolerances above hold: a shared head's dK and dV add G heads' sums of T terms, G T <= 390 terms
+# of order 1 here, relative error ~ sqrt(G T) 2^-24 ~ 1.2e-6 in float32, still 15 times below 2e-5.
+@pytest.mark.parametrize("n_heads, n_kv_heads", GROUPINGS, ids=lambda value: str(value))
+@pytest.mark.parametrize("dtype, head_dim", INSTANCES, ids=lambda value: str(value))
+def test_grouped_query_kernels_match_the_repeated_heads_reference_under_address_and_undefined_behaviour_sanitizers(
+        harness, dtype, head_dim, n_heads, n_kv_heads):
+    """Two batches, so that a key/value head taken as h // G instead of (b H + h) // G shows; 65 queries,
+    a partial last tile and, for dK/dV, two query tiles in each of the G query heads."""
+    problem = draw_problem(head_dim + n_heads, 2, n_heads, 65, 65, head_dim, n_kv_heads=n_kv_heads)
+    assert_matches_reference(run_kernels(harness["address"], *problem, dtype), *problem, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads", GROUPINGS, ids=lambda value: str(value))
+@pytest.mark.parametrize("dtype, n_queries, n_keys", [("float32", 1, 65), ("float32", 17, 129), ("float64", 5, 70)])
+def test_grouped_query_kernels_handle_fewer_queries_than_keys_as_after_a_kv_cache(harness, dtype, n_queries, n_keys,
+                                                                                  n_heads, n_kv_heads):
+    problem = draw_problem(n_keys + n_heads, 2, n_heads, n_queries, n_keys, 48 if dtype == "float32" else 16,
+                           n_kv_heads=n_kv_heads)
+    assert_matches_reference(run_kernels(harness["address"], *problem, dtype), *problem, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads", [(2, 2), *GROUPINGS], ids=lambda value: str(value))
+def test_grouped_query_out_lse_and_dq_are_the_bits_of_multi_head_kernels_on_repeated_keys(harness, n_heads,
+                                                                                          n_kv_heads):
+    """A query head reads its shared key/value head where multi-head attention reads its own copy: the
+    same numbers in the same order, so the same bits. dK and dV only agree to rounding (G > 1): the
+    shared head adds its G query heads' terms in one sum, not G sums added afterwards."""
+    q, k, v, dout = draw_problem(n_heads, 2, n_heads, 40, 70, 48, n_kv_heads=n_kv_heads)
+    group = n_heads // n_kv_heads
+    grouped = run_kernels(harness["address"], q, k, v, dout, "float32")
+    repeated = run_kernels(harness["address"], q, numpy.repeat(k, group, axis=1), numpy.repeat(v, group, axis=1),
+                           dout, "float32")
+    for name, mine, theirs in zip(("out", "lse", "dq"), grouped, repeated):
+        assert mine.tobytes() == theirs.tobytes(), name
+    if group == 1:
+        assert grouped[3].tobytes() == repeated[3].tobytes() and grouped[4].tobytes() == repeated[4].tobytes()
+
+
 def test_the_harness_reports_a_kernel_with_a_barrier_removed(harness):
     problem = draw_problem(0, 1, 1, 70, 70, 16)
     with pytest.raises(HarnessFailure, match="ThreadSanitizer: data race"):
@@ -132,6 +201,40 @@ def test_the_embedding_kernel_adds_each_ids_rows_in_position_order_as_numpy_add_
     dweight = numpy.zeros((15, 24), dtype=dtype)
     got = run(harness["address"], cuda_embedding.backward_launch(sorted_ids, order, dy.reshape(-1, 24), dweight))[3]
     assert got.tobytes() == expected.tobytes()  # the same additions in the same order: the same bits
+
+
+def launches(q_shape, kv_shape, dtype="float32", v_shape=None, kv_dtype=None):
+    """The forward launch and the three backward launches for arrays of these shapes (zeros)."""
+    q = numpy.zeros(q_shape, dtype)
+    k = numpy.zeros(kv_shape, kv_dtype or dtype)
+    v = numpy.zeros(v_shape or kv_shape, kv_dtype or dtype)
+    lse = numpy.zeros(q_shape[:3], dtype)
+    return [cuda_attention.forward_launch(q, k, v, q.copy(), lse, 0.25),
+            *cuda_attention.backward_launches(q, q, k, v, q, lse, lse.copy(), q.copy(), k.copy(), v.copy(), 0.25)]
+
+
+@pytest.mark.parametrize("batch, n_heads, n_kv_heads", [(2, 4, 4), (2, 6, 2), (3, 8, 1)])
+def test_forward_and_dq_have_a_block_row_per_query_head_and_dkdv_per_key_value_head(batch, n_heads, n_kv_heads):
+    forward, dvec, dkdv, dq = launches((batch, n_heads, 70, 16), (batch, n_kv_heads, 70, 16))
+    assert forward.grid[1] == dq.grid[1] == batch * n_heads and dkdv.grid[1] == batch * n_kv_heads
+    assert dvec.grid[1] == 1
+    for launch in (forward, dkdv, dq):  # the group size travels as an int, just before the scale
+        assert launch.args[-2] == n_heads // n_kv_heads and isinstance(launch.args[-2], numpy.int32)
+
+
+@pytest.mark.parametrize("q_shape, kv_shape, v_shape, kv_dtype, message", [
+    ((2, 6, 8, 16), (2, 4, 8, 16), None, None, "do not fit"),  # 6 query heads, 4 key/value heads
+    ((2, 4, 8, 16), (1, 2, 8, 16), None, None, "do not fit"),  # another batch
+    ((2, 4, 8, 16), (2, 2, 8, 32), None, None, "do not fit"),  # another head dim
+    ((2, 4, 8, 16), (2, 0, 8, 16), None, None, "do not fit"),  # no key/value head
+    ((2, 4, 8, 16), (2, 2, 8, 16), (2, 1, 8, 16), None, "need q"),  # k and v differ
+    ((2, 4, 8, 16), (2, 2, 8), None, None, "need q"),  # k is not 4-d
+    ((2, 4, 8, 16), (2, 2, 8, 16), None, "float64", "one dtype"),
+    ((1, 65536, 1, 16), (1, 1, 1, 16), None, None, "batch x heads = 65536"),  # gridDim.y at most 65535
+], ids=["heads-not-a-multiple", "batch", "head-dim", "zero-kv-heads", "k-v-differ", "k-not-4d", "dtype", "grid"])
+def test_launches_refuse_keys_and_values_that_do_not_fit_the_queries(q_shape, kv_shape, v_shape, kv_dtype, message):
+    with pytest.raises(ValueError, match=message):
+        launches(q_shape, kv_shape, v_shape=v_shape, kv_dtype=kv_dtype)
 
 
 def test_every_instance_fits_the_shared_memory_of_an_a100():

@@ -1,25 +1,34 @@
-// Causal multi-head attention as CUDA kernels: npllama's GPU twin of npllama/ops/attention.py.
+// Causal attention, multi-head or grouped-query, as CUDA kernels: npllama's GPU twin of
+// npllama/ops/attention.py.
 //
-// The algorithm is FlashAttention-2's (Dao, 2023). For one (batch, head), with s the scale:
+// The algorithm is FlashAttention-2's (Dao, 2023). For one (batch, query head), with s the scale:
 //     S = s Q K^T, masked to -inf where a key comes after its query
 //     L = logsumexp of each row of S        (kept for backward, one number per query)
 //     O = softmax(S) V = exp(S - L) V
 // and, in backward, with Dvec = rowsum(dO * O):
 //     dV = P^T dO      dP = dO V^T      dS = P * (dP - Dvec)      dQ = s dS K      dK = s dS^T Q
 //
+// Grouped-query attention (Ainslie et al., 2023): the H query heads share Hkv key/value heads, G =
+// H / Hkv query heads each (G = 1 is multi-head attention, Hkv = 1 multi-query). Query head h of
+// batch b reads key/value head h / G of batch b; with the flattened index head = b * H + h that is
+// kv_head = head / G, since b * H + h = (b * Hkv + h / G) * G + h % G. K and V are never copied per
+// query head: the kernels index the shared head. A shared head is read by G query heads, so its
+// gradients sum theirs:  dK = sum over the group of s dS^T Q,  dV = sum over the group of P^T dO.
+//
 // Kernels (every one launched with kThreads threads; the launch configuration of each is computed
 // by npllama/kernels/attention.py, the one place that knows grid, block, shared memory and tiles):
-//   attention_forward         a block per tile of BQ queries; it walks the key tiles up to the
-//                             diagonal with an online softmax and writes O and L only.
+//   attention_forward         a block per tile of BQ queries of one query head; it walks the key
+//                             tiles up to the diagonal with an online softmax and writes O and L only.
 //   attention_backward_dvec   Dvec = rowsum(dO * O), one row group of threads per query row.
-//   attention_backward_dkdv   a block per tile of BK keys; it walks the query tiles that see them,
-//                             recomputes P = exp(S - L) and accumulates dK and dV in registers.
-//   attention_backward_dq     a block per tile of BQ queries; it walks the key tiles it sees and
-//                             accumulates dQ in registers.
+//   attention_backward_dkdv   a block per tile of BK keys of one key/value head; it walks the query
+//                             tiles that see them, for each of the G query heads of its group in
+//                             turn, recomputes P = exp(S - L) and accumulates dK and dV in registers.
+//   attention_backward_dq     a block per tile of BQ queries of one query head; it walks the key
+//                             tiles it sees and accumulates dQ in registers.
 // Each output element is written by exactly one thread, once: no atomics, so two runs give the same
-// bits. Shapes: q, out, dout, dq (BH, Tq, D); k, v, dk, dv (BH, Tk, D); lse, dvec (BH, Tq), all
-// contiguous, BH = batch * heads = gridDim.y. Query i sits at position Tk - Tq + i (Tq < Tk is
-// decoding after a KV cache) and sees keys 0 .. Tk - Tq + i.
+// bits. Shapes: q, out, dout, dq (B H, Tq, D); k, v, dk, dv (B Hkv, Tk, D); lse, dvec (B H, Tq), all
+// contiguous. gridDim.y is B H for the forward and dQ kernels, B Hkv for dK/dV. Query i sits at
+// position Tk - Tq + i (Tq < Tk is decoding after a KV cache) and sees keys 0 .. Tk - Tq + i.
 //
 // Thread layout, in every kernel: the kThreads threads form kGroups row groups of kLanes
 // consecutive threads (one quarter of a warp). A row group owns some rows of a tile; its lanes
@@ -87,11 +96,12 @@ __device__ __forceinline__ void load_rows(T* tile, const T* __restrict__ source,
   }
 }
 
-// Forward: O and L for the BQ queries of tile blockIdx.x of head blockIdx.y.
+// Forward: O and L for the BQ queries of tile blockIdx.x of query head blockIdx.y, whose keys and
+// values are those of head blockIdx.y / group_size.
 template <typename T, int D, int BQ, int BK>
 __global__ void __launch_bounds__(kThreads, 1)
 attention_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                  T* __restrict__ out, T* __restrict__ lse, int n_queries, int n_keys, T scale) {
+                  T* __restrict__ out, T* __restrict__ lse, int n_queries, int n_keys, int group_size, T scale) {
   constexpr int ROWS = BQ / kGroups;  // query rows per thread
   constexpr int KEYS = BK / kLanes;   // keys per thread in a score tile
   constexpr int COLS = D / kLanes;    // output columns per thread
@@ -104,14 +114,14 @@ attention_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __r
   T* p_tile = v_tile + BK * STRIDE;          // BQ x (BK + 1): this key tile's exp(S - running max)
 
   const int lane = threadIdx.x % kLanes, group = threadIdx.x / kLanes;
-  const long long head = blockIdx.y;
+  const long long head = blockIdx.y, kv_head = static_cast<int>(blockIdx.y) / group_size;  // = b Hkv + h / G
   const int q0 = blockIdx.x * BQ;
   const int offset = n_keys - n_queries;  // the position of query 0
   q += head * n_queries * D;
   out += head * n_queries * D;
   lse += head * n_queries;
-  k += head * n_keys * D;
-  v += head * n_keys * D;
+  k += kv_head * n_keys * D;
+  v += kv_head * n_keys * D;
   load_rows<T, D>(q_tile, q, q0, BQ, n_queries, scale);  // (s Q) K^T = s (Q K^T)
 
   T row_max[ROWS], row_sum[ROWS], acc[ROWS][COLS];
@@ -217,12 +227,14 @@ attention_backward_dvec(const T* __restrict__ dout, const T* __restrict__ out, T
   if (row < n_rows && lane == 0) dvec[row] = total;
 }
 
-// dK and dV for the BK keys of tile blockIdx.x of head blockIdx.y, over every query that sees them.
+// dK and dV for the BK keys of tile blockIdx.x of key/value head blockIdx.y, over every query that
+// sees them in each of the group_size query heads that share the head.
 template <typename T, int D, int BQ, int BK>
 __global__ void __launch_bounds__(kThreads, 1)
 attention_backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         const T* __restrict__ dout, const T* __restrict__ lse, const T* __restrict__ dvec,
-                        T* __restrict__ dk, T* __restrict__ dv, int n_queries, int n_keys, T scale) {
+                        T* __restrict__ dk, T* __restrict__ dv, int n_queries, int n_keys, int group_size,
+                        T scale) {
   constexpr int ROWS = BK / kGroups;     // keys per thread: rows of dK and dV
   constexpr int QUERIES = BQ / kLanes;   // queries per thread in a score tile
   constexpr int COLS = D / kLanes;
@@ -239,17 +251,13 @@ attention_backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, const 
   T* dvec_tile = lse_tile + BQ;              // BQ
 
   const int lane = threadIdx.x % kLanes, group = threadIdx.x / kLanes;
-  const long long head = blockIdx.y;
+  const long long kv_head = blockIdx.y;
   const int k0 = blockIdx.x * BK;
   const int offset = n_keys - n_queries;
-  q += head * n_queries * D;
-  dout += head * n_queries * D;
-  lse += head * n_queries;
-  dvec += head * n_queries;
-  k += head * n_keys * D;
-  v += head * n_keys * D;
-  dk += head * n_keys * D;
-  dv += head * n_keys * D;
+  k += kv_head * n_keys * D;
+  v += kv_head * n_keys * D;
+  dk += kv_head * n_keys * D;
+  dv += kv_head * n_keys * D;
   load_rows<T, D>(k_tile, k, k0, BK, n_keys, T(1));
   load_rows<T, D>(v_tile, v, k0, BK, n_keys, T(1));
 
@@ -259,14 +267,22 @@ attention_backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, const 
 #pragma unroll
     for (int c = 0; c < COLS; ++c) dk_acc[i][c] = dv_acc[i][c] = T(0);
 
-  const int first_query = k0 - offset > 0 ? k0 - offset : 0;  // the first query that sees key k0
-  for (int q0 = first_query / BQ * BQ; q0 < n_queries; q0 += BQ) {
+  // The query tiles that see key k0: from the one holding the first query that sees it to the last.
+  const int first_query = k0 - offset > 0 ? k0 - offset : 0;
+  const int first_tile = first_query / BQ, n_tiles = (n_queries + BQ - 1) / BQ - first_tile;
+  // forward was: the G query heads kv_head * G + g (g < G) all read this K and V, so dK and dV
+  // are sums over them: one walk over (query head of the group, query tile), the heads in turn
+  for (int step = 0; step < group_size * n_tiles; ++step) {
+    const long long head = kv_head * group_size + step / n_tiles;  // query head step / n_tiles of the group
+    const int q0 = (first_tile + step % n_tiles) * BQ;
+    const T* head_lse = lse + head * n_queries;
+    const T* head_dvec = dvec + head * n_queries;
     __syncthreads();  // every thread is done with the previous query tile (and K, V are loaded)
-    load_rows<T, D>(q_tile, q, q0, BQ, n_queries, scale);
-    load_rows<T, D>(dout_tile, dout, q0, BQ, n_queries, T(1));
+    load_rows<T, D>(q_tile, q + head * n_queries * D, q0, BQ, n_queries, scale);
+    load_rows<T, D>(dout_tile, dout + head * n_queries * D, q0, BQ, n_queries, T(1));
     for (int r = threadIdx.x; r < BQ; r += kThreads) {
-      lse_tile[r] = q0 + r < n_queries ? lse[q0 + r] : T(0);
-      dvec_tile[r] = q0 + r < n_queries ? dvec[q0 + r] : T(0);
+      lse_tile[r] = q0 + r < n_queries ? head_lse[q0 + r] : T(0);
+      dvec_tile[r] = q0 + r < n_queries ? head_dvec[q0 + r] : T(0);
     }
     __syncthreads();
 
@@ -346,12 +362,13 @@ attention_backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, const 
   }
 }
 
-// dQ for the BQ queries of tile blockIdx.x of head blockIdx.y, over every key they see.
+// dQ for the BQ queries of tile blockIdx.x of query head blockIdx.y, over every key they see (of
+// key/value head blockIdx.y / group_size).
 template <typename T, int D, int BQ, int BK>
 __global__ void __launch_bounds__(kThreads, 1)
 attention_backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                       const T* __restrict__ dout, const T* __restrict__ lse, const T* __restrict__ dvec,
-                      T* __restrict__ dq, int n_queries, int n_keys, T scale) {
+                      T* __restrict__ dq, int n_queries, int n_keys, int group_size, T scale) {
   constexpr int ROWS = BQ / kGroups;  // queries per thread: rows of dQ
   constexpr int KEYS = BK / kLanes;   // keys per thread in a score tile
   constexpr int COLS = D / kLanes;
@@ -365,7 +382,7 @@ attention_backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
   T* ds_tile = v_tile + BK * STRIDE;         // BQ x (BK + 1)
 
   const int lane = threadIdx.x % kLanes, group = threadIdx.x / kLanes;
-  const long long head = blockIdx.y;
+  const long long head = blockIdx.y, kv_head = static_cast<int>(blockIdx.y) / group_size;
   const int q0 = blockIdx.x * BQ;
   const int offset = n_keys - n_queries;
   q += head * n_queries * D;
@@ -373,8 +390,8 @@ attention_backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T*
   dq += head * n_queries * D;
   lse += head * n_queries;
   dvec += head * n_queries;
-  k += head * n_keys * D;
-  v += head * n_keys * D;
+  k += kv_head * n_keys * D;
+  v += kv_head * n_keys * D;
   load_rows<T, D>(q_tile, q, q0, BQ, n_queries, scale);
   load_rows<T, D>(dout_tile, dout, q0, BQ, n_queries, T(1));
 

@@ -6,6 +6,11 @@ and the arguments with their exact scalar types). The CuPy path below launches e
 the CPU harness of the tests (tests/harness/) runs exactly that too, so the harness checks the
 launch configuration as well as the kernel source.
 
+Shapes: q, out, dout, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D), where H is a multiple of Hkv
+(grouped-query attention: the G = H / Hkv query heads h of a group read key/value head h // G; G = 1 is
+multi-head attention, Hkv = 1 multi-query); lse (B, H, Tq). The kernels index the shared key/value
+head, never a copy per query head: they take G as an argument.
+
 Instances: float32 and float64 (the gradient audit's dtype), head dims HEAD_DIMS. Tiles differ by
 dtype, to keep a thread's accumulators in registers (`python -m npllama.kernels` shows each
 instance's registers and spills). CuPy itself is imported only when a kernel runs.
@@ -25,7 +30,7 @@ THREADS = 128  # kThreads in attention.cu
 HEAD_DIMS = (16, 32, 48, 64, 128)
 DTYPES = ("float32", "float64")
 MAX_SHARED_BYTES = 163 * 1024  # the most dynamic shared memory a block may ask for on sm_80 (sm_90 allows more)
-MAX_HEADS = 65535  # gridDim.y carries batch * heads
+MAX_HEADS = 65535  # gridDim.y carries batch * heads (forward, dQ) and batch * key/value heads (dK/dV)
 
 
 @dataclass(frozen=True)
@@ -85,44 +90,79 @@ def shared_bytes(kernel: str, dtype, head_dim: int) -> int:
     return 0
 
 
-def _shape(q, k):
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of one attention call, as the launches need them."""
+
+    query_heads: int  # B H: gridDim.y of the forward and dQ kernels
+    kv_heads: int  # B Hkv: gridDim.y of the dK/dV kernel
+    group_size: int  # G = H / Hkv, the query heads that share one key/value head
+    n_queries: int
+    n_keys: int
+    head_dim: int
+
+
+def _check_shapes(q, k, v) -> None:
+    """ValueError unless q is (B, H, Tq, D) and k, v are both (B, Hkv, Tk, D) of q's dtype, H % Hkv == 0."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"attention kernels: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+                         "need q (B, H, Tq, D) and k, v both (B, Hkv, Tk, D)")
+    (batch, n_heads, _, head_dim), (kv_batch, n_kv_heads, _, kv_head_dim) = q.shape, k.shape
+    if kv_batch != batch or kv_head_dim != head_dim or n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(f"attention kernels: q {tuple(q.shape)} and k, v {tuple(k.shape)} do not fit: need the "
+                         "same batch and head dim, and query heads a multiple of the key/value heads")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention kernels: q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; need one dtype")
+
+
+def _shape(q, k, v) -> Shape:
+    """The sizes of q (B, H, Tq, D) with k, v (B, Hkv, Tk, D); ValueError where no launch fits them."""
+    _check_shapes(q, k, v)
     batch, n_heads, n_queries, head_dim = q.shape
-    n_keys = k.shape[2]
+    n_kv_heads, n_keys = k.shape[1], k.shape[2]
     if not supports(q.dtype, head_dim):
         raise ValueError(f"attention kernels: no instance for {q.dtype} and head dim {head_dim}")
-    if batch * n_heads > MAX_HEADS:
-        raise ValueError(f"attention kernels: batch x heads = {batch * n_heads} exceeds {MAX_HEADS}")
+    for what, heads in (("heads", batch * n_heads), ("key/value heads", batch * n_kv_heads)):
+        if not 1 <= heads <= MAX_HEADS:
+            raise ValueError(f"attention kernels: batch x {what} = {heads}, need 1 to {MAX_HEADS} (the grid's y)")
     if not 1 <= n_queries <= n_keys:
         raise ValueError(f"attention kernels: {n_queries} queries and {n_keys} keys (need 1 <= queries <= keys)")
-    for array in (q, k):
+    for array in (q, k, v):
         if not array.flags.c_contiguous:
             raise ValueError("attention kernels: arrays must be C-contiguous")
-    return batch * n_heads, n_queries, n_keys, head_dim
+    return Shape(batch * n_heads, batch * n_kv_heads, n_heads // n_kv_heads, n_queries, n_keys, head_dim)
 
 
 def forward_launch(q, k, v, out, lse, scale: float) -> Launch:
-    """O and L: q, out (B, H, Tq, D); k, v (B, H, Tk, D); lse (B, H, Tq); all contiguous, one dtype."""
-    heads, n_queries, n_keys, head_dim = _shape(q, k)
+    """O and L: q, out (B, H, Tq, D); k, v (B, Hkv, Tk, D); lse (B, H, Tq); all contiguous, one dtype.
+    A block per tile of queries of each query head."""
+    shape = _shape(q, k, v)
     scalar = q.dtype.type
     queries, _ = TILES[q.dtype.name].forward
-    return Launch(kernel_names(q.dtype, head_dim)[0], (math.ceil(n_queries / queries), heads, 1), (THREADS, 1, 1),
-                  shared_bytes("forward", q.dtype, head_dim),
-                  (q, k, v, out, lse, numpy.int32(n_queries), numpy.int32(n_keys), scalar(scale)))
+    grid = (math.ceil(shape.n_queries / queries), shape.query_heads, 1)
+    return Launch(kernel_names(q.dtype, shape.head_dim)[0], grid, (THREADS, 1, 1),
+                  shared_bytes("forward", q.dtype, shape.head_dim),
+                  (q, k, v, out, lse, numpy.int32(shape.n_queries), numpy.int32(shape.n_keys),
+                   numpy.int32(shape.group_size), scalar(scale)))
 
 
 def backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale: float) -> list[Launch]:
-    """Dvec, then dK and dV, then dQ; dvec is scratch of lse's shape. Each output is written once."""
-    heads, n_queries, n_keys, head_dim = _shape(q, k)
+    """Dvec, then dK and dV, then dQ; dvec is scratch of lse's shape. Each output is written once.
+    dq is q's shape; dk and dv are k's, (B, Hkv, Tk, D): dK/dV has a block per key tile of each
+    key/value head, which sums over the G query heads of its group."""
+    shape = _shape(q, k, v)
+    n_queries, n_keys, head_dim = shape.n_queries, shape.n_keys, shape.head_dim
     names, tiles, scalar = kernel_names(q.dtype, head_dim), TILES[q.dtype.name], q.dtype.type
-    n_rows, block = heads * n_queries, (THREADS, 1, 1)
-    sizes = (numpy.int32(n_queries), numpy.int32(n_keys), scalar(scale))
+    n_rows, block = shape.query_heads * n_queries, (THREADS, 1, 1)
+    sizes = (numpy.int32(n_queries), numpy.int32(n_keys), numpy.int32(shape.group_size), scalar(scale))
     rows_per_block = THREADS // 8  # kGroups
+    heads = shape.kv_heads  # the dK/dV grid runs over key/value heads
     return [
         Launch(names[1], (math.ceil(n_rows / rows_per_block), 1, 1), block, 0, (dout, out, dvec, numpy.int32(n_rows))),
         Launch(names[2], (math.ceil(n_keys / tiles.dkdv[1]), heads, 1), block, shared_bytes("dkdv", q.dtype, head_dim),
                (q, k, v, dout, lse, dvec, dk, dv, *sizes)),
-        Launch(names[3], (math.ceil(n_queries / tiles.dq[0]), heads, 1), block, shared_bytes("dq", q.dtype, head_dim),
-               (q, k, v, dout, lse, dvec, dq, *sizes)),
+        Launch(names[3], (math.ceil(n_queries / tiles.dq[0]), shape.query_heads, 1), block,
+               shared_bytes("dq", q.dtype, head_dim), (q, k, v, dout, lse, dvec, dq, *sizes)),
     ]
 
 
@@ -154,7 +194,8 @@ def launch(run: Launch, dtype, head_dim: int):
 
 
 def forward(q, k, v, scale: float):
-    """(out, lse) for CuPy q (B, H, Tq, D), k and v (B, H, Tk, D)."""
+    """(out, lse) for CuPy q (B, H, Tq, D), k and v (B, Hkv, Tk, D) of q's dtype, H a multiple of Hkv:
+    out (B, H, Tq, D), lse (B, H, Tq). ValueError for shapes or dtypes that do not fit."""
     import cupy
 
     q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
@@ -165,10 +206,12 @@ def forward(q, k, v, scale: float):
 
 
 def backward(dout, q, k, v, out, lse, scale: float):
-    """(dq, dk, dv) for CuPy arrays, given dout = dO and forward's out and lse."""
+    """(dq, dk, dv) for CuPy arrays, given dout = dO and forward's out and lse: dq of q's shape
+    (B, H, Tq, D), dk and dv of k's (B, Hkv, Tk, D), each key/value head's the sum over its group."""
     import cupy
 
-    dout, q, k, v, out = (cupy.ascontiguousarray(a, dtype=q.dtype) for a in (dout, q, k, v, out))
+    q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))  # one dtype, which _shape checks
+    dout, out = (cupy.ascontiguousarray(a, dtype=q.dtype) for a in (dout, out))
     dq, dk, dv = cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
     dvec = cupy.empty(q.shape[:3], dtype=q.dtype)
     for run in backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale):
