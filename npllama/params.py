@@ -61,6 +61,22 @@ HF_LAYER_SUFFIXES = {
 # wq and wk rows are ordered for Meta's RoPE (interleaved pairs) or for Hugging Face's (rotate-half)
 ROPE_PERMUTED = ("wq", "wk")
 
+# The same parameters under llama.cpp's GGUF names (gguf's tensor_mapping for the llama architecture).
+GGUF_NAMES = {TOK_EMBEDDINGS: "token_embd.weight", FINAL_NORM: "output_norm.weight", OUTPUT_HEAD: "output.weight"}
+GGUF_LAYER_SUFFIXES = {
+    "attention_norm": "attn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "wo": "attn_output.weight",
+    "ffn_norm": "ffn_norm.weight",
+    "w1": "ffn_gate.weight",
+    "w2": "ffn_down.weight",
+    "w3": "ffn_up.weight",
+}
+# Llama 3.1's RoPE frequency factors as llama.cpp stores them: a tensor, not a parameter npllama has
+GGUF_ROPE_FREQS = "rope_freqs.weight"
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -124,6 +140,15 @@ def hf_names(config) -> dict[str, str]:
         names.update({layer_name(layer, short): f"model.layers.{layer}.{suffix}"
                       for short, suffix in HF_LAYER_SUFFIXES.items()})
     return {name: HF_NAMES.get(name) or names[name] for name in parameter_table(config)}
+
+
+def gguf_names(config) -> dict[str, str]:
+    """Meta's name -> llama.cpp's GGUF name for every parameter, in checkpoint order."""
+    names = {}
+    for layer in range(config.n_layers):
+        names.update({layer_name(layer, short): f"blk.{layer}.{suffix}"
+                      for short, suffix in GGUF_LAYER_SUFFIXES.items()})
+    return {name: GGUF_NAMES.get(name) or names[name] for name in parameter_table(config)}
 
 
 def rope_permuted_names(config) -> set[str]:
