@@ -4,6 +4,11 @@ of auditing another implementation (here Hugging Face's LlamaForCausalLM) agains
     python reference/hf_gradients.py MODEL_DIR --batch batch.npy --out theirs.safetensors [--dtype float32]
     python -m npllama.audit compare MODEL_DIR --batch batch.npy --grads theirs.safetensors
 
+A GGUF file is read by transformers too (`--gguf-file NAME` inside MODEL_DIR, dequantized):
+
+    python reference/hf_gradients.py FOLDER --gguf-file model.gguf --batch batch.npy --out theirs.safetensors
+    python -m npllama.audit compare FOLDER/model.gguf --batch batch.npy --grads theirs.safetensors
+
 The batch holds token ids (B, T + 1): the model reads the first T, and the loss is the mean
 cross-entropy of predicting the last T. Written out: every parameter's gradient under its
 Hugging Face name, `loss`, and `hidden_states.0` .. `hidden_states.L` as output_hidden_states
@@ -45,8 +50,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", required=True, help="token ids (B, T + 1) as .npy")
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--gguf-file", default=None, help="a GGUF file inside MODEL, which transformers dequantizes")
     args = parser.parse_args(argv)
-    model = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    model = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                          gguf_file=args.gguf_file).eval()
     tensors = hf_gradients(model, numpy.load(args.batch))
     save_file({name: numpy.ascontiguousarray(t) for name, t in tensors.items()}, args.out)
     print(f"wrote {args.out}: loss {float(tensors['loss']):.10f}")
