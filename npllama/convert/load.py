@@ -3,14 +3,21 @@
     model = npllama.load("runs/mine")                       # an npllama run or checkpoint folder
     model = npllama.load("Llama-2-7b-hf")                   # a Hugging Face Llama directory
     model = npllama.load("llama/7B", backend="cupy")        # Meta's original layout
+    model = npllama.load("SmolLM2-135M.Q4_1.gguf")          # a GGUF file (llama.cpp's), dequantized
     model.logits(tokens)                                    # (B, T) ints -> (B, T, V) floats
     loss, grads = model.loss_and_grads(tokens, targets)     # grads under Meta's names
     print(model.generate("def fibonacci(n):", max_new_tokens=50))
 
 The kind is recognised from the files: an npllama checkpoint has `state.json` (a run folder has
 `latest`), a Hugging Face directory `config.json` with safetensors weights, a Meta directory
-`params.json` with `consolidated.NN.pth` shards. Weights keep the dtype they were stored in
-(bfloat16 is widened to float32) unless `dtype` says otherwise.
+`params.json` with `consolidated.NN.pth` shards; a GGUF file is a file named *.gguf or beginning
+with the bytes "GGUF". Weights keep the dtype they were stored in (bfloat16 is widened to float32;
+GGUF's quantized and float16 tensors become float32) unless `dtype` says otherwise.
+
+`Model.tokenizer` is what the model came with: a SentencePiece `Tokenizer` (a tokenizer.model, or
+a GGUF file's "llama" vocabulary), a `BpeTokenizer` (a GGUF file's byte-level BPE), or None. Both
+kinds encode (`encode(text, bos, eos)`, `encode_in_chunks`), decode, and name `bos_id`, `eos_id`,
+`vocab_size` and `add_bos_token`, which is what generation and evaluation use.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from ..errors import NpllamaError
 from ..model import LlamaConfig
 from ..sampling import generate
 from ..tokenizer import Tokenizer
+from ..tokenizer.bpe import BpeTokenizer
+from .gguf import import_gguf, is_gguf_file
 from .hf import import_hf, is_hf_directory
 from .meta import import_meta, is_meta_directory
 
-KINDS = ("npllama", "huggingface", "meta")
+KINDS = ("npllama", "huggingface", "meta", "gguf")
 
 
 class LoadError(NpllamaError):
@@ -41,7 +50,7 @@ class Model:
 
     config: LlamaConfig
     params: dict
-    tokenizer: Tokenizer | None  # when the directory has one
+    tokenizer: Tokenizer | BpeTokenizer | None  # when the model comes with one
     kind: str  # one of KINDS
     path: Path
 
@@ -64,7 +73,9 @@ class Model:
 
 
 def kind_of_directory(path: Path) -> str | None:
-    """Which of KINDS the folder `path` holds, or None."""
+    """Which of KINDS the folder (or the GGUF file) `path` holds, or None."""
+    if is_gguf_file(path):
+        return "gguf"
     if not path.is_dir():
         return None
     if (path / "state.json").is_file() or (path / "latest").is_file():
@@ -84,17 +95,21 @@ def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
     if kind is None and path.is_dir() and ((path / "config.json").exists() or any(path.glob("step-*"))):
         kind = "npllama"  # a damaged npllama checkpoint or run: its reader says what is wrong
     if kind is None:
-        what = "does not exist" if not path.exists() else "is not a folder" if not path.is_dir() else \
-            "holds no model npllama knows"
+        what = "does not exist" if not path.exists() else "is neither a folder nor a GGUF file" \
+            if not path.is_dir() else "holds no model npllama knows"
         raise LoadError(f"{flag} {path} {what}; pass an npllama run or checkpoint folder, a Hugging Face Llama "
-                        "directory (config.json + *.safetensors) or Meta's (params.json + consolidated.NN.pth)")
+                        "directory (config.json + *.safetensors), Meta's (params.json + consolidated.NN.pth) "
+                        "or a .gguf file")
+    tokenizer: Tokenizer | BpeTokenizer | None
     if kind == "npllama":
         checkpoint = ckpt.load_checkpoint(path, flag=flag)
         config, params = checkpoint.config, checkpoint.params
         tokenizer = Tokenizer.from_bytes(checkpoint.tokenizer_model) if checkpoint.tokenizer_model else None
     else:
-        imported = (import_hf if kind == "huggingface" else import_meta)(path)
+        imported = {"huggingface": import_hf, "meta": import_meta, "gguf": import_gguf}[kind](path, dtype=dtype)
         config, params = imported.config, imported.params
-        tokenizer = Tokenizer.load(imported.tokenizer) if imported.tokenizer is not None else None
-    params = {name: xp.asarray(p if dtype is None else p.astype(dtype)) for name, p in params.items()}
+        tokenizer = Tokenizer.load(imported.tokenizer) if isinstance(imported.tokenizer, Path) else imported.tokenizer
+    # one parameter at a time, and no copy where the dtype is already the one asked for
+    params = {name: xp.asarray(params.pop(name) if dtype is None else params.pop(name).astype(dtype, copy=False))
+              for name in list(params)}
     return Model(config, params, tokenizer, kind, path)
