@@ -20,6 +20,7 @@ from pathlib import Path
 from ..checkpoint import save_checkpoint
 from ..cli import OneLineParser, command
 from ..errors import NpllamaError
+from ..files import write_atomically
 from ..tokenizer import Tokenizer
 from ..tokenizer.bpe import BpeTokenizer
 from .hf import export_hf
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         if isinstance(model.tokenizer, BpeTokenizer):
             model.tokenizer.save(out / "tokenizer.json")
             config = {**model.tokenizer.tokenizer_config(), "tokenizer_class": "PreTrainedTokenizerFast"}
-            (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_atomically(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
         print(f"{model.kind} model {args.source} -> {out} (Hugging Face, {args.dtype})")
     return 0
 
