@@ -32,7 +32,8 @@ def hf_gradients(model, batch: numpy.ndarray) -> dict:
     targets = torch.from_numpy(batch[:, 1:].astype(numpy.int64))
     model.zero_grad(set_to_none=True)
     output = model(input_ids=tokens, output_hidden_states=True)
-    loss = F.cross_entropy(output.logits.reshape(-1, output.logits.shape[-1]).float(), targets.reshape(-1))
+    logits = output.logits if output.logits.dtype == torch.float64 else output.logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
     tensors = {name: p.grad.detach().double().numpy() for name, p in model.named_parameters()}
     tensors["loss"] = numpy.asarray(loss.item(), dtype=numpy.float64)

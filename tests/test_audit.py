@@ -97,3 +97,27 @@ def test_an_op_audit_option_before_compare_is_refused_not_ignored(before, capsys
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "an option of the op audit, not of compare" in error and before[0] in error
+
+
+def compared(failing: set[str]) -> list:
+    """Rows of `audit compare` in forward order, the names in `failing` failed."""
+    from npllama.audit.compare import Row
+    from npllama.model import LlamaConfig
+
+    config = LlamaConfig(dim=16, n_layers=3, n_heads=2, vocab_size=32)
+    return [Row(name, 1.0 if name in failing else 0.0, 1.0, 0.0, name not in failing)
+            for name in parameter_shapes(config)]
+
+
+@pytest.mark.parametrize("failing, first", [
+    (set(), []),
+    ({"tok_embeddings.weight"}, ["tok_embeddings.weight"]),
+    ({"tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.2.attention.wk.weight",
+      "layers.2.attention.wv.weight"}, ["layers.2.attention.wk.weight", "layers.2.attention.wv.weight"]),
+    ({"layers.1.feed_forward.w1.weight", "norm.weight", "layers.2.ffn_norm.weight"}, ["norm.weight"]),
+    ({"output.weight", "layers.0.attention_norm.weight"}, ["output.weight"]),
+])
+def test_the_first_diverging_gradients_are_the_failures_the_backward_pass_meets_first(failing, first):
+    from npllama.audit.compare import first_diverging_gradients
+
+    assert first_diverging_gradients(compared(failing)) == first

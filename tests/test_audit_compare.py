@@ -112,6 +112,7 @@ def test_the_reference_written_in_either_naming_passes_the_comparison_exactly(mo
         result = audit_compare(folder, out, "--json", "--tolerance", "1e-12")
         report = json.loads(result.stdout)
         assert result.returncode == 0 and report["passed"] and report["first_diverging_layer"] is None
+        assert report["first_diverging_gradients"] == []
         assert report["naming"] == ("huggingface" if names == "hf" else "meta")
         assert max(row["rel_err"] for row in report["rows"]) == 0.0
 

@@ -22,7 +22,7 @@ import numpy
 from ..backend import BACKENDS, get_backend
 from ..cli import OneLineParser, command, integer, real
 from ..convert.hf import read_safetensors
-from ..convert.load import load
+from ..convert.load import WHAT_LOADS, load
 from . import compare
 from .ops import OPS, format_table, run_audit
 
@@ -42,7 +42,7 @@ def _parser() -> OneLineParser:
     for name, help_text in (("compare", "another implementation's gradients against npllama's float64 ones"),
                             ("reference", "write npllama's float64 loss, gradients and hidden states")):
         sub = subcommands.add_parser(name, help=help_text, description=compare.__doc__.split("\n\n")[0])
-        sub.add_argument("model", help="an npllama, Hugging Face or Meta model directory")
+        sub.add_argument("model", help=WHAT_LOADS)
         sub.add_argument("--batch", required=True, help="token ids (B, T + 1): .npy or .safetensors")
         if name == "compare":
             sub.add_argument("--grads", required=True, help="the other implementation's gradients (.safetensors)")
@@ -103,17 +103,19 @@ def _compare(args) -> int:
     their_grads, naming = compare.to_meta_names(theirs, model.config, args.grads)
     rows = compare.compare_rows(grads, their_grads, args.tolerance, args.grads)
     diverging = compare.first_diverging_layer(states, theirs, args.tolerance)
+    first_wrong = compare.first_diverging_gradients(rows)
     key = compare.LOSS_KEY
     their_loss = float(numpy.asarray(theirs[key]).reshape(-1)[0]) if key in theirs else None
-    _report(args, rows, naming, loss, their_loss, diverging)
+    _report(args, rows, naming, loss, their_loss, diverging, first_wrong)
     return 0 if all(row.passed for row in rows) else 1
 
 
-def _report(args, rows, naming, loss, their_loss, diverging):
+def _report(args, rows, naming, loss, their_loss, diverging, first_wrong):
     failed = [row for row in rows if not row.passed]
     if args.compare_json:
         print(json.dumps({"naming": naming, "loss": loss, "their_loss": their_loss, "tolerance": args.tolerance,
                           "first_diverging_layer": None if diverging is None else diverging[0],
+                          "first_diverging_gradients": first_wrong,
                           "rows": [asdict(row) for row in rows], "passed": not failed}, indent=2))
         return
     print(f"{'parameter':<40} {'rel err':>10} {'cosine':>10} {'max abs err':>12}  result")
@@ -126,6 +128,8 @@ def _report(args, rows, naming, loss, their_loss, diverging):
     if diverging is not None:
         where = "the embeddings" if diverging[0] == 0 else f"layer {diverging[0] - 1} (hidden_states.{diverging[0]})"
         print(f"the first output that diverges: {where}, relative error {diverging[1]:.2e}")
+    if first_wrong:
+        print(f"the first gradients that diverge in the backward pass: {', '.join(first_wrong)}")
     verdict = f"{len(rows) - len(failed)} of {len(rows)} gradients agree within {args.tolerance:g} ({naming} names)"
     print(verdict + ("" if not failed else f"; FAILED: {', '.join(row.name for row in failed[:4])}"
                      + (f" and {len(failed) - 4} more" if len(failed) > 4 else "")))
