@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 
 
 def load(path, backend: str = "numpy", dtype=None):
-    """The model in `path`: an npllama run or checkpoint folder, a Hugging Face Llama directory or
-    Meta's original layout, on `backend` ("numpy" or "cupy"). See npllama.convert.load.Model."""
+    """The model in `path`: an npllama run or checkpoint folder, a Hugging Face Llama directory,
+    Meta's original layout or a GGUF file, on `backend` ("numpy" or "cupy"). See
+    npllama.convert.load.Model."""
     from .convert.load import load as load_any
 
     return load_any(path, backend=backend, dtype=dtype)

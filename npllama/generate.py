@@ -22,7 +22,7 @@ import sys
 
 from .backend import BACKENDS
 from .cli import OneLineParser, fail, integer, real
-from .convert.load import load
+from .convert.load import WHAT_LOADS, load
 from .errors import NpllamaError
 from .sampling import generate
 from .tokenizer import TokenizerError
@@ -33,8 +33,7 @@ def _parser():
     parser = OneLineParser(prog="python -m npllama.generate",
                            description="Generate text from a Llama checkpoint with KV-cache decoding.")
     parser.add_argument("--checkpoint", required=True,
-                        help="a training run's output folder or one checkpoint folder, a Hugging Face Llama "
-                             "directory, or Meta's original layout (params.json + consolidated.NN.pth)")
+                        help=WHAT_LOADS)
     parser.add_argument("--prompt", default="", help="text to continue (default: empty, start from BOS)")
     parser.add_argument("--max-new-tokens", type=integer(minimum=1), default=200,
                         help="stop after this many tokens (default 200)")

@@ -21,17 +21,18 @@ from ..checkpoint import save_checkpoint
 from ..cli import OneLineParser, command
 from ..errors import NpllamaError
 from ..files import write_atomically
-from ..tokenizer import Tokenizer
+from ..tokenizer import BOS_ID, EOS_ID, Tokenizer
 from ..tokenizer.bpe import BpeTokenizer
 from .hf import export_hf
-from .load import Model, load
+from .load import WHAT_LOADS, Model, load
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _parser() -> OneLineParser:
     parser = OneLineParser(prog="python -m npllama.convert",
-                           description="Convert Llama checkpoints between npllama, Hugging Face and Meta's layout.")
+                           description="Convert Llama checkpoints between npllama, Hugging Face, Meta's layout "
+                                       "and GGUF.")
     commands = parser.add_subparsers(dest="command", required=True)
     to_npllama = commands.add_parser("import", help="a Hugging Face or Meta directory or a GGUF file -> an npllama "
                                      "run folder")
@@ -39,8 +40,7 @@ def _parser() -> OneLineParser:
                                            ".gguf file")
     to_npllama.add_argument("--out", required=True, help="the npllama run folder to create (must not hold a run)")
     to_hf = commands.add_parser("export", help="any model directory npllama reads -> a Hugging Face directory")
-    to_hf.add_argument("source", help="an npllama run or checkpoint folder, a Hugging Face or Meta directory, or a "
-                                      ".gguf file")
+    to_hf.add_argument("source", help=WHAT_LOADS)
     to_hf.add_argument("--out", required=True, help="the directory to write (must be empty or new)")
     to_hf.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="the weights' dtype (default float32)")
     return parser
@@ -72,13 +72,21 @@ def main(argv=None) -> int:
     else:
         _empty_or_new(out, "Hugging Face directory")
         model = load(args.source, flag="source")
-        export_hf(out, model.config, model.params, tokenizer_model=_sentencepiece_bytes(model), dtype=args.dtype)
+        export_hf(out, model.config, model.params, tokenizer_model=_sentencepiece_bytes(model), dtype=args.dtype,
+                  special_ids=_special_ids(model.tokenizer))
         if isinstance(model.tokenizer, BpeTokenizer):
             model.tokenizer.save(out / "tokenizer.json")
             config = {**model.tokenizer.tokenizer_config(), "tokenizer_class": "PreTrainedTokenizerFast"}
             write_atomically(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
         print(f"{model.kind} model {args.source} -> {out} (Hugging Face, {args.dtype})")
     return 0
+
+
+def _special_ids(tokenizer) -> tuple[int | None, int | None]:
+    """(BOS, EOS) for config.json: the tokenizer's (None where it has none), else npllama's own."""
+    if tokenizer is None:
+        return BOS_ID, EOS_ID
+    return (tokenizer.bos_id if tokenizer.bos_id >= 0 else None, tokenizer.eos_id if tokenizer.eos_id >= 0 else None)
 
 
 if __name__ == "__main__":

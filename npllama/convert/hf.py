@@ -126,8 +126,9 @@ def _rope_from_hf(fields: dict, file: Path) -> tuple:
     return theta, None
 
 
-def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
-    """config.json for transformers: both RoPE styles' fields, so older and newer versions read it."""
+def config_to_hf(config: LlamaConfig, dtype: str, bos_id: int | None = BOS_ID, eos_id: int | None = EOS_ID) -> dict:
+    """config.json for transformers: both RoPE styles' fields, so older and newer versions read it;
+    the BOS and EOS ids are the tokenizer's (npllama's own SentencePiece ids by default)."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": config.dim, "intermediate_size": config.ffn_dim, "num_hidden_layers": config.n_layers,
@@ -136,7 +137,7 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "rope_parameters": _rope_to_hf(config), "rope_scaling": _rope_to_hf(config) if config.rope_scaling else None,
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "dtype": dtype, "torch_dtype": dtype,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype,
     }
 
 
@@ -271,8 +272,9 @@ def meta_rows_to_hf(weight, config):
 
 
 def export_hf(directory, config: LlamaConfig, params: dict, tokenizer_model: bytes | None = None,
-              dtype: str = "float32") -> Path:
-    """Write a directory that transformers' LlamaForCausalLM.from_pretrained loads."""
+              dtype: str = "float32", special_ids: tuple[int | None, int | None] = (BOS_ID, EOS_ID)) -> Path:
+    """Write a directory that transformers' LlamaForCausalLM.from_pretrained loads; `special_ids`
+    are the (BOS, EOS) ids of the model's tokenizer, for config.json."""
     from safetensors.numpy import save_file
 
     from ..backend import to_host
@@ -289,7 +291,7 @@ def export_hf(directory, config: LlamaConfig, params: dict, tokenizer_model: byt
         _save_bfloat16(directory / WEIGHTS_FILE, tensors)
     else:
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype), indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config_to_hf(config, dtype, *special_ids), indent=2) + "\n")
     if tokenizer_model is not None:
         (directory / TOKENIZER_FILE).write_bytes(tokenizer_model)
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")

@@ -38,6 +38,8 @@ from .hf import import_hf, is_hf_directory
 from .meta import import_meta, is_meta_directory
 
 KINDS = ("npllama", "huggingface", "meta", "gguf")
+WHAT_LOADS = ("an npllama run or checkpoint folder, a Hugging Face Llama directory, Meta's original layout "
+              "(params.json + consolidated.NN.pth) or a .gguf file")  # for the commands' --help
 
 
 class LoadError(NpllamaError):

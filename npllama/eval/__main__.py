@@ -25,12 +25,13 @@ from .scoring import MAX_SHOTS
 
 
 def _parser():
+    from ..convert.load import WHAT_LOADS
     from .tasks import BENCHMARKS, default_data_dir
 
     parser = OneLineParser(prog="python -m npllama.eval",
                            description="Zero- and few-shot evaluation, scored as in the Llama paper.")
     parser.add_argument("--checkpoint", required=True,
-                        help="an npllama run or checkpoint folder, a Hugging Face Llama directory, or Meta's layout")
+                        help=WHAT_LOADS)
     parser.add_argument("--tasks", default="all",
                         help=f"comma-separated: {', '.join(BENCHMARKS)}, 'all' (those ten), or a local "
                              "task's .jsonl file (default all)")
