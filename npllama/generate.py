@@ -102,14 +102,24 @@ def _chat_text(loaded, args, turns: list[dict]) -> str:
 
 
 def _chat_on_stdin(loaded, args) -> int:
-    """A conversation: each line of standard input is the user's next message, each reply printed."""
+    """A conversation: each line of standard input is the user's next message, each reply printed.
+    In a terminal "> " asks for the message; from a pipe the message is printed after "> ", so
+    that the output reads as the conversation."""
     turns: list[dict] = []
-    for line in sys.stdin:
-        turns.append({"role": "user", "content": line.rstrip("\n")})
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        message = line.rstrip("\n")
+        if not interactive:
+            print(f"> {message}")
+        turns.append({"role": "user", "content": message})
         reply = _continue(loaded, args, _chat_text(loaded, args, turns), lambda piece: print(piece, end="", flush=True))
         print(flush=True)
         turns.append({"role": "assistant", "content": reply})
-    return 0
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def chat_with(monkeypatch, argv, stdin=""):
     loaded = types.SimpleNamespace(params={}, config=None, tokenizer=ChatTokenizer(), path="m")
     monkeypatch.setattr(command, "load", lambda *args, **kwargs: loaded)
     monkeypatch.setattr(command, "generate", fake_generate)
-    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
     assert command.main(["--checkpoint", "m", *argv]) == 0
     return calls
 
@@ -246,4 +246,15 @@ def test_chat_without_a_prompt_keeps_the_conversation_line_by_line(monkeypatch, 
     calls = chat_with(monkeypatch, ["--chat"], stdin="hi\nand then?\n")
     assert [prompt for prompt, _ in calls] == ["<s>[user]hi[assistant]",
                                                "<s>[user]hi[assistant]ok[user]and then?[assistant]"]
-    assert capsys.readouterr().out == "ok\nok\n"
+    assert capsys.readouterr().out == "> hi\nok\n> and then?\nok\n"  # from a pipe, it reads as the conversation
+
+
+def test_chat_in_a_terminal_asks_for_each_message_with_a_prompt(monkeypatch, capsys):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    calls = chat_with(monkeypatch, ["--chat"], stdin=Terminal("hi\n"))
+    assert len(calls) == 1 and capsys.readouterr().out == "> ok\n> "
