@@ -44,6 +44,9 @@ TASKS = "tests/test_eval_tasks.py::"
 EVAL_CLI = "tests/test_eval_cli.py::"
 LMEVAL = "tests/test_lmeval.py::"
 DISTRIBUTED = "tests/test_distributed.py::"
+GGUF = "tests/test_convert_gguf.py::"
+BPE = "tests/test_tokenizer_bpe.py::"
+CHAT = "tests/test_chat.py::"
 
 OPS = "npllama/ops/"
 
@@ -885,4 +888,41 @@ CATALOGUE = [
            "prefix_token=tokenizer.eos_id,",
            (LMEVAL + "test_the_adapters_rolling_log_likelihood_is_the_whole_texts_in_windows",),
            "the adapter's rolling log-likelihood reads EOS, not BOS, before a text's first token"),
+    Mutant("gguf-head-count-kv-ignored", "npllama/convert/gguf.py",
+           'n_kv_heads=fields.get("llama.attention.head_count_kv", heads)',
+           "n_kv_heads=heads",
+           (GGUF + "test_f32_weights_import_exactly_and_give_npllamas_own_logits",),
+           "a GGUF file's key/value head count is ignored: every grouped-query model is read as multi-head"),
+    Mutant("gguf-rope-theta-ignored", "npllama/convert/gguf.py",
+           'rope_theta=float(fields.get("llama.rope.freq_base", 10000.0))',
+           "rope_theta=10000.0",
+           (GGUF + "test_f32_weights_import_exactly_and_give_npllamas_own_logits",),
+           "a GGUF file's RoPE base is ignored (Llama 3's 500000 read as Llama 1's 10000)"),
+    Mutant("bpe-smollm-digits-not-split", "npllama/tokenizer/bpe.py",
+           '    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],\n'
+           "                    GPT2_DIGITS),\n",
+           '    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"],\n'
+           "                    GPT2),\n",
+           (BPE + "test_digits_are_cut_one_by_one_where_llama_cpp_cuts_them",),
+           "SmolLM's pre-tokenizer loses its digit split, so numbers merge into other ids than the model's"),
+    Mutant("chat-template-outside-the-sandbox", "npllama/tokenizer/chat.py",
+           "    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,\n",
+           "    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True,\n",
+           (CHAT + "test_a_template_that_reaches_outside_the_sandbox_is_refused_in_one_line",),
+           "a chat template, a stranger's text, is rendered by plain jinja2 and can reach Python's internals"),
+    Mutant("chat-forgets-the-conversation", "npllama/generate.py",
+           '        turns.append({"role": "assistant", "content": reply})\n',
+           "",
+           (GENERATE + "test_chat_without_a_prompt_keeps_the_conversation_line_by_line",),
+           "chatting line by line forgets the model's own replies, so each turn reads a different conversation"),
+    Mutant("audit-first-diverging-gradients-from-the-input-end", "npllama/audit/compare.py",
+           "    first = min(backward_order(row) for row in failed)\n",
+           "    first = max(backward_order(row) for row in failed)\n",
+           (AUDIT + "test_the_first_diverging_gradients_are_the_failures_the_backward_pass_meets_first",),
+           "the report points at the failures the backward pass reaches last, downstream of the bug"),
+    Mutant("export-config-ignores-the-tokenizers-ids", "npllama/convert/__main__.py",
+           "                  special_ids=_special_ids(model.tokenizer))\n",
+           "                  special_ids=(BOS_ID, EOS_ID))\n",
+           (GGUF + "test_an_exported_config_names_the_tokenizers_own_bos_and_eos",),
+           "an exported config.json names npllama's BOS and EOS ids instead of the model's tokenizer's"),
 ]
