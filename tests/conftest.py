@@ -46,6 +46,15 @@ def corpus(tmp_path_factory):
 TASK_FIXTURES = Path(__file__).parent / "data" / "tasks"  # 30 real items of each benchmark, and 8 for its pool
 
 
+@pytest.fixture(scope="session")
+def lm_eval_task_manager():
+    """lm-evaluation-harness's index of its task configs, built once (it reads every config: ~13 s)."""
+    pytest.importorskip("lm_eval", reason="the outside judge is lm-evaluation-harness: pip install '.[test]'")
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def save_random_run(folder, tokenizer_path, config, seed: int, std: float):
     """`folder` as an npllama checkpoint of a randomly initialised model with the given tokenizer."""
     from npllama import model

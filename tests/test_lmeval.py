@@ -54,10 +54,8 @@ def model(run):
 
 
 @pytest.fixture(scope="module")
-def task_manager():
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
+def task_manager(lm_eval_task_manager):
+    return lm_eval_task_manager
 
 
 def lm_eval_task(name, task_manager, folder: Path) -> dict:

@@ -5,7 +5,7 @@ heads, tied embeddings, a byte-level BPE tokenizer.
 
 - logits on some 400 tokens of English within 1e-4 of the largest logit, and 64 greedy tokens
   identical (both in float32);
-- evaluation: for ARC-Easy and PIQA (30 real items each, tests/data/tasks), lm-eval's `hf` model
+- evaluation: for ARC-Easy and PIQA (12 real items each, tests/data/tasks), lm-eval's `hf` model
   on transformers' load of the file gives every choice's log-likelihood within 1e-4 of
   `npllama.eval`'s, and the same acc and acc_norm;
 - audit: transformers' gradients on English text pass `python -m npllama.audit compare` (float32
@@ -90,18 +90,16 @@ def test_greedy_continuation_equals_transformers(ours, theirs):
 # --- evaluation against lm-eval's hf model -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def lm_eval_judge(gguf_path, theirs):
+def lm_eval_judge(gguf_path, theirs, lm_eval_task_manager):
     """(lm-eval's `hf` model on transformers' load of the file, in float64; lm-eval's task manager)."""
-    pytest.importorskip("lm_eval", reason="the outside judge is lm-evaluation-harness: pip install '.[test]'")
     pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate: pip install '.[test]'")
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    return HFLM(pretrained=copy.deepcopy(theirs).double(), tokenizer=tokenizer, batch_size=16), TaskManager()
+    return HFLM(pretrained=copy.deepcopy(theirs).double(), tokenizer=tokenizer, batch_size=16), lm_eval_task_manager
 
 
-ITEMS = 20  # of the 30 real items of each task in tests/data/tasks: 20 keep the two tasks near a minute
+ITEMS = 12  # of the 30 real items of each task in tests/data/tasks (48 and 24 choices): the two tasks in a minute
 
 
 @pytest.mark.parametrize("name", ["arc_easy", "piqa"])
