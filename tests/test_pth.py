@@ -5,6 +5,7 @@ import os
 import pickle
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy
 import pytest
@@ -113,3 +114,146 @@ def test_npllama_reads_pth_files_without_importing_torch(tmp_path):
 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# --- files from strangers: no state kept between loads, memory bounded by the file, one line ---------
+
+def storage_pickle(storage: bytes, numel: int, size: tuple, stride: tuple, offset: int = 0,
+                   storage_type: bytes = b"FloatStorage") -> bytes:
+    """data.pkl of {"w": a tensor of `size`/`stride` at `offset` viewing storage "0" of `numel` elements,
+    written opcode by opcode as torch.save writes it (protocol 2), so any size or stride can be declared."""
+    def ints(values):
+        return b"(" + b"".join(b"J" + int(v).to_bytes(4, "little", signed=True) if abs(v) < 2**31
+                              else b"\x8a\x08" + int(v).to_bytes(8, "little", signed=True) for v in values) + b"t"
+    persistent = (b"(X\x07\x00\x00\x00storagec" + b"torch\n" + storage_type
+                  + b"\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu" + b"J" + numel.to_bytes(4, "little") + b"tQ")
+    return (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(" + persistent
+            + b"J" + offset.to_bytes(4, "little") + ints(size) + ints(stride) + b"\x89ccollections\nOrderedDict\n)R"
+            + b"tRs.")
+
+
+def write_pth(path, payload: bytes, storage: bytes, compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/version", "3\n")
+        archive.writestr(zipfile.ZipInfo("archive/data/0"), storage, compress_type=compression)
+    return path
+
+
+def test_the_hand_written_pickle_is_what_torch_reads(tmp_path):
+    """The helper above writes real torch files: torch itself loads them as the tensors declared."""
+    path = write_pth(tmp_path / "w.pth", storage_pickle(b"", 6, (2, 3), (3, 1)), numpy.arange(6, dtype="<f4").tobytes())
+    assert torch.load(path, weights_only=True)["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert read_pth(path)["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_refused_file_cannot_change_what_the_next_load_reads(tmp_path):
+    """A BUILD on a stand-in the pickle named (torch.FloatStorage's) sets its attributes; the
+    stand-ins are made afresh for each load, so the next file's float32 tensor stays float32."""
+    rewrites = tmp_path / "rewrites.pth"
+    write_torch_like_zip(rewrites, b"\x80\x02ctorch\nFloatStorage\n}X\x04\x00\x00\x00nameX\x0a\x00\x00\x00IntStorages"
+                                   b"b0ctorch._utils\n_rebuild_tensor_v2\n}X\x0c\x00\x00\x00__defaults__"
+                                   b"(J\x07\x00\x00\x00tsb0N.")
+    try:
+        read_pth(rewrites)
+    except PthError:
+        pass
+    good = tmp_path / "good.pth"
+    torch.save({"norm": torch.full((3,), 1.5)}, good)
+    read = read_pth(good)["norm"]
+    assert read.dtype == numpy.float32 and read.tolist() == [1.5, 1.5, 1.5]
+
+
+def one_line_refusal(path) -> str:
+    with pytest.raises(PthError) as refused:
+        read_pth(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    return message
+
+
+def test_a_view_of_more_elements_than_its_storage_is_refused_before_it_is_made(tmp_path):
+    """A 559-byte file declaring a 16384 x 16384 view (stride 0) of a 4-element storage."""
+    path = write_pth(tmp_path / "w.pth", storage_pickle(b"", 4, (16384, 16384), (0, 0)), bytes(16))
+    assert "views 268435456 elements of a storage of 4" in one_line_refusal(path)
+
+
+@pytest.mark.parametrize("size, stride, offset", [
+    ((2, 2), (2**62, 1), 0), ((2,), (1,), 2**31 - 1), ((2, -1), (1, 1), 0),
+], ids=["huge-stride", "offset-past-the-end", "negative-size"])
+def test_sizes_strides_and_offsets_outside_the_storage_are_one_line(tmp_path, size, stride, offset):
+    path = write_pth(tmp_path / "w.pth", storage_pickle(b"", 4, size, stride, offset), bytes(16))
+    assert "refused: a tensor" in one_line_refusal(path)
+
+
+def test_an_empty_tensor_with_huge_strides_is_an_empty_array(tmp_path):
+    path = write_pth(tmp_path / "w.pth", storage_pickle(b"", 4, (0, 2), (2**62, 2**62)), bytes(16))
+    assert read_pth(path)["w"].shape == (0, 2)
+
+
+def test_a_compressed_storage_is_refused_without_inflating_it(tmp_path):
+    """torch.save stores storages uncompressed; a deflated one is what a zip bomb is made of. Its
+    256 MiB of zeros are never inflated: the loading process stays small (measured in a child)."""
+    numel = 64 * 2**20
+    path = write_pth(tmp_path / "bomb.pth", storage_pickle(b"", numel, (numel,), (1,)), bytes(4 * numel),
+                     zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 2**20
+    # VmHWM, the peak resident memory of this process image (ru_maxrss would keep the parent's peak
+    # across the fork and exec)
+    code = ("import re, sys; from npllama.convert.pth import read_pth, PthError\n"
+            "try:\n    read_pth(sys.argv[1])\nexcept PthError as error:\n    print(error)\n"
+            "status = open('/proc/self/status').read()\n"
+            "print(int(re.search(r'VmHWM:\\s*(\\d+) kB', status).group(1)) // 1024)")
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    message, peak_mib = result.stdout.splitlines()
+    assert "storage 0 is compressed, which torch.save never does" in message
+    assert int(peak_mib) < 200, peak_mib  # Python and NumPy take ~40 MiB; the storage would take 256
+
+
+def damaged(tmp_path, change) -> Path:
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.ones(64)}, path)
+    data = bytearray(path.read_bytes())
+    change(data)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def flip_a_storage_byte(data):
+    at = data.index(numpy.ones(4, "<f4").tobytes())
+    data[at] ^= 0xFF
+
+
+def unknown_compression(data):
+    for header in (b"PK\x03\x04", b"PK\x01\x02"):  # local and central headers: the method field
+        at = data.index(header)
+        while at >= 0:
+            offset = at + (8 if header == b"PK\x03\x04" else 10)
+            data[offset:offset + 2] = (99).to_bytes(2, "little")
+            at = data.find(header, at + 4)
+
+
+def encrypted(data):
+    for header, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(header)
+        while at >= 0:
+            data[at + flag_at] |= 1
+            at = data.find(header, at + 4)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (flip_a_storage_byte, "Bad CRC-32"), (unknown_compression, "compress"), (encrypted, "encrypted"),
+], ids=["bad-crc", "unknown-compression", "encrypted"])
+def test_a_damaged_archive_is_one_line(tmp_path, change, expected):
+    assert expected in one_line_refusal(damaged(tmp_path, change))
+
+
+@pytest.mark.parametrize("make", [os.mkfifo, os.mkdir], ids=["FIFO", "folder"])
+def test_a_fifo_or_folder_named_like_a_shard_is_named_for_what_it_is_and_never_opened(tmp_path, make):
+    path = tmp_path / "consolidated.00.pth"
+    make(path)
+    message = one_line_refusal(path)
+    assert ("a FIFO" if make is os.mkfifo else "a folder") in message
