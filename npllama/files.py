@@ -71,6 +71,31 @@ def read_regular_file(path: Path, limit: int, what: str) -> bytes:
     return data
 
 
+def named_file_inside(folder: Path, name, what: str) -> Path:
+    """`folder / name` for a file name another file gave (a shard in an index), refused in one line
+    (FileProblem) unless it stays in `folder`: a relative name without "..", naming a regular file,
+    which may be a link only to a file inside `folder` or, in a Hugging Face cache snapshot
+    (`.../snapshots/<revision>/`), to its repository's `blobs/`. The message names the path and
+    never shows bytes of a file it should not have opened."""
+    folder = Path(folder)
+    parts = Path(name).parts if isinstance(name, str) and name and "\0" not in name else None
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise FileProblem(what, folder, f"names {name!r:.120}, which is not a file name inside the folder",
+                          "a model's files name only files beside them")
+    path = folder / name
+    kind = kind_of(path)
+    if kind != "regular file":
+        raise FileProblem(what, path, "no such file" if kind is None else f"it is a {kind}, not a regular file",
+                          "check that every file the model names is there")
+    root = folder.resolve()
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    target = path.resolve()
+    if not any(target.is_relative_to(allowed) for allowed in roots):
+        raise FileProblem(what, path, f"a link to {target}, outside the model's folder",
+                          "copy the file into the folder instead of linking it")
+    return path
+
+
 class FolderInUse(Exception):
     """Another process holds a folder's lock; `holder` is its process id as it wrote it (or "")."""
 

@@ -37,6 +37,7 @@ import numpy
 from .. import model as llama
 from ..convert.hf import hf_rows_to_meta, meta_rows_to_hf, read_safetensors
 from ..errors import NpllamaError
+from ..files import kind_of
 from ..params import TOK_EMBEDDINGS, hf_names, rope_permuted_names
 
 DEFAULT_TOLERANCE = 1e-4
@@ -62,11 +63,15 @@ class Row:
 def read_batch(path) -> numpy.ndarray:
     """Token ids (B, T + 1) from a .npy file or a safetensors file's only (or "tokens") tensor."""
     path = Path(path)
+    kind = kind_of(path)
+    if kind != "regular file":
+        raise CompareError(f"--batch {path}: {'no such file' if kind is None else f'it is a {kind}, not a file'}; "
+                           "pass a .npy or .safetensors file")
     try:
         if path.suffix == ".npy":
             batch = numpy.load(path, allow_pickle=False)
         else:
-            tensors = read_safetensors(path)
+            tensors = read_safetensors(path, integers=True)
             batch = tensors.get("tokens", next(iter(tensors.values()), None)) if tensors else None
     except (OSError, ValueError) as error:
         raise CompareError(f"--batch {path}: cannot be read ({error}); pass a .npy or .safetensors file") from None

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy
 
+from ..files import FileProblem, kind_of, named_file_inside, read_regular_file
 from ..model import LlamaConfig
 from ..ops.rope import ROPE_TYPES, RopeScaling
 from ..params import hf_names, parameter_shapes, rope_permuted_names
@@ -47,7 +48,10 @@ TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, 
                     "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": False,
                     "clean_up_tokenization_spaces": False}
 SAFETENSORS_DTYPES = {"F64": numpy.float64, "F32": numpy.float32, "F16": numpy.float16, "BF16": numpy.uint16}
+SAFETENSORS_INTEGER_DTYPES = {"I64": numpy.int64, "I32": numpy.int32, "I16": numpy.int16, "I8": numpy.int8,
+                              "U32": numpy.uint32, "U16": numpy.uint16, "U8": numpy.uint8}  # token ids, not weights
 MAX_HEADER_BYTES = 100 * 2**20
+MAX_JSON_BYTES = 16 * 2**20  # config.json and the shards' index: a few KB in every real checkpoint
 # buffers some older exports carry that hold nothing a model needs (recomputed from the config)
 HARMLESS_EXTRAS = ("rotary_emb.inv_freq",)
 
@@ -62,6 +66,21 @@ class Imported:
 
 
 # --- config.json ------------------------------------------------------------------------------
+
+
+def read_json_object(file: Path, limit: int, what: str) -> dict:
+    """The JSON object in `file` (a regular file of at most `limit` bytes), or a one-line ConvertError:
+    too large, not UTF-8 JSON, nested too deep, or not an object."""
+    data = read_regular_file(file, limit, what)
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ConvertError(file, "JSON nested too deep for " + what, "re-download it") from None
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError alike
+        raise ConvertError(file, f"not a readable JSON file ({error})", "is this a model directory?") from None
+    if not isinstance(value, dict):
+        raise ConvertError(file, f"a JSON {type(value).__name__}, not the object {what} is", "re-download it")
+    return value
 
 
 def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
@@ -152,8 +171,19 @@ def _rope_to_hf(config: LlamaConfig) -> dict:
 # --- safetensors --------------------------------------------------------------------------------
 
 
-def read_safetensors(file: Path) -> dict:
-    """Every tensor of a .safetensors file as a NumPy array (bfloat16 widened to float32)."""
+def read_safetensors(file: Path, integers: bool = False) -> dict:
+    """Every tensor of a .safetensors file as a NumPy array (bfloat16 widened to float32); weights
+    are floating point, and integer tensors are read only when asked for (`integers`: token ids).
+
+    The header is checked as the format's specification says before any tensor is made: a JSON
+    object of entries with a known dtype, a shape of non-negative integers and data offsets whose
+    byte count is the shape's; the entries' bytes tile the data from its first byte to its last,
+    without gaps or overlaps."""
+    file = Path(file)
+    kind = kind_of(file)
+    if kind != "regular file":
+        raise ConvertError(file, "no such file" if kind is None else f"it is a {kind}, not a regular file",
+                           "pass a .safetensors file")
     try:
         with open(file, "rb") as stream:
             size = file.stat().st_size
@@ -164,30 +194,60 @@ def read_safetensors(file: Path) -> dict:
             if header_length > min(MAX_HEADER_BYTES, size - 8):
                 raise ConvertError(file, f"header of {header_length} bytes in a file of {size}", "re-download it")
             header = json.loads(stream.read(header_length))
+    except RecursionError:
+        raise ConvertError(file, "its header is JSON nested too deep", "re-download or re-save it") from None
     except (OSError, ValueError) as error:
         raise ConvertError(file, f"not a readable safetensors file ({error})", "re-download or re-save it") from None
+    if not isinstance(header, dict):
+        raise ConvertError(file, "its header is not a JSON object", "re-download or re-save it")
+    dtypes = {**SAFETENSORS_DTYPES, **SAFETENSORS_INTEGER_DTYPES} if integers else SAFETENSORS_DTYPES
+    entries = {name: _entry(file, name, entry, dtypes) for name, entry in header.items() if name != "__metadata__"}
+    _check_tiling(file, entries, size - 8 - header_length)
     data = numpy.memmap(file, dtype=numpy.uint8, mode="r", offset=8 + header_length) if size > 8 + header_length \
         else numpy.zeros(0, numpy.uint8)
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        tensors[name] = _tensor(file, name, entry, data)
-    return tensors
+    return {name: _tensor(entry, data) for name, entry in entries.items()}
 
 
-def _tensor(file: Path, name: str, entry, data) -> numpy.ndarray:
-    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+def _entry(file: Path, name: str, entry, dtypes: dict) -> tuple:
+    """(dtype name, shape, begin, end) of one header entry, each checked."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in dtypes:
         dtype = entry.get("dtype") if isinstance(entry, dict) else entry
-        raise ConvertError(file, f"tensor {name!r} has dtype {dtype!r}; npllama reads "
-                           f"{', '.join(SAFETENSORS_DTYPES)}", "save the weights as float32, float16 or bfloat16")
-    dtype = numpy.dtype(SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
-    shape, (begin, end) = tuple(entry.get("shape", ())), entry.get("data_offsets", (0, -1))
-    if end - begin != math.prod(shape) * dtype.itemsize or not 0 <= begin <= end <= data.size:
-        raise ConvertError(file, f"tensor {name!r}: offsets {begin}..{end} do not hold shape {shape}",
+        raise ConvertError(file, f"tensor {name!r:.80} has dtype {dtype!r:.40}; npllama reads "
+                           f"{', '.join(dtypes)}", "save the weights as float32, float16 or bfloat16"
+                           if dtypes is SAFETENSORS_DTYPES else "save the tensors with one of those dtypes")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)):
+        raise ConvertError(file, f"tensor {name!r:.80}: shape {shape!r:.60} and data_offsets {offsets!r:.60} are "
+                           "not lists of non-negative integers", "the file is corrupt; re-download it")
+    begin, end = offsets
+    itemsize = numpy.dtype(dtypes[entry["dtype"]]).itemsize
+    if not 0 <= begin <= end or end - begin != math.prod(shape) * itemsize:
+        raise ConvertError(file, f"tensor {name!r:.80}: offsets {begin}..{end} do not hold shape {tuple(shape)}",
                            "the file is truncated or corrupt; re-download it")
+    return entry["dtype"], tuple(shape), begin, end
+
+
+def _check_tiling(file: Path, entries: dict, data_bytes: int) -> None:
+    """The entries' byte ranges cover the data exactly, one after another (the specification's rule)."""
+    expected = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != expected:
+            problem = "overlaps the tensor before it" if begin < expected else \
+                f"leaves bytes {expected}..{begin} unused"
+            raise ConvertError(file, f"tensor {name!r:.80} at {begin}..{end} {problem}",
+                               "the file is corrupt; re-download it")
+        expected = end
+    if expected != data_bytes:
+        raise ConvertError(file, f"its tensors hold {expected} bytes, the file {data_bytes} after its header",
+                           "the file is truncated or corrupt; re-download it")
+
+
+def _tensor(entry: tuple, data) -> numpy.ndarray:
+    dtype_name, shape, begin, end = entry
+    dtype = numpy.dtype({**SAFETENSORS_DTYPES, **SAFETENSORS_INTEGER_DTYPES}[dtype_name]).newbyteorder("<")
     array = numpy.frombuffer(data[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-    if entry["dtype"] == "BF16":
+    if dtype_name == "BF16":
         array = widen_bfloat16(array)
     return array
 
@@ -202,38 +262,44 @@ def is_hf_directory(directory: Path) -> bool:
 
 def _weight_files(directory: Path) -> list[Path]:
     if (directory / WEIGHTS_FILE).is_file():
-        return [directory / WEIGHTS_FILE]
-    index_file = directory / INDEX_FILE
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ConvertError(index_file, f"not a safetensors index ({error})", "re-download it") from None
-    missing = [name for name in files if not (directory / name).is_file()]
-    if missing:
-        raise ConvertError(directory / missing[0], f"missing shard (the index lists {len(files)})",
-                           "download every shard the index names")
-    return [directory / name for name in files]
+        return [named_file_inside(directory, WEIGHTS_FILE, "weights in")]
+    index_file = named_file_inside(directory, INDEX_FILE, "index in")
+    index = read_json_object(index_file, MAX_JSON_BYTES, "a safetensors index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ConvertError(index_file, "no weight_map of tensor names to file names", "re-download it")
+    files = sorted(set(weight_map.values()))
+    shards = []
+    for name in files:
+        try:
+            shards.append(named_file_inside(directory, name, f"a shard {index_file.name} names in"))
+        except FileProblem as problem:
+            if problem.problem != "no such file":
+                raise
+            raise ConvertError(directory / name, f"missing shard (the index lists {len(files)})",
+                               "download every shard the index names") from None
+    return shards
 
 
 def import_hf(directory, dtype=None) -> Imported:
     """The model in a Hugging Face directory, under Meta's names and RoPE layout."""
     directory = Path(directory)
-    config_file = directory / CONFIG_FILE
-    try:
-        fields = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise ConvertError(config_file, f"not a readable JSON file ({error})", "is this a model directory?") from None
-    config = config_from_hf(fields, config_file)
-    weights, where = {}, {}
+    config_file = named_file_inside(directory, CONFIG_FILE, "config in")
+    config = config_from_hf(read_json_object(config_file, MAX_JSON_BYTES, "config.json"), config_file)
+    weights: dict[str, numpy.ndarray] = {}
+    where: dict[str, Path] = {}
     for file in _weight_files(directory):
         for name, array in read_safetensors(file).items():
+            if name in weights:
+                raise ConvertError(file, f"tensor {name!r} is also in {where[name].name}",
+                                   "a tensor belongs in one shard; re-download the checkpoint")
             weights[name], where[name] = array, file
     params = to_meta(weights, config, where, directory)
     if dtype is not None:
         params = {name: p.astype(dtype) for name, p in params.items()}
-    tokenizer = directory / TOKENIZER_FILE
-    return Imported(config, params, tokenizer if tokenizer.is_file() else None)
+    tokenizer = named_file_inside(directory, TOKENIZER_FILE, "tokenizer in") \
+        if (directory / TOKENIZER_FILE).exists() else None
+    return Imported(config, params, tokenizer)
 
 
 def to_meta(weights: dict, config: LlamaConfig, where: dict, directory: Path) -> dict:

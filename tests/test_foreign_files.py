@@ -1,0 +1,198 @@
+"""Files from strangers: a Hugging Face folder, a safetensors file, a batch or gradients file that
+someone else wrote is read only inside its folder, with its memory bounded by what it declares
+and checks before allocation, and anything wrong with it is one line (exit status 2 from the
+commands), never a traceback, a hang or bytes of a file it should not have opened.
+
+The .pth reader's cases are in tests/test_pth.py.
+"""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+from safetensors.numpy import save_file
+
+from npllama.convert import ConvertError
+from npllama.convert.hf import import_hf, read_safetensors
+from npllama.errors import NpllamaError
+from npllama.model import LlamaConfig
+
+CONFIG = LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32, max_seq_len=32)
+
+
+def hf_folder(folder: Path, shards: int = 1) -> Path:
+    """A small Hugging Face Llama folder written by npllama's exporter, its weights in `shards` files."""
+    from npllama import model as llama
+    from npllama.convert.hf import export_hf
+
+    export_hf(folder, CONFIG, llama.init_params(CONFIG, seed=0))
+    if shards > 1:
+        weights = read_safetensors(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()
+        names, weight_map = sorted(weights), {}
+        for shard in range(shards):
+            file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+            part = {name: weights[name] for name in names[shard::shards]}
+            save_file(part, str(folder / file))
+            weight_map.update(dict.fromkeys(part, file))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def refusal(call, *args) -> str:
+    with pytest.raises(NpllamaError) as refused:
+        call(*args)
+    message = str(refused.value)
+    assert "\n" not in message, message
+    return message
+
+
+def set_index_entry(folder: Path, file_name: str):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = file_name
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+# --- nothing read outside the model's folder ---------------------------------------------------------
+
+@pytest.mark.parametrize("entry", ["../../../../etc/passwd", "../outside/x.safetensors", "/etc/passwd", ""])
+def test_an_index_entry_that_leaves_the_folder_is_refused_before_anything_is_opened(tmp_path, entry):
+    folder = hf_folder(tmp_path / "model", shards=2)
+    (tmp_path / "outside").mkdir()
+    save_file({"model.norm.weight": numpy.ones(16, numpy.float32)}, str(tmp_path / "outside" / "x.safetensors"))
+    set_index_entry(folder, entry)
+    message = refusal(import_hf, folder)
+    assert "which is not a file name inside the folder" in message and "root:" not in message
+
+
+def test_a_shard_linked_outside_the_folder_is_refused_naming_the_link_not_its_bytes(tmp_path):
+    folder = hf_folder(tmp_path / "model", shards=2)
+    shard = next(folder.glob("model-00001-*.safetensors"))
+    shard.unlink()
+    shard.symlink_to("/proc/self/environ")
+    message = refusal(import_hf, folder)
+    assert f"{shard}: a link to /proc/" in message and "outside the model's folder" in message
+    assert "PATH=" not in message and "header of" not in message
+
+
+def test_a_hugging_face_cache_snapshot_whose_files_link_to_its_blobs_loads(tmp_path):
+    """The Hub's cache keeps each file once in blobs/ and links it from snapshots/<revision>/."""
+    repository = tmp_path / "models--someone--tiny"
+    source, snapshot, blobs = hf_folder(tmp_path / "source", shards=2), repository / "snapshots" / "abc123", \
+        repository / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for number, file in enumerate(sorted(source.iterdir())):
+        os.replace(file, blobs / f"blob{number}")
+        (snapshot / file.name).symlink_to(Path("../../blobs") / f"blob{number}")
+    assert import_hf(snapshot).config.dim == CONFIG.dim
+
+
+def test_a_tensor_in_two_shards_is_refused_naming_both(tmp_path):
+    folder = hf_folder(tmp_path / "model", shards=2)
+    first, second = sorted(folder.glob("model-*.safetensors"))
+    extra = read_safetensors(first)
+    save_file({**read_safetensors(second), **dict(list(extra.items())[:1])}, str(second))
+    message = refusal(import_hf, folder)
+    assert f"{second}: tensor" in message and f"is also in {first.name}" in message
+
+
+# --- safetensors headers checked as the specification says -----------------------------------------
+
+def raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data_bytes, expected", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlaps the tensor before it"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "leaves bytes 0..4 unused"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 8, "its tensors hold 4 bytes, the file 8"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, 4, "not lists of non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, 8, "not lists of non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "not lists of non-negative integers"),
+    ({"a": {"dtype": "F32", "shape": [16384, 16384], "data_offsets": [0, 4]}}, 4, "do not hold shape"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "do not hold shape"),
+    ({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, 8, "has dtype 'I64'"),
+], ids=["overlap", "gap", "bytes-left-over", "negative-shape", "string-shape", "bool-shape", "huge-shape",
+        "reversed-offsets", "integer-weights"])
+def test_a_safetensors_header_the_specification_forbids_is_one_line(tmp_path, header, data_bytes, expected):
+    path = raw_safetensors(tmp_path / "w.safetensors", header, bytes(data_bytes))
+    assert expected in refusal(read_safetensors, path)
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe"],
+                         ids=["a-list", "nested-too-deep", "not-utf8"])
+def test_a_safetensors_header_that_is_not_a_json_object_is_one_line(tmp_path, header):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    refusal(read_safetensors, path)
+
+
+def test_the_safetensors_library_agrees_that_overlapping_offsets_are_invalid(tmp_path):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = raw_safetensors(tmp_path / "w.safetensors", {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))
+    with pytest.raises(SafetensorError):
+        load_file(str(path))
+
+
+# --- config.json --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, expected", [
+    ("[1, 2]", "a JSON list, not the object config.json is"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deep"),
+    (" " * (16 * 2**20 + 1), "larger than 16,777,216 bytes"),
+    ("{\"hidden_size\": ", "not a readable JSON file"),
+], ids=["a-list", "nested-too-deep", "too-large", "cut-short"])
+def test_a_config_json_that_is_not_a_small_json_object_is_one_line(tmp_path, content, expected):
+    folder = hf_folder(tmp_path / "model")
+    (folder / "config.json").write_text(content)
+    assert expected in refusal(import_hf, folder)
+
+
+# --- batches and gradients of audit compare ----------------------------------------------------------
+
+def audit_compare(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "npllama.audit", "compare", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("role", ["--batch", "--grads"])
+def test_a_fifo_as_a_batch_or_gradients_file_is_named_and_never_opened(tmp_path, role):
+    folder = hf_folder(tmp_path / "model")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    numpy.save(tmp_path / "batch.npy", numpy.zeros((1, 5), numpy.int64))
+    files = {"--batch": tmp_path / "batch.npy", "--grads": tmp_path / "none.safetensors", role: fifo}
+    result = audit_compare(folder, "--batch", files["--batch"], "--grads", files["--grads"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{fifo}" in result.stderr and "FIFO" in result.stderr
+
+
+def test_a_batch_of_token_ids_in_safetensors_is_read_as_the_readme_says(tmp_path):
+    from npllama.audit.compare import read_batch
+
+    tokens = numpy.arange(12, dtype=numpy.int32).reshape(2, 6)
+    save_file({"tokens": tokens}, str(tmp_path / "batch.safetensors"))
+    assert read_batch(tmp_path / "batch.safetensors").tolist() == tokens.tolist()
+    save_file({"tokens": tokens.astype(numpy.float32)}, str(tmp_path / "floats.safetensors"))
+    assert "expected integer token ids" in refusal(read_batch, tmp_path / "floats.safetensors")
+
+
+def test_integer_weights_are_refused_by_the_safetensors_reader_in_the_words_of_every_loader(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": numpy.zeros(2, numpy.int64)}, str(path))
+    with pytest.raises(ConvertError, match="has dtype 'I64'; npllama reads F64, F32, F16, BF16"):
+        read_safetensors(path)
