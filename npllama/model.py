@@ -93,8 +93,11 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for RoPE")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"LlamaConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ValueError("LlamaConfig: norm_eps and rope_theta must be positive")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r:.40}")
+            object.__setattr__(self, name, float(value))
 
     @property
     def head_dim(self) -> int:

@@ -115,6 +115,10 @@ def test_a_missing_shard_is_named(hf_model_and_meta_folder, tmp_path):
     ({"n_kv_heads": 3}, "n_heads 4 is not a multiple of n_kv_heads 3"),
     ({"n_heads": None}, "missing field 'n_heads'"),
     ({"dim": 48}, "params.json implies"),
+    ({"n_layers": 100_000_000}, "n_layers is 100000000, the shards hold 2 layers"),
+    ({"rope_theta": True}, "rope_theta must be a positive finite number, got True"),
+    ({"vocab_size": "512"}, "vocab_size must be a positive integer, got '512'"),
+    ({"norm_eps": "1e-5"}, "norm_eps must be a positive finite number"),
 ])
 def test_a_params_json_that_does_not_fit_is_refused_in_one_line(hf_model_and_meta_folder, tmp_path, change, fragment):
     _, imported, _ = hf_model_and_meta_folder

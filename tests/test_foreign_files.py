@@ -162,6 +162,21 @@ def test_a_config_json_that_is_not_a_small_json_object_is_one_line(tmp_path, con
     assert expected in refusal(import_hf, folder)
 
 
+@pytest.mark.parametrize("change, expected", [
+    ({"rope_theta": True}, "rope_theta must be a positive finite number, got True"),
+    ({"vocab_size": "32"}, "vocab_size is '32', not a positive integer"),
+    ({"hidden_size": 1e12}, "hidden_size is 1000000000000.0, not a positive integer"),
+    ({"num_hidden_layers": 100_000_000}, "num_hidden_layers is 100000000, the weights hold 1 layers"),
+], ids=["bool-theta", "string-vocab", "float-hidden-size", "layers-beyond-the-weights"])
+def test_a_config_field_of_the_wrong_kind_or_size_is_named_before_anything_is_allocated(tmp_path, change, expected):
+    folder = hf_folder(tmp_path / "model")
+    fields = json.loads((folder / "config.json").read_text())
+    if "rope_theta" in change:
+        fields.pop("rope_parameters")
+    (folder / "config.json").write_text(json.dumps({**fields, **change}))
+    assert expected in refusal(import_hf, folder)
+
+
 # --- batches and gradients of audit compare ----------------------------------------------------------
 
 def audit_compare(*args) -> subprocess.CompletedProcess:

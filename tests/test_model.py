@@ -73,7 +73,10 @@ def test_parameter_names_and_shapes_are_metas():
     ({"dim": 10, "n_heads": 3}, "not divisible"),
     ({"dim": 6, "n_heads": 2}, "must be even"),
     ({"n_layers": 0}, "positive integer"),
-    ({"norm_eps": 0.0}, "must be positive"),
+    ({"norm_eps": 0.0}, "must be a positive finite number"),
+    ({"rope_theta": True}, "rope_theta must be a positive finite number, got True"),
+    ({"rope_theta": "10000"}, "rope_theta must be a positive finite number"),
+    ({"norm_eps": float("nan")}, "norm_eps must be a positive finite number"),
 ])
 def test_bad_configs_are_rejected_with_a_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,14 +105,17 @@ def config_from_hf(fields: dict, file: Path) -> LlamaConfig:
             raise ConvertError(file, f"{name} {fields[name]!r} is not supported", fix)
     rope_theta, rope_scaling = _rope_from_hf(fields, file)
     hidden = need("hidden_size")
+    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if type(fields.get(name, 1)) is not int or fields.get(name, 1) < 1:
+            raise ConvertError(file, f"{name} is {fields[name]!r:.40}, not a positive integer", "check its fields")
     if fields.get("head_dim") not in (None, hidden // heads if isinstance(hidden, int) and heads else None):
         raise ConvertError(file, f"head_dim {fields['head_dim']} != hidden_size / num_attention_heads", fix)
     try:
         return LlamaConfig(dim=hidden, n_layers=need("num_hidden_layers"), n_heads=heads,
                            n_kv_heads=kv_heads, tie_embeddings=fields.get("tie_word_embeddings", False),
                            vocab_size=need("vocab_size"), hidden_dim=need("intermediate_size"),
-                           norm_eps=float(fields.get("rms_norm_eps", 1e-6)),
-                           max_seq_len=need("max_position_embeddings"), rope_theta=float(rope_theta),
+                           norm_eps=fields.get("rms_norm_eps", 1e-6),
+                           max_seq_len=need("max_position_embeddings"), rope_theta=rope_theta,
                            rope_scaling=rope_scaling)
     except (TypeError, ValueError) as error:
         raise ConvertError(file, f"not a valid Llama configuration ({error})", "check its fields") from None
@@ -294,6 +298,10 @@ def import_hf(directory, dtype=None) -> Imported:
                 raise ConvertError(file, f"tensor {name!r} is also in {where[name].name}",
                                    "a tensor belongs in one shard; re-download the checkpoint")
             weights[name], where[name] = array, file
+    layers = {int(name.split(".")[2]) for name in weights if re.fullmatch(r"model\.layers\.\d+\..+", name)}
+    if config.n_layers != len(layers):
+        raise ConvertError(config_file, f"num_hidden_layers is {config.n_layers}, the weights hold {len(layers)} "
+                           "layers", "the weights and config.json disagree")
     params = to_meta(weights, config, where, directory)
     if dtype is not None:
         params = {name: p.astype(dtype) for name, p in params.items()}

@@ -16,16 +16,16 @@ permuted.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy
 
+from ..files import named_file_inside
 from ..model import LlamaConfig, RopeScaling
 from ..params import EMBEDDING, LAYER_SUFFIXES, NORM, TOK_EMBEDDINGS, layer_name, parameter_table
 from . import ConvertError
-from .hf import Imported
+from .hf import MAX_JSON_BYTES, Imported, read_json_object
 from .pth import read_pth
 
 PARAMS_FILE = "params.json"
@@ -60,12 +60,7 @@ def _concat_axis(name: str, role: str) -> int | None:
 
 
 def _read_params_json(file: Path) -> dict:
-    try:
-        fields = json.loads(file.read_text())
-        if not isinstance(fields, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as error:
-        raise ConvertError(file, f"not a readable JSON object ({error})", "is this a Meta model directory?") from None
+    fields = read_json_object(file, MAX_JSON_BYTES, "params.json")
     for name in ("dim", "n_layers", "n_heads"):
         if name not in fields:
             raise ConvertError(file, f"missing field {name!r}", "is this Meta's params.json?")
@@ -85,24 +80,27 @@ def _rope_scaling(fields: dict):
 def import_meta(directory, dtype=None) -> Imported:
     """The model in a Meta-layout directory, its shards merged."""
     directory = Path(directory)
-    fields = _read_params_json(directory / PARAMS_FILE)
-    paths = _shards(directory)
+    fields = _read_params_json(named_file_inside(directory, PARAMS_FILE, "params in"))
+    paths = [named_file_inside(directory, path.name, "a shard in") for path in _shards(directory)]
     shards = [read_pth(path) for path in paths]
     for path, shard in zip(paths, shards):
         if not isinstance(shard, dict) or TOK_EMBEDDINGS not in shard:
             raise ConvertError(path, f"not a state dict of Meta's names (no {TOK_EMBEDDINGS})",
                                "is this Meta's consolidated checkpoint?")
+    layers = {int(name.split(".")[1]) for name in shards[0] if re.fullmatch(r"layers\.\d+\..+", name)}
+    if fields["n_layers"] != len(layers):
+        raise ConvertError(directory / PARAMS_FILE, f"n_layers is {fields['n_layers']!r:.40}, the shards hold "
+                           f"{len(layers)} layers", "the weights and params.json disagree")
     embedding = numpy.concatenate([shard[TOK_EMBEDDINGS] for shard in shards], axis=1)
     w1_rows = sum(shard[layer_name(0, "w1")].shape[0] for shard in shards)  # the FFN width, as the weights say
     vocab = fields.get("vocab_size", -1)
     try:
         config = LlamaConfig(dim=fields["dim"], n_layers=fields["n_layers"], n_heads=fields["n_heads"],
                              n_kv_heads=fields.get("n_kv_heads"), rope_scaling=_rope_scaling(fields),
-                             vocab_size=vocab if vocab and vocab > 0 else embedding.shape[0],
-                             norm_eps=float(fields.get("norm_eps", 1e-6)),
-                             rope_theta=float(fields.get("rope_theta", 10000.0)),
-                             max_seq_len=int(fields.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)),
-                             multiple_of=int(fields.get("multiple_of", 256)), hidden_dim=w1_rows)
+                             vocab_size=vocab if vocab != -1 else embedding.shape[0],
+                             norm_eps=fields.get("norm_eps", 1e-6), rope_theta=fields.get("rope_theta", 10000.0),
+                             max_seq_len=fields.get("max_seq_len", DEFAULT_MAX_SEQ_LEN),
+                             multiple_of=fields.get("multiple_of", 256), hidden_dim=w1_rows)
     except (TypeError, ValueError, KeyError) as error:
         raise ConvertError(directory / PARAMS_FILE, f"not a valid Llama configuration ({error})",
                            "check its fields") from None
