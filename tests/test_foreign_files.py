@@ -211,3 +211,32 @@ def test_integer_weights_are_refused_by_the_safetensors_reader_in_the_words_of_e
     save_file({"w": numpy.zeros(2, numpy.int64)}, str(path))
     with pytest.raises(ConvertError, match="has dtype 'I64'; npllama reads F64, F32, F16, BF16"):
         read_safetensors(path)
+
+
+# --- weights: floating point and finite, from every kind of file --------------------------------------
+
+def test_nan_weights_are_refused_by_generate_in_one_line_naming_the_tensor(tmp_path):
+    folder = hf_folder(tmp_path / "model")
+    weights = read_safetensors(folder / "model.safetensors")
+    weights["model.norm.weight"][3] = numpy.nan
+    save_file(weights, str(folder / "model.safetensors"))
+    result = subprocess.run([sys.executable, "-m", "npllama.generate", "--checkpoint", str(folder), "--prompt", "a"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "tensor 'norm.weight' holds NaN or infinite values" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_integer_and_bool_weights_in_a_meta_shard_are_refused_as_every_loader_refuses_them(tmp_path, dtype):
+    torch = pytest.importorskip("torch", reason="torch writes Meta's .pth files: pip install '.[test]'")
+    from test_convert_meta import write_meta_layout
+
+    from npllama import load
+    from npllama import model as llama
+
+    folder = write_meta_layout(tmp_path / "meta", CONFIG, llama.init_params(CONFIG, seed=0), n_ranks=1)
+    shard = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    shard["norm.weight"] = torch.ones(CONFIG.dim, dtype=getattr(torch, dtype))
+    torch.save(shard, folder / "consolidated.00.pth")
+    message = refusal(load, folder)
+    assert f"tensor 'norm.weight' has dtype {dtype}; weights must be float64, float32, float16 or bfloat16" in message

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
+
 from .. import checkpoint as ckpt
 from .. import model as llama
 from ..backend import get_backend
@@ -89,6 +91,20 @@ def kind_of_directory(path: Path) -> str | None:
     return None
 
 
+WEIGHT_DTYPES = ("float64", "float32", "float16")  # bfloat16 arrives widened to float32
+
+
+def _check_weights(params: dict, path: Path, flag: str) -> None:
+    """Weights are floating point and finite, whatever kind of file they came from (one line if not)."""
+    for name, array in params.items():
+        if str(array.dtype) not in WEIGHT_DTYPES:
+            raise LoadError(f"{flag} {path}: tensor {name!r} has dtype {array.dtype}; weights must be "
+                            f"{', '.join(WEIGHT_DTYPES)} or bfloat16; re-save the model with floating-point weights")
+        if not numpy.isfinite(array).all():
+            raise LoadError(f"{flag} {path}: tensor {name!r} holds NaN or infinite values; the checkpoint is "
+                            "damaged (or the model diverged); use another one")
+
+
 def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
     """The model in `path` (any of KINDS) on `backend`; errors are one-line NpllamaErrors."""
     xp = get_backend(backend)
@@ -111,6 +127,7 @@ def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
         imported = {"huggingface": import_hf, "meta": import_meta, "gguf": import_gguf}[kind](path, dtype=dtype)
         config, params = imported.config, imported.params
         tokenizer = Tokenizer.load(imported.tokenizer) if isinstance(imported.tokenizer, Path) else imported.tokenizer
+    _check_weights(params, path, flag)
     # one parameter at a time, and no copy where the dtype is already the one asked for
     params = {name: xp.asarray(params.pop(name) if dtype is None else params.pop(name).astype(dtype, copy=False))
               for name in list(params)}
