@@ -24,7 +24,7 @@ from .backend import BACKENDS
 from .cli import OneLineParser, fail, integer, real
 from .convert.load import WHAT_LOADS, load
 from .errors import NpllamaError
-from .sampling import generate
+from .sampling import GenerateError, generate
 from .tokenizer import TokenizerError
 from .tokenizer.chat import ChatTemplateError, render_chat
 
@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.system is not None and not args.chat:
         parser.error("--system needs --chat")
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system or "")):
+        bad = next((at for at, char in enumerate(text) if "\ud800" <= char <= "\udfff"), None)
+        if bad is not None:  # the shell passed bytes that are not UTF-8 (Python keeps them as surrogates)
+            parser.error(f"{flag}: not UTF-8 text (an undecodable byte at character {bad}); pass UTF-8 text")
     printed: list[bool] = []  # the prompt is printed with the first new text, after every check has passed
 
     def show(piece):
@@ -110,7 +114,10 @@ def _chat_on_stdin(loaded, args) -> int:
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as error:
+            raise GenerateError(f"standard input is not UTF-8 text ({error.reason}); send UTF-8 text") from None
         if not line:
             return 0
         message = line.rstrip("\n")

@@ -38,7 +38,10 @@ def sampling_distribution(logits, temperature: float, top_k: int | None, top_p: 
         probs = numpy.zeros_like(logits)
         probs[int(numpy.argmax(logits))] = 1.0
         return probs
-    scaled = logits / temperature
+    with numpy.errstate(over="ignore"):
+        scaled = logits / temperature
+        if not numpy.isfinite(scaled.max()):  # a temperature so small that logits / temperature overflows
+            scaled = (logits - logits.max()) / temperature  # the largest becomes 0, the others -inf: greedy
     if top_k is not None and 0 < top_k < scaled.size:
         kth_largest = numpy.partition(scaled, -top_k)[-top_k]
         scaled = numpy.where(scaled < kth_largest, -numpy.inf, scaled)

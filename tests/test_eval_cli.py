@@ -2,6 +2,7 @@
 levels, the same in JSON with every example for audit; bad input is one line and exit 2."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -65,12 +66,33 @@ def cli(*args):
     (["--tasks", "piqa", "--shots", "9"], r"--shots 9: the few-shot pool of piqa .* holds 8 examples; ask for at most"),
     (["--tasks", "piqa", "--shots", "65"], "--shots 65: at most 64"),
     (["--tasks", "piqa", "--json", "NOWHERE/x.json"], "--json .*: the folder .* does not exist"),
-])
+    (["--tasks", "piqa", "--json", "EMPTY"], "--json .*empty: it is a folder; name a file to write"),
+    (["--tasks", "piqa", "--json", "READ_ONLY"], "--json .*read-only.json: cannot be written"),
+    (["--tasks", "FIFO"], "--tasks .*fifo.jsonl: it is a FIFO, not a file"),
+    (["--tasks", "FOLDER_JSONL"], "--tasks .*empty.jsonl: it is a folder, not a file"),
+    (["--tasks", "LONG"], r"long.jsonl line 1: longer than 1,000,000 characters"),
+    (["--tasks", "DEEP"], r"deep.jsonl line 1: JSON nested too deep"),
+    (["--tasks", "SURROGATE"], r"surrogate.jsonl line 1: a \\u escape of a lone surrogate"),
+], ids=["unknown", "no-data", "not-json", "shots-beyond-pool", "shots-beyond-64", "json-folder-missing",
+        "json-a-folder", "json-read-only", "tasks-fifo", "tasks-folder", "line-too-long", "line-too-deep",
+        "lone-surrogate"])
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, args, message):
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a"], "gold": 0}\n{"context": \n')
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.jsonl").mkdir()
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    (tmp_path / "long.jsonl").write_text('{"context": "' + "x" * 1_000_001 + '"}\n')
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp_path / "surrogate.jsonl").write_text('{"context": "\\ud800", "choices": ["a"], "gold": 0}\n')
+    (tmp_path / "read-only.json").write_text("{}")
+    (tmp_path / "read-only.json").chmod(0o444)
     replaced = {"BAD": str(tmp_path / "bad.jsonl"), "EMPTY": str(tmp_path / "empty"),
-                "NOWHERE/x.json": str(tmp_path / "nowhere" / "x.json")}
+                "NOWHERE/x.json": str(tmp_path / "nowhere" / "x.json"), "READ_ONLY": str(tmp_path / "read-only.json"),
+                "FIFO": str(tmp_path / "fifo.jsonl"), "LONG": str(tmp_path / "long.jsonl"),
+                "DEEP": str(tmp_path / "deep.jsonl"), "SURROGATE": str(tmp_path / "surrogate.jsonl"),
+                "FOLDER_JSONL": str(tmp_path / "empty.jsonl")}
+    if "READ_ONLY" in args and os.geteuid() == 0:
+        pytest.skip("root may write a read-only file")
     args = [replaced.get(arg, arg) for arg in args]
     if "--data-dir" not in args:
         args += ["--data-dir", str(TASK_FIXTURES)]

@@ -258,3 +258,30 @@ def test_chat_in_a_terminal_asks_for_each_message_with_a_prompt(monkeypatch, cap
 
     calls = chat_with(monkeypatch, ["--chat"], stdin=Terminal("hi\n"))
     assert len(calls) == 1 and capsys.readouterr().out == "> ok\n> "
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_is_named_by_its_flag(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "npllama.generate", "--checkpoint", str(tmp_path), "--prompt",
+                             b"abc\xff"], capture_output=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count(b"\n") == 1
+    assert b"--prompt: not UTF-8 text (an undecodable byte at character 3)" in result.stderr
+
+
+def test_chat_input_that_is_not_utf8_is_one_line_naming_the_message(monkeypatch, capsys):
+    import io
+
+    stdin = io.TextIOWrapper(io.BytesIO(b"hi\n\xff\xfe\n"), encoding="utf-8")
+    with pytest.raises(AssertionError):  # chat_with expects exit status 0
+        chat_with(monkeypatch, ["--chat"], stdin=stdin)
+    error = capsys.readouterr().err
+    assert error.startswith("error: standard input is not UTF-8 text (invalid start byte)") and error.count("\n") == 1
+
+
+def test_a_temperature_so_small_that_logits_over_it_overflow_samples_the_top_token():
+    from npllama.sampling import sampling_distribution
+
+    probs = sampling_distribution(numpy.array([1.0, 3.0, 2.0]), 5e-324, None, None)
+    assert probs.tolist() == [0.0, 1.0, 0.0]

@@ -70,8 +70,8 @@ def main(argv=None) -> int:
             if args.shots > len(loaded.pool):
                 raise NpllamaError(f"--shots {args.shots}: the few-shot pool of {loaded.task.name} ({loaded.where}) "
                                    f"holds {len(loaded.pool)} examples; ask for at most {len(loaded.pool)}")
-        if args.json is not None and not args.json.parent.is_dir():
-            raise NpllamaError(f"--json {args.json}: the folder {args.json.parent} does not exist; create it first")
+        if args.json is not None:
+            _check_writable(args.json)
         model = load(args.checkpoint, backend=args.backend, flag="--checkpoint")
         if model.tokenizer is None:
             raise NpllamaError(f"--checkpoint {model.path}: the model has no tokenizer.model; put its tokenizer "
@@ -94,6 +94,21 @@ def main(argv=None) -> int:
                   "seconds": seconds, "tasks": results}
         write_atomically(args.json, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"))
     return 0
+
+
+def _check_writable(path: Path) -> None:
+    """--json is checked before the evaluation runs, so that hours of work never end unwritable."""
+    import os
+
+    from ..files import kind_of
+
+    kind = kind_of(path)
+    if kind not in (None, "regular file"):
+        raise NpllamaError(f"--json {path}: it is a {kind}; name a file to write")
+    if not path.parent.is_dir():
+        raise NpllamaError(f"--json {path}: the folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK) or (kind is not None and not os.access(path, os.W_OK)):
+        raise NpllamaError(f"--json {path}: cannot be written (permission denied); choose another place")
 
 
 if __name__ == "__main__":

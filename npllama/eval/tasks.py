@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NpllamaError
-from ..files import default_cache_dir
+from ..files import default_cache_dir, kind_of
 from .scoring import Generation, MultipleChoice, Partial
 
 ANSWER_CONTEXT = "Answer:"
@@ -175,18 +175,35 @@ def _item(task: Task, row: dict, path: Path, line: int):
                         "download the data again with python -m npllama.eval.datasets download") from None
 
 
+MAX_LINE_CHARS = 1_000_000  # an item is a question and its answers: the benchmarks' longest is a few KB
+
+
 def _read_jsonl(path: Path, missing: str) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of `path`."""
-    if not path.is_file():
+    """(line number, object) for each non-blank line of `path`: a regular file of UTF-8 lines of at
+    most MAX_LINE_CHARS characters, each a JSON object whose strings UTF-8 can encode."""
+    kind = kind_of(path)
+    if kind is None:
         raise TaskError(missing)
+    if kind != "regular file":
+        raise TaskError(f"--tasks {path}: it is a {kind}, not a file; give the path of a local task's .jsonl")
     rows = []
     with open(path, encoding="utf-8") as lines:
         try:
-            for number, line in enumerate(lines, 1):
+            for number, line in enumerate(iter(lambda: lines.readline(MAX_LINE_CHARS + 1), ""), 1):
+                if len(line) > MAX_LINE_CHARS:
+                    raise TaskError(f"{path} line {number}: longer than {MAX_LINE_CHARS:,} characters; an item "
+                                    "is a question and its answers")
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")  # a \\ud800 escape parses, but is no text
+                except RecursionError:
+                    raise TaskError(f"{path} line {number}: JSON nested too deep; each line must be one JSON "
+                                    "object of strings, lists and numbers") from None
+                except UnicodeEncodeError:
+                    raise TaskError(f"{path} line {number}: a \\u escape of a lone surrogate, which is not text; "
+                                    "write the character itself") from None
                 except json.JSONDecodeError as error:
                     raise TaskError(f"{path} line {number}: not JSON ({error.msg} at column {error.colno}); "
                                     "each line must be one JSON object") from None
