@@ -240,3 +240,49 @@ def test_integer_and_bool_weights_in_a_meta_shard_are_refused_as_every_loader_re
     torch.save(shard, folder / "consolidated.00.pth")
     message = refusal(load, folder)
     assert f"tensor 'norm.weight' has dtype {dtype}; weights must be float64, float32, float16 or bfloat16" in message
+
+
+# --- gradients files of audit compare -----------------------------------------------------------------
+
+@pytest.fixture
+def audit_inputs(tmp_path):
+    """(model folder, batch file, gradients as audit reference writes them in Hugging Face's names)."""
+    from npllama.audit.__main__ import main as audit_main
+
+    folder = hf_folder(tmp_path / "model")
+    numpy.save(tmp_path / "batch.npy", numpy.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 6)))
+    assert audit_main(["reference", str(folder), "--batch", str(tmp_path / "batch.npy"), "--out",
+                       str(tmp_path / "reference.safetensors"), "--names", "hf"]) == 0
+    return folder, tmp_path / "batch.npy", read_safetensors(tmp_path / "reference.safetensors")
+
+
+def compare_with(audit_inputs, tmp_path, capsys, change) -> tuple[int, str]:
+    from npllama.audit.__main__ import main as audit_main
+
+    folder, batch, tensors = audit_inputs
+    tensors = dict(tensors)
+    change(tensors)
+    theirs = tmp_path / "theirs.safetensors"
+    save_file(tensors, str(theirs))
+    capsys.readouterr()
+    status = audit_main(["compare", str(folder), "--batch", str(batch), "--grads", str(theirs)])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.weight"),
+     "no gradient of 'model.layers.0.mlp.up_proj.weight' (1 of the 12 parameters missing, huggingface names)"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": numpy.zeros((3, 16))}),
+     "model.layers.0.self_attn.q_proj.weight has shape (3, 16), the model's is (16, 16)"),
+    (lambda t: t.update({"loss": numpy.zeros(2)}), "its loss holds 2 numbers, not one"),
+    (lambda t: t.update({"hidden_states.1": numpy.zeros((1, 2))}), "hidden_states.1 has shape (1, 2), the batch's"),
+], ids=["missing-up-proj", "wrong-shape", "two-losses", "hidden-state-shape"])
+def test_a_malformed_gradients_file_is_one_line_naming_what_is_wrong(audit_inputs, tmp_path, capsys, change,
+                                                                        expected):
+    status, error = compare_with(audit_inputs, tmp_path, capsys, change)
+    assert status == 2 and error.count("\n") == 1 and expected in error, error
+
+
+def test_the_reference_written_by_audit_passes_its_own_comparison(audit_inputs, tmp_path, capsys):
+    status, _ = compare_with(audit_inputs, tmp_path, capsys, lambda tensors: None)
+    assert status == 0

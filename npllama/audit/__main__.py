@@ -105,6 +105,8 @@ def _compare(args) -> int:
     diverging = compare.first_diverging_layer(states, theirs, args.tolerance)
     first_wrong = compare.first_diverging_gradients(rows)
     key = compare.LOSS_KEY
+    if key in theirs and numpy.size(theirs[key]) != 1:
+        raise compare.CompareError(f"--grads {args.grads}: its loss holds {numpy.size(theirs[key])} numbers, not one")
     their_loss = float(numpy.asarray(theirs[key]).reshape(-1)[0]) if key in theirs else None
     _report(args, rows, naming, loss, their_loss, diverging, first_wrong)
     return 0 if all(row.passed for row in rows) else 1

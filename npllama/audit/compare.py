@@ -38,7 +38,7 @@ from .. import model as llama
 from ..convert.hf import hf_rows_to_meta, meta_rows_to_hf, read_safetensors
 from ..errors import NpllamaError
 from ..files import kind_of
-from ..params import TOK_EMBEDDINGS, hf_names, rope_permuted_names
+from ..params import TOK_EMBEDDINGS, hf_names, parameter_shapes, rope_permuted_names
 
 DEFAULT_TOLERANCE = 1e-4
 LOSS_KEY = "loss"
@@ -92,15 +92,28 @@ def reference(model, batch) -> tuple[float, dict, list]:
 def to_meta_names(tensors: dict, config, source: str) -> tuple[dict, str]:
     """The gradients in `tensors` under Meta's names and rows, and which naming they came in."""
     names = hf_names(config)
-    if set(names.values()) <= set(tensors):
-        permuted = rope_permuted_names(config)
-        return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]
-                 for meta, hf in names.items()}, "huggingface")
-    missing = [name for name in names if name not in tensors]
-    if missing:
+    hf_found, meta_found = sum(hf in tensors for hf in names.values()), sum(meta in tensors for meta in names)
+    naming = "huggingface" if hf_found > meta_found else "meta"
+    missing = [(meta, hf) for meta, hf in names.items() if (hf if naming == "huggingface" else meta) not in tensors]
+    if not hf_found and not meta_found:
         raise CompareError(f"--grads {source}: neither Meta's nor Hugging Face's names for every parameter "
-                           f"(no {missing[0]!r} or {names[missing[0]]!r}); it must hold one gradient per parameter")
-    return {name: tensors[name] for name in names}, "meta"
+                           f"(no {missing[0][0]!r} or {missing[0][1]!r}); it must hold one gradient per parameter")
+    if missing:
+        meta, hf = missing[0]
+        raise CompareError(f"--grads {source}: no gradient of {hf if naming == 'huggingface' else meta!r} "
+                           f"({len(missing)} of the {len(names)} parameters missing, {naming} names); it must hold "
+                           "one gradient per parameter")
+    shapes = parameter_shapes(config)
+    for meta, hf in names.items():
+        gradient = tensors[hf if naming == "huggingface" else meta]
+        if gradient.shape != shapes[meta]:
+            raise CompareError(f"--grads {source}: {hf if naming == 'huggingface' else meta} has shape "
+                               f"{gradient.shape}, the model's is {shapes[meta]}")
+    if naming == "meta":
+        return {name: tensors[name] for name in names}, "meta"
+    permuted = rope_permuted_names(config)
+    return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]
+             for meta, hf in names.items()}, "huggingface")
 
 
 def compare_rows(ours: dict, theirs: dict, tolerance: float, source: str) -> list[Row]:
@@ -127,6 +140,9 @@ def first_diverging_layer(ours: list, theirs: dict, tolerance: float):
         other = theirs.get(f"{HIDDEN_PREFIX}{index}")
         if other is None:
             return None
+        if numpy.shape(other) != state.shape:
+            raise CompareError(f"{HIDDEN_PREFIX}{index} has shape {numpy.shape(other)}, the batch's hidden states "
+                               f"{state.shape}; write them for the same batch")
         rel = float(numpy.linalg.norm(numpy.asarray(other, numpy.float64) - state) / numpy.linalg.norm(state))
         if not rel <= tolerance:
             return index, rel
