@@ -286,3 +286,30 @@ def test_a_malformed_gradients_file_is_one_line_naming_what_is_wrong(audit_input
 def test_the_reference_written_by_audit_passes_its_own_comparison(audit_inputs, tmp_path, capsys):
     status, _ = compare_with(audit_inputs, tmp_path, capsys, lambda tensors: None)
     assert status == 0
+
+
+# --- exports are written whole or not at all ----------------------------------------------------------
+
+def test_an_export_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
+    import resource
+
+    folder = hf_folder(tmp_path / "model")
+    out = tmp_path / "exported"
+
+    def limit_file_size():  # `ulimit -f 8`: files of at most 8 KiB (the weights take more)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    result = subprocess.run([sys.executable, "-m", "npllama.convert", "export", str(folder), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"--out {out}: cannot be written (File too large" in result.stderr
+    assert "nothing was left there" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_an_export_into_a_missing_folder_is_refused_before_the_model_is_read(tmp_path, capsys):
+    from npllama.convert.__main__ import main as convert
+
+    out = tmp_path / "no" / "such" / "folder"
+    assert convert(["export", str(tmp_path / "absent"), "--out", str(out)]) == 2
+    assert f"--out {out}: the folder {out.parent} does not exist" in capsys.readouterr().err

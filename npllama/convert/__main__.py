@@ -14,13 +14,16 @@ tokenizer as tokenizer.model (SentencePiece) or tokenizer.json and tokenizer_con
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..checkpoint import save_checkpoint
 from ..cli import OneLineParser, command
 from ..errors import NpllamaError
-from ..files import write_atomically
+from ..files import fsync_dir, temporary_sibling, write_atomically
 from ..tokenizer import BOS_ID, EOS_ID, Tokenizer
 from ..tokenizer.bpe import BpeTokenizer
 from .hf import export_hf
@@ -71,15 +74,51 @@ def main(argv=None) -> int:
         print(f"{model.kind} model {args.source} -> {path} ({model.config.n_params():,} parameters{said})")
     else:
         _empty_or_new(out, "Hugging Face directory")
+        _writable_parent(out)
         model = load(args.source, flag="source")
-        export_hf(out, model.config, model.params, tokenizer_model=_sentencepiece_bytes(model), dtype=args.dtype,
-                  special_ids=_special_ids(model.tokenizer))
-        if isinstance(model.tokenizer, BpeTokenizer):
-            model.tokenizer.save(out / "tokenizer.json")
-            config = {**model.tokenizer.tokenizer_config(), "tokenizer_class": "PreTrainedTokenizerFast"}
-            write_atomically(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+        with _folder_written_whole(out) as folder:
+            export_hf(folder, model.config, model.params, tokenizer_model=_sentencepiece_bytes(model),
+                      dtype=args.dtype, special_ids=_special_ids(model.tokenizer))
+            if isinstance(model.tokenizer, BpeTokenizer):
+                model.tokenizer.save(folder / "tokenizer.json")
+                config = {**model.tokenizer.tokenizer_config(), "tokenizer_class": "PreTrainedTokenizerFast"}
+                write_atomically(folder / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
         print(f"{model.kind} model {args.source} -> {out} (Hugging Face, {args.dtype})")
     return 0
+
+
+def _writable_parent(out: Path) -> None:
+    """Checked before the model is read, so a long export never ends unwritable."""
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise NpllamaError(f"--out {out}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NpllamaError(f"--out {out}: cannot write in {parent} (permission denied); choose another --out")
+
+
+@contextmanager
+def _folder_written_whole(out: Path):
+    """A temporary folder beside `out`, renamed to `out` when everything is written; on any failure it
+    is removed and `out` is as it was (a full disk, a file-size limit: one line, nothing left)."""
+    from safetensors import SafetensorError
+
+    temporary = temporary_sibling(out)
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        temporary.mkdir()
+        yield temporary
+        fsync_dir(temporary)
+        if out.is_dir():
+            out.rmdir()  # empty: _empty_or_new said so
+        os.replace(temporary, out)
+        fsync_dir(out.absolute().parent)
+    except (OSError, SafetensorError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else \
+            str(error).split("I/O error: ")[-1]  # safetensors' wording of an OSError
+        raise NpllamaError(f"--out {out}: cannot be written ({reason}); nothing was left there; free space or "
+                           "choose another --out") from None
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _special_ids(tokenizer) -> tuple[int | None, int | None]:
