@@ -271,9 +271,11 @@ def test_a_config_json_that_is_no_llama_config_is_named(tmp_path):
     load_error(tmp_path, directory / "config.json", "not a valid LlamaConfig", "n_heads 5")
 
 
-def test_garbage_state_json_is_named(tmp_path):
+@pytest.mark.parametrize("content", [b"\x00\x01 garbage", b"[" * 100_000 + b"]" * 100_000],
+                         ids=["garbage", "nested-too-deep"])
+def test_garbage_state_json_is_named(tmp_path, content):
     directory = save_nano(tmp_path)
-    (directory / "state.json").write_bytes(b"\x00\x01 garbage")
+    (directory / "state.json").write_bytes(content)
     load_error(tmp_path, directory / "state.json", "not valid JSON")
 
 

@@ -306,6 +306,7 @@ SENTENCEPIECE_STYLE = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}
     (lambda text: text[: len(text) // 2], "is not JSON"),
     (lambda text: "\x00" + text, "is not JSON"),
     (lambda text: "[1, 2]", "no \"model\" object"),
+    (lambda text: "[" * 100_000 + "]" * 100_000, "nested too deep"),
     (lambda text: json.dumps({"model": {"type": "WordPiece"}}), "'WordPiece' model, not BPE"),
     (lambda text: json.dumps(SENTENCEPIECE_STYLE), "without a ByteLevel pre-tokenizer"),
     (lambda text: text.replace('"merges":[', '"merges":[["no_such","token"],', 1), "not a valid tokenizer.json"),

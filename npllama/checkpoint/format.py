@@ -223,7 +223,7 @@ def _read_state(directory: Path, fix: str) -> dict:
         raise CheckpointError("file is missing (an unfinished or damaged checkpoint)", file, fix)
     try:
         document = json.loads(_read_small(file, fix))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise CheckpointError(f"not valid JSON ({error})", file, fix) from None
     if not isinstance(document, dict):
         raise CheckpointError("not a JSON object", file, fix)
@@ -259,7 +259,7 @@ def _read_config(file: Path, fix: str) -> LlamaConfig:
         fields = json.loads(_read_small(file, fix))
         if not isinstance(fields, dict):
             raise ValueError("not a JSON object")
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise CheckpointError(f"not a JSON object ({error})", file, fix) from None
     version = fields.pop("format", None)
     if version != FORMAT_VERSION:

@@ -363,6 +363,8 @@ def _parse_tokenizer_json(text: str, source: str):
     except json.JSONDecodeError as error:
         raise TokenizerError(f"{source} is not JSON ({error.msg} at line {error.lineno}, column "
                              f"{error.colno}); {fix}") from None
+    except RecursionError:
+        raise TokenizerError(f"{source} is JSON nested too deep for a tokenizer; {fix}") from None
     model = document.get("model") if isinstance(document, dict) else None
     if not isinstance(model, dict):
         raise TokenizerError(f"{source} has no \"model\" object; {fix}")
@@ -411,7 +413,7 @@ def _read_json_object(path: Path) -> dict:
         document = json.loads(read_regular_file(path, MAX_TOKENIZER_JSON_BYTES, "tokenizer file"))
     except FileProblem as problem:
         raise TokenizerError(str(problem)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise TokenizerError(f"{path} is not valid JSON ({_one_line(error)}); download or save it again") from None
     if not isinstance(document, dict):
         raise TokenizerError(f"{path} holds a JSON {type(document).__name__}, not an object; "
