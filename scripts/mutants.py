@@ -47,6 +47,7 @@ DISTRIBUTED = "tests/test_distributed.py::"
 GGUF = "tests/test_convert_gguf.py::"
 BPE = "tests/test_tokenizer_bpe.py::"
 CHAT = "tests/test_chat.py::"
+FOREIGN = "tests/test_foreign_files.py::"
 
 OPS = "npllama/ops/"
 
@@ -634,8 +635,8 @@ CATALOGUE = [
            (MODEL + "test_an_explicit_hidden_dim_sets_the_ffn_width_and_the_shapes_of_w1_w2_w3",),
            "a checkpoint's stated FFN width is ignored and Meta's rule used instead"),
     Mutant("pth-unpickler-names-anything", "npllama/convert/pth.py",
-           "            return _ALLOWED[(module, name)]\n",
-           "            return _ALLOWED.get((module, name)) or super().find_class(module, name)\n",
+           "            return self.allowed[(module, name)]\n",
+           "            return self.allowed.get((module, name)) or super().find_class(module, name)\n",
            ("tests/test_pth.py::test_a_pth_whose_pickle_would_run_code_is_refused_and_the_code_does_not_run",),
            "a .pth whose pickle names os.system runs it on load"),
     Mutant("pth-bfloat16-read-as-float16", "npllama/convert/pth.py",
@@ -671,8 +672,8 @@ CATALOGUE = [
            ("tests/test_load.py::test_an_npllama_run_loads_with_its_tokenizer_and_gives_the_models_logits",),
            "an npllama checkpoint (config.json + model.safetensors) is read as a Hugging Face directory"),
     Mutant("audit-compare-keeps-rotate-half-gradient-rows", "npllama/audit/compare.py",
-           "        return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]\n",
-           "        return ({meta: tensors[hf] if meta in permuted else tensors[hf]\n",
+           "    return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]\n",
+           "    return ({meta: tensors[hf] if meta in permuted else tensors[hf]\n",
            ("tests/test_audit_compare.py::test_transformers_gradients_pass_the_audit",),
            "Hugging Face's wq/wk gradients are compared row for row with Meta's layout, and transformers fails"),
     Mutant("audit-compare-reports-no-diverging-layer", "npllama/audit/compare.py",
@@ -921,8 +922,23 @@ CATALOGUE = [
            (AUDIT + "test_the_first_diverging_gradients_are_the_failures_the_backward_pass_meets_first",),
            "the report points at the failures the backward pass reaches last, downstream of the bug"),
     Mutant("export-config-ignores-the-tokenizers-ids", "npllama/convert/__main__.py",
-           "                  special_ids=_special_ids(model.tokenizer))\n",
-           "                  special_ids=(BOS_ID, EOS_ID))\n",
+           "                      dtype=args.dtype, special_ids=_special_ids(model.tokenizer))\n",
+           "                      dtype=args.dtype, special_ids=(BOS_ID, EOS_ID))\n",
            (GGUF + "test_an_exported_config_names_the_tokenizers_own_bos_and_eos",),
            "an exported config.json names npllama's BOS and EOS ids instead of the model's tokenizer's"),
+    Mutant("safetensors-overlapping-offsets-accepted", "npllama/convert/hf.py",
+           "        if begin != expected:\n",
+           "        if begin > expected:\n",
+           (FOREIGN + "test_a_safetensors_header_the_specification_forbids_is_one_line",),
+           "two tensors of a safetensors file may share bytes, which the specification (and its library) forbid"),
+    Mutant("named-files-may-link-anywhere", "npllama/files.py",
+           "    if not any(target.is_relative_to(allowed) for allowed in roots):\n",
+           "    if not any(target.is_relative_to(allowed) for allowed in roots + [Path(\"/\")]):\n",
+           (FOREIGN + "test_a_shard_linked_outside_the_folder_is_refused_naming_the_link_not_its_bytes",),
+           "a shard linked to /proc/self/environ is read, and its bytes may end up in an error message"),
+    Mutant("pth-storage-may-be-compressed", "npllama/convert/pth.py",
+           "        if info.compress_type != zipfile.ZIP_STORED:\n",
+           "        if False:\n",
+           ("tests/test_pth.py::test_a_compressed_storage_is_refused_without_inflating_it",),
+           "a .pth storage is inflated whatever size it declares: a small file takes gigabytes"),
 ]
