@@ -47,6 +47,15 @@ def kind_of(path: Path) -> str | None:
     return "special file"
 
 
+def regular_file_problem(path: Path) -> str | None:
+    """None when `path` is a regular file, else what is wrong: "no such file" or "it is a FIFO, not a
+    regular file" (a folder, a device, ...), for the caller's one-line error."""
+    kind = kind_of(path)
+    if kind == "regular file":
+        return None
+    return "no such file" if kind is None else f"it is a {kind}, not a regular file"
+
+
 def read_regular_file(path: Path, limit: int, what: str) -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes; else a one-line
     FileProblem naming `what` (the flag or role of the file, e.g. "--tokenizer") and the fix.
@@ -55,11 +64,9 @@ def read_regular_file(path: Path, limit: int, what: str) -> bytes:
     `limit` + 1 bytes, even from a file that grows while it is read.
     """
     path = Path(path)
-    kind = kind_of(path)
-    if kind is None:
-        raise FileProblem(what, path, "no such file", "check the path")
-    if kind != "regular file":
-        raise FileProblem(what, path, f"it is a {kind}, not a regular file", "pass a file")
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise FileProblem(what, path, problem, "check the path" if problem == "no such file" else "pass a file")
     try:
         with open(path, "rb") as file:
             data = file.read(limit + 1)
@@ -83,10 +90,9 @@ def named_file_inside(folder: Path, name, what: str) -> Path:
         raise FileProblem(what, folder, f"names {name!r:.120}, which is not a file name inside the folder",
                           "a model's files name only files beside them")
     path = folder / name
-    kind = kind_of(path)
-    if kind != "regular file":
-        raise FileProblem(what, path, "no such file" if kind is None else f"it is a {kind}, not a regular file",
-                          "check that every file the model names is there")
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise FileProblem(what, path, problem, "check that every file the model names is there")
     root = folder.resolve()
     roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
     target = path.resolve()

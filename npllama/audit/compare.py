@@ -37,7 +37,7 @@ import numpy
 from .. import model as llama
 from ..convert.hf import hf_rows_to_meta, meta_rows_to_hf, read_safetensors
 from ..errors import NpllamaError
-from ..files import kind_of
+from ..files import regular_file_problem
 from ..params import TOK_EMBEDDINGS, hf_names, parameter_shapes, rope_permuted_names
 
 DEFAULT_TOLERANCE = 1e-4
@@ -63,10 +63,9 @@ class Row:
 def read_batch(path) -> numpy.ndarray:
     """Token ids (B, T + 1) from a .npy file or a safetensors file's only (or "tokens") tensor."""
     path = Path(path)
-    kind = kind_of(path)
-    if kind != "regular file":
-        raise CompareError(f"--batch {path}: {'no such file' if kind is None else f'it is a {kind}, not a file'}; "
-                           "pass a .npy or .safetensors file")
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise CompareError(f"--batch {path}: {problem}; pass a .npy or .safetensors file")
     try:
         if path.suffix == ".npy":
             batch = numpy.load(path, allow_pickle=False)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy
 
-from ..files import FileProblem, kind_of, named_file_inside, read_regular_file
+from ..files import FileProblem, named_file_inside, read_regular_file, regular_file_problem
 from ..model import LlamaConfig
 from ..ops.rope import ROPE_TYPES, RopeScaling
 from ..params import hf_names, parameter_shapes, rope_permuted_names
@@ -184,10 +184,9 @@ def read_safetensors(file: Path, integers: bool = False) -> dict:
     byte count is the shape's; the entries' bytes tile the data from its first byte to its last,
     without gaps or overlaps."""
     file = Path(file)
-    kind = kind_of(file)
-    if kind != "regular file":
-        raise ConvertError(file, "no such file" if kind is None else f"it is a {kind}, not a regular file",
-                           "pass a .safetensors file")
+    problem = regular_file_problem(file)
+    if problem is not None:
+        raise ConvertError(file, problem, "pass a .safetensors file")
     try:
         with open(file, "rb") as stream:
             size = file.stat().st_size

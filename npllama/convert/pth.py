@@ -41,7 +41,7 @@ from typing import Any
 import numpy
 
 from ..errors import NpllamaError
-from ..files import kind_of
+from ..files import regular_file_problem
 
 MAX_PICKLE_BYTES = 64 * 2**20  # data.pkl holds names and shapes, never the weights themselves
 
@@ -184,10 +184,9 @@ def read_pth(path) -> Any:
     short storage, a tensor that reads outside its storage.
     """
     path = Path(path)
-    kind = kind_of(path)
-    if kind != "regular file":
-        raise PthError(path, "no such file" if kind is None else f"it is a {kind}, not a regular file",
-                       "pass Meta's consolidated.NN.pth files")
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise PthError(path, problem, "pass Meta's consolidated.NN.pth files")
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
