@@ -257,3 +257,10 @@ def test_a_fifo_or_folder_named_like_a_shard_is_named_for_what_it_is_and_never_o
     make(path)
     message = one_line_refusal(path)
     assert ("a FIFO" if make is os.mkfifo else "a folder") in message
+
+
+def test_a_local_file_name_that_is_not_utf8_is_one_line(tmp_path):
+    """torch.save marks names UTF-8; a damaged byte in a local header's name (the central directory
+    intact) fails only when the entry is read (found by tests/test_fuzz_files.py)."""
+    path = damaged(tmp_path, lambda data: data.__setitem__(data.index(b"data.pkl") + 7, 0x80))
+    assert "a damaged zip archive" in one_line_refusal(path)

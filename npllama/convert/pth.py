@@ -199,8 +199,8 @@ def read_pth(path) -> Any:
     with archive:
         try:
             return _read_archive(path, archive)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError,
-                OSError) as error:  # bad CRC, compression, encryption, a file cut short
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, OSError,
+                UnicodeDecodeError) as error:  # bad CRC, compression, encryption, a file cut short, a bad name
             raise PthError(path, f"a damaged zip archive ({_one_line(error)})") from None
 
 
