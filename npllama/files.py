@@ -67,14 +67,20 @@ def read_regular_file(path: Path, limit: int, what: str) -> bytes:
     problem = regular_file_problem(path)
     if problem is not None:
         raise FileProblem(what, path, problem, "check the path" if problem == "no such file" else "pass a file")
+    too_large = FileProblem(what, path, f"larger than {limit:,} bytes, more than such a file can be",
+                            "check that it is the right file")
     try:
         with open(path, "rb") as file:
-            data = file.read(limit + 1)
+            size = os.fstat(file.fileno()).st_size
+            if size > limit:
+                raise too_large
+            data = file.read(size + 1)  # a read of n bytes sets n aside first: the size, not the limit
+            if len(data) > size:  # the file grew since: read on, to one byte past the limit
+                data += file.read(limit + 1 - len(data))
     except OSError as error:
         raise FileProblem(what, path, f"cannot read it ({error.strerror})", "check its permissions") from None
     if len(data) > limit:
-        raise FileProblem(what, path, f"larger than {limit:,} bytes, more than such a file can be",
-                          "check that it is the right file")
+        raise too_large
     return data
 
 

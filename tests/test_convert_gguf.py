@@ -13,6 +13,7 @@ unexpected or missing tensor, a wrong shape, a truncated file, not a GGUF, rope_
 The real model (SmolLM2-135M-Instruct's GGUF file) against transformers: tests/test_real_model.py.
 """
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -285,6 +286,17 @@ REFUSALS = {  # name: (metadata changes, tensor changes, what the message says)
     "a_mixture_of_experts": ({"llama.expert_count": 8}, {}, "is a mixture of experts (llama.expert_count 8)"),
     "missing_metadata": ({"llama.block_count": None}, {}, "missing metadata 'llama.block_count'"),
     "heads_that_do_not_divide": ({"llama.attention.head_count": 5}, {}, "not a valid Llama configuration"),
+    # a GGUF bool is not a number (Python's True would read as 1.0)
+    "a_bool_rope_base": ({"llama.rope.freq_base": True}, {}, "rope_theta must be a positive finite number, got True"),
+    "a_bool_norm_eps": ({"llama.attention.layer_norm_rms_epsilon": True}, {},
+                        "norm_eps must be a positive finite number, got True"),
+    "an_infinite_rope_factor": ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": float("inf")}, {},
+                                "RoPE scaling factor must be a positive finite number, got inf"),
+    # refused before a table of 10^8 layers' names is built
+    "a_block_count_of_a_hundred_million": ({"llama.block_count": 100_000_000}, {},
+                                           "llama.block_count is 100000000, but the file holds tensors of 2 blocks"),
+    "a_block_count_short_of_the_tensors": ({"llama.block_count": 1}, {},
+                                           "llama.block_count is 1, but the file holds tensors of 2 blocks"),
     "an_integer_tensor": ({}, {"token_embd.weight": (numpy.zeros((267, 64), numpy.int32), GGMLQuantizationType.I32)},
                           "tensor 'token_embd.weight' is stored as I32, which the gguf package cannot dequantize"),
     "a_nan_weight": ({}, {"blk.0.attn_norm.weight": (numpy.full(64, numpy.nan, numpy.float32), F32)},
@@ -331,6 +343,8 @@ def test_a_file_that_is_not_a_gguf_file_is_refused_in_one_line(tmp_path, content
     assert expected in one_line_refusal(path)
     assert "does not exist" in one_line_refusal(tmp_path / "absent.gguf")
     assert "is a folder, not a file" in one_line_refusal(tmp_path)
+    os.mkfifo(tmp_path / "pipe.gguf")  # opened, it would block until a writer came
+    assert "is a FIFO, not a file" in one_line_refusal(tmp_path / "pipe.gguf")
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------

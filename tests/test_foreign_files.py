@@ -167,11 +167,17 @@ def test_a_config_json_that_is_not_a_small_json_object_is_one_line(tmp_path, con
     ({"vocab_size": "32"}, "vocab_size is '32', not a positive integer"),
     ({"hidden_size": 1e12}, "hidden_size is 1000000000000.0, not a positive integer"),
     ({"num_hidden_layers": 100_000_000}, "num_hidden_layers is 100000000, the weights hold 1 layers"),
-], ids=["bool-theta", "string-vocab", "float-hidden-size", "layers-beyond-the-weights"])
+    ({"rope_scaling": {"rope_type": "linear", "factor": True}},
+     "RoPE scaling factor must be a positive finite number, got True"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 1e400}}, "positive finite number, got inf"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192.5}}, "llama3 RoPE scaling needs"),
+], ids=["bool-theta", "string-vocab", "float-hidden-size", "layers-beyond-the-weights", "bool-rope-factor",
+        "infinite-rope-factor", "fractional-original-context"])
 def test_a_config_field_of_the_wrong_kind_or_size_is_named_before_anything_is_allocated(tmp_path, change, expected):
     folder = hf_folder(tmp_path / "model")
     fields = json.loads((folder / "config.json").read_text())
-    if "rope_theta" in change:
+    if "rope_theta" in change or "rope_scaling" in change:
         fields.pop("rope_parameters")
     (folder / "config.json").write_text(json.dumps({**fields, **change}))
     assert expected in refusal(import_hf, folder)
@@ -290,16 +296,17 @@ def test_the_reference_written_by_audit_passes_its_own_comparison(audit_inputs, 
 
 # --- exports are written whole or not at all ----------------------------------------------------------
 
-def test_an_export_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_a_conversion_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_path, command):
     import resource
 
     folder = hf_folder(tmp_path / "model")
-    out = tmp_path / "exported"
+    out = tmp_path / "converted"
 
     def limit_file_size():  # `ulimit -f 8`: files of at most 8 KiB (the weights take more)
         resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
 
-    result = subprocess.run([sys.executable, "-m", "npllama.convert", "export", str(folder), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "npllama.convert", command, str(folder), "--out", str(out)],
                             capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert f"--out {out}: cannot be written (File too large" in result.stderr
@@ -307,9 +314,10 @@ def test_an_export_past_the_file_size_limit_is_one_line_and_leaves_nothing(tmp_p
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 
 
-def test_an_export_into_a_missing_folder_is_refused_before_the_model_is_read(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_a_conversion_into_a_missing_folder_is_refused_before_the_model_is_read(tmp_path, capsys, command):
     from npllama.convert.__main__ import main as convert
 
     out = tmp_path / "no" / "such" / "folder"
-    assert convert(["export", str(tmp_path / "absent"), "--out", str(out)]) == 2
+    assert convert([command, str(tmp_path / "absent"), "--out", str(out)]) == 2
     assert f"--out {out}: the folder {out.parent} does not exist" in capsys.readouterr().err

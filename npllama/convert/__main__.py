@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..checkpoint import save_checkpoint
+from ..checkpoint.messages import CheckpointError
 from ..cli import OneLineParser, command
 from ..errors import NpllamaError
 from ..files import fsync_dir, temporary_sibling, write_atomically
@@ -65,10 +66,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.command == "import":
         _empty_or_new(out, "npllama run")
+        _writable_parent(out)
         model = load(args.source, flag="source")
         tokenizer = _sentencepiece_bytes(model)
-        path = save_checkpoint(out, 0, config=model.config, params=model.params, tokenizer_model=tokenizer,
-                               state={"imported_from": str(Path(args.source).resolve()), "kind": model.kind})
+        with _folder_written_whole(out) as folder:
+            written = save_checkpoint(folder, 0, config=model.config, params=model.params, tokenizer_model=tokenizer,
+                                      state={"imported_from": str(Path(args.source).resolve()), "kind": model.kind})
+        path = out / written.name
         said = ", with its tokenizer" if tokenizer else ", no tokenizer.model found" if model.tokenizer is None else \
             ", its byte-level BPE tokenizer left out (a checkpoint holds a SentencePiece tokenizer.model only)"
         print(f"{model.kind} model {args.source} -> {path} ({model.config.n_params():,} parameters{said})")
@@ -112,8 +116,9 @@ def _folder_written_whole(out: Path):
             out.rmdir()  # empty: _empty_or_new said so
         os.replace(temporary, out)
         fsync_dir(out.absolute().parent)
-    except (OSError, SafetensorError) as error:
+    except (OSError, SafetensorError, CheckpointError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else \
+            error.what.removeprefix("cannot write checkpoint: ") if isinstance(error, CheckpointError) else \
             str(error).split("I/O error: ")[-1]  # safetensors' wording of an OSError
         raise NpllamaError(f"--out {out}: cannot be written ({reason}); nothing was left there; free space or "
                            "choose another --out") from None

@@ -187,14 +187,26 @@ def config_from_gguf(fields: dict, tensors: dict, file: Path) -> LlamaConfig:
         config = LlamaConfig(dim=need("embedding_length"), n_layers=need("block_count"), n_heads=heads,
                              n_kv_heads=fields.get("llama.attention.head_count_kv", heads), vocab_size=vocab_size,
                              hidden_dim=need("feed_forward_length"), max_seq_len=need("context_length"),
-                             norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-                             rope_theta=float(fields.get("llama.rope.freq_base", 10000.0)),
+                             norm_eps=need("attention.layer_norm_rms_epsilon"),
+                             rope_theta=fields.get("llama.rope.freq_base", 10000.0),
                              tie_embeddings=tied, rope_scaling=_rope_scaling(fields, file))
     except (TypeError, ValueError) as error:
         raise ConvertError(file, f"not a valid Llama configuration ({_one_line(error)})",
                            "check its llama.* metadata") from None
     _check_head_and_vocab(fields, config, file)
+    _check_block_count(tensors, config, file)
     return config
+
+
+def _check_block_count(tensors: dict, config: LlamaConfig, file: Path) -> None:
+    """llama.block_count against the blocks whose tensors the file holds, before any table of
+    per-layer names is built from it (a block_count of 10^8 in a small file is refused here)."""
+    blocks = {name.split(".")[1] for name in tensors if name.startswith("blk.")}
+    numbered = blocks == {str(i) for i in range(len(blocks))}
+    if len(blocks) != config.n_layers or not numbered:
+        held = f"tensors of {len(blocks)} blocks{'' if numbered else ', not numbered 0, 1, 2, ...'}"
+        raise ConvertError(file, f"llama.block_count is {config.n_layers}, but the file holds {held}",
+                           "the weights and the metadata disagree: convert the model again")
 
 
 def _refuse_what_llama_lacks(fields: dict, tensors: dict, file: Path) -> None:
@@ -218,14 +230,16 @@ def _rope_scaling(fields: dict, file: Path) -> RopeScaling | None:
     factor = fields.get("llama.rope.scaling.factor")
     if kind in (None, "none"):
         legacy = fields.get("llama.rope.scale_linear")
-        return None if legacy in (None, 1.0) else RopeScaling("linear", float(legacy))
+        if legacy is None or (type(legacy) in (int, float) and legacy == 1):
+            return None
+        return RopeScaling("linear", legacy)  # which refuses what is not a positive finite number
     if kind != "linear":
         raise ConvertError(file, f"llama.rope.scaling.type is {kind!r}, which npllama does not implement",
                            "npllama reads GGUF RoPE scaling 'linear' (and 'none')")
-    if not isinstance(factor, (int, float)):
+    if factor is None:
         raise ConvertError(file, f"llama.rope.scaling.type is 'linear' but llama.rope.scaling.factor is {factor!r}",
                            "convert the model again with llama.cpp")
-    return RopeScaling("linear", float(factor))
+    return RopeScaling("linear", factor)
 
 
 def _check_head_and_vocab(fields: dict, config: LlamaConfig, file: Path) -> None:

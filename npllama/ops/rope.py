@@ -40,13 +40,19 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"RoPE scaling {self.rope_type!r} is not supported; npllama has {', '.join(ROPE_TYPES)}")
-        if not (isinstance(self.factor, (int, float)) and self.factor > 0):
-            raise ValueError(f"RoPE scaling factor must be a positive number, got {self.factor!r}")
+        if not _positive_finite(self.factor):
+            raise ValueError(f"RoPE scaling factor must be a positive finite number, got {self.factor!r:.40}")
         if self.rope_type == "llama3":
             low, high, context = self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings
-            if low is None or high is None or context is None or not (0 < low < high and context > 0):
+            if low is None or high is None or context is None or type(context) is not int or not (
+                    _positive_finite(low) and _positive_finite(high) and _positive_finite(context) and low < high):
                 raise ValueError("llama3 RoPE scaling needs 0 < low_freq_factor < high_freq_factor and a positive "
                                  f"original_max_position_embeddings, got {low}, {high}, {context}")
+
+
+def _positive_finite(value) -> bool:
+    """A real number (a JSON `true` is not one), finite and above zero."""
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
 
 
 def inverse_frequencies(head_dim, theta, scaling: RopeScaling | None, xp):

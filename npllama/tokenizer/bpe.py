@@ -458,14 +458,14 @@ def _gguf_recipe(fields: Mapping, source: str) -> PreTokenizerRecipe:
         raise TokenizerError(f"{source} has tokenizer.ggml.model 'llama', a SentencePiece tokenizer, not "
                              "byte-level BPE; build it as npllama.tokenizer.Tokenizer")
     if model != GGUF_BYTE_LEVEL_MODEL:
-        raise TokenizerError(f"{source} has tokenizer.ggml.model {model!r}, which npllama cannot read; "
+        raise TokenizerError(f"{source} has tokenizer.ggml.model {model!r:.60}, which npllama cannot read; "
                              f"supported: '{GGUF_BYTE_LEVEL_MODEL}' (byte-level BPE) and 'llama' (SentencePiece)")
     pre = fields.get("tokenizer.ggml.pre")
     if pre is None:
         raise TokenizerError(f"{source} has no tokenizer.ggml.pre, so how it cuts text is unknown (a file "
                              "converted before llama.cpp recorded it); convert the model again")
-    if pre not in PRE_TOKENIZERS:
-        raise TokenizerError(f"{source} has pre-tokenizer (tokenizer.ggml.pre) {pre!r}, which npllama does not "
+    if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
+        raise TokenizerError(f"{source} has pre-tokenizer (tokenizer.ggml.pre) {pre!r:.60}, which npllama does not "
                              f"know; supported: {', '.join(sorted(PRE_TOKENIZERS))}")
     return PRE_TOKENIZERS[pre]
 
@@ -504,7 +504,7 @@ def _optional_id(fields: Mapping, key: str, source: str, vocab_size: int) -> int
     if value is None:
         return -1
     if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= int(value) < vocab_size:
-        raise TokenizerError(f"{key} of {source} is {value!r}, not a token id (0 .. {vocab_size - 1}); "
+        raise TokenizerError(f"{key} of {source} is {value!r:.60}, not a token id (0 .. {vocab_size - 1}); "
                              "the file is damaged: convert or download it again")
     return int(value)
 
@@ -512,7 +512,7 @@ def _optional_id(fields: Mapping, key: str, source: str, vocab_size: int) -> int
 def _flag(fields: Mapping, key: str, default: bool, source: str) -> bool:
     value = fields.get(key, default)
     if not isinstance(value, bool):
-        raise TokenizerError(f"{key} of {source} is {value!r}, not a bool; the file is damaged")
+        raise TokenizerError(f"{key} of {source} is {value!r:.60}, not a bool; the file is damaged")
     return value
 
 
