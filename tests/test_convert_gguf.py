@@ -506,6 +506,8 @@ def test_the_convert_command_imports_and_exports_a_gguf_file(bpe_model_file, tmp
     exported = BpeTokenizer.from_hf_directory(tmp_path / "hf")
     assert exported.fingerprint == original.tokenizer.fingerprint
     assert exported.tokenizer_config() == original.tokenizer.tokenizer_config()
+    reloaded = load(tmp_path / "hf").tokenizer  # a Hugging Face folder's tokenizer.json, with no tokenizer.model
+    assert isinstance(reloaded, BpeTokenizer) and reloaded.fingerprint == original.tokenizer.fingerprint
 
 
 def test_an_exported_config_names_the_tokenizers_own_bos_and_eos(tmp_path):

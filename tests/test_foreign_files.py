@@ -25,12 +25,12 @@ from npllama.model import LlamaConfig
 CONFIG = LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=32, max_seq_len=32)
 
 
-def hf_folder(folder: Path, shards: int = 1) -> Path:
+def hf_folder(folder: Path, shards: int = 1, config: LlamaConfig = CONFIG) -> Path:
     """A small Hugging Face Llama folder written by npllama's exporter, its weights in `shards` files."""
     from npllama import model as llama
     from npllama.convert.hf import export_hf
 
-    export_hf(folder, CONFIG, llama.init_params(CONFIG, seed=0))
+    export_hf(folder, config, llama.init_params(config, seed=0))
     if shards > 1:
         weights = read_safetensors(folder / "model.safetensors")
         (folder / "model.safetensors").unlink()
@@ -246,6 +246,86 @@ def test_integer_and_bool_weights_in_a_meta_shard_are_refused_as_every_loader_re
     torch.save(shard, folder / "consolidated.00.pth")
     message = refusal(load, folder)
     assert f"tensor 'norm.weight' has dtype {dtype}; weights must be float64, float32, float16 or bfloat16" in message
+
+
+# --- tokenizers beside the weights ---------------------------------------------------------------------
+
+def byte_level_folder(folder: Path, vocab_size: int = 300) -> Path:
+    """A Hugging Face folder with a byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json) of
+    258 tokens and no tokenizer.model, as SmolLM's and Llama 3's are."""
+    pytest.importorskip("tokenizers", reason="byte-level BPE needs tokenizers: pip install '.[models]'")
+    from npllama.tokenizer.bpe import BpeTokenizer, byte_alphabet
+
+    tokens = ["<|endoftext|>", *byte_alphabet().values(), "he"]
+    tokenizer = BpeTokenizer.from_gguf_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3] + [1] * (len(tokens) - 1), "tokenizer.ggml.merges": ["h e"],
+        "tokenizer.ggml.eos_token_id": 0})
+    hf_folder(folder, config=LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=vocab_size, hidden_dim=32,
+                                         max_seq_len=32))
+    tokenizer.save(folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer.tokenizer_config()))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    return folder
+
+
+def test_a_hugging_face_folder_with_tokenizer_json_loads_its_byte_level_tokenizer(tmp_path):
+    from npllama import load
+
+    model = load(byte_level_folder(tmp_path / "model"))
+    assert model.tokenizer.vocab_size == 258 and model.tokenizer.eos_id == 0
+    assert model.tokenizer.decode(model.tokenizer.encode("the hello")) == "the hello"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                  "chat_template.jinja"])
+def test_a_tokenizer_file_linked_outside_the_folder_is_refused_naming_the_link_not_its_bytes(tmp_path, name):
+    from npllama import load
+
+    folder = byte_level_folder(tmp_path / "model")
+    (folder / name).unlink()
+    (folder / name).symlink_to("/proc/self/environ")
+    message = refusal(load, folder)
+    assert f"{folder / name}: a link to /proc/" in message and "outside the model's folder" in message
+    assert "PATH=" not in message
+
+
+def test_a_fifo_as_tokenizer_config_json_is_named_and_never_opened(tmp_path):
+    folder = byte_level_folder(tmp_path / "model")
+    (folder / "tokenizer_config.json").unlink()
+    os.mkfifo(folder / "tokenizer_config.json")
+    result = subprocess.run([sys.executable, "-m", "npllama.generate", "--checkpoint", str(folder), "--prompt", "he"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{folder / 'tokenizer_config.json'}: it is a FIFO, not a regular file" in result.stderr
+
+
+def test_a_tokenizer_with_more_tokens_than_the_embedding_has_rows_is_refused(tmp_path):
+    from npllama import load
+
+    message = refusal(load, byte_level_folder(tmp_path / "model", vocab_size=200))
+    assert "its tokenizer has 258 tokens, the model's embedding 200 rows" in message
+
+
+def test_metas_tokenizer_one_folder_up_loads_but_not_through_a_link_leading_out(tmp_path):
+    pytest.importorskip("torch", reason="torch writes Meta's .pth files: pip install '.[test]'")
+    from test_convert_meta import write_meta_layout
+
+    from npllama import load
+    from npllama import model as llama
+    from npllama.tokenizer import train_tokenizer
+
+    download = tmp_path / "llama"  # Meta's download: llama/tokenizer.model beside llama/7B/
+    config = LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=320, hidden_dim=32, max_seq_len=32)
+    folder = write_meta_layout(download / "7B", config, llama.init_params(config, seed=0), n_ranks=1)
+    train_tokenizer(["the quick brown fox jumps over the lazy dog 0123456789\n" * 50],
+                    vocab_size=config.vocab_size).save(download / "tokenizer.model")
+    assert load(folder).tokenizer.vocab_size == config.vocab_size
+    os.replace(download / "tokenizer.model", tmp_path / "elsewhere.model")
+    (download / "tokenizer.model").symlink_to(tmp_path / "elsewhere.model")
+    message = refusal(load, folder)
+    assert f"{download / 'tokenizer.model'}: a link to {tmp_path / 'elsewhere.model'}, outside" in message
 
 
 # --- gradients files of audit compare -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Hugging Face Llama checkpoints (transformers' `LlamaForCausalLM` directories), in and out.
 
 A directory holds `config.json`, the weights as `model.safetensors` or as shards listed by
-`model.safetensors.index.json`, and perhaps `tokenizer.model`. The config comes in two styles:
+`model.safetensors.index.json`, and perhaps a tokenizer: `tokenizer.model` (SentencePiece), else
+`tokenizer.json` (byte-level BPE, with tokenizer_config.json beside it). The config comes in two styles:
 older files state `rope_theta` and `rope_scaling` (and `torch_dtype`), newer ones `rope_parameters`
 (and `dtype`); RoPE scaling `linear` and `llama3` are read from either, other kinds refused.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import asdict, dataclass
@@ -42,6 +44,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"
+BPE_TOKENIZER_FILE = "tokenizer.json"  # read when there is no tokenizer.model (Llama 2's folders have both)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # what Meta's Llama checkpoints on the Hub say: without it AutoTokenizer reads tokenizer.model as a
 # generic tokenizer that adds no BOS, and the model would see text without the BOS it was trained with
@@ -63,7 +66,7 @@ class Imported:
 
     config: LlamaConfig
     params: dict
-    tokenizer: Path | Tokenizer | BpeTokenizer | None  # a tokenizer.model to load, or one built from the file
+    tokenizer: Path | Tokenizer | BpeTokenizer | None  # a tokenizer.model or tokenizer.json to load, or one built
 
 
 # --- config.json ------------------------------------------------------------------------------
@@ -304,8 +307,8 @@ def import_hf(directory, dtype=None) -> Imported:
     params = to_meta(weights, config, where, directory)
     if dtype is not None:
         params = {name: p.astype(dtype) for name, p in params.items()}
-    tokenizer = named_file_inside(directory, TOKENIZER_FILE, "tokenizer in") \
-        if (directory / TOKENIZER_FILE).exists() else None
+    present = [name for name in (TOKENIZER_FILE, BPE_TOKENIZER_FILE) if os.path.lexists(directory / name)]
+    tokenizer = named_file_inside(directory, present[0], "tokenizer in") if present else None
     return Imported(config, params, tokenizer)
 
 

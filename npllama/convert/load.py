@@ -15,7 +15,8 @@ with the bytes "GGUF". Weights keep the dtype they were stored in (bfloat16 is w
 GGUF's quantized and float16 tensors become float32) unless `dtype` says otherwise.
 
 `Model.tokenizer` is what the model came with: a SentencePiece `Tokenizer` (a tokenizer.model, or
-a GGUF file's "llama" vocabulary), a `BpeTokenizer` (a GGUF file's byte-level BPE), or None. Both
+a GGUF file's "llama" vocabulary), a `BpeTokenizer` (a GGUF file's byte-level BPE, or a Hugging Face
+folder's tokenizer.json when it has no tokenizer.model), or None. Both
 kinds encode (`encode(text, bos, eos)`, `encode_in_chunks`), decode, and name `bos_id`, `eos_id`,
 `vocab_size` and `add_bos_token`, which is what generation and evaluation use.
 """
@@ -94,6 +95,14 @@ def kind_of_directory(path: Path) -> str | None:
 WEIGHT_DTYPES = ("float64", "float32", "float16")  # bfloat16 arrives widened to float32
 
 
+def _tokenizer(found: Path | Tokenizer | BpeTokenizer | None) -> Tokenizer | BpeTokenizer | None:
+    """An importer's tokenizer: a tokenizer.model (SentencePiece) or a Hugging Face folder's
+    tokenizer.json (byte-level BPE, with its tokenizer_config.json) to read, or one already built."""
+    if not isinstance(found, Path):
+        return found
+    return BpeTokenizer.from_hf_directory(found.parent) if found.suffix == ".json" else Tokenizer.load(found)
+
+
 def _check_weights(params: dict, path: Path, flag: str) -> None:
     """Weights are floating point and finite, whatever kind of file they came from (one line if not)."""
     for name, array in params.items():
@@ -126,8 +135,11 @@ def load(path, backend: str = "numpy", dtype=None, flag: str = "path") -> Model:
     else:
         imported = {"huggingface": import_hf, "meta": import_meta, "gguf": import_gguf}[kind](path, dtype=dtype)
         config, params = imported.config, imported.params
-        tokenizer = Tokenizer.load(imported.tokenizer) if isinstance(imported.tokenizer, Path) else imported.tokenizer
+        tokenizer = _tokenizer(imported.tokenizer)
     _check_weights(params, path, flag)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise LoadError(f"{flag} {path}: its tokenizer has {tokenizer.vocab_size:,} tokens, the model's embedding "
+                        f"{config.vocab_size:,} rows; the tokenizer belongs to another model")
     # one parameter at a time, and no copy where the dtype is already the one asked for
     params = {name: xp.asarray(params.pop(name) if dtype is None else params.pop(name).astype(dtype, copy=False))
               for name in list(params)}

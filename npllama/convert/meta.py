@@ -16,6 +16,7 @@ permuted.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def import_meta(directory, dtype=None) -> Imported:
             raise ConvertError(directory, f"tensor {name!r} merges to shape {merged.shape}, params.json implies "
                                f"{spec.shape}", "the weights and params.json disagree")
         params[name] = merged if dtype is None else merged.astype(dtype)
-    tokenizer = next((folder / TOKENIZER_FILE for folder in (directory, directory.parent)
-                      if (folder / TOKENIZER_FILE).is_file()), None)
+    # beside the shards, or one folder up (Meta's download: llama-2-7b/ beside tokenizer.model), and
+    # there too a regular file, or a link that stays in that folder
+    beside = next((folder for folder in (directory, directory.parent) if os.path.lexists(folder / TOKENIZER_FILE)),
+                  None)
+    tokenizer = None if beside is None else named_file_inside(beside, TOKENIZER_FILE, "tokenizer in")
     return Imported(config, params, tokenizer)

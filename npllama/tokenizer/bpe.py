@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
 
-from ..files import FileProblem, kind_of, read_regular_file, write_atomically
+from ..files import FileProblem, kind_of, named_file_inside, read_regular_file, write_atomically
 from .encoding import ENCODE_CHUNK_CHARS, check_unicode, cut_point
 from .model_bytes import TokenizerError
 
@@ -166,10 +167,11 @@ class BpeTokenizer:
         if kind_of(folder) != "folder":
             raise TokenizerError(f"{folder} is not a folder; pass the Hugging Face model folder that holds "
                                  "tokenizer.json")
-        if kind_of(folder / "tokenizer.json") is None:
+        tokenizer_json = _file_inside(folder, "tokenizer.json")
+        if tokenizer_json is None:
             raise TokenizerError(f"{folder} has no tokenizer.json; byte-level BPE tokenizers are read from it "
                                  "(a folder with only tokenizer.model is SentencePiece: use Tokenizer.load)")
-        return cls.from_tokenizer_json(folder / "tokenizer.json", _hf_folder_config(folder))
+        return cls.from_tokenizer_json(tokenizer_json, _hf_folder_config(folder))
 
     @classmethod
     def from_gguf_metadata(cls, fields: Mapping, source: str = "GGUF metadata") -> BpeTokenizer:
@@ -390,14 +392,14 @@ def _has_byte_level(component) -> bool:
 
 def _hf_folder_config(folder: Path) -> dict:
     """tokenizer_config.json, completed by special_tokens_map.json and chat_template.jinja."""
-    config = _read_json_object(folder / "tokenizer_config.json")
-    for name, value in _read_json_object(folder / "special_tokens_map.json").items():
+    config = _read_json_object(_file_inside(folder, "tokenizer_config.json"))
+    for name, value in _read_json_object(_file_inside(folder, "special_tokens_map.json")).items():
         config.setdefault(name, value)
-    template = folder / "chat_template.jinja"
+    template = _file_inside(folder, "chat_template.jinja")
     if isinstance(config.get("chat_template"), list):  # several named templates: the default one
         config["chat_template"] = next((entry.get("template") for entry in config["chat_template"]
                                         if isinstance(entry, dict) and entry.get("name") == "default"), None)
-    if config.get("chat_template") is None and kind_of(template) == "regular file":
+    if config.get("chat_template") is None and template is not None:
         try:
             config["chat_template"] = read_regular_file(template, MAX_TOKENIZER_JSON_BYTES, "chat template").decode()
         except (FileProblem, UnicodeDecodeError) as problem:
@@ -405,9 +407,20 @@ def _hf_folder_config(folder: Path) -> dict:
     return config
 
 
-def _read_json_object(path: Path) -> dict:
-    """The object a JSON file holds; {} when the file is absent."""
-    if kind_of(path) is None:
+def _file_inside(folder: Path, name: str) -> Path | None:
+    """`folder / name`, None when there is no such entry; refused in one line when it is not a regular
+    file or a link leading out of the folder (files.named_file_inside)."""
+    if not os.path.lexists(folder / name):
+        return None
+    try:
+        return named_file_inside(folder, name, "tokenizer file")
+    except FileProblem as problem:
+        raise TokenizerError(str(problem)) from None
+
+
+def _read_json_object(path: Path | None) -> dict:
+    """The object a JSON file holds; {} when there is no file (None)."""
+    if path is None:
         return {}
     try:
         document = json.loads(read_regular_file(path, MAX_TOKENIZER_JSON_BYTES, "tokenizer file"))
