@@ -151,6 +151,21 @@ def temporary_sibling(path: Path, process: int | None = None) -> Path:
     return path.parent / f"{TEMPORARY_PREFIX}{path.name}-{os.getpid() if process is None else process}"
 
 
+def cannot_create_in(folder: Path) -> str | None:
+    """None when a file can be created in `folder`, else why not ("Permission denied", "Read-only
+    file system"). Tried, not guessed from permission bits: a temporary file is made and removed,
+    so root, who may write where the bits say no, is answered truly by a read-only mount or /sys."""
+    probe = temporary_sibling(Path(folder) / "probe")
+    try:
+        probe.open("xb").close()
+    except FileExistsError:  # another probe of this process, left by a kill: the folder takes files
+        return None
+    except OSError as error:
+        return error.strerror or str(error)
+    probe.unlink(missing_ok=True)
+    return None
+
+
 def write_synced(path: Path, data: bytes) -> None:
     """Write `data` to `path` and fsync it (not atomic by itself: for files in a temporary folder)."""
     with open(path, "wb") as file:

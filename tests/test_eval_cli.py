@@ -68,13 +68,16 @@ def cli(*args):
     (["--tasks", "piqa", "--json", "NOWHERE/x.json"], "--json .*: the folder .* does not exist"),
     (["--tasks", "piqa", "--json", "EMPTY"], "--json .*empty: it is a folder; name a file to write"),
     (["--tasks", "piqa", "--json", "READ_ONLY"], "--json .*read-only.json: cannot be written"),
+    # where no one may create a file, root included (the read-only case above skips as root)
+    (["--tasks", "piqa", "--json", "/sys/npllama-report.json"],
+     r"--json /sys/npllama-report.json: cannot be written \(Permission denied\)"),
     (["--tasks", "FIFO"], "--tasks .*fifo.jsonl: it is a FIFO, not a file"),
     (["--tasks", "FOLDER_JSONL"], "--tasks .*empty.jsonl: it is a folder, not a file"),
     (["--tasks", "LONG"], r"long.jsonl line 1: longer than 1,000,000 characters"),
     (["--tasks", "DEEP"], r"deep.jsonl line 1: JSON nested too deep"),
     (["--tasks", "SURROGATE"], r"surrogate.jsonl line 1: a \\u escape of a lone surrogate"),
 ], ids=["unknown", "no-data", "not-json", "shots-beyond-pool", "shots-beyond-64", "json-folder-missing",
-        "json-a-folder", "json-read-only", "tasks-fifo", "tasks-folder", "line-too-long", "line-too-deep",
+        "json-a-folder", "json-read-only", "json-in-sys", "tasks-fifo", "tasks-folder", "line-too-long", "line-too-deep",
         "lone-surrogate"])
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, args, message):
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a"], "gold": 0}\n{"context": \n')
@@ -93,6 +96,8 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, args, message):
                 "FOLDER_JSONL": str(tmp_path / "empty.jsonl")}
     if "READ_ONLY" in args and os.geteuid() == 0:
         pytest.skip("root may write a read-only file")
+    if "/sys/npllama-report.json" in args and not os.path.isdir("/sys/kernel"):
+        pytest.skip("no sysfs here (Linux only)")
     args = [replaced.get(arg, arg) for arg in args]
     if "--data-dir" not in args:
         args += ["--data-dir", str(TASK_FIXTURES)]

@@ -301,6 +301,16 @@ def test_a_fifo_as_tokenizer_config_json_is_named_and_never_opened(tmp_path):
     assert f"{folder / 'tokenizer_config.json'}: it is a FIFO, not a regular file" in result.stderr
 
 
+def test_a_tokenizer_json_beyond_the_cap_is_refused_by_its_size_before_a_byte_is_read(tmp_path):
+    """A sparse file of 300 MB: its size is read from the file system; no buffer of it is made."""
+    from npllama.tokenizer.bpe import MAX_TOKENIZER_JSON_BYTES, BpeTokenizer
+
+    path = tmp_path / "tokenizer.json"
+    with open(path, "wb") as file:
+        file.truncate(MAX_TOKENIZER_JSON_BYTES + 1)
+    assert f"larger than {MAX_TOKENIZER_JSON_BYTES:,} bytes" in refusal(BpeTokenizer.from_tokenizer_json, path)
+
+
 def test_a_tokenizer_with_more_tokens_than_the_embedding_has_rows_is_refused(tmp_path):
     from npllama import load
 
@@ -392,6 +402,17 @@ def test_a_conversion_past_the_file_size_limit_is_one_line_and_leaves_nothing(tm
     assert f"--out {out}: cannot be written (File too large" in result.stderr
     assert "nothing was left there" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="no sysfs here (Linux only)")
+@pytest.mark.parametrize("command", ["export", "import"])
+def test_a_conversion_into_a_folder_that_takes_no_file_is_refused_before_the_model_is_read(tmp_path, capsys,
+                                                                                          command):
+    """/sys takes no new file, from root either (whom permission bits do not stop)."""
+    from npllama.convert.__main__ import main as convert
+
+    assert convert([command, str(tmp_path / "absent"), "--out", "/sys/npllama-model"]) == 2
+    assert "--out /sys/npllama-model: cannot write in /sys (Permission denied)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["export", "import"])

@@ -496,6 +496,9 @@ def saved_model(tokenizer, tmp_path_factory):
     (["train", "--input", "{notes}", "--vocab-size", "5000", "--out", "{out}"], "at most"),
     (["train", "--input", "{corpus}", "--vocab-size", "300", "--out", "{garbage}/x.model"],
      "not a writable folder"),
+    pytest.param(["train", "--input", "{corpus}", "--vocab-size", "300", "--out", "/sys/npllama.model"],
+                 "/sys is not a writable folder", id="out-in-sys-which-takes-no-file-even-from-root",
+                 marks=pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="no sysfs here (Linux only)")),
     (["train", "--input", "{corpus}", "--vocab-size", "300", "--out", "{tmp}"], "is a folder"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(

@@ -24,7 +24,7 @@ from ..checkpoint import save_checkpoint
 from ..checkpoint.messages import CheckpointError
 from ..cli import OneLineParser, command
 from ..errors import NpllamaError
-from ..files import fsync_dir, temporary_sibling, write_atomically
+from ..files import cannot_create_in, fsync_dir, temporary_sibling, write_atomically
 from ..tokenizer import BOS_ID, EOS_ID, Tokenizer
 from ..tokenizer.bpe import BpeTokenizer
 from .hf import export_hf
@@ -96,8 +96,9 @@ def _writable_parent(out: Path) -> None:
     parent = out.absolute().parent
     if not parent.is_dir():
         raise NpllamaError(f"--out {out}: the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise NpllamaError(f"--out {out}: cannot write in {parent} (permission denied); choose another --out")
+    reason = cannot_create_in(parent)
+    if reason:
+        raise NpllamaError(f"--out {out}: cannot write in {parent} ({reason}); choose another --out")
 
 
 @contextmanager

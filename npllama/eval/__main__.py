@@ -100,15 +100,19 @@ def _check_writable(path: Path) -> None:
     """--json is checked before the evaluation runs, so that hours of work never end unwritable."""
     import os
 
-    from ..files import kind_of
+    from ..files import cannot_create_in, kind_of
 
     kind = kind_of(path)
     if kind not in (None, "regular file"):
         raise NpllamaError(f"--json {path}: it is a {kind}; name a file to write")
     if not path.parent.is_dir():
         raise NpllamaError(f"--json {path}: the folder {path.parent} does not exist; create it first")
-    if not os.access(path.parent, os.W_OK) or (kind is not None and not os.access(path, os.W_OK)):
-        raise NpllamaError(f"--json {path}: cannot be written (permission denied); choose another place")
+    # the report replaces the file (write_atomically: a new file renamed over it), so the folder must
+    # take a new file; a read-only file is kept read-only, as a user who made it so would expect
+    reason = cannot_create_in(path.parent) or (
+        "permission denied" if kind is not None and not os.access(path, os.W_OK) else None)
+    if reason:
+        raise NpllamaError(f"--json {path}: cannot be written ({reason}); choose another place")
 
 
 if __name__ == "__main__":

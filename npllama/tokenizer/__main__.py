@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from ..cli import OneLineParser, fail, integer
 from ..errors import NpllamaError
+from ..files import cannot_create_in
 from .encoding import MIN_VOCAB_SIZE, Tokenizer
 from .model_bytes import TokenizerError
 from .training import DEFAULT_MAX_SENTENCES, train_tokenizer
@@ -70,7 +70,7 @@ def _train_command(args) -> None:
     if out.is_dir():
         raise TokenizerError(f"--out {out} is a folder; name a file, e.g. {out / 'tokenizer.model'}")
     existing_parent = next(p for p in out.absolute().parents if p.exists())
-    if not existing_parent.is_dir() or not os.access(existing_parent, os.W_OK):
+    if not existing_parent.is_dir() or cannot_create_in(existing_parent):
         raise TokenizerError(f"cannot write --out {out}: {existing_parent} is not a writable "
                              "folder; choose another path")
     from ..data import find_documents, read_documents
