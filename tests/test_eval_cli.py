@@ -77,8 +77,8 @@ def cli(*args):
     (["--tasks", "DEEP"], r"deep.jsonl line 1: JSON nested too deep"),
     (["--tasks", "SURROGATE"], r"surrogate.jsonl line 1: a \\u escape of a lone surrogate"),
 ], ids=["unknown", "no-data", "not-json", "shots-beyond-pool", "shots-beyond-64", "json-folder-missing",
-        "json-a-folder", "json-read-only", "json-in-sys", "tasks-fifo", "tasks-folder", "line-too-long", "line-too-deep",
-        "lone-surrogate"])
+        "json-a-folder", "json-read-only", "json-in-sys", "tasks-fifo", "tasks-folder", "line-too-long",
+        "line-too-deep", "lone-surrogate"])
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, args, message):
     (tmp_path / "bad.jsonl").write_text('{"context": "x", "choices": ["a"], "gold": 0}\n{"context": \n')
     (tmp_path / "empty").mkdir()
