@@ -6,7 +6,9 @@ user would otherwise pick, PyTorch in each of its usual forms.
 
 Sides, each in a fresh subprocess of this same command, on the same model shape, weights and batches:
 
-  npllama              npllama.model.loss_and_grads + npllama.optim (NumPy; CuPy with --backend cupy)
+  npllama              as `python -m npllama.train` runs a step: on NumPy, --threads worker threads
+                       (npllama.parallel: a row of the batch each, a one-thread BLAS) and AdamW on
+                       them; with --backend cupy, npllama.model.loss_and_grads + npllama.optim on CuPy
   torch reference      reference/torch_llama.py (Meta's formulation, autograd, materialised attention)
   transformers sdpa    LlamaForCausalLM with attn_implementation="sdpa" (PyTorch's fused attention)
   transformers eager   LlamaForCausalLM with attn_implementation="eager"
@@ -21,6 +23,8 @@ npllama does. For each sequence length T the batch is --tokens / T sequences. Re
   floor %      the step's arithmetic (6 x parameters x tokens for the matrix products, plus causal
                attention) over the time a single-precision GEMM of this side's BLAS, measured in
                the same process, would need for it: how close the side comes to the machine
+  busy cores   CPU seconds of all the side's threads over the wall seconds of the timed steps
+               (and, for npllama, each thread's share: what stays serial shows as one busy thread)
   BLAS         the library, its kernel and threads (threadpoolctl for NumPy, torch's build config)
 
 The ratio line compares npllama with the fastest PyTorch side at that T. A side that fails (no
@@ -88,6 +92,19 @@ def run_npllama(args) -> dict:
     config = _config(args.preset, args.seq_len)
     params = model.init_params(config, seed=0, xp=xp)
     state = optim.init_state(params)
+    if args.backend == "numpy":  # as the trainer runs it: --threads workers, a one-thread BLAS in each
+        from npllama.parallel import sliced_loss_and_grads, workers
+
+        with workers(args.threads) as pool:
+            def threaded_step(tokens):
+                loss, grads = sliced_loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:], pool)
+                optim.step(params, grads, state, 1e-4, pool=pool)  # clips to global norm 1, then AdamW
+                return loss
+
+            result = _measure(threaded_step, _batches(config, args), args)
+        blas = _numpy_blas()  # the machine's rate, with every BLAS thread; npllama ran one in each worker
+        blas["blas"] = blas["blas"].rsplit(",", 1)[0] + f", 1 thread in each of {args.threads} workers"
+        return {**result, **blas}
 
     def step(tokens):
         loss, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
@@ -96,10 +113,8 @@ def run_npllama(args) -> dict:
         return loss
 
     result = _measure(step, _batches(config, args), args)
-    if args.backend == "cupy":
-        result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
-        return {**result, **_cupy_blas(xp)}
-    return {**result, **_numpy_blas()}
+    result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
+    return {**result, **_cupy_blas(xp)}
 
 
 def _torch_model(args, side, config, device):
@@ -169,17 +184,39 @@ def run_torch(args) -> dict:
 
 def _measure(step, batches, args) -> dict:
     rss_before = _rss_kib("VmRSS")
-    times, losses = [], []
+    times, losses, busy = [], [], {}
     for i, tokens in enumerate(batches):
+        if i == args.warmup:
+            busy = _thread_cpu_seconds()
         started = time.perf_counter()
         losses.append(float(step(tokens)))
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
+    busy = {name: seconds - busy.get(name, 0.0) for name, seconds in _thread_cpu_seconds().items()}
+    wall = sum(times)
     times.sort()
     median = times[len(times) // 2]
     peak = _rss_kib("VmHWM")
     return {"tokens_per_s": batches[0].shape[0] * args.seq_len / median, "step_s": median,
-            "step_memory_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024, "first_loss": losses[0]}
+            "step_memory_mib": (peak - rss_before) / 1024, "peak_rss_mib": peak / 1024, "first_loss": losses[0],
+            "busy_cores": sum(busy.values()) / wall,  # CPU seconds of all threads over wall seconds, timed steps
+            "thread_busy": {name: seconds / wall for name, seconds in busy.items() if seconds / wall >= 0.01}}
+
+
+def _thread_cpu_seconds() -> dict:
+    """CPU seconds each thread of this process has run, by its name (Linux: /proc/self/task/*/stat,
+    fields 14 and 15, user and system time in clock ticks): PyTorch's OpenMP threads and BLAS's
+    threads are counted too, which Python's threading module does not list."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        seconds[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
 
 
 # --- what each side's BLAS can do ---------------------------------------------------------------
@@ -265,14 +302,19 @@ def _print_table(seq_len, args, results) -> None:
     flops = step_flops(config, batch, seq_len)
     print(f"\nT {seq_len} x batch {batch}: {flops / 1e9:.0f} GFLOP a step")
     print(f"{'':20}{'tokens/s':>9}{'step s':>8}{'step MiB':>10}{'peak RSS MiB':>13}{'floor %':>8}"
-          f"{'first loss':>11}  BLAS (sgemm GFLOP/s)")
+          f"{'busy cores':>11}{'first loss':>11}  BLAS (sgemm GFLOP/s)")
     for side, r in results.items():
         if "failed" in r:
             print(f"{SIDES[side]:20}  failed: {r['failed']}")
             continue
         floor = 100 * flops / (r["sgemm_gflops"] * 1e9) / r["step_s"]
         print(f"{SIDES[side]:20}{r['tokens_per_s']:>9.0f}{r['step_s']:>8.3f}{r['step_memory_mib']:>10.0f}"
-              f"{r['peak_rss_mib']:>13.0f}{floor:>8.1f}{r['first_loss']:>11.4f}  {r['blas']} ({r['sgemm_gflops']:.0f})")
+              f"{r['peak_rss_mib']:>13.0f}{floor:>8.1f}{r['busy_cores']:>11.2f}{r['first_loss']:>11.4f}  {r['blas']} "
+              f"({r['sgemm_gflops']:.0f})")
+    for side, r in results.items():  # where npllama's serial part is: each thread's share of the wall time
+        if side == "npllama" and "thread_busy" in r:
+            shares = ", ".join(f"{name} {share:.0%}" for name, share in sorted(r["thread_busy"].items()))
+            print(f"{'':20}threads of {SIDES[side]} busy: {shares}")
     torch_sides = {side: r for side, r in results.items() if side != "npllama" and "failed" not in r}
     if "failed" not in results.get("npllama", {"failed": ""}) and torch_sides:
         fastest = max(torch_sides, key=lambda side: torch_sides[side]["tokens_per_s"])
@@ -290,8 +332,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch threads; NumPy's BLAS keeps its default, all cores, so the two match only "
-                             "at the default")
+                        help="torch's threads, and npllama's worker threads (each with a one-thread BLAS); "
+                             "default: every core")
     parser.add_argument("--sides", default=None, help=f"comma-separated from {', '.join(SIDES)} (default all; "
                                                       f"{', '.join(GPU_SIDES)} on cupy)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",

@@ -19,7 +19,9 @@ Derivation and references: reference/derivations.md#adamw
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
+from functools import partial
 
 from .backend import array_namespace, compute_dtype
 
@@ -58,8 +60,9 @@ class CosineSchedule:
 class AdamWState:
     """First and second moments per parameter, and the number of steps taken.
 
-    `scratch` is working memory for `step` (one buffer as large as the largest parameter, reused
-    for every parameter so a step allocates nothing); it holds no state and is never saved.
+    `scratch` is working memory for `step` (for each thread that updates, one buffer as large as the
+    largest parameter, reused for every parameter so a step allocates nothing); it holds no state
+    and is never saved.
     """
 
     m: dict = field(default_factory=dict)
@@ -68,8 +71,8 @@ class AdamWState:
     scratch: dict = field(default_factory=dict, repr=False, compare=False)
 
     def scratch_like(self, array):
-        """A scratch view with `array`'s shape and dtype."""
-        key = (array_namespace(array).__name__, str(array.dtype))
+        """A scratch view with `array`'s shape and dtype, the calling thread's own."""
+        key = (array_namespace(array).__name__, str(array.dtype), threading.get_ident())
         buffer = self.scratch.get(key)
         if buffer is None or buffer.size < array.size:
             buffer = self.scratch[key] = array_namespace(array).empty(max(m.size for m in self.m.values()),
@@ -91,20 +94,25 @@ def init_state(params: dict) -> AdamWState:
     return state
 
 
-def global_norm(grads: dict) -> float:
+def global_norm(grads: dict, pool=None) -> float:
     """L2 norm of all gradients taken together.
 
     Each parameter's sum of squares is one dot product (BLAS, in the gradient's dtype, no
-    temporary); the per-parameter sums are added in float64 on the device, so there is one
-    transfer to the host, not one per parameter.
+    temporary); the per-parameter sums are added in float64 on the device, in the order of `grads`,
+    so there is one transfer to the host, not one per parameter. With `pool` (an executor) the dot
+    products run on its threads; the sum, in the same order, is the same to the bit.
     """
+    squares = (pool.map if pool is not None else map)(_sum_of_squares, grads.values())
     total = None
-    for g in grads.values():
-        xp = array_namespace(g)
-        flat = g.reshape(-1)
-        squares = xp.asarray(xp.vdot(flat, flat), dtype=xp.float64)
-        total = squares if total is None else total + squares
+    for part in squares:
+        total = part if total is None else total + part
     return math.sqrt(float(total)) if total is not None else 0.0
+
+
+def _sum_of_squares(g):
+    xp = array_namespace(g)
+    flat = g.reshape(-1)
+    return xp.asarray(xp.vdot(flat, flat), dtype=xp.float64)
 
 
 def clip_coefficient(grad_norm: float, max_norm: float | None) -> float:
@@ -115,43 +123,53 @@ def clip_coefficient(grad_norm: float, max_norm: float | None) -> float:
 
 
 def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWConfig = AdamWConfig(),
-         grad_norm: float | None = None) -> dict:
+         grad_norm: float | None = None, pool=None) -> dict:
     """Update `params` in place by one AdamW step. Returns {"grad_norm", "clip"} for logging.
 
     `grad_norm` may be passed when the caller has already computed `global_norm(grads)` (to
-    check it is finite before touching the parameters).
+    check it is finite before touching the parameters). With `pool` (an executor) the parameters
+    are updated on its threads, each with a scratch buffer of its own; the update is elementwise,
+    so the numbers are the same to the bit.
     """
     missing = set(params) ^ set(grads)
     if missing:
         raise ValueError(f"AdamW: parameters and gradients differ in {sorted(missing)[:3]}")
-    grad_norm = global_norm(grads) if grad_norm is None else grad_norm
+    grad_norm = global_norm(grads, pool) if grad_norm is None else grad_norm
     clip = clip_coefficient(grad_norm, config.grad_clip)
-    beta1, beta2 = config.betas
     state.step += 1
+    update = partial(_update, params, grads, state, lr, config, clip)
+    for _ in (pool.map if pool is not None else map)(update, list(params)):
+        pass
+    return {"grad_norm": grad_norm, "clip": clip}
+
+
+def _update(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWConfig, clip: float,
+            name: str) -> None:
+    """One parameter's AdamW update, at step state.step (already counted)."""
+    beta1, beta2 = config.betas
     bias1 = 1.0 - beta1**state.step
     bias2 = 1.0 - beta2**state.step
-    for name, p in params.items():
-        xp = array_namespace(p)
-        m, v = state.m[name], state.v[name]
-        g = grads[name]
-        scratch = state.scratch_like(m)
-        # m = beta1 m + (1 - beta1) c g
-        m *= beta1
-        xp.multiply(g, (1.0 - beta1) * clip, out=scratch)
-        m += scratch
-        # v = beta2 v + (1 - beta2) (c g)^2
-        v *= beta2
-        xp.multiply(g, g, out=scratch)
-        scratch *= (1.0 - beta2) * clip * clip
-        v += scratch
-        # p = p - lr wd p   (decoupled decay, matrices only)
-        if config.weight_decay and decays(p):
-            p *= 1.0 - lr * config.weight_decay
-        # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-        xp.multiply(v, 1.0 / bias2, out=scratch)
-        xp.sqrt(scratch, out=scratch)
-        scratch += config.eps
-        xp.divide(m, scratch, out=scratch)
-        scratch *= lr / bias1
-        p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)
-    return {"grad_norm": grad_norm, "clip": clip}
+    p = params[name]
+    xp = array_namespace(p)
+    m, v = state.m[name], state.v[name]
+    g = grads[name]
+    scratch = state.scratch_like(m)
+    # m = beta1 m + (1 - beta1) c g
+    m *= beta1
+    xp.multiply(g, (1.0 - beta1) * clip, out=scratch)
+    m += scratch
+    # v = beta2 v + (1 - beta2) (c g)^2
+    v *= beta2
+    xp.multiply(g, g, out=scratch)
+    scratch *= (1.0 - beta2) * clip * clip
+    v += scratch
+    # p = p - lr wd p   (decoupled decay, matrices only)
+    if config.weight_decay and decays(p):
+        p *= 1.0 - lr * config.weight_decay
+    # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+    xp.multiply(v, 1.0 / bias2, out=scratch)
+    xp.sqrt(scratch, out=scratch)
+    scratch += config.eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= lr / bias1
+    p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)

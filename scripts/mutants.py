@@ -52,15 +52,15 @@ FOREIGN = "tests/test_foreign_files.py::"
 OPS = "npllama/ops/"
 
 # two consecutive pieces of AdamW's step, for the mutant that swaps them
-_DECAY = ("        if config.weight_decay and decays(p):\n"
-          "            p *= 1.0 - lr * config.weight_decay\n")
-_UPDATE = ("        # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)\n"
-           "        xp.multiply(v, 1.0 / bias2, out=scratch)\n"
-           "        xp.sqrt(scratch, out=scratch)\n"
-           "        scratch += config.eps\n"
-           "        xp.divide(m, scratch, out=scratch)\n"
-           "        scratch *= lr / bias1\n"
-           "        p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)\n")
+_DECAY = ("    if config.weight_decay and decays(p):\n"
+          "        p *= 1.0 - lr * config.weight_decay\n")
+_UPDATE = ("    # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)\n"
+           "    xp.multiply(v, 1.0 / bias2, out=scratch)\n"
+           "    xp.sqrt(scratch, out=scratch)\n"
+           "    scratch += config.eps\n"
+           "    xp.divide(m, scratch, out=scratch)\n"
+           "    scratch *= lr / bias1\n"
+           "    p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)\n")
 
 CATALOGUE = [
     # --- embedding ------------------------------------------------------------------------------
@@ -444,13 +444,13 @@ CATALOGUE = [
            "an error every rank stops on is printed once per rank"),
     # --- the optimizer and its schedule ---------------------------------------------------------
     Mutant("adamw-no-first-moment-bias-correction", "npllama/optim.py",
-           "        scratch *= lr / bias1\n",
-           "        scratch *= lr\n",
+           "    scratch *= lr / bias1\n",
+           "    scratch *= lr\n",
            (OPTIM + "test_first_adamw_step_equals_its_closed_form",),
            "m is not divided by 1 - beta1^t"),
     Mutant("adamw-no-second-moment-bias-correction", "npllama/optim.py",
-           "        xp.multiply(v, 1.0 / bias2, out=scratch)\n",
-           "        xp.multiply(v, 1.0, out=scratch)\n",
+           "    xp.multiply(v, 1.0 / bias2, out=scratch)\n",
+           "    xp.multiply(v, 1.0, out=scratch)\n",
            (OPTIM + "test_first_adamw_step_equals_its_closed_form",),
            "v is not divided by 1 - beta2^t"),
     Mutant("adamw-decays-norm-gains", "npllama/optim.py",
@@ -469,8 +469,8 @@ CATALOGUE = [
            (OPTIM + "test_first_adamw_step_equals_its_closed_form",),
            "clipping scales small gradients up to the threshold"),
     Mutant("adamw-second-moment-clipped-once", "npllama/optim.py",
-           "        scratch *= (1.0 - beta2) * clip * clip\n",
-           "        scratch *= (1.0 - beta2) * clip\n",
+           "    scratch *= (1.0 - beta2) * clip * clip\n",
+           "    scratch *= (1.0 - beta2) * clip\n",
            (OPTIM + "test_second_adamw_step_equals_its_closed_form",
             ORACLE + "test_adamw_with_clipping_and_cosine_schedule_equals_torch_adamw"),
            "v accumulates c g^2 instead of (c g)^2"),
@@ -496,8 +496,8 @@ CATALOGUE = [
            (TRAIN + "test_step_k_takes_and_logs_the_schedules_learning_rate_for_k",),
            "step k runs at the schedule's learning rate for step k + 1"),
     Mutant("train-clips-the-norm-before-averaging", "npllama/train/loop.py",
-           "            grad_norm = optim.global_norm(grads)\n",
-           "            grad_norm = optim.global_norm(grads) * config.grad_accum\n",
+           "            grad_norm = optim.global_norm(grads, run.pool)\n",
+           "            grad_norm = optim.global_norm(grads, run.pool) * config.grad_accum\n",
            (TRAIN + "test_grad_accum_micro_batches_take_the_clipped_steps_of_one_full_batch",),
            "with --grad-accum, clipping measures the norm of the summed micro-batch gradients"),
     Mutant("train-sums-micro-batch-gradients", "npllama/train/loop.py",
@@ -895,7 +895,7 @@ CATALOGUE = [
            (GGUF + "test_f32_weights_import_exactly_and_give_npllamas_own_logits",),
            "a GGUF file's key/value head count is ignored: every grouped-query model is read as multi-head"),
     Mutant("gguf-rope-theta-ignored", "npllama/convert/gguf.py",
-           'rope_theta=float(fields.get("llama.rope.freq_base", 10000.0))',
+           'rope_theta=fields.get("llama.rope.freq_base", 10000.0)',
            "rope_theta=10000.0",
            (GGUF + "test_f32_weights_import_exactly_and_give_npllamas_own_logits",),
            "a GGUF file's RoPE base is ignored (Llama 3's 500000 read as Llama 1's 10000)"),

@@ -36,7 +36,7 @@ import numpy
 
 from .. import checkpoint as ckpt
 from .. import data as corpus
-from .. import files, optim
+from .. import files, optim, parallel
 from .. import model as llama
 from ..backend import get_backend
 from ..files import default_cache_dir
@@ -126,8 +126,9 @@ def _load_tokenizer(config: TrainConfig, vocab_size: int, documents, cache_dir: 
     return tokenizer
 
 
-def _evaluate(params, config, batches) -> float:
-    losses = [llama.loss(params, config, x, y) for x, y in batches]
+def _evaluate(params, config, batches, pool=None) -> float:
+    """The mean validation loss over `batches` (one batch per worker thread of `pool`, if given)."""
+    losses = list((pool.map if pool is not None else map)(lambda batch: llama.loss(params, config, *batch), batches))
     return float(numpy.mean(losses)) if losses else float("nan")
 
 
@@ -260,11 +261,14 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
         state = resume.resumed_state(run, resumed, sampler, log)
     else:
         state = resume.fresh_state(run, sampler, log)
+    threads = _worker_threads(config, world)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
         f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}"
-        + _ranks(config, world, state))
+        + _ranks(config, world, state) + (f"; {threads} worker thread{'s' if threads > 1 else ''}" if threads else ""))
 
-    _training_loop(run, state)
+    with parallel.workers(threads) if threads else contextlib.nullcontext() as run.pool:
+        _training_loop(run, state)
+    run.pool = None
     if stops.signal_number is not None and state.step < config.steps:
         raise stopping.StopNow(stops.signal_number)  # the loop stopped early and saved a checkpoint
     if not world.is_writer:
@@ -280,6 +284,15 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
         sample = prompt + generate(state.params, model_config, tokenizer, prompt, config.sample_tokens,
                                    temperature=0.8, seed=config.seed)
     return TrainResult(out, state.last_checkpoint[0], state.step, state.val_loss, sample)
+
+
+def _worker_threads(config: TrainConfig, world) -> int | None:
+    """How many threads share each step (--threads, default every core this process may use); None
+    where the batch runs whole: on a GPU, and in each process of a run under mpirun (the processes
+    share the cores)."""
+    if config.backend != "numpy" or world.size > 1:
+        return None
+    return config.threads or parallel.available_cores()
 
 
 def _ranks(config: TrainConfig, world, state) -> str:
@@ -328,12 +341,12 @@ def _training_loop(run: Run, state: RunState):
             started = time.perf_counter()
             lr = schedule(step)
             loss, grads = _accumulated_loss_and_grads(run, state)
-            grad_norm = optim.global_norm(grads)
+            grad_norm = optim.global_norm(grads, run.pool)
             if not math.isfinite(loss):
                 raise _diverged(state, step + 1, f"the loss became {loss}")
             if not math.isfinite(grad_norm):
                 raise _diverged(state, step + 1, f"the gradient norm became {grad_norm} (loss {loss:.4f})")
-            stats = zero.adamw_step(run, state, grads, lr, adamw, grad_norm)
+            stats = zero.adamw_step(run, state, grads, lr, adamw, grad_norm, run.pool)
             state.step = step + 1
             record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
                       "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
@@ -362,7 +375,7 @@ def _record_step(run: Run, state: RunState, record: dict, evaluate: bool, metric
     """Rank 0's account of a step: the validation loss when `evaluate`, the log row, the progress bar.
     Step 0 is the run's first evaluation, before any training."""
     if evaluate:
-        state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches)
+        state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches, run.pool)
         first = f" (ln V = {math.log(run.model_config.vocab_size):.4f})" if state.step == 0 else ""
         progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}{first}", file=sys.stderr)
     run_log.write_row(metrics, record)
@@ -395,8 +408,14 @@ def _accumulated_loss_and_grads(run: Run, state: RunState):
     for micro_step in range(accum):
         inputs, targets = state.sampler.next_batch()  # the same global batch on every rank
         last = micro_step == accum - 1
-        micro_loss, grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs[rows],
-                                                           targets[rows], on_grad=finish if last else None)
+        if run.pool is not None:  # each row on a worker thread, the gradients added in row order
+            micro_loss, grads = parallel.sliced_loss_and_grads(state.params, run.model_config, inputs[rows],
+                                                               targets[rows], run.pool)
+            if last:
+                grads = {name: finish(name, grad) for name, grad in grads.items()}
+        else:
+            micro_loss, grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs[rows],
+                                                               targets[rows], on_grad=finish if last else None)
         loss_sum = loss_sum + micro_loss.astype("float64")
         if last:
             break

@@ -31,6 +31,7 @@ class Run:
     stops: stopping.StopRequests
     xp: Any = numpy  # the array module the weights live in (numpy, or cupy for --backend cupy)
     world: distributed.World = distributed.World()  # the processes of the run (mpirun -n N); rank 0 writes
+    pool: Any = None  # worker threads (parallel.workers) while the steps run; None: the whole batch at once
 
     @property
     def metrics_path(self) -> Path:

@@ -15,11 +15,12 @@ def own_rows(run: Run, params) -> dict | None:
     return distributed.own_rows(params, run.world) if run.config.zero and run.world.size > 1 else None
 
 
-def adamw_step(run: Run, state: RunState, grads, lr, adamw, grad_norm) -> dict:
-    """One AdamW step of every parameter; under --zero 1 each rank steps its own rows (the update is
-    elementwise, so the numbers are the same), then the ranks send each other theirs."""
+def adamw_step(run: Run, state: RunState, grads, lr, adamw, grad_norm, pool=None) -> dict:
+    """One AdamW step of every parameter (on `pool`'s threads, when given); under --zero 1 each rank
+    steps its own rows (the update is elementwise, so the numbers are the same), then the ranks send
+    each other theirs."""
     if state.own_rows is None:
-        return optim.step(state.params, grads, state.opt_state, lr, adamw, grad_norm=grad_norm)
+        return optim.step(state.params, grads, state.opt_state, lr, adamw, grad_norm=grad_norm, pool=pool)
     own = state.own_rows
     stats = optim.step({name: p[own[name]] for name, p in state.params.items()},
                        {name: g[own[name]] for name, g in grads.items()}, state.opt_state, lr, adamw,

@@ -1,0 +1,126 @@
+"""Worker threads (npllama/parallel.py): the batch cut into rows whose forward and backward run on
+threads, added in row order, so the numbers are the same to the bit on any number of threads, and
+those of the whole batch up to rounding (which, with the finite-difference tests of the whole
+batch's gradients, makes them the loss's gradients)."""
+
+import numpy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import small_model_configs
+
+from npllama import model as llama
+from npllama import optim
+from npllama.parallel import sliced_loss_and_grads, workers
+from training import common, measured, read_metrics, train_cli
+
+
+def batch(config, rows: int, length: int, seed: int, ignored: float = 0.0):
+    rng = numpy.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab_size, (rows, length + 1))
+    targets = tokens[:, 1:].copy()
+    targets[rng.random(targets.shape) < ignored] = -100  # positions the loss ignores
+    return tokens[:, :-1], targets
+
+
+def on_threads(threads, params, config, tokens, targets):
+    with workers(threads) as pool:
+        loss, grads = sliced_loss_and_grads(params, config, tokens, targets, pool)
+    return float(loss), grads
+
+
+@settings(max_examples=8, deadline=None)
+@given(config=small_model_configs(), rows=st.integers(1, 5), seed=st.integers(0, 2**16),
+       ignored=st.sampled_from([0.0, 0.3]))
+def test_the_loss_and_gradients_are_the_same_to_the_bit_on_one_two_and_three_threads(config, rows, seed, ignored):
+    params = llama.init_params(config, seed=seed, std=0.5)
+    tokens, targets = batch(config, rows, 6, seed, ignored)
+    if (targets == -100).all():
+        targets[0, 0] = 0
+    one = on_threads(1, params, config, tokens, targets)
+    for threads in (2, 3):
+        loss, grads = on_threads(threads, params, config, tokens, targets)
+        assert loss == one[0]
+        assert all(numpy.array_equal(grads[name], one[1][name]) for name in params)
+
+
+@settings(max_examples=8, deadline=None)
+@given(config=small_model_configs(), rows=st.integers(1, 5), seed=st.integers(0, 2**16),
+       ignored=st.sampled_from([0.0, 0.3]))
+def test_the_sliced_loss_and_gradients_are_the_whole_batchs_up_to_rounding(config, rows, seed, ignored):
+    """In float64, where the other order of the sums moves the last bits only (rtol 1e-10: the
+    rounding of some thousand additions of terms of one size, with room)."""
+    params = llama.init_params(config, seed=seed, std=0.5, dtype="float64")
+    tokens, targets = batch(config, rows, 6, seed, ignored)
+    if (targets == -100).all():
+        targets[0, 0] = 0
+    whole_loss, whole = llama.loss_and_grads(params, config, tokens, targets)
+    loss, grads = on_threads(2, params, config, tokens, targets)
+    assert loss == pytest.approx(whole_loss, rel=1e-12)
+    for name in params:
+        numpy.testing.assert_allclose(grads[name], whole[name], rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+def test_a_row_whose_targets_are_all_ignored_adds_nothing_and_a_batch_of_them_is_refused():
+    config = llama.PRESETS["nano"]
+    params = llama.init_params(config, seed=0, dtype="float64")
+    tokens, targets = batch(config, 3, 8, seed=1)
+    targets[1] = -100
+    loss, grads = on_threads(2, params, config, tokens, targets)
+    kept = [0, 2]
+    whole_loss, whole = llama.loss_and_grads(params, config, tokens[kept], targets[kept])
+    assert loss == pytest.approx(whole_loss, rel=1e-12)
+    numpy.testing.assert_allclose(grads["output.weight"], whole["output.weight"], rtol=1e-10, atol=1e-14)
+    targets[:] = -100
+    with pytest.raises(ValueError, match="every target is ignore_index"):
+        on_threads(2, params, config, tokens, targets)
+
+
+def test_a_failure_on_one_thread_is_raised_and_no_thread_waits_for_ever():
+    config = llama.PRESETS["nano"]
+    params = llama.init_params(config, seed=0)
+    tokens, targets = batch(config, 4, 8, seed=1)
+    tokens[1, 3] = config.vocab_size + 5  # outside the embedding: the row on its thread raises
+    with pytest.raises(ValueError):
+        on_threads(3, params, config, tokens, targets)
+
+
+def test_adamw_and_the_gradient_norm_on_threads_are_the_same_to_the_bit():
+    config = llama.PRESETS["nano"]
+    params = llama.init_params(config, seed=0)
+    _, grads = llama.loss_and_grads(params, config, *batch(config, 2, 8, seed=1))
+    results = []
+    for threads in (None, 2, 3):
+        copy, state = {name: p.copy() for name, p in params.items()}, optim.init_state(params)
+        if threads is None:
+            norm = optim.global_norm(grads)
+            for _ in range(3):
+                optim.step(copy, grads, state, lr=1e-2)
+        else:
+            with workers(threads) as pool:
+                norm = optim.global_norm(grads, pool)
+                for _ in range(3):
+                    optim.step(copy, grads, state, lr=1e-2, pool=pool)
+        results.append((norm, copy, state))
+    for norm, copy, state in results[1:]:
+        assert norm == results[0][0]
+        for name in params:
+            assert numpy.array_equal(copy[name], results[0][1][name])
+            assert numpy.array_equal(state.v[name], results[0][2].v[name])
+
+
+def test_training_on_one_two_and_three_threads_logs_and_saves_the_same_numbers(corpus, tmp_path):
+    runs = {}
+    for threads in (1, 2, 3):
+        out = f"threads-{threads}"
+        result = train_cli(*common(corpus, tmp_path, out), "--steps", "4", "--eval-every", "2",
+                           "--threads", str(threads))
+        assert result.returncode == 0, result.stderr
+        assert f"; {threads} worker thread" in result.stderr
+        runs[threads] = tmp_path / out
+    assert len(read_metrics(runs[1])) > 4
+    for threads in (2, 3):
+        assert measured(runs[threads]) == measured(runs[1])
+        for file in ("model.safetensors", "optimizer.safetensors"):
+            assert (runs[threads] / "step-00000004" / file).read_bytes() == \
+                (runs[1] / "step-00000004" / file).read_bytes(), file
