@@ -7,11 +7,11 @@ import numpy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import small_model_configs
 
 from npllama import model as llama
 from npllama import optim
 from npllama.parallel import sliced_loss_and_grads, workers
+from strategies import small_model_configs
 from training import common, measured, read_metrics, train_cli
 
 
