@@ -479,14 +479,17 @@ def _head_loss(normed, weight, targets, ignore_index):
     return sum(parts[1:], parts[0])
 
 
-def _head_loss_and_grads(normed, weight, targets, ignore_index):
-    """Return (loss, dnormed, dweight) for loss = cross_entropy(normed W^T, targets), chunk by chunk."""
+def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None):
+    """Return (loss, dnormed, dweight) for loss = cross_entropy(normed W^T, targets), chunk by chunk
+    (on `pool`'s threads when given: the chunks' losses and weight gradients are still added in
+    chunk order, so the numbers are those of one thread to the bit)."""
     xp = array_namespace(normed)
     rows, targets = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
     n_counted = cross_entropy.batch_count(targets, ignore_index, normed.dtype)  # every chunk divides by the batch's
     drows = xp.empty(rows.shape, dtype=normed.dtype)
-    value, dweight = None, None
-    for start, stop in _head_chunks(rows.shape[0], weight.shape[0]):
+
+    def chunk(bounds):
+        start, stop = bounds
         logits, head_cache = linear.forward(rows[start:stop], weight)
         part, ce_cache = cross_entropy.forward(logits, targets[start:stop], ignore_index, n_counted=n_counted)
         del logits  # the cache keeps exp(z - max) instead, and backward turns that buffer into dlogits
@@ -494,7 +497,11 @@ def _head_loss_and_grads(normed, weight, targets, ignore_index):
         # N'; so dloss/dloss_c = 1, and the chunk's rows and the weight get the chunk's gradients
         dlogits = cross_entropy.backward(1.0, ce_cache)
         drows[start:stop], dweight_chunk = linear.backward(dlogits, head_cache)
-        del dlogits
+        return part, dweight_chunk
+
+    value, dweight = None, None
+    chunks = _head_chunks(rows.shape[0], weight.shape[0])
+    for part, dweight_chunk in (pool.map if pool is not None else map)(chunk, chunks):  # in chunk order
         value = part if value is None else value + part
         if dweight is None:
             dweight = dweight_chunk
@@ -513,7 +520,7 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
 
 
 def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
-                             tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None):
+                             tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None, pool=None):
     """Return (loss, grads): the mean cross-entropy as a 0-d array where the weights live (reading
     it from a GPU waits for the GPU, so a caller that adds several reads once) and its gradient for
     every parameter.
@@ -526,6 +533,10 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     keeps what it returns: a caller can send the later layers' gradients to other processes while backward computes the
     earlier ones (npllama.train.distributed.GradientAverage), or copy a gradient into a buffer of its own
     without two copies living at once.
+
+    pool (an executor), when given, runs the output head's chunks of rows on its threads, their
+    sums in chunk order (the numbers are the same to the bit): npllama.parallel's use for a batch of
+    one long sequence.
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
@@ -540,7 +551,7 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
         if on_grad is not None:  # what on_grad returns replaces it, so the two never both live on
             grads[name] = on_grad(name, grads[name])
 
-    value, dnormed, dhead = _head_loss_and_grads(normed, params[head_name(config)], targets, ignore_index)
+    value, dnormed, dhead = _head_loss_and_grads(normed, params[head_name(config)], targets, ignore_index, pool)
     if head_name(config) == OUTPUT_HEAD:
         grads[OUTPUT_HEAD], dhead = dhead, None
         finished(OUTPUT_HEAD)

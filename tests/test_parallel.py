@@ -61,6 +61,20 @@ def test_the_sliced_loss_and_gradients_are_the_whole_batchs_up_to_rounding(confi
         numpy.testing.assert_allclose(grads[name], whole[name], rtol=1e-10, atol=1e-14, err_msg=name)
 
 
+def test_one_long_sequence_shares_its_output_heads_chunks_and_keeps_the_numbers_to_the_bit(monkeypatch):
+    """A batch of one row is one slice; the threads share its head's chunks of rows (made small here:
+    9 chunks), whose sums run in chunk order, so the numbers are the serial ones to the bit."""
+    config = llama.PRESETS["nano"]
+    monkeypatch.setattr(llama, "HEAD_CHUNK_ELEMENTS", 4 * config.vocab_size)  # 4 rows a chunk
+    params = llama.init_params(config, seed=0, std=0.5)
+    tokens, targets = batch(config, 1, 35, seed=2, ignored=0.2)
+    serial_loss, serial = llama.loss_and_grads(params, config, tokens, targets)
+    for threads in (1, 2, 3):
+        loss, grads = on_threads(threads, params, config, tokens, targets)
+        assert loss == serial_loss
+        assert all(numpy.array_equal(grads[name], serial[name]) for name in params)
+
+
 def test_a_row_whose_targets_are_all_ignored_adds_nothing_and_a_batch_of_them_is_refused():
     config = llama.PRESETS["nano"]
     params = llama.init_params(config, seed=0, dtype="float64")
