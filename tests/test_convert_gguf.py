@@ -295,8 +295,6 @@ REFUSALS = {  # name: (metadata changes, tensor changes, what the message says)
     # refused before a table of 10^8 layers' names is built
     "a_block_count_of_a_hundred_million": ({"llama.block_count": 100_000_000}, {},
                                            "llama.block_count is 100000000, but the file holds tensors of 2 blocks"),
-    "a_block_count_short_of_the_tensors": ({"llama.block_count": 1}, {},
-                                           "llama.block_count is 1, but the file holds tensors of 2 blocks"),
     "an_integer_tensor": ({}, {"token_embd.weight": (numpy.zeros((267, 64), numpy.int32), GGMLQuantizationType.I32)},
                           "tensor 'token_embd.weight' is stored as I32, which the gguf package cannot dequantize"),
     "a_nan_weight": ({}, {"blk.0.attn_norm.weight": (numpy.full(64, numpy.nan, numpy.float32), F32)},
@@ -315,6 +313,12 @@ def test_what_npllama_cannot_represent_is_refused_in_one_line_naming_the_file(tm
     metadata, tensors, expected = REFUSALS[case]
     path, _ = model_file(tmp_path, CONFIGS["multi_head"], metadata=metadata, tensors=tensors)
     assert expected in one_line_refusal(path)
+
+
+@pytest.mark.parametrize("block_count", [1, 3])
+def test_a_block_count_other_than_the_blocks_present_is_refused_naming_both(tmp_path, block_count):
+    path, _ = model_file(tmp_path, CONFIGS["multi_head"], metadata={"llama.block_count": block_count})
+    assert f"llama.block_count is {block_count}, but the file holds tensors of 2 blocks" in one_line_refusal(path)
 
 
 @pytest.fixture(scope="module")

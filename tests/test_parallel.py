@@ -61,6 +61,23 @@ def test_the_sliced_loss_and_gradients_are_the_whole_batchs_up_to_rounding(confi
         numpy.testing.assert_allclose(grads[name], whole[name], rtol=1e-10, atol=1e-14, err_msg=name)
 
 
+@settings(max_examples=6, deadline=None)
+@given(config=small_model_configs(), rows=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_the_gradients_on_threads_match_finite_differences_of_the_loss(config, rows, seed):
+    """The model's finite-difference check (npllama.audit), with the gradients from two threads."""
+    from npllama.audit import gradcheck
+
+    params = llama.init_params(config, seed=seed, std=0.5, dtype="float64")
+    tokens, targets = batch(config, rows, 5, seed, ignored=0.2)
+    if (targets == -100).all():
+        targets[0, 0] = 0
+    _, grads = on_threads(2, params, config, tokens, targets)
+    rng = numpy.random.default_rng(seed)
+    results = [gradcheck.check_gradient("threads", lambda values: llama.loss(values, config, tokens, targets), params,
+                                        name, grads[name], rng, n_directions=2, max_elements=24) for name in params]
+    assert all(result.passed for result in results), [result for result in results if not result.passed][:2]
+
+
 def test_one_long_sequence_shares_its_output_heads_chunks_and_keeps_the_numbers_to_the_bit(monkeypatch):
     """A batch of one row is one slice; the threads share its head's chunks of rows (made small here:
     9 chunks), whose sums run in chunk order, so the numbers are the serial ones to the bit."""
