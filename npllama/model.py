@@ -225,7 +225,7 @@ KEPT_ACTIVATIONS = ("x", "attn_out", "h", "a", "b")
 KEPT_CACHES = ("rope_q", "rope_k", "attention")
 
 
-def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE, recompute=True, kv=None):
+def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE, recompute=True, kv=None, pool=None):
     """Run one block on x (B, T, C). Return (y, cache) where `cache` (a BlockCache) is what backward needs.
 
     With recompute=True the cache keeps only what `KEPT_ACTIVATIONS` and `KEPT_CACHES` name.
@@ -233,6 +233,8 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
     Decoding passes kv = (keys, values, start): this layer's cache arrays (B, Hkv, max_len, D) and
     the number of positions already in them. The new rotated keys and values are written at
     start .. start + T - 1 and the queries attend over all start + T positions (inference only).
+
+    pool (an executor), when given, runs attention's head groups on its threads (the same numbers).
     """
     xp = array_namespace(x)
     seq = x.shape[1]
@@ -250,7 +252,7 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
         keys[:, :, start:start + seq] = k_heads
         values[:, :, start:start + seq] = v_heads
         k_heads, v_heads = keys[:, :, :start + seq], values[:, :, :start + seq]
-    attn_out, ops["attention"] = attention.forward(q_heads, k_heads, v_heads, tile_size)
+    attn_out, ops["attention"] = attention.forward(q_heads, k_heads, v_heads, tile_size, pool=pool)
     projected, ops["wo"] = linear.forward(_merge_heads(attn_out), w["wo"])
     h = x + projected
     n2, ops["ffn_norm"] = rmsnorm.forward(h, w["ffn_norm"], config.norm_eps)
@@ -287,8 +289,9 @@ def _recompute(w, cache, config):
     return ops
 
 
-def block_backward(dy, w, cache, config):
-    """Given dL/dy (B, T, C), return (dx, grads) with grads keyed by short name, like `layer_weights`."""
+def block_backward(dy, w, cache, config, pool=None):
+    """Given dL/dy (B, T, C), return (dx, grads) with grads keyed by short name, like `layer_weights`
+    (attention's head groups on `pool`'s threads, when given)."""
     xp = array_namespace(dy)
     batch, seq, dim = dy.shape
     ops = cache.ops if cache.activations is None else _recompute(w, cache, config)
@@ -307,7 +310,7 @@ def block_backward(dy, w, cache, config):
     # forward was: h = x + Wo o, o = the attention output (B, H, T, D) with its heads merged
     dattn_flat, grads["wo"] = linear.backward(dh, ops["wo"])
     dattn = _to_attention_layout(_split_heads(dattn_flat, config.n_heads), xp)
-    dq_heads, dk_heads, dv_heads = attention.backward(dattn, ops["attention"])
+    dq_heads, dk_heads, dv_heads = attention.backward(dattn, ops["attention"], pool=pool)
     # forward was: q_heads = rope(q), k_heads = rope(k), in (B, T, H, D) before the layout change
     dq = rope.backward(dq_heads.transpose(0, 2, 1, 3), ops["rope_q"]).reshape(batch, seq, dim)
     dk = rope.backward(dk_heads.transpose(0, 2, 1, 3), ops["rope_k"]).reshape(batch, seq, config.kv_dim)
@@ -406,7 +409,7 @@ def forward(params, config, tokens, tile_size=attention.DEFAULT_TILE_SIZE, kv_ca
     return logits
 
 
-def _run_layers(params, config, tokens, tile_size, recompute=True, kv_cache=None, on_output=None):
+def _run_layers(params, config, tokens, tile_size, recompute=True, kv_cache=None, on_output=None, pool=None):
     """Embed device tokens (B, T) and run every block over them: the residual stream after the last
     block (B, T, C). The one embed-then-blocks loop of inference, `hidden_states` and training.
 
@@ -425,7 +428,8 @@ def _run_layers(params, config, tokens, tile_size, recompute=True, kv_cache=None
         if on_output is not None:
             on_output(h, cache)
         kv = (kv_cache.keys[i], kv_cache.values[i], start) if kv_cache is not None else None
-        h, cache = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=recompute, kv=kv)
+        h, cache = block_forward(layer_weights(params, i), h, cos, sin, config, tile_size, recompute=recompute, kv=kv,
+                                 pool=pool)
     if on_output is not None:
         on_output(h, cache)
     if kv_cache is not None:
@@ -534,14 +538,15 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     earlier ones (npllama.train.distributed.GradientAverage), or copy a gradient into a buffer of its own
     without two copies living at once.
 
-    pool (an executor), when given, runs the output head's chunks of rows on its threads, their
-    sums in chunk order (the numbers are the same to the bit): npllama.parallel's use for a batch of
-    one long sequence.
+    pool (an executor), when given, runs attention's head groups and the output head's chunks of
+    rows on its threads, the chunks' sums in chunk order (the numbers are the same to the bit):
+    npllama.parallel's use for a batch of one long sequence.
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
     caches: list = []  # the embedding's, then each block's
-    h = _run_layers(params, config, tokens, tile_size, recompute, on_output=lambda output, cache: caches.append(cache))
+    h = _run_layers(params, config, tokens, tile_size, recompute, on_output=lambda output, cache: caches.append(cache),
+                    pool=pool)
     emb_cache, block_caches = caches[0], caches[1:]
     normed, norm_cache = rmsnorm.forward(h, params[FINAL_NORM], config.norm_eps)
     grads: dict = {}
@@ -558,7 +563,7 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     dh, grads[FINAL_NORM] = rmsnorm.backward(dnormed, norm_cache)
     finished(FINAL_NORM)
     for i in reversed(range(config.n_layers)):
-        dh, layer_grads = block_backward(dh, layer_weights(params, i), block_caches.pop(), config)
+        dh, layer_grads = block_backward(dh, layer_weights(params, i), block_caches.pop(), config, pool)
         for short in list(layer_grads):
             grads[layer_name(i, short)] = layer_grads.pop(short)
             finished(layer_name(i, short))

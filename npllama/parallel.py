@@ -13,8 +13,8 @@ The numbers do not depend on the number of threads:
 - the BLAS is held to one thread while the workers are open (threadpoolctl, in the process), since a
   product cut among BLAS threads may add in another order.
 
-A batch of one sequence is one slice: its output head's chunks of rows (model.py) share the threads,
-their sums again in chunk order. So 1, 2 or 16 threads give bitwise the same loss and gradients. They differ from one
+A batch of one sequence is one slice: its attention's head groups and its output head's chunks of
+rows (model.py) share the threads instead, the chunks' sums again in chunk order. So 1, 2 or 16 threads give bitwise the same loss and gradients. They differ from one
 `loss_and_grads_on_device` over the whole batch by rounding only: the same sums, in another order.
 Memory: each busy thread holds one slice's activations and gradients, and the batch's gradients
 are one more set of the parameters' size.
@@ -65,7 +65,7 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
     if sum(counted) == 0:
         raise ValueError("sliced_loss_and_grads: every target is ignore_index; there is no loss to take")
     weights = [count / sum(counted) for count in counted]
-    if len(slices) == 1:  # one sequence: the threads share its output head's chunks of rows instead
+    if len(slices) == 1:  # one sequence: the threads share its attention heads and output head's chunks
         value, grads = llama.loss_and_grads_on_device(params, config, tokens, targets, ignore_index=ignore_index,
                                                       pool=pool)
         return value.astype(xp.float64), grads

@@ -44,8 +44,13 @@ def test_every_op_returns_its_own_cache_dataclass():
 
 
 def test_every_backward_names_its_incoming_gradient_dy():
+    """backward(dy, cache); anything else is keyword-only with a default (how to run it, such as
+    attention's pool of threads, never what it computes)."""
     for op in OPS:
-        assert list(inspect.signature(op.backward).parameters) == ["dy", "cache"], op.__name__
+        parameters = list(inspect.signature(op.backward).parameters.values())
+        assert [parameter.name for parameter in parameters[:2]] == ["dy", "cache"], op.__name__
+        assert all(parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty
+                   for parameter in parameters[2:]), op.__name__
 
 
 def test_linear_save_for_backward_is_the_cache_forward_returns():
@@ -81,17 +86,18 @@ def test_model_never_builds_or_opens_an_op_cache():
 
 
 class _OtherAttention:
-    """Another attention implementation: same math, a cache of its own making (a dict in a list)."""
+    """Another attention implementation: same math, a cache of its own making (a dict in a list).
+    `pool` (threads it may use, npllama/parallel.py) it is free to ignore."""
 
     DEFAULT_TILE_SIZE = attention.DEFAULT_TILE_SIZE
 
     @staticmethod
-    def forward(q, k, v, tile_size=attention.DEFAULT_TILE_SIZE, scale=None):
+    def forward(q, k, v, tile_size=attention.DEFAULT_TILE_SIZE, scale=None, *, pool=None):
         out, cache = attention.forward(q, k, v, tile_size, scale)
         return out, [{"wrapped": cache}]
 
     @staticmethod
-    def backward(dy, cache):
+    def backward(dy, cache, *, pool=None):
         return attention.backward(dy, cache[0]["wrapped"])
 
 

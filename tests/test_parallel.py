@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from npllama import model as llama
 from npllama import optim
+from npllama.ops import attention
 from npllama.parallel import sliced_loss_and_grads, workers
-from strategies import small_model_configs
+from strategies import grouped_attention_problems, small_model_configs
 from training import common, measured, read_metrics, train_cli
 
 
@@ -78,9 +79,10 @@ def test_the_gradients_on_threads_match_finite_differences_of_the_loss(config, r
     assert all(result.passed for result in results), [result for result in results if not result.passed][:2]
 
 
-def test_one_long_sequence_shares_its_output_heads_chunks_and_keeps_the_numbers_to_the_bit(monkeypatch):
-    """A batch of one row is one slice; the threads share its head's chunks of rows (made small here:
-    9 chunks), whose sums run in chunk order, so the numbers are the serial ones to the bit."""
+def test_one_long_sequence_shares_its_heads_and_chunks_and_keeps_the_numbers_to_the_bit(monkeypatch):
+    """A batch of one row is one slice; the threads share its attention's heads and its output
+    head's chunks of rows (made small here: 9 chunks), whose sums run in chunk order, so the numbers
+    are the serial ones to the bit."""
     config = llama.PRESETS["nano"]
     monkeypatch.setattr(llama, "HEAD_CHUNK_ELEMENTS", 4 * config.vocab_size)  # 4 rows a chunk
     params = llama.init_params(config, seed=0, std=0.5)
@@ -90,6 +92,27 @@ def test_one_long_sequence_shares_its_output_heads_chunks_and_keeps_the_numbers_
         loss, grads = on_threads(threads, params, config, tokens, targets)
         assert loss == serial_loss
         assert all(numpy.array_equal(grads[name], serial[name]) for name in params)
+
+
+@settings(max_examples=20, deadline=None)
+@given(problem=grouped_attention_problems(), multi_head=st.booleans(), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_attention_by_head_groups_on_threads_is_the_serial_attention_to_the_bit(problem, multi_head, seed, dtype):
+    batch_size, n_kv_heads, group, seq, head_dim, tile_size = problem
+    if multi_head:  # every query head its own key/value head
+        n_kv_heads, group = n_kv_heads * group, 1
+    rng = numpy.random.default_rng(seed)
+    q = rng.standard_normal((batch_size, n_kv_heads * group, seq, head_dim)).astype(dtype)
+    k, v = (rng.standard_normal((batch_size, n_kv_heads, seq, head_dim)).astype(dtype) for _ in range(2))
+    dy = rng.standard_normal(q.shape).astype(dtype)
+    serial_out, serial_cache = attention.forward(q, k, v, tile_size)
+    serial_grads = attention.backward(dy, serial_cache)
+    with workers(2) as pool:
+        out, cache = attention.forward(q, k, v, tile_size, pool=pool)
+        grads = attention.backward(dy, cache, pool=pool)
+    assert numpy.array_equal(out, serial_out) and numpy.array_equal(cache.lse, serial_cache.lse)
+    assert all(numpy.array_equal(got, expected) and got.dtype == expected.dtype
+               for got, expected in zip(grads, serial_grads))
 
 
 def test_a_row_whose_targets_are_all_ignored_adds_nothing_and_a_batch_of_them_is_refused():

@@ -95,8 +95,22 @@ def _grouped(q, k, v, ct):
     return grouped_q, k.astype(ct, copy=False)[:, :, None], v.astype(ct, copy=False)[:, :, None]
 
 
-def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
-    """Return (out, cache); cache holds the inputs, out and the row logsumexp L, nothing T x T."""
+def _head_groups(q, k):
+    """(batch row, query heads, key/value head) of each key/value head's group: the parts that
+    attend independently of one another, which `pool`'s threads may share."""
+    group = q.shape[1] // k.shape[1]
+    return [(slice(b, b + 1), slice(g * group, (g + 1) * group), slice(g, g + 1))
+            for b in range(q.shape[0]) for g in range(k.shape[1])]
+
+
+def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None, *, pool=None):
+    """Return (out, cache); cache holds the inputs, out and the row logsumexp L, nothing T x T.
+
+    With `pool` (an executor; NumPy only), each key/value head's group of query heads, in each batch
+    row, runs on its threads: the groups attend independently, and each runs the same arithmetic
+    as here, so out and L are the same to the bit."""
+    if pool is not None and not _runs_on_kernels(q, k, v) and len(_head_groups(q, k)) > 1:
+        return _forward_by_groups(q, k, v, tile_size, scale, pool)
     xp = array_namespace(q, k, v)
     group_size(q, k, v)
     batch, n_heads, n_queries, head_dim = q.shape
@@ -143,12 +157,47 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None):
     return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
 
 
-def backward(dy, cache):
-    """Return (dq, dk, dv) given dy = dO, recomputing P = exp(S - L) one tile pair at a time."""
+def _forward_by_groups(q, k, v, tile_size, scale, pool):
+    xp = array_namespace(q, k, v)
+    group_size(q, k, v)
+    out = xp.empty(q.shape, dtype=q.dtype)
+    lse = xp.empty(q.shape[:-1], dtype=compute_dtype(xp, q.dtype))
+
+    def attend(parts):
+        rows, heads, kv_head = parts
+        out[rows, heads], part = forward(q[rows, heads], k[rows, kv_head], v[rows, kv_head], tile_size, scale)
+        lse[rows, heads] = part.lse
+        return part.scale
+
+    scales = list(pool.map(attend, _head_groups(q, k)))
+    return out, AttentionCache(q, k, v, out, lse, tile_size, scales[0])
+
+
+def _backward_by_groups(dy, cache, pool):
+    q, k, v = cache.q, cache.k, cache.v
+    xp = array_namespace(dy)
+    dq, dk, dv = xp.empty(q.shape, dtype=q.dtype), xp.empty(k.shape, dtype=k.dtype), xp.empty(v.shape, dtype=v.dtype)
+
+    def attend_back(parts):
+        rows, heads, kv_head = parts
+        part = AttentionCache(q[rows, heads], k[rows, kv_head], v[rows, kv_head], cache.out[rows, heads],
+                              cache.lse[rows, heads], cache.tile_size, cache.scale)
+        dq[rows, heads], dk[rows, kv_head], dv[rows, kv_head] = backward(dy[rows, heads], part)
+
+    for _ in pool.map(attend_back, _head_groups(q, k)):
+        pass
+    return dq, dk, dv
+
+
+def backward(dy, cache, *, pool=None):
+    """Return (dq, dk, dv) given dy = dO, recomputing P = exp(S - L) one tile pair at a time (each
+    key/value head's group on `pool`'s threads, when given, as in `forward`)."""
     q, k, v, out, lse = cache.q, cache.k, cache.v, cache.out, cache.lse
     tile_size, scale = cache.tile_size, cache.scale
     if _runs_on_kernels(dy, q, k, v):
         return cuda_attention.backward(dy, q, k, v, out, lse, scale)
+    if pool is not None and len(_head_groups(q, k)) > 1:
+        return _backward_by_groups(dy, cache, pool)
     xp = array_namespace(dy)
     n_queries, n_keys = q.shape[2], k.shape[2]
     offset = n_keys - n_queries
