@@ -14,7 +14,9 @@ The numbers do not depend on the number of threads:
   product cut among BLAS threads may add in another order.
 
 A batch of one sequence is one slice: its attention's head groups and its output head's chunks of
-rows (model.py) share the threads instead, the chunks' sums again in chunk order. So 1, 2 or 16 threads give bitwise the same loss and gradients. They differ from one
+rows (model.py) share the threads instead, the chunks' sums again in chunk order.
+
+So 1, 2 or 16 threads give bitwise the same loss and gradients. They differ from one
 `loss_and_grads_on_device` over the whole batch by rounding only: the same sums, in another order.
 Memory: each busy thread holds one slice's activations and gradients, and the batch's gradients
 are one more set of the parameters' size.

@@ -173,6 +173,9 @@ def test_training_on_one_two_and_three_threads_logs_and_saves_the_same_numbers(c
         assert f"; {threads} worker thread" in result.stderr
         runs[threads] = tmp_path / out
     assert len(read_metrics(runs[1])) > 4
+    result = train_cli(*common(corpus, tmp_path, "whole"), "--steps", "4", "--eval-every", "2", "--threads", "0")
+    assert result.returncode == 0 and "worker thread" not in result.stderr, result.stderr
+    assert measured(tmp_path / "whole") != measured(runs[1])  # the whole batch at once: another order of sums
     for threads in (2, 3):
         assert measured(runs[threads]) == measured(runs[1])
         for file in ("model.safetensors", "optimizer.safetensors"):

@@ -36,6 +36,7 @@ REFUSED = [
     ("batch_size", 0, "--batch-size must be at least 1"),
     ("seq_len", -3, "--seq-len must be at least 1"),
     ("grad_accum", 0, "--grad-accum must be at least 1"),
+    ("threads", -1, "--threads must be at least 0"),
     ("lr", 0.0, "--lr must be a positive number"),
     ("lr", math.nan, "--lr must be a positive number"),
     ("lr", math.inf, "--lr must be a positive number"),

@@ -86,7 +86,8 @@ class TrainConfig:
     grad_accum: int = _setting(1, "micro-batches per optimizer step", saved=True, rule=_at_least(1))
     threads: int | None = _setting(None, "worker threads of the NumPy backend, each running forward and backward "
                                          "on its rows of the batch; the numbers do not depend on it (default: the "
-                                         "cores this process may use)", rule=_at_least(1), metavar="N")
+                                         "cores this process may use; 0: none, each batch runs whole with the "
+                                         "BLAS's own threads, as under mpirun)", rule=_at_least(0), metavar="N")
     zero: int = _setting(0, "under mpirun, 1 shards AdamW's moments over the processes (ZeRO stage 1: each "
                             "updates its rows of every parameter); the numbers are those of 0", choices=(0, 1),
                          type=int, rule=(lambda level: level in (0, 1), "{flag} must be 0 or 1"))

@@ -288,9 +288,9 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
 
 def _worker_threads(config: TrainConfig, world) -> int | None:
     """How many threads share each step (--threads, default every core this process may use); None
-    where the batch runs whole: on a GPU, and in each process of a run under mpirun (the processes
-    share the cores)."""
-    if config.backend != "numpy" or world.size > 1:
+    where the batch runs whole: with --threads 0, on a GPU, and in each process of a run under
+    mpirun (the processes share the cores)."""
+    if config.backend != "numpy" or world.size > 1 or config.threads == 0:
         return None
     return config.threads or parallel.available_cores()
 
