@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from npllama.convert.hf import hf_rows_to_meta
@@ -124,3 +126,23 @@ def test_gradients_under_unknown_names_are_refused_in_one_line(model_and_batch):
     result = audit_compare(folder, path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "neither Meta's nor Hugging Face's names" in result.stderr
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+       scale=st.sampled_from([0.0, 1e-30, 1.0, 1e30]))
+def test_a_nan_or_infinity_anywhere_in_their_gradients_fails_that_parameter_and_only_it(data, bad, scale):
+    """Whatever the position, and whatever the size of our gradient there (zero included), a
+    non-finite value of theirs fails its row; every other row, equal to ours, passes at tolerance 0."""
+    from npllama.audit.compare import compare_rows
+
+    shapes = {"a": (3, 4), "b": (5,), "c": (2, 2, 2)}
+    rng = numpy.random.default_rng(data.draw(st.integers(0, 2**16)))
+    ours = {name: rng.standard_normal(shape) * scale for name, shape in shapes.items()}
+    theirs = {name: grad.copy() for name, grad in ours.items()}
+    planted = data.draw(st.sampled_from(sorted(shapes)))
+    position = data.draw(st.integers(0, theirs[planted].size - 1))
+    theirs[planted].reshape(-1)[position] = bad
+    rows = {row.name: row for row in compare_rows(ours, theirs, tolerance=0.0, source="fuzzed")}
+    assert not rows[planted].passed
+    assert all(row.passed for name, row in rows.items() if name != planted)

@@ -116,20 +116,24 @@ def to_meta_names(tensors: dict, config, source: str) -> tuple[dict, str]:
 
 
 def compare_rows(ours: dict, theirs: dict, tolerance: float, source: str) -> list[Row]:
-    rows = []
-    for name, reference_grad in ours.items():
-        other = numpy.asarray(theirs[name], dtype=numpy.float64)
-        if other.shape != reference_grad.shape:
-            raise CompareError(f"--grads {source}: {name} has shape {other.shape}, the model's is "
-                               f"{reference_grad.shape}")
-        difference = other - reference_grad
-        norm_ref, norm_other = numpy.linalg.norm(reference_grad), numpy.linalg.norm(other)
-        rel = float(numpy.linalg.norm(difference) / norm_ref) if norm_ref else float(numpy.linalg.norm(difference))
-        cosine = float(numpy.vdot(other, reference_grad) / (norm_ref * norm_other)) if norm_ref and norm_other \
-            else float("nan")
-        max_abs = float(numpy.abs(difference).max()) if difference.size else 0.0
-        rows.append(Row(name, rel, cosine, max_abs, bool(math.isfinite(rel) and rel <= tolerance)))
-    return rows
+    """One row per parameter; a NaN or an infinity in theirs makes its row's relative error non-finite,
+    which fails it (and is reported as it is, without NumPy's warnings about the arithmetic)."""
+    with numpy.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return [_row(name, reference_grad, theirs[name], tolerance, source) for name, reference_grad in ours.items()]
+
+
+def _row(name: str, reference_grad, theirs, tolerance: float, source: str) -> Row:
+    other = numpy.asarray(theirs, dtype=numpy.float64)
+    if other.shape != reference_grad.shape:
+        raise CompareError(f"--grads {source}: {name} has shape {other.shape}, the model's is "
+                           f"{reference_grad.shape}")
+    difference = other - reference_grad
+    norm_ref, norm_other = numpy.linalg.norm(reference_grad), numpy.linalg.norm(other)
+    rel = float(numpy.linalg.norm(difference) / norm_ref) if norm_ref else float(numpy.linalg.norm(difference))
+    cosine = float(numpy.vdot(other, reference_grad) / (norm_ref * norm_other)) if norm_ref and norm_other \
+        else float("nan")
+    max_abs = float(numpy.abs(difference).max()) if difference.size else 0.0
+    return Row(name, rel, cosine, max_abs, bool(math.isfinite(rel) and rel <= tolerance))
 
 
 def first_diverging_layer(ours: list, theirs: dict, tolerance: float):
