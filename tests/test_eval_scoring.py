@@ -99,9 +99,22 @@ def test_a_shared_context_run_gives_each_pair_the_log_likelihood_of_its_own_forw
         assert scored.n_tokens == len(continuation_ids)
 
 
-def test_trailing_whitespace_of_the_context_moves_to_the_completion(tiny):
-    assert evaluate.encode_pair(tiny.tokenizer, "the cat ", "sat") == evaluate.encode_pair(tiny.tokenizer, "the cat",
-                                                                                         " sat")
+# every kind of whitespace Python's str.rstrip (and so lm-eval's `hf` model) strips: ASCII, the
+# no-break and ideographic spaces, line and paragraph separators, and runs of them mixed
+WHITESPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2007\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@given(context=texts, trailing=st.text(alphabet=WHITESPACE, min_size=1, max_size=4),
+       continuation=st.text(alphabet="abc xyz", min_size=1, max_size=6))
+def test_any_trailing_whitespace_of_the_context_moves_to_the_completion(tiny, context, trailing, continuation):
+    """encode_pair(x + w, c) = encode_pair(x, w + c) for any run w of whitespace, and the ids are
+    those of x + w + c read whole: the context's ids, then the completion's."""
+    stripped = context.rstrip()
+    moved = evaluate.encode_pair(tiny.tokenizer, stripped + trailing, continuation)
+    assert moved == evaluate.encode_pair(tiny.tokenizer, stripped, trailing + continuation)
+    context_ids, continuation_ids = moved
+    whole = tiny.tokenizer.encode(stripped + trailing + continuation, bos=tiny.tokenizer.add_bos_token)
+    assert context_ids + continuation_ids == whole
 
 
 def test_an_input_longer_than_the_window_drops_its_oldest_tokens(tiny):
