@@ -183,6 +183,27 @@ def test_exact_match_lowercases_and_drops_punctuation_articles_and_extra_spaces(
     assert evaluate.exact_match(prediction, answers) == expected
 
 
+answer_words = st.lists(st.sampled_from(["The", "a", "Beatles", "an", "apple", "U.S.", "1,000", "rock'n'roll", "Paris",
+                                         "theatre", "x"]), min_size=1, max_size=5)
+
+
+@given(words=answer_words, gaps=st.lists(st.text(alphabet=WHITESPACE, min_size=1, max_size=3), min_size=5, max_size=5),
+       edges=st.tuples(st.text(alphabet=WHITESPACE + "!?.,;:", max_size=3), st.text(alphabet=WHITESPACE + "!?.,;:",
+                                                                                       max_size=3)),
+       upper=st.booleans())
+def test_an_answer_matches_itself_written_with_any_runs_of_whitespace_punctuation_around_and_any_case(
+        words, gaps, edges, upper):
+    """Between words, any run of any whitespace counts as one space; punctuation before and after,
+    and the case of the letters, do not count; and normalising twice changes nothing."""
+    gold = " ".join(words)
+    written = edges[0] + words[0] + "".join(gap + word for gap, word in zip(gaps, words[1:])) + edges[1]
+    written = written.upper() if upper else written
+    assert evaluate.normalize_answer(written.strip()) == evaluate.normalize_answer(gold)
+    assert evaluate.normalize_answer(evaluate.normalize_answer(gold)) == evaluate.normalize_answer(gold)
+    if evaluate.normalize_answer(gold):  # an answer of articles alone normalises to nothing
+        assert evaluate.exact_match(written, [gold]) == 1.0
+
+
 items = st.lists(st.integers(0, 50), min_size=1, max_size=10, unique=True).map(
     lambda numbers: [Generation(f"Q: {n}?\nA:", (str(n),)) for n in numbers])
 
