@@ -811,7 +811,7 @@ CATALOGUE = [
            "    if n_spaces:\n        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation\n"
            "    bos = ",
            "    bos = ",
-           (EVALUATE + "test_trailing_whitespace_of_the_context_moves_to_the_completion",),
+           (EVALUATE + "test_any_trailing_whitespace_of_the_context_moves_to_the_completion",),
            "a context ending in a space is encoded with it, so the completion's first piece loses its space"),
     Mutant("eval-first-token-from-first-position", "npllama/eval/scoring.py",
            "kv_cache=cache, only_last=True)\n    # the first completion token",
