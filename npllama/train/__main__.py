@@ -11,7 +11,7 @@ import sys
 
 from ..cli import BAD_INPUT, fail
 from ..errors import NpllamaError
-from . import distributed
+from . import distributed, stopping
 from .config import from_command_line
 from .loop import TrainInterrupted, train
 
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     except TrainInterrupted as interrupted:
         if distributed.current().is_writer:
             print(f"\n{interrupted}", file=sys.stderr)
+        stopping.signals_end_the_process()  # a second signal while Python exits: no traceback from exit handlers
         return interrupted.exit_status
     except OSError as error:  # a read or write the messages above did not foresee: still one line
         return fail(f"{error.filename or 'a file'}: {error.strerror or error}; check free space and permissions")

@@ -55,6 +55,16 @@ class StopNow(BaseException):
         self.signal_number = signal_number
 
 
+def signals_end_the_process() -> None:
+    """From now on SIGINT, SIGTERM and SIGUSR1 end the process at once, by the signal itself (a
+    shell reports 128 + its number): for a run that has stopped and is exiting, so that a second
+    signal arriving while Python shuts down ends it quietly, not with a KeyboardInterrupt traceback
+    from an exit handler."""
+    if threading.current_thread() is threading.main_thread():
+        for number in SIGNALS:
+            signal.signal(number, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def stop_requests():
     """Route SIGINT, SIGTERM and SIGUSR1 to a StopRequests for the block (where signals can be
