@@ -64,9 +64,10 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
     rows = tokens.shape[0]
     slices = [slice(start, min(start + SLICE_ROWS, rows)) for start in range(0, rows, SLICE_ROWS)]
     counted = [int((targets[part] != ignore_index).sum()) for part in slices]
-    if sum(counted) == 0:
+    counted_in_all = sum(counted)
+    if counted_in_all == 0:
         raise ValueError("sliced_loss_and_grads: every target is ignore_index; there is no loss to take")
-    weights = [count / sum(counted) for count in counted]
+    weights = [count / counted_in_all for count in counted]
     if len(slices) == 1:  # one sequence: the threads share its attention heads and output head's chunks
         value, grads = llama.loss_and_grads_on_device(params, config, tokens, targets, ignore_index=ignore_index,
                                                       pool=pool)
@@ -101,7 +102,8 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
             raise
         finally:
             with turn:
-                added += 1 if not failed.is_set() else 0
+                if not failed.is_set():
+                    added += 1
                 turn.notify_all()
 
     for done in [pool.submit(run, k) for k in range(len(slices))]:

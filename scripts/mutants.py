@@ -957,7 +957,7 @@ CATALOGUE = [
            (FOREIGN + "test_a_config_field_of_the_wrong_kind_or_size_is_named_before_anything_is_allocated",),
            "a JSON true is read as the RoPE scaling factor 1.0"),
     Mutant("slices-weighted-equally", "npllama/parallel.py",
-           "    weights = [count / sum(counted) for count in counted]\n",
+           "    weights = [count / counted_in_all for count in counted]\n",
            "    weights = [1 / len(counted) for count in counted]\n",
            ("tests/test_parallel.py::test_the_sliced_loss_and_gradients_are_the_whole_batchs_up_to_rounding",),
            "every row of the batch weighs the same, however many of its targets the loss ignores"),
