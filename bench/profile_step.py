@@ -1,13 +1,23 @@
-"""Where one npllama training step spends its time: by op, and by forward, backward and recompute.
+"""Where one npllama training step spends its time: by op, by forward, backward and recompute, and
+by thread.
 
-    python bench/profile_step.py [--preset small] [--seq-len 256] [--tokens 2048] [--steps 3]
+    python bench/profile_step.py [--preset small] [--seq-len 256] [--tokens 2048] [--steps 3] [--threads N]
+
+The step runs as `python -m npllama.train` runs it on NumPy: --threads worker threads (default:
+the cores available to the process), a one-thread BLAS in each (npllama.parallel), AdamW and
+clipping on them; --threads 0 runs the batch whole on one Python thread with the BLAS's own threads.
 
 Every op's `forward` and `backward` (npllama/ops/) and the optimizer's `step` are wrapped with a
-timer for the duration of the run. A forward called after the step's first backward is counted as
-recompute (the block's hand-written backward reruns the cheap forwards). What no op accounts for
-("between the ops") is the model's own work: reshapes and transposes to and from the attention
-layout, residual additions, gradient accumulation. Times are the mean over --steps steps after one
-untimed step, on the same shape and batches as bench/train_step.py.
+timer for the duration of the run. A forward called after its thread's first backward of the slice
+is counted as recompute (the block's hand-written backward reruns the cheap forwards). Each call is
+timed on the thread that runs it and the table adds the threads' seconds; a call handed a `pool`
+spreads its work over the workers, whose own calls are the ones counted (so nothing counts twice).
+The share is of the threads' capacity: the step's wall time times the number of threads. What no op
+accounts for is the model's own work (reshapes, residual additions, gradient sums) and threads
+waiting; the per-thread line tells the two apart: each thread's CPU seconds (from /proc) and its
+seconds inside ops, over the wall time of the timed steps. What stays serial shows as one busy thread.
+Times are the mean over --steps steps after one untimed step, on the same shape and batches as
+bench/train_step.py.
 """
 
 from __future__ import annotations
@@ -15,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import threading
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy
@@ -24,56 +36,81 @@ import numpy
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from npllama import model, optim  # noqa: E402
+from train_step import thread_cpu_seconds  # noqa: E402  (bench/, beside this file)
+
+from npllama import model, optim, parallel  # noqa: E402
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu  # noqa: E402
 
 OPS = {"embedding": embedding, "rmsnorm": rmsnorm, "linear": linear, "rope": rope, "attention": attention,
        "swiglu": swiglu, "cross_entropy": cross_entropy}
-
-
 HEAD_LINEAR = "linear, output head"
+OPTIMIZER = "AdamW + clipping"
+PHASES = ("forward", "backward", "recompute")
 
 
 class Timers:
-    """Seconds per (op, phase); phase is forward until the step's first backward, then recompute.
+    """Seconds per (op, phase), added over threads, and seconds in ops per thread (its native id).
 
-    The output head and the loss run forward and backward chunk by chunk before the blocks'
-    backward (model._head_loss_and_grads): their calls count as forward and backward, and the
-    head's matrix products get a row of their own.
+    The phase is forward until the thread's first backward in the current slice
+    (model.loss_and_grads_on_device), then recompute; a worker running part of a call handed a
+    pool takes that call's phase. The output head and the loss run forward
+    and backward chunk by chunk before the blocks' backward (model._head_loss_and_grads): their
+    calls count as forward and backward, and the head's matrix products (a weight of vocab_size
+    rows) get a row of their own.
     """
 
-    def __init__(self):
-        self.seconds = defaultdict(float)
-        self.in_backward = False
-        self.in_head = False
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.seconds: dict = defaultdict(float)
+        self.by_thread: dict = defaultdict(float)
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.delegated: str | None = None  # the phase of the call whose work the workers now run
 
-    def wrap(self, module, name: str, function: str):
+    def _label(self, name, function, args) -> str:
+        if name == "linear":
+            weight = args[1] if function == "forward" else args[1].weight
+            if weight.shape[0] == self.vocab_size:
+                return HEAD_LINEAR
+        return name
+
+    def wrap(self, module, name: str, function: str, phase: str | None = None):
+        """Time module.function as op `name`; `phase`, when given, instead of forward/backward."""
         original = getattr(module, function)
 
         def timed(*args, **kwargs):
-            label = HEAD_LINEAR if self.in_head and name == "linear" else name
-            if function == "backward" and not self.in_head:
-                self.in_backward = True
-            phase = function if function != "forward" else ("recompute" if self.in_backward else "forward")
+            label = self._label(name, function, args)
+            if function == "backward" and label not in (HEAD_LINEAR, "cross_entropy"):
+                self.local.in_backward = True
+            in_backward = getattr(self.local, "in_backward", False)
+            called = phase or (function if function != "forward" or label in (HEAD_LINEAR, "cross_entropy")
+                               else ("recompute" if in_backward else "forward"))
+            if kwargs.get("pool") is not None:  # its work runs on the workers, and is counted there
+                self.delegated = called
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self.delegated = None
+            called = self.delegated or called  # a worker's part of a call handed a pool: that call's phase
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[label, phase] += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                with self.lock:
+                    self.seconds[label, called] += elapsed
+                    self.by_thread[threading.get_native_id()] += elapsed
 
         setattr(module, function, timed)
 
-    def mark_head(self):
-        original = model._head_loss_and_grads
+    def mark_slices(self):
+        original = model.loss_and_grads_on_device
 
-        def head(*args, **kwargs):
-            self.in_head = True
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.in_head = False
+        def slice_starts(*args, **kwargs):
+            self.local.in_backward = False
+            return original(*args, **kwargs)
 
-        model._head_loss_and_grads = head
+        model.loss_and_grads_on_device = slice_starts
 
 
 def main(argv=None) -> int:
@@ -82,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens a step: batch = tokens / T")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=parallel.available_cores(),
+                        help="worker threads, each with a one-thread BLAS (default: the cores available); "
+                             "0: the batch whole, with the BLAS's own threads")
     args = parser.parse_args(argv)
     config = model.get_preset(args.preset)
     config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, args.seq_len))
@@ -90,41 +130,60 @@ def main(argv=None) -> int:
     rng = numpy.random.default_rng(0)
     batch = max(args.tokens // args.seq_len, 1)
     batches = [rng.integers(0, config.vocab_size, (batch, args.seq_len + 1)) for _ in range(args.steps + 1)]
-    timers = Timers()
+    timers = Timers(config.vocab_size)
     for name, module in OPS.items():
         timers.wrap(module, name, "forward")
         timers.wrap(module, name, "backward")
-    timers.wrap(optim, "AdamW + clipping", "step")
-    timers.mark_head()
-    total = 0.0
-    for index, tokens in enumerate(batches):
-        if index == 1:  # the first step warms up; count from the second
-            timers.seconds.clear()
-            total = 0.0
-        timers.in_backward = False
-        started = time.perf_counter()
-        _, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
-        optim.step(params, grads, state, 1e-4)
-        total += time.perf_counter() - started
-    _print(timers.seconds, total, args, batch)
+    timers.wrap(optim, OPTIMIZER, "_sum_of_squares", phase="step")  # clipping's norm, parameter by parameter
+    timers.wrap(optim, OPTIMIZER, "_update", phase="step")  # AdamW, parameter by parameter
+    timers.mark_slices()
+    total, cpu_before = 0.0, {}
+    with parallel.workers(args.threads) if args.threads else nullcontext() as pool:
+        for index, tokens in enumerate(batches):
+            if index == 1:  # the first step warms up; count from the second
+                timers.seconds.clear()
+                timers.by_thread.clear()
+                total = 0.0
+                cpu_before = thread_cpu_seconds()
+            started = time.perf_counter()
+            if pool is not None:
+                _, grads = parallel.sliced_loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:], pool)
+            else:
+                _, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
+            optim.step(params, grads, state, 1e-4, pool=pool)
+            total += time.perf_counter() - started
+        cpu = {int(key.rsplit("/", 1)[1]): seconds - cpu_before.get(key, 0.0)  # before the workers end
+               for key, seconds in thread_cpu_seconds().items()}
+    _print(timers, cpu, total, args, batch)
     return 0
 
 
-def _print(seconds, total, args, batch) -> None:
-    steps = args.steps
-    print(f"preset {args.preset}, T {args.seq_len} x batch {batch}, mean of {steps} steps: "
+def _print(timers: Timers, cpu: dict, total: float, args, batch: int) -> None:
+    steps, seconds = args.steps, timers.seconds
+    threads = max(args.threads, 1)
+    capacity = threads * total / steps  # thread-seconds a step
+    how = (f"{args.threads} worker threads, a one-thread BLAS in each" if args.threads
+           else "one thread, the BLAS's own threads")
+    print(f"preset {args.preset}, T {args.seq_len} x batch {batch}, {how}, mean of {steps} steps: "
           f"{total / steps:.3f} s a step")
+    print(f"seconds in each op on the threads that ran it, added; share of {threads} thread(s) x the step")
     print(f"{'':20}{'forward':>9}{'backward':>10}{'recompute':>11}{'total':>8}{'share':>8}")
-    names = list(OPS) + [HEAD_LINEAR, "AdamW + clipping"]
+    names = list(OPS) + [HEAD_LINEAR, OPTIMIZER]
     accounted = 0.0
-    for name in sorted(names, key=lambda n: -sum(seconds[n, p] for p in ("forward", "backward", "recompute", "step"))):
-        row = [seconds[name, phase] / steps for phase in ("forward", "backward", "recompute")]
+    for name in sorted(names, key=lambda n: -sum(seconds[n, p] for p in PHASES + ("step",))):
+        row = [seconds[name, phase] / steps for phase in PHASES]
         row_total = sum(row) + seconds[name, "step"] / steps
         accounted += row_total
         cells = "".join(f"{value:>{width}.3f}" if value else f"{'':>{width}}" for value, width in zip(row, (9, 10, 11)))
-        print(f"{name:20}{cells}{row_total:>8.3f}{100 * row_total / (total / steps):>7.0f}%")
-    between = total / steps - accounted
-    print(f"{'between the ops':20}{'':>30}{between:>8.3f}{100 * between / (total / steps):>7.0f}%")
+        print(f"{name:20}{cells}{row_total:>8.3f}{100 * row_total / capacity:>7.0f}%")
+    rest = capacity - accounted
+    print(f"{'not in an op':20}{'':>30}{rest:>8.3f}{100 * rest / capacity:>7.0f}%   "
+          "(the model's own work, and threads waiting)")
+    wall = total
+    busy = sorted((tid for tid in cpu if cpu[tid] / wall >= 0.01 or tid in timers.by_thread),
+                  key=lambda tid: -cpu[tid])
+    shares = ", ".join(f"{tid} {cpu[tid] / wall:.0%} ({timers.by_thread.get(tid, 0.0) / wall:.0%})" for tid in busy)
+    print(f"threads busy, CPU seconds over wall seconds (in ops): {shares}")
 
 
 if __name__ == "__main__":

@@ -187,12 +187,12 @@ def _measure(step, batches, args) -> dict:
     times, losses, busy = [], [], {}
     for i, tokens in enumerate(batches):
         if i == args.warmup:
-            busy = _thread_cpu_seconds()
+            busy = thread_cpu_seconds()
         started = time.perf_counter()
         losses.append(float(step(tokens)))
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
-    busy = {name: seconds - busy.get(name, 0.0) for name, seconds in _thread_cpu_seconds().items()}
+    busy = {name: seconds - busy.get(name, 0.0) for name, seconds in thread_cpu_seconds().items()}
     wall = sum(times)
     times.sort()
     median = times[len(times) // 2]
@@ -203,7 +203,7 @@ def _measure(step, batches, args) -> dict:
             "thread_busy": {name: seconds / wall for name, seconds in busy.items() if seconds / wall >= 0.01}}
 
 
-def _thread_cpu_seconds() -> dict:
+def thread_cpu_seconds() -> dict:
     """CPU seconds each thread of this process has run, by its name (Linux: /proc/self/task/*/stat,
     fields 14 and 15, user and system time in clock ticks): PyTorch's OpenMP threads and BLAS's
     threads are counted too, which Python's threading module does not list."""
