@@ -11,11 +11,12 @@ Every op's `forward` and `backward` (npllama/ops/) and the optimizer's `step` ar
 timer for the duration of the run. A forward called after its thread's first backward of the slice
 is counted as recompute (the block's hand-written backward reruns the cheap forwards). Each call is
 timed on the thread that runs it and the table adds the threads' seconds; a call handed a `pool`
-spreads its work over the workers, whose own calls are the ones counted (so nothing counts twice).
-The share is of the threads' capacity: the step's wall time times the number of threads. What no op
-accounts for is the model's own work (reshapes, residual additions, gradient sums) and threads
-waiting; the per-thread line tells the two apart: each thread's CPU seconds (from /proc) and its
-seconds inside ops, over the wall time of the timed steps. What stays serial shows as one busy thread.
+spreads its work over the workers (for one long sequence: attention's head groups, counted as the
+calls they are, and a linear's blocks of rows, counted as its wall time on each worker). The share
+is of the threads' capacity: the step's wall time times the number of threads. What no op accounts
+for is the model's own work (reshapes, residual additions, gradient sums) and threads waiting; the
+last line tells the two apart with each thread's CPU seconds (from /proc) over the wall seconds.
+What stays serial shows as one busy thread.
 Times are the mean over --steps steps after one untimed step, on the same shape and batches as
 bench/train_step.py.
 """
@@ -49,20 +50,21 @@ PHASES = ("forward", "backward", "recompute")
 
 
 class Timers:
-    """Seconds per (op, phase), added over threads, and seconds in ops per thread (its native id).
+    """Seconds per (op, phase), added over the threads that ran the op.
 
     The phase is forward until the thread's first backward in the current slice
     (model.loss_and_grads_on_device), then recompute; a worker running part of a call handed a
     pool takes that call's phase. The output head and the loss run forward
     and backward chunk by chunk before the blocks' backward (model._head_loss_and_grads): their
     calls count as forward and backward, and the head's matrix products (a weight of vocab_size
-    rows) get a row of their own.
+    rows) get a row of their own. A call handed the pool counts its wall time once on each of the
+    pool's threads (a linear's blocks of rows), unless its parts are calls of their own (attention's
+    head groups, each counted on the thread that ran it).
     """
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size: int, threads: int):
+        self.vocab_size, self.threads = vocab_size, threads
         self.seconds: dict = defaultdict(float)
-        self.by_thread: dict = defaultdict(float)
         self.lock = threading.Lock()
         self.local = threading.local()
         self.delegated: str | None = None  # the phase of the call whose work the workers now run
@@ -85,21 +87,22 @@ class Timers:
             in_backward = getattr(self.local, "in_backward", False)
             called = phase or (function if function != "forward" or label in (HEAD_LINEAR, "cross_entropy")
                                else ("recompute" if in_backward else "forward"))
-            if kwargs.get("pool") is not None:  # its work runs on the workers, and is counted there
-                self.delegated = called
+            if kwargs.get("pool") is not None and name == "attention":  # its head groups are calls of
+                self.delegated = called  # their own on the workers, counted there, in this call's phase
                 try:
                     return original(*args, **kwargs)
                 finally:
                     self.delegated = None
-            called = self.delegated or called  # a worker's part of a call handed a pool: that call's phase
+            called = self.delegated or called
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - started
+                if kwargs.get("pool") is not None:  # its blocks ran on every worker for this long
+                    elapsed *= self.threads
                 with self.lock:
                     self.seconds[label, called] += elapsed
-                    self.by_thread[threading.get_native_id()] += elapsed
 
         setattr(module, function, timed)
 
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     rng = numpy.random.default_rng(0)
     batch = max(args.tokens // args.seq_len, 1)
     batches = [rng.integers(0, config.vocab_size, (batch, args.seq_len + 1)) for _ in range(args.steps + 1)]
-    timers = Timers(config.vocab_size)
+    timers = Timers(config.vocab_size, max(args.threads, 1))
     for name, module in OPS.items():
         timers.wrap(module, name, "forward")
         timers.wrap(module, name, "backward")
@@ -142,7 +145,6 @@ def main(argv=None) -> int:
         for index, tokens in enumerate(batches):
             if index == 1:  # the first step warms up; count from the second
                 timers.seconds.clear()
-                timers.by_thread.clear()
                 total = 0.0
                 cpu_before = thread_cpu_seconds()
             started = time.perf_counter()
@@ -180,10 +182,9 @@ def _print(timers: Timers, cpu: dict, total: float, args, batch: int) -> None:
     print(f"{'not in an op':20}{'':>30}{rest:>8.3f}{100 * rest / capacity:>7.0f}%   "
           "(the model's own work, and threads waiting)")
     wall = total
-    busy = sorted((tid for tid in cpu if cpu[tid] / wall >= 0.01 or tid in timers.by_thread),
-                  key=lambda tid: -cpu[tid])
-    shares = ", ".join(f"{tid} {cpu[tid] / wall:.0%} ({timers.by_thread.get(tid, 0.0) / wall:.0%})" for tid in busy)
-    print(f"threads busy, CPU seconds over wall seconds (in ops): {shares}")
+    busy = sorted((tid for tid in cpu if cpu[tid] / wall >= 0.01), key=lambda tid: -cpu[tid])
+    shares = ", ".join(f"{tid} {cpu[tid] / wall:.0%}" for tid in busy)
+    print(f"threads busy (CPU seconds over the wall seconds of the timed steps, by thread id): {shares}")
 
 
 if __name__ == "__main__":

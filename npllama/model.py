@@ -234,15 +234,16 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
     the number of positions already in them. The new rotated keys and values are written at
     start .. start + T - 1 and the queries attend over all start + T positions (inference only).
 
-    pool (an executor), when given, runs attention's head groups on its threads (the same numbers).
+    pool (an executor), when given, runs attention's head groups and the linears' blocks of rows on
+    its threads (the same numbers on any number of threads).
     """
     xp = array_namespace(x)
     seq = x.shape[1]
     ops = {}
     n1, ops["attention_norm"] = rmsnorm.forward(x, w["attention_norm"], config.norm_eps)
-    q, ops["wq"] = linear.forward(n1, w["wq"])
-    k, ops["wk"] = linear.forward(n1, w["wk"])
-    v, ops["wv"] = linear.forward(n1, w["wv"])
+    q, ops["wq"] = linear.forward(n1, w["wq"], pool=pool)
+    k, ops["wk"] = linear.forward(n1, w["wk"], pool=pool)
+    v, ops["wv"] = linear.forward(n1, w["wv"], pool=pool)
     q_rot, ops["rope_q"] = rope.forward(_split_heads(q, config.n_heads), cos, sin)
     k_rot, ops["rope_k"] = rope.forward(_split_heads(k, config.n_kv_heads), cos, sin)
     q_heads, k_heads = _to_attention_layout(q_rot, xp), _to_attention_layout(k_rot, xp)
@@ -253,13 +254,13 @@ def block_forward(w, x, cos, sin, config, tile_size=attention.DEFAULT_TILE_SIZE,
         values[:, :, start:start + seq] = v_heads
         k_heads, v_heads = keys[:, :, :start + seq], values[:, :, :start + seq]
     attn_out, ops["attention"] = attention.forward(q_heads, k_heads, v_heads, tile_size, pool=pool)
-    projected, ops["wo"] = linear.forward(_merge_heads(attn_out), w["wo"])
+    projected, ops["wo"] = linear.forward(_merge_heads(attn_out), w["wo"], pool=pool)
     h = x + projected
     n2, ops["ffn_norm"] = rmsnorm.forward(h, w["ffn_norm"], config.norm_eps)
-    a, ops["w1"] = linear.forward(n2, w["w1"])
-    b, ops["w3"] = linear.forward(n2, w["w3"])
+    a, ops["w1"] = linear.forward(n2, w["w1"], pool=pool)
+    b, ops["w3"] = linear.forward(n2, w["w3"], pool=pool)
     gate, ops["swiglu"] = swiglu.forward(a, b)
-    ffn_out, ops["w2"] = linear.forward(gate, w["w2"])
+    ffn_out, ops["w2"] = linear.forward(gate, w["w2"], pool=pool)
     y = h + ffn_out
     if not recompute:
         return y, BlockCache(ops)
@@ -291,24 +292,24 @@ def _recompute(w, cache, config):
 
 def block_backward(dy, w, cache, config, pool=None):
     """Given dL/dy (B, T, C), return (dx, grads) with grads keyed by short name, like `layer_weights`
-    (attention's head groups on `pool`'s threads, when given)."""
+    (attention's head groups and the linears' blocks on `pool`'s threads, when given)."""
     xp = array_namespace(dy)
     batch, seq, dim = dy.shape
     ops = cache.ops if cache.activations is None else _recompute(w, cache, config)
     grads = {}
 
     # forward was: y = h + W2 g, g = silu(a) * b
-    dgate, grads["w2"] = linear.backward(dy, ops["w2"])
+    dgate, grads["w2"] = linear.backward(dy, ops["w2"], pool=pool)
     da, db = swiglu.backward(dgate, ops["swiglu"])
     # forward was: a = W1 n2, b = W3 n2 (n2 feeds both, so its gradients add)
-    dn2, grads["w1"] = linear.backward(da, ops["w1"])
-    dn2_from_b, grads["w3"] = linear.backward(db, ops["w3"])
+    dn2, grads["w1"] = linear.backward(da, ops["w1"], pool=pool)
+    dn2_from_b, grads["w3"] = linear.backward(db, ops["w3"], pool=pool)
     dn2 += dn2_from_b
     # forward was: n2 = rmsnorm(h); h also reaches y directly through the residual
     dh, grads["ffn_norm"] = rmsnorm.backward(dn2, ops["ffn_norm"])
     dh += dy
     # forward was: h = x + Wo o, o = the attention output (B, H, T, D) with its heads merged
-    dattn_flat, grads["wo"] = linear.backward(dh, ops["wo"])
+    dattn_flat, grads["wo"] = linear.backward(dh, ops["wo"], pool=pool)
     dattn = _to_attention_layout(_split_heads(dattn_flat, config.n_heads), xp)
     dq_heads, dk_heads, dv_heads = attention.backward(dattn, ops["attention"], pool=pool)
     # forward was: q_heads = rope(q), k_heads = rope(k), in (B, T, H, D) before the layout change
@@ -316,9 +317,9 @@ def block_backward(dy, w, cache, config, pool=None):
     dk = rope.backward(dk_heads.transpose(0, 2, 1, 3), ops["rope_k"]).reshape(batch, seq, config.kv_dim)
     dv = dv_heads.transpose(0, 2, 1, 3).reshape(batch, seq, config.kv_dim)
     # forward was: q, k, v = Wq n1, Wk n1, Wv n1
-    dn1, grads["wq"] = linear.backward(dq, ops["wq"])
-    dn1_from_k, grads["wk"] = linear.backward(dk, ops["wk"])
-    dn1_from_v, grads["wv"] = linear.backward(dv, ops["wv"])
+    dn1, grads["wq"] = linear.backward(dq, ops["wq"], pool=pool)
+    dn1_from_k, grads["wk"] = linear.backward(dk, ops["wk"], pool=pool)
+    dn1_from_v, grads["wv"] = linear.backward(dv, ops["wv"], pool=pool)
     dn1 += dn1_from_k
     dn1 += dn1_from_v
     # forward was: n1 = rmsnorm(x); x also reaches h directly through the residual

@@ -13,8 +13,9 @@ The numbers do not depend on the number of threads:
 - the BLAS is held to one thread while the workers are open (threadpoolctl, in the process), since a
   product cut among BLAS threads may add in another order.
 
-A batch of one sequence is one slice: its attention's head groups and its output head's chunks of
-rows (model.py) share the threads instead, the chunks' sums again in chunk order.
+A batch of one sequence is one slice: its attention's head groups, its output head's chunks of
+rows (model.py) and its linears' blocks of rows (ops/linear.py) share the threads instead, the
+chunks' sums again in chunk order, the blocks fixed by the shapes.
 
 So 1, 2 or 16 threads give bitwise the same loss and gradients. They differ from one
 `loss_and_grads_on_device` over the whole batch by rounding only: the same sums, in another order.

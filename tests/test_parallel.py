@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from npllama import model as llama
 from npllama import optim
-from npllama.ops import attention
+from npllama.ops import attention, linear
 from npllama.parallel import sliced_loss_and_grads, workers
 from strategies import grouped_attention_problems, small_model_configs
 from training import common, measured, read_metrics, train_cli
@@ -79,19 +79,59 @@ def test_the_gradients_on_threads_match_finite_differences_of_the_loss(config, r
     assert all(result.passed for result in results), [result for result in results if not result.passed][:2]
 
 
-def test_one_long_sequence_shares_its_heads_and_chunks_and_keeps_the_numbers_to_the_bit(monkeypatch):
-    """A batch of one row is one slice; the threads share its attention's heads and its output
-    head's chunks of rows (made small here: 9 chunks), whose sums run in chunk order, so the numbers
-    are the serial ones to the bit."""
+def test_one_long_sequence_shares_its_heads_chunks_and_products_with_the_same_bits_on_any_thread_count(monkeypatch):
+    """A batch of one row is one slice; the threads share its attention's heads, its output head's
+    chunks of rows (made small here: 9 chunks), whose sums run in chunk order, and its linears'
+    blocks of rows and of weight-gradient rows (made small here: 5 blocks of 8 rows, 1 to 6 blocks
+    of features). The blocks are fixed by the shapes, so 1, 2 and 3 threads give the same bits; in
+    float64 they are the serial numbers up to rounding (a BLAS may sum a block of 8 rows in
+    another order than the whole product; rtol 1e-10 as in the whole-batch test above)."""
     config = llama.PRESETS["nano"]
     monkeypatch.setattr(llama, "HEAD_CHUNK_ELEMENTS", 4 * config.vocab_size)  # 4 rows a chunk
-    params = llama.init_params(config, seed=0, std=0.5)
+    monkeypatch.setattr(linear, "ROWS_PER_TASK", 8)
+    monkeypatch.setattr(linear, "FEATURES_PER_TASK", 32)
     tokens, targets = batch(config, 1, 35, seed=2, ignored=0.2)
-    serial_loss, serial = llama.loss_and_grads(params, config, tokens, targets)
-    for threads in (1, 2, 3):
+    params = llama.init_params(config, seed=0, std=0.5)
+    one = on_threads(1, params, config, tokens, targets)
+    for threads in (2, 3):
         loss, grads = on_threads(threads, params, config, tokens, targets)
-        assert loss == serial_loss
-        assert all(numpy.array_equal(grads[name], serial[name]) for name in params)
+        assert loss == one[0]
+        assert all(numpy.array_equal(grads[name], one[1][name]) for name in params)
+    params = llama.init_params(config, seed=0, std=0.5, dtype="float64")
+    serial_loss, serial = llama.loss_and_grads(params, config, tokens, targets)
+    loss, grads = on_threads(2, params, config, tokens, targets)
+    assert loss == pytest.approx(serial_loss, rel=1e-12)
+    for name in params:
+        numpy.testing.assert_allclose(grads[name], serial[name], rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 40), n_in=st.integers(1, 12), n_out=st.integers(1, 40), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_a_linear_by_blocks_on_threads_gives_the_same_bits_on_any_thread_count_and_the_whole_products(
+        rows, n_in, n_out, seed, dtype):
+    """y and dx by blocks of 4 rows, dW by blocks of 3 of its rows: the same bits on 1, 2 and 3
+    threads, and the unblocked products up to the rounding of a sum over n_in or rows terms
+    (float32: rtol 1e-5, some 40 terms of one size; float64: 1e-12)."""
+    rng = numpy.random.default_rng(seed)
+    x = rng.standard_normal((rows, n_in)).astype(dtype)
+    weight = rng.standard_normal((n_out, n_in)).astype(dtype)
+    dy = rng.standard_normal((rows, n_out)).astype(dtype)
+    whole_y, cache = linear.forward(x, weight)
+    whole_dx, whole_dweight = linear.backward(dy, cache)
+    results = []
+    for threads in (1, 2, 3):
+        with pytest.MonkeyPatch.context() as patch, workers(threads) as pool:
+            patch.setattr(linear, "ROWS_PER_TASK", 4)
+            patch.setattr(linear, "FEATURES_PER_TASK", 3)
+            y, cache = linear.forward(x, weight, pool=pool)
+            results.append((y, *linear.backward(dy, cache, pool=pool)))
+    for other in results[1:]:
+        assert all(numpy.array_equal(got, first) for got, first in zip(other, results[0]))
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    for got, whole in zip(results[0], (whole_y, whole_dx, whole_dweight)):
+        assert got.dtype == whole.dtype and got.shape == whole.shape
+        numpy.testing.assert_allclose(got, whole, rtol=rtol, atol=rtol * numpy.abs(whole).max(initial=1.0))
 
 
 @settings(max_examples=20, deadline=None)
