@@ -9,6 +9,8 @@ Sides, each in a fresh subprocess of this same command, on the same model shape,
   npllama              as `python -m npllama.train` runs a step: on NumPy, --threads worker threads
                        (npllama.parallel: a row of the batch each, a one-thread BLAS) and AdamW on
                        them; with --backend cupy, npllama.model.loss_and_grads + npllama.optim on CuPy
+  npllama, 1 thread    the same on one worker thread (NumPy): the scaling line compares the two, and
+                       with them this machine's own scaling, one-thread sgemms alone and --threads at once
   torch reference      reference/torch_llama.py (Meta's formulation, autograd, materialised attention)
   transformers sdpa    LlamaForCausalLM with attn_implementation="sdpa" (PyTorch's fused attention)
   transformers eager   LlamaForCausalLM with attn_implementation="eager"
@@ -45,8 +47,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SIDES = {"npllama": "npllama", "torch": "torch reference", "hf-sdpa": "transformers sdpa",
-         "hf-eager": "transformers eager", "hf-compile": "sdpa + compile"}
+SIDES = {"npllama": "npllama", "npllama-1": "npllama, 1 thread", "torch": "torch reference",
+         "hf-sdpa": "transformers sdpa", "hf-eager": "transformers eager", "hf-compile": "sdpa + compile"}
 GPU_SIDES = ("npllama", "torch")
 WORKER_TIMEOUT_S = 1200  # torch.compile's first step compiles C++ for minutes on two cores
 
@@ -95,7 +97,8 @@ def run_npllama(args) -> dict:
     if args.backend == "numpy":  # as the trainer runs it: --threads workers, a one-thread BLAS in each
         from npllama.parallel import sliced_loss_and_grads, workers
 
-        with workers(args.threads) as pool:
+        threads = 1 if args.worker == "npllama-1" else args.threads
+        with workers(threads) as pool:
             def threaded_step(tokens):
                 loss, grads = sliced_loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:], pool)
                 optim.step(params, grads, state, 1e-4, pool=pool)  # clips to global norm 1, then AdamW
@@ -103,8 +106,8 @@ def run_npllama(args) -> dict:
 
             result = _measure(threaded_step, _batches(config, args), args)
         blas = _numpy_blas()  # the machine's rate, with every BLAS thread; npllama ran one in each worker
-        blas["blas"] = blas["blas"].rsplit(",", 1)[0] + f", 1 thread in each of {args.threads} workers"
-        return {**result, **blas}
+        blas["blas"] = blas["blas"].rsplit(",", 1)[0] + f", 1 thread in each of {threads} workers"
+        return {**result, **blas, "sgemm_scaling": _sgemm_scaling(args.threads)}
 
     def step(tokens):
         loss, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
@@ -239,6 +242,27 @@ def _numpy_blas() -> dict:
     return {"sgemm_gflops": 2 * GEMM_SIZE**3 / best / 1e9, "blas": name}
 
 
+def _sgemm_scaling(threads: int) -> float:
+    """How much faster `threads` one-thread sgemms run side by side than one alone: the most that
+    threads sharing nothing can gain on this machine (shared caches, memory and clocks set it)."""
+    import numpy
+
+    from npllama.parallel import workers
+
+    size, repeats = GEMM_SIZE // 2, 8
+    a = numpy.random.default_rng(0).standard_normal((size, size)).astype(numpy.float32)
+
+    def products(_=None):
+        for _ in range(repeats):
+            a @ a
+
+    with workers(threads) as pool:
+        products()  # warm up
+        alone = min(_timed(products) for _ in range(2))
+        together = min(_timed(lambda: list(pool.map(products, range(threads)))) for _ in range(2))
+    return threads * alone / together
+
+
 def _cupy_blas(cupy) -> dict:
     a = cupy.random.standard_normal((GEMM_SIZE, GEMM_SIZE), dtype=cupy.float32)
 
@@ -315,7 +339,11 @@ def _print_table(seq_len, args, results) -> None:
         if side == "npllama" and "thread_busy" in r:
             shares = ", ".join(f"{name} {share:.0%}" for name, share in sorted(r["thread_busy"].items()))
             print(f"{'':20}threads of {SIDES[side]} busy: {shares}")
-    torch_sides = {side: r for side, r in results.items() if side != "npllama" and "failed" not in r}
+    one, many = results.get("npllama-1", {}), results.get("npllama", {})
+    if "tokens_per_s" in one and "tokens_per_s" in many:
+        print(f"scaling npllama on {args.threads} threads / on 1: {many['tokens_per_s'] / one['tokens_per_s']:.2f}x "
+              f"(this machine's one-thread sgemms, {args.threads} at once / 1: {many['sgemm_scaling']:.2f}x)")
+    torch_sides = {side: r for side, r in results.items() if not side.startswith("npllama") and "failed" not in r}
     if "failed" not in results.get("npllama", {"failed": ""}) and torch_sides:
         fastest = max(torch_sides, key=lambda side: torch_sides[side]["tokens_per_s"])
         ours, theirs = results["npllama"], torch_sides[fastest]
@@ -343,7 +371,7 @@ def main(argv=None):
     if args.worker:
         args.seq_len = int(args.seq_len)
         sys.path.insert(0, str(ROOT))
-        print(json.dumps(run_npllama(args) if args.worker == "npllama" else run_torch(args)))
+        print(json.dumps(run_npllama(args) if args.worker.startswith("npllama") else run_torch(args)))
         return 0
 
     sys.path.insert(0, str(ROOT))
