@@ -61,8 +61,8 @@ class AdamWState:
     """First and second moments per parameter, and the number of steps taken.
 
     `scratch` is working memory for `step` (for each thread that updates, one buffer as large as the
-    largest parameter, reused for every parameter so a step allocates nothing); it holds no state
-    and is never saved.
+    largest parameter, or as a block of UPDATE_BLOCK elements where the threads update by blocks,
+    reused for every parameter so a step allocates nothing); it holds no state and is never saved.
     """
 
     m: dict = field(default_factory=dict)
@@ -75,8 +75,9 @@ class AdamWState:
         key = (array_namespace(array).__name__, str(array.dtype), threading.get_ident())
         buffer = self.scratch.get(key)
         if buffer is None or buffer.size < array.size:
-            buffer = self.scratch[key] = array_namespace(array).empty(max(m.size for m in self.m.values()),
-                                                                      dtype=array.dtype)
+            largest = max(m.size for m in self.m.values())  # once: every later array fits
+            buffer = self.scratch[key] = array_namespace(array).empty(
+                array.size if array.size <= UPDATE_BLOCK else largest, dtype=array.dtype)
         return buffer[: array.size].reshape(array.shape)
 
 
@@ -138,21 +139,35 @@ def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWC
     clip = clip_coefficient(grad_norm, config.grad_clip)
     state.step += 1
     update = partial(_update, params, grads, state, lr, config, clip)
-    for _ in (pool.map if pool is not None else map)(update, list(params)):
+    parts = [(name, block) for name in params for block in _blocks(params[name], state, pool)]
+    for _ in (pool.map if pool is not None else map)(lambda part: update(*part), parts):
         pass
     return {"grad_norm": grad_norm, "clip": clip}
 
 
+UPDATE_BLOCK = 1 << 20  # elements of one parameter one thread updates at a time, with a pool
+
+
+def _blocks(p, state: AdamWState, pool) -> list:
+    """The parts of p's elements updated as one: with a pool, blocks of UPDATE_BLOCK of a contiguous
+    parameter (the threads share a large one, and each thread's scratch stays small); else all of it."""
+    if pool is None or p.size <= UPDATE_BLOCK or not p.flags.c_contiguous:
+        return [None]
+    return [slice(start, min(start + UPDATE_BLOCK, p.size)) for start in range(0, p.size, UPDATE_BLOCK)]
+
+
 def _update(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWConfig, clip: float,
-            name: str) -> None:
-    """One parameter's AdamW update, at step state.step (already counted)."""
+            name: str, block: slice | None = None) -> None:
+    """One parameter's AdamW update (of its flat elements `block`, when given), at step state.step
+    (already counted). The update is elementwise, so a block's numbers are the whole's."""
     beta1, beta2 = config.betas
     bias1 = 1.0 - beta1**state.step
     bias2 = 1.0 - beta2**state.step
-    p = params[name]
+    p, m, v, g = params[name], state.m[name], state.v[name], grads[name]
+    decay = config.weight_decay and decays(p)
+    if block is not None:  # views of the contiguous p, m and v: written in place
+        p, m, v, g = (array.reshape(-1)[block] for array in (p, m, v, g))
     xp = array_namespace(p)
-    m, v = state.m[name], state.v[name]
-    g = grads[name]
     scratch = state.scratch_like(m)
     # m = beta1 m + (1 - beta1) c g
     m *= beta1
@@ -164,7 +179,7 @@ def _update(params: dict, grads: dict, state: AdamWState, lr: float, config: Ada
     scratch *= (1.0 - beta2) * clip * clip
     v += scratch
     # p = p - lr wd p   (decoupled decay, matrices only)
-    if config.weight_decay and decays(p):
+    if decay:
         p *= 1.0 - lr * config.weight_decay
     # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
     xp.multiply(v, 1.0 / bias2, out=scratch)

@@ -52,7 +52,7 @@ FOREIGN = "tests/test_foreign_files.py::"
 OPS = "npllama/ops/"
 
 # two consecutive pieces of AdamW's step, for the mutant that swaps them
-_DECAY = ("    if config.weight_decay and decays(p):\n"
+_DECAY = ("    if decay:\n"
           "        p *= 1.0 - lr * config.weight_decay\n")
 _UPDATE = ("    # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)\n"
            "    xp.multiply(v, 1.0 / bias2, out=scratch)\n"
@@ -82,8 +82,8 @@ CATALOGUE = [
            (GRADIENTS + "test_linear_backward_matches_finite_differences",),
            "dW is computed as x^T dy, [in, out] instead of [out, in]"),
     Mutant("linear-dx-not-reshaped", OPS + "linear.py",
-           "    dx = (dy2 @ weight).reshape(x.shape)\n",
-           "    dx = dy2 @ weight\n",
+           "    dx = _product(dy2, weight, pool).reshape(x.shape)\n",
+           "    dx = _product(dy2, weight, pool)\n",
            (GRADIENTS + "test_linear_backward_matches_finite_differences",),
            "dx keeps the flattened (B*T, K) shape"),
     # --- rmsnorm --------------------------------------------------------------------------------
@@ -311,8 +311,8 @@ CATALOGUE = [
            (GRADIENTS + "test_model_gradients_match_finite_differences",),
            "a tied embedding's gradient keeps the lookup's part and loses the output head's"),
     Mutant("block-wv-gradient-through-wk", "npllama/model.py",
-           '    dn1_from_v, grads["wv"] = linear.backward(dv, ops["wv"])\n',
-           '    dn1_from_v, grads["wv"] = linear.backward(dv, ops["wk"])\n',
+           '    dn1_from_v, grads["wv"] = linear.backward(dv, ops["wv"], pool=pool)\n',
+           '    dn1_from_v, grads["wv"] = linear.backward(dv, ops["wk"], pool=pool)\n',
            (GRADIENTS + "test_model_gradients_match_finite_differences",),
            "copy-paste: the value path's input gradient goes through Wk's cache"),
     Mutant("block-recomputed-w3-cache-holds-w1", "npllama/model.py",
@@ -956,6 +956,15 @@ CATALOGUE = [
            "    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0\n",
            (FOREIGN + "test_a_config_field_of_the_wrong_kind_or_size_is_named_before_anything_is_allocated",),
            "a JSON true is read as the RoPE scaling factor 1.0"),
+    Mutant("adamw-block-decides-decay-by-its-own-shape", "npllama/optim.py",
+           "    decay = config.weight_decay and decays(p)\n"
+           "    if block is not None:  # views of the contiguous p, m and v: written in place\n"
+           "        p, m, v, g = (array.reshape(-1)[block] for array in (p, m, v, g))\n",
+           "    if block is not None:  # views of the contiguous p, m and v: written in place\n"
+           "        p, m, v, g = (array.reshape(-1)[block] for array in (p, m, v, g))\n"
+           "    decay = config.weight_decay and decays(p)\n",
+           ("tests/test_parallel.py::test_adamw_and_the_gradient_norm_on_threads_are_the_same_to_the_bit",),
+           "on threads, a matrix updated by blocks of its flat elements is taken for a 1-D gain and never decays"),
     Mutant("slices-weighted-equally", "npllama/parallel.py",
            "    weights = [count / counted_in_all for count in counted]\n",
            "    weights = [1 / len(counted) for count in counted]\n",
