@@ -3,9 +3,12 @@ saved with torch.save, and params.json, imports with transformers' logits; broke
 are refused in one line naming the file."""
 
 import json
+import os
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npllama import model as llama
 from npllama.convert import ConvertError
@@ -128,5 +131,64 @@ def test_a_params_json_that_does_not_fit_is_refused_in_one_line(hf_model_and_met
     fields = {name: value for name, value in fields.items() if value is not None}
     folder = write_meta_layout(tmp_path / "m", config, imported.params, params_json=fields)
     with pytest.raises(ConvertError, match=fragment) as refused:
+        import_meta(folder)
+    assert "\n" not in str(refused.value)
+
+
+def linked_copy(folder, to, params_json: dict):
+    """`folder`'s shards, hard-linked (regular files of their own folder), under another params.json."""
+    to.mkdir()
+    for shard in folder.glob("consolidated.*.pth"):
+        os.link(shard, to / shard.name)
+    (to / "params.json").write_text(json.dumps(params_json))
+    return to
+
+
+@settings(max_examples=25, deadline=None)
+@given(norm_eps=st.floats(1e-8, 1e-2), rope_theta=st.floats(1.0, 1e7), max_seq_len=st.integers(1, 1 << 17),
+       multiple_of=st.integers(1, 1024), n_kv_heads=st.sampled_from([None, 4]), explicit_vocab=st.booleans(),
+       scaled=st.sampled_from([None, (2.0, 1.5), (32.0, 8.0)]))
+def test_every_field_of_params_json_is_the_configs_whatever_its_value(
+        hf_model_and_meta_folder, tmp_path_factory, norm_eps, rope_theta, max_seq_len, multiple_of, n_kv_heads,
+        explicit_vocab, scaled):
+    """Fields far from their defaults (a fixture of default values cannot tell a field read from a
+    default taken); the FFN width is the weights', whatever multiple_of says."""
+    _, imported, folder = hf_model_and_meta_folder
+    config = imported.config
+    fields = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+              "vocab_size": config.vocab_size if explicit_vocab else -1, "norm_eps": norm_eps,
+              "rope_theta": rope_theta, "max_seq_len": max_seq_len, "multiple_of": multiple_of}
+    if n_kv_heads is not None:
+        fields["n_kv_heads"] = n_kv_heads
+    if scaled is not None:
+        fields.update(use_scaled_rope=True, rope_scaling_factor=scaled[0], high_freq_factor=scaled[1])
+    meta = import_meta(linked_copy(folder, tmp_path_factory.mktemp("fields") / "m", fields))
+    assert (meta.config.norm_eps, meta.config.rope_theta, meta.config.max_seq_len) == (norm_eps, rope_theta,
+                                                                                       max_seq_len)
+    assert meta.config.n_kv_heads == config.n_heads and meta.config.vocab_size == 64 and meta.config.ffn_dim == 96
+    expected_scaling = None if scaled is None else RopeScaling(
+        "llama3", factor=scaled[0], low_freq_factor=1.0, high_freq_factor=scaled[1],
+        original_max_position_embeddings=8192)
+    assert meta.config.rope_scaling == expected_scaling
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_ranks=st.sampled_from([2, 4]), data=st.data())
+def test_a_tensor_every_rank_holds_whole_that_differs_on_any_rank_in_any_element_is_refused(
+        hf_model_and_meta_folder, tmp_path_factory, n_ranks, data):
+    """The RMSNorm gains are replicated on every rank; one bit of one element of one rank's copy
+    differing means the shards are not one model's, and the refusal names that shard and tensor."""
+    _, imported, _ = hf_model_and_meta_folder
+    config = imported.config
+    folder = write_meta_layout(tmp_path_factory.mktemp("replicated") / "m", config, imported.params, n_ranks)
+    norms = sorted(name for name, spec in parameter_table(config).items() if spec.role == NORM)
+    name = data.draw(st.sampled_from(norms), label="tensor")
+    rank = data.draw(st.integers(1, n_ranks - 1), label="rank")
+    index = data.draw(st.integers(0, config.dim - 1), label="element")
+    shard_path = folder / f"consolidated.{rank:02d}.pth"
+    shard = torch.load(shard_path, weights_only=True)
+    shard[name].view(torch.int16)[index] ^= 1  # the last bit of the bfloat16's mantissa
+    torch.save(shard, shard_path)
+    with pytest.raises(ConvertError, match=f"^{shard_path}: tensor '{name}' differs from rank 0's") as refused:
         import_meta(folder)
     assert "\n" not in str(refused.value)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllama import model as llama
 from npllama.convert.load import Model
 from npllama.eval import scoring as evaluate
 from npllama.eval.scoring import Generation, MultipleChoice, Partial, Scored
+from npllama.sampling import GenerateError, generate
 from npllama.tokenizer import Tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "Answer:", "\n", "42", "déjà", "vu", " ", "Question:", "?"]
@@ -144,14 +145,55 @@ def test_a_completion_longer_than_the_window_is_scored_in_half_window_chunks(tin
 
 def greedy_by_hand(model, context, n_tokens):
     """The text of up to n_tokens argmax tokens after context, one full forward pass a token."""
-    ids = model.tokenizer.encode(context, bos=True)
-    prompt_length = len(ids)
+    return greedy_ids_by_hand(model, model.tokenizer.encode(context, bos=True), n_tokens)
+
+
+def greedy_ids_by_hand(model, prompt_ids, n_tokens):
+    """The text of up to n_tokens argmax tokens after prompt_ids, one full forward pass a token,
+    ending at EOS or where prompt and answer fill the model's window."""
+    ids = list(prompt_ids)
     for _ in range(n_tokens):
+        if len(ids) == model.config.max_seq_len:
+            break
         next_id = int(llama.forward(model.params, model.config, numpy.array([ids]))[0, -1].argmax())
         if next_id == model.tokenizer.eos_id:
             break
         ids.append(next_id)
-    return model.tokenizer.decode(ids)[len(model.tokenizer.decode(ids[:prompt_length])):]
+    return model.tokenizer.decode(ids)[len(model.tokenizer.decode(prompt_ids)):]
+
+
+long_texts = st.lists(st.sampled_from(WORDS), min_size=1, max_size=70).map(" ".join)  # up to ~3 windows
+
+
+@settings(max_examples=25, deadline=None)
+@given(contexts=st.lists(long_texts, min_size=1, max_size=3), max_new_tokens=st.integers(1, 60))
+def test_a_greedy_answer_continues_the_last_tokens_of_its_context_that_leave_room_for_it(
+        tiny, contexts, max_new_tokens):
+    """Any context, shorter or (up to three times) longer than the window of 48, any answer length
+    up to beyond the window: the context keeps its last max(48 - max_new_tokens, 1) tokens and the
+    answer is their greedy continuation until EOS, max_new_tokens or a full window."""
+    window = tiny.config.max_seq_len
+    expected = []
+    for context in contexts:
+        ids = tiny.tokenizer.encode(context, bos=True)[-max(window - max_new_tokens, 1):]
+        expected.append(greedy_ids_by_hand(tiny, ids, max_new_tokens))
+    assert evaluate.greedy_until(tiny, contexts, stops=(), max_new_tokens=max_new_tokens, batch_size=2) == expected
+
+
+@settings(max_examples=25, deadline=None)
+@given(prompt=long_texts, max_new_tokens=st.integers(1, 60))
+def test_a_sampled_continuation_at_temperature_0_fills_the_window_at_most_and_a_prompt_that_fills_it_is_refused(
+        tiny, prompt, max_new_tokens):
+    """npllama.generate's path: a prompt of n < 48 tokens gets up to min(max_new_tokens, 48 - n)
+    new tokens, the greedy ones at temperature 0; a prompt of 48 or more is refused, naming both."""
+    ids = tiny.tokenizer.encode(prompt, bos=True)
+    window = tiny.config.max_seq_len
+    if len(ids) >= window:
+        with pytest.raises(GenerateError, match=f"the prompt is {len(ids)} tokens; the model's context is {window}"):
+            generate(tiny.params, tiny.config, tiny.tokenizer, prompt, max_new_tokens, temperature=0.0, bos=True)
+        return
+    assert generate(tiny.params, tiny.config, tiny.tokenizer, prompt, max_new_tokens, temperature=0.0,
+                    bos=True) == greedy_ids_by_hand(tiny, ids, max_new_tokens)
 
 
 def test_greedy_answers_are_token_by_token_argmax_cut_at_the_first_stop(tiny):

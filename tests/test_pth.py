@@ -1,6 +1,7 @@
 """Reading torch.save files without torch and without running their pickles: the tensors torch
 wrote come back exactly, and a file whose pickle would run code is refused before it runs."""
 
+import math
 import os
 import pickle
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npllama.convert.pth import PthError, read_pth
 
@@ -132,10 +135,10 @@ def storage_pickle(storage: bytes, numel: int, size: tuple, stride: tuple, offse
             + b"tRs.")
 
 
-def write_pth(path, payload: bytes, storage: bytes, compression=zipfile.ZIP_STORED):
+def write_pth(path, payload: bytes, storage: bytes, compression=zipfile.ZIP_STORED, byteorder="little"):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", payload)
-        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/byteorder", byteorder)
         archive.writestr("archive/version", "3\n")
         archive.writestr(zipfile.ZipInfo("archive/data/0"), storage, compress_type=compression)
     return path
@@ -146,6 +149,62 @@ def test_the_hand_written_pickle_is_what_torch_reads(tmp_path):
     path = write_pth(tmp_path / "w.pth", storage_pickle(b"", 6, (2, 3), (3, 1)), numpy.arange(6, dtype="<f4").tobytes())
     assert torch.load(path, weights_only=True)["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert read_pth(path)["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+# storage class -> (NumPy dtype of its elements, torch dtype), for the property below
+STORAGES = {"FloatStorage": ("f4", torch.float32), "DoubleStorage": ("f8", torch.float64),
+            "HalfStorage": ("f2", torch.float16), "BFloat16Storage": ("u2", torch.bfloat16),
+            "LongStorage": ("i8", torch.int64), "IntStorage": ("i4", torch.int32), "ShortStorage": ("i2", torch.int16),
+            "CharStorage": ("i1", torch.int8), "ByteStorage": ("u1", torch.uint8), "BoolStorage": ("?", torch.bool)}
+
+
+@st.composite
+def storage_views(draw):
+    """A view (offset, size, stride) of a storage of `numel` elements, and `reach`: the storage
+    elements it needs (offset + 1 + its last element's distance), which numel may exactly equal.
+    A storage never holds fewer elements than its view (npllama's bound on memory, not torch's)."""
+    size = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+    stride = tuple(draw(st.lists(st.integers(0, 6), min_size=len(size), max_size=len(size))))
+    offset = draw(st.integers(0, 9))
+    reach = offset + 1 + sum((n - 1) * s for n, s in zip(size, stride)) if math.prod(size) else 0
+    return offset, size, stride, max(reach + draw(st.integers(0, 3)), math.prod(size)), reach
+
+
+@settings(max_examples=60, deadline=None)
+@given(storage_type=st.sampled_from(sorted(STORAGES)), byteorder=st.sampled_from(["little", "big"]),
+       view=storage_views(), seed=st.integers(0, 2**16))
+def test_any_view_of_any_storage_in_either_byte_order_reads_as_torch_reads_it(tmp_path_factory, storage_type,
+                                                                             byteorder, view, seed):
+    """Files this machine's torch.save never writes: big-endian storages, views at any offset with
+    any strides (repeating elements with stride 0), views ending exactly at the storage's last
+    element. torch.load is the oracle; bfloat16 compares widened to float32, bit for bit."""
+    offset, size, stride, numel, reach = view
+    kind, torch_dtype = STORAGES[storage_type]
+    rng = numpy.random.default_rng(seed)
+    if kind in ("f4", "f8", "f2"):
+        values = (rng.standard_normal(numel) * 100).astype(kind)
+    elif kind == "u2":  # bfloat16 patterns of finite numbers: the upper halves of float32s
+        values = (rng.standard_normal(numel).astype("<f4").view("<u4") >> 16).astype("u2")
+    elif kind == "?":
+        values = rng.integers(0, 2, numel).astype("?")
+    else:
+        info = numpy.iinfo(kind)
+        values = rng.integers(info.min, info.max, numel, endpoint=True).astype(kind)
+    storage = values.astype(numpy.dtype(kind).newbyteorder("<" if byteorder == "little" else ">")).tobytes()
+    folder = tmp_path_factory.mktemp("view")
+    path = write_pth(folder / "w.pth", storage_pickle(b"", numel, size, stride, offset, storage_type.encode()),
+                     storage, byteorder=byteorder)
+    expected = torch.load(path, weights_only=True)["w"]
+    expected = (expected.float() if torch_dtype == torch.bfloat16 else expected).numpy()
+    read = read_pth(path)["w"]
+    assert read.shape == expected.shape and read.dtype == expected.dtype
+    assert read.tobytes() == numpy.ascontiguousarray(expected).tobytes()
+    if numel == reach and numel - 1 >= math.prod(size):  # the view ends at the storage's last element: one
+        # element fewer, and the same view reads past the end
+        short = write_pth(folder / "short.pth", storage_pickle(b"", numel - 1, size, stride, offset,
+                                                              storage_type.encode()),
+                          storage[:len(storage) - values.itemsize], byteorder=byteorder)
+        assert "reads past its storage" in one_line_refusal(short)
 
 
 def test_a_refused_file_cannot_change_what_the_next_load_reads(tmp_path):
