@@ -49,6 +49,7 @@ BPE = "tests/test_tokenizer_bpe.py::"
 CHAT = "tests/test_chat.py::"
 FOREIGN = "tests/test_foreign_files.py::"
 META = "tests/test_convert_meta.py::"
+TRAIN_CONFIG = "tests/test_train_config.py::"
 PTH = "tests/test_pth.py::"
 
 OPS = "npllama/ops/"
@@ -435,6 +436,30 @@ CATALOGUE = [
            '        if self.zero and self.backend != "numpy":\n', "        if False:\n",
            ("tests/test_train_config.py::test_zero_1_on_gpus_is_refused_in_one_line_before_anything_starts",),
            "--zero 1 with --backend cupy starts, and fails in the all-gather NCCL cannot do"),
+    Mutant("config-default-warmup-zero-for-short-runs", "npllama/train/config.py",
+           "else max(1, self.steps // 10)", "else self.steps // 10",
+           (TRAIN_CONFIG + "test_the_warmup_is_the_flag_or_a_tenth_of_the_steps_and_at_least_one_and_the_rate_rises_"
+                           "then_falls",),
+           "a run of fewer than 10 steps gets no warmup, though it asked for the default"),
+    Mutant("config-warmup-0-means-the-default", "npllama/train/config.py",
+           "        return self.warmup if self.warmup is not None else max(1, self.steps // 10)\n",
+           "        return self.warmup or max(1, self.steps // 10)\n",
+           (TRAIN_CONFIG + "test_the_warmup_is_the_flag_or_a_tenth_of_the_steps_and_at_least_one_and_the_rate_rises_"
+                           "then_falls",),
+           "--warmup 0 is read as 'not given' and the run warms up for a tenth of its steps"),
+    Mutant("config-warmup-0-refused", "npllama/train/config.py",
+           'rule=(lambda n: n >= 0, "{flag} must be >= 0"))', 'rule=(lambda n: n > 0, "{flag} must be >= 0"))',
+           (TRAIN_CONFIG + "test_the_smallest_legal_value_of_every_setting_trains_validates_and_saves",),
+           "--warmup 0, a legal setting, is refused"),
+    Mutant("config-min-lr-ratio-0-refused", "npllama/train/config.py",
+           "rule=(lambda ratio: 0 <= ratio <= 1,", "rule=(lambda ratio: 0 < ratio <= 1,",
+           (TRAIN_CONFIG + "test_the_smallest_legal_value_of_every_setting_trains_validates_and_saves",),
+           "--min-lr-ratio 0 (a cosine down to zero) is refused"),
+    Mutant("config-keep-checkpoints-0-refused", "npllama/train/config.py",
+           '"how many of the newest checkpoints to keep (0: all)", rule=_at_least(0))',
+           '"how many of the newest checkpoints to keep (0: all)", rule=_at_least(1))',
+           (TRAIN_CONFIG + "test_the_smallest_legal_value_of_every_setting_trains_validates_and_saves",),
+           "--keep-checkpoints 0 (keep them all) is refused"),
     Mutant("mpi-ranks-on-other-data-go-on", "npllama/train/distributed.py",
            "    if differing:\n", "    if False:\n",
            (DISTRIBUTED + "test_ranks_that_read_other_data_under_one_path_stop_with_one_line_naming_the_rank",),

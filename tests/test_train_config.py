@@ -5,10 +5,13 @@ import dataclasses
 import math
 import re
 
+import numpy
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from npllama import train
+from npllama import optim, train
 from npllama.train.__main__ import main as train_main
 from npllama.train.config import TrainConfig, TrainError, flag, from_command_line, parser, saved_settings
 
@@ -105,3 +108,42 @@ def test_zero_1_on_gpus_is_refused_in_one_line_before_anything_starts():
         TrainConfig(zero=1, backend="cupy")
     assert TrainConfig(zero=1, backend="numpy").zero == 1
 
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.integers(1, 100_000), warmup=st.one_of(st.none(), st.integers(0, 200_000)))
+@example(steps=1, warmup=None).via("the shortest run")
+@example(steps=30, warmup=0).via("the smallest warmup")
+def test_the_warmup_is_the_flag_or_a_tenth_of_the_steps_and_at_least_one_and_the_rate_rises_then_falls(
+        steps, warmup):
+    """--warmup is taken as given (0 included: no warmup at all); without it a run warms up for a
+    tenth of its steps, rounded down, and for one step when that is 0 (a run of 1 to 19 steps).
+    The rate rises during the warmup, reaching the peak at its last step, and never rises after."""
+    config = TrainConfig(steps=steps, warmup=warmup)
+    expected = warmup if warmup is not None else max(steps // 10, 1)
+    assert config.effective_warmup == expected
+    schedule = optim.CosineSchedule(config.lr, steps, config.effective_warmup, config.min_lr_ratio)
+    checked = sorted({0, 1, expected - 1, expected, expected + 1, steps // 2, steps - 2, steps - 1} & set(range(steps)))
+    rates = [schedule(step) for step in checked]
+    floor = config.min_lr_ratio * config.lr * (1 - 1e-12)  # the cosine's end, up to its rounding
+    assert all(0 < rate <= config.lr and (step < expected or rate >= floor) for step, rate in zip(checked, rates))
+    for rate, later, later_rate in zip(rates, checked[1:], rates[1:]):
+        assert later_rate > rate if later < expected else later_rate <= rate
+    if 0 < expected <= steps:
+        assert schedule(expected - 1) == config.lr
+
+
+def test_the_smallest_legal_value_of_every_setting_trains_validates_and_saves(corpus, tmp_path):
+    """One sequence of one token, one step, one validation batch, a checkpoint every step and all
+    kept, no warmup, no decay, no clipping, no final learning-rate floor, no sample, no threads."""
+    folder, tokenizer = corpus
+    smallest = TrainConfig(preset="nano", data=[str(folder)], tokenizer=str(tokenizer), out=str(tmp_path / "run"),
+                           cache_dir=str(tmp_path / "cache"), no_progress=True, steps=1, batch_size=1, seq_len=1,
+                           grad_accum=1, warmup=0, min_lr_ratio=0.0, weight_decay=0.0, grad_clip=0.0, seed=0,
+                           eval_every=0, eval_batches=1, checkpoint_every=1, keep_checkpoints=0, sample_tokens=0,
+                           threads=0)
+    result = train.train(smallest, log=lambda note: None)
+    assert result.step == 1 and math.isfinite(result.val_loss)
+    assert result.checkpoint == tmp_path / "run" / "step-00000001"
+    weights = load_file(result.checkpoint / "model.safetensors")
+    assert all(numpy.isfinite(array).all() for array in weights.values())
