@@ -484,13 +484,16 @@ def _head_loss(normed, weight, targets, ignore_index):
     return sum(parts[1:], parts[0])
 
 
-def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None):
+def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None, n_counted=None):
     """Return (loss, dnormed, dweight) for loss = cross_entropy(normed W^T, targets), chunk by chunk
     (on `pool`'s threads when given: the chunks' losses and weight gradients are still added in
-    chunk order, so the numbers are those of one thread to the bit)."""
+    chunk order, so the numbers are those of one thread to the bit). The loss divides by
+    `n_counted` (`cross_entropy.batch_count` of a larger batch these rows belong to), by default
+    by these rows' count."""
     xp = array_namespace(normed)
     rows, targets = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
-    n_counted = cross_entropy.batch_count(targets, ignore_index, normed.dtype)  # every chunk divides by the batch's
+    if n_counted is None:  # every chunk divides by the batch's
+        n_counted = cross_entropy.batch_count(targets, ignore_index, normed.dtype)
     drows = xp.empty(rows.shape, dtype=normed.dtype)
 
     def chunk(bounds):
@@ -525,7 +528,8 @@ def loss_and_grads(params, config, tokens, targets, recompute=True,
 
 
 def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
-                             tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None, pool=None):
+                             tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None, pool=None,
+                             n_counted=None):
     """Return (loss, grads): the mean cross-entropy as a 0-d array where the weights live (reading
     it from a GPU waits for the GPU, so a caller that adds several reads once) and its gradient for
     every parameter.
@@ -542,6 +546,10 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     pool (an executor), when given, runs attention's head groups and the output head's chunks of
     rows on its threads, the chunks' sums in chunk order (the numbers are the same to the bit):
     npllama.parallel's use for a batch of one long sequence.
+
+    n_counted, when given, is what the cross-entropy divides by instead of these rows' count of
+    targets: `cross_entropy.batch_count` of a batch these rows are a slice of, so that the
+    slices' losses and gradients add up to the batch's (npllama.parallel).
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
@@ -557,7 +565,8 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
         if on_grad is not None:  # what on_grad returns replaces it, so the two never both live on
             grads[name] = on_grad(name, grads[name])
 
-    value, dnormed, dhead = _head_loss_and_grads(normed, params[head_name(config)], targets, ignore_index, pool)
+    value, dnormed, dhead = _head_loss_and_grads(normed, params[head_name(config)], targets, ignore_index, pool,
+                                                 n_counted)
     if head_name(config) == OUTPUT_HEAD:
         grads[OUTPUT_HEAD], dhead = dhead, None
         finished(OUTPUT_HEAD)

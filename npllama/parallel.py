@@ -7,9 +7,11 @@ cross-entropy, SwiGLU, RMSNorm, RoPE) that a multi-threaded BLAS leaves to one c
 The numbers do not depend on the number of threads:
 
 - the batch is cut into slices of SLICE_ROWS rows, a cut fixed by the batch, never by the threads;
-- each slice's loss and gradients are `model.loss_and_grads_on_device` on its rows alone;
-- they are weighted by the slice's share of the batch's targets (the positions not ignored) and
-  added into the batch's in slice order (slice k's after slice k-1's, whichever threads ran them);
+- each slice's loss and gradients are `model.loss_and_grads_on_device` on its rows alone, its
+  cross-entropy divided by the batch's count of targets (the positions not ignored), so that the
+  slices' losses and gradients add up to the batch's;
+- they are added into the batch's in slice order (slice k's after slice k-1's, whichever threads
+  ran them);
 - the BLAS is held to one thread while the workers are open (threadpoolctl, in the process), since a
   product cut among BLAS threads may add in another order.
 
@@ -36,6 +38,7 @@ from contextlib import contextmanager
 
 from . import model as llama
 from .backend import array_namespace
+from .ops import cross_entropy
 from .params import FINAL_NORM
 
 SLICE_ROWS = 1  # rows (sequences) per slice
@@ -65,10 +68,9 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
     rows = tokens.shape[0]
     slices = [slice(start, min(start + SLICE_ROWS, rows)) for start in range(0, rows, SLICE_ROWS)]
     counted = [int((targets[part] != ignore_index).sum()) for part in slices]
-    counted_in_all = sum(counted)
-    if counted_in_all == 0:
+    if sum(counted) == 0:
         raise ValueError("sliced_loss_and_grads: every target is ignore_index; there is no loss to take")
-    weights = [count / counted_in_all for count in counted]
+    n_counted = cross_entropy.batch_count(targets, ignore_index, params[FINAL_NORM].dtype)  # every slice's divisor
     if len(slices) == 1:  # one sequence: the threads share its attention heads and output head's chunks
         value, grads = llama.loss_and_grads_on_device(params, config, tokens, targets, ignore_index=ignore_index,
                                                       pool=pool)
@@ -84,9 +86,7 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
             grads: dict = {}
             if counted[k]:  # a slice of ignored targets only has no loss to take: it adds nothing
                 value, grads = llama.loss_and_grads_on_device(params, config, tokens[slices[k]], targets[slices[k]],
-                                                              ignore_index=ignore_index)
-                for grad in grads.values():  # weighted here, on this thread
-                    grad *= weights[k]
+                                                              ignore_index=ignore_index, n_counted=n_counted)
             with turn:
                 turn.wait_for(lambda: added == k or failed.is_set())
             if failed.is_set():
@@ -97,7 +97,7 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
                 else:
                     total[name] = grad
             if counted[k]:
-                loss = loss + value.astype(xp.float64) * weights[k]
+                loss = loss + value.astype(xp.float64)
         except BaseException:
             failed.set()  # the slices after this one stop waiting for it
             raise
