@@ -49,6 +49,7 @@ BPE = "tests/test_tokenizer_bpe.py::"
 CHAT = "tests/test_chat.py::"
 FOREIGN = "tests/test_foreign_files.py::"
 META = "tests/test_convert_meta.py::"
+LOAD = "tests/test_load.py::"
 TRAIN_CONFIG = "tests/test_train_config.py::"
 PTH = "tests/test_pth.py::"
 
@@ -742,6 +743,25 @@ CATALOGUE = [
            "",
            ("tests/test_load.py::test_an_npllama_run_loads_with_its_tokenizer_and_gives_the_models_logits",),
            "an npllama checkpoint (config.json + model.safetensors) is read as a Hugging Face directory"),
+    Mutant("load-lets-infinite-weights-through", "npllama/convert/load.py",
+           "        if not numpy.isfinite(array).all():\n", "        if numpy.isnan(array).any():\n",
+           (LOAD + "test_a_weight_that_is_nan_or_infinite_anywhere_is_refused_naming_its_tensor",),
+           "weights of +-inf load (a diverged model's), and every logit they touch is NaN"),
+    Mutant("load-dtype-ignored", "npllama/convert/load.py",
+           "xp.asarray(params.pop(name) if dtype is None else params.pop(name).astype(dtype, copy=False))",
+           "xp.asarray(params.pop(name))",
+           (LOAD + "test_the_weights_come_in_the_dtype_asked_for_or_the_one_they_were_saved_in",),
+           "npllama.load(..., dtype=) keeps the stored dtype of an npllama checkpoint"),
+    Mutant("load-refuses-a-tokenizer-as-large-as-the-vocabulary", "npllama/convert/load.py",
+           "    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:\n",
+           "    if tokenizer is not None and tokenizer.vocab_size >= config.vocab_size:\n",
+           (LOAD + "test_an_npllama_run_loads_with_its_tokenizer_and_gives_the_models_logits",),
+           "a tokenizer with exactly as many tokens as the embedding has rows (every model's) is refused"),
+    Mutant("load-takes-integer-weights", "npllama/convert/load.py",
+           'WEIGHT_DTYPES = ("float64", "float32", "float16")',
+           'WEIGHT_DTYPES = ("float64", "float32", "float16", "int64")',
+           (FOREIGN + "test_integer_and_bool_weights_in_a_meta_shard_are_refused_as_every_loader_refuses_them",),
+           "a Meta shard of int64 tensors loads, and the model computes with integer weights"),
     Mutant("audit-compare-keeps-rotate-half-gradient-rows", "npllama/audit/compare.py",
            "    return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]\n",
            "    return ({meta: tensors[hf] if meta in permuted else tensors[hf]\n",

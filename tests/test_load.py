@@ -6,6 +6,8 @@ import sys
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import npllama
 from npllama import model as llama
@@ -86,3 +88,51 @@ def test_a_model_without_a_tokenizer_loads_but_cannot_generate_text(tmp_path):
     result = subprocess.run([sys.executable, "-m", "npllama.generate", "--checkpoint", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "holds no tokenizer" in result.stderr
+
+
+# Hugging Face's names of Meta's tensors (transformers' convert_llama_weights_to_hf), the oracle below
+HF_TO_META = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+HF_TO_META_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                    "post_attention_layernorm": "ffn_norm"}
+
+
+def meta_name(hf_name: str) -> str:
+    if hf_name in HF_TO_META:
+        return HF_TO_META[hf_name]
+    _, _, layer, *module, _ = hf_name.split(".")
+    return f"layers.{layer}.{HF_TO_META_LAYER['.'.join(module)]}.weight"
+
+
+@settings(max_examples=20, deadline=None)
+@given(value=st.sampled_from([numpy.nan, numpy.inf, -numpy.inf]), data=st.data())
+def test_a_weight_that_is_nan_or_infinite_anywhere_is_refused_naming_its_tensor(tmp_path_factory, value, data):
+    """Any tensor of a Hugging Face folder, any element, NaN or either infinity: npllama.load says
+    which tensor (by Meta's name) in one line, whatever the position."""
+    from safetensors.numpy import save_file
+
+    from npllama.convert.hf import export_hf, read_safetensors
+
+    config = llama.LlamaConfig(dim=16, n_layers=2, n_heads=2, vocab_size=40, multiple_of=8, max_seq_len=32)
+    folder = tmp_path_factory.mktemp("hf")
+    export_hf(folder, config, llama.init_params(config, seed=0))
+    weights = read_safetensors(folder / "model.safetensors")
+    name = data.draw(st.sampled_from(sorted(weights)), label="tensor")
+    index = data.draw(st.integers(0, weights[name].size - 1), label="element")
+    weights[name].reshape(-1)[index] = value
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match=f"tensor '{meta_name(name)}' holds NaN or infinite values") as refused:
+        npllama.load(folder)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("dtype", [None, "float16", "float32", "float64"])
+def test_the_weights_come_in_the_dtype_asked_for_or_the_one_they_were_saved_in(npllama_run, dtype):
+    run, config, params, _ = npllama_run
+    loaded = npllama.load(run, dtype=dtype)
+    assert {str(array.dtype) for array in loaded.params.values()} == {dtype or "float32"}
+    for name, array in loaded.params.items():  # the same numbers, rounded to the dtype asked for
+        assert numpy.array_equal(array, params[name].astype(dtype or "float32")), name
