@@ -762,6 +762,22 @@ CATALOGUE = [
            'WEIGHT_DTYPES = ("float64", "float32", "float16", "int64")',
            (FOREIGN + "test_integer_and_bool_weights_in_a_meta_shard_are_refused_as_every_loader_refuses_them",),
            "a Meta shard of int64 tensors loads, and the model computes with integer weights"),
+    Mutant("audit-compare-zero-gradient-fails", "npllama/audit/compare.py",
+           "/ norm_ref) if norm_ref else float(numpy.linalg.norm(difference))\n", "/ norm_ref)\n",
+           ("tests/test_audit_compare.py::test_a_nan_or_infinity_anywhere_in_their_gradients_fails_that_parameter_and_"
+            "only_it",),
+           "a parameter whose gradient is zero on both sides gets the relative error 0/0 = NaN and fails"),
+    Mutant("audit-compare-cosine-over-our-norm-squared", "npllama/audit/compare.py",
+           "numpy.vdot(other, reference_grad) / (norm_ref * norm_other)",
+           "numpy.vdot(other, reference_grad) / (norm_ref * norm_ref)",
+           ("tests/test_audit_compare.py::test_their_gradient_a_multiple_of_ours_has_the_relative_error_and_cosine_of_"
+            "that_multiple",),
+           "the cosine divides by our norm twice: a gradient twice ours reports cosine 2"),
+    Mutant("audit-compare-nan-hidden-state-passes", "npllama/audit/compare.py",
+           "        if not rel <= tolerance:\n", "        if rel > tolerance:\n",
+           ("tests/test_audit_compare.py::test_the_first_diverging_layer_is_the_first_hidden_state_off_by_more_than_"
+            "the_tolerance_or_not_finite",),
+           "a hidden state holding NaN compares as within tolerance, and the report names a later layer or none"),
     Mutant("audit-compare-keeps-rotate-half-gradient-rows", "npllama/audit/compare.py",
            "    return ({meta: hf_rows_to_meta(tensors[hf], config) if meta in permuted else tensors[hf]\n",
            "    return ({meta: tensors[hf] if meta in permuted else tensors[hf]\n",

@@ -146,3 +146,44 @@ def test_a_nan_or_infinity_anywhere_in_their_gradients_fails_that_parameter_and_
     rows = {row.name: row for row in compare_rows(ours, theirs, tolerance=0.0, source="fuzzed")}
     assert not rows[planted].passed
     assert all(row.passed for name, row in rows.items() if name != planted)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), factor=st.floats(-4.0, 4.0).filter(lambda c: abs(c) > 1e-3),
+       scale=st.sampled_from([1e-20, 1.0, 1e20]))
+def test_their_gradient_a_multiple_of_ours_has_the_relative_error_and_cosine_of_that_multiple(seed, factor, scale):
+    """theirs = c * ours: relative error |c - 1|, cosine sign(c), max abs error |c - 1| max|ours|,
+    at any size of the gradients (rtol 1e-12: a few float64 roundings of sums of 12 terms)."""
+    from npllama.audit.compare import compare_rows
+
+    ours = {"w": numpy.random.default_rng(seed).standard_normal((3, 4)) * scale}
+    (row,) = compare_rows(ours, {"w": ours["w"] * factor}, tolerance=abs(factor - 1), source="scaled")
+    assert row.rel_err == pytest.approx(abs(factor - 1), rel=1e-12, abs=1e-15)
+    assert row.cosine == pytest.approx(numpy.sign(factor), rel=1e-12)
+    assert row.max_abs_err == pytest.approx(abs(factor - 1) * numpy.abs(ours["w"]).max(), rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n_states=st.integers(1, 5), data=st.data())
+def test_the_first_diverging_layer_is_the_first_hidden_state_off_by_more_than_the_tolerance_or_not_finite(
+        seed, n_states, data):
+    """Their hidden states equal ours up to one layer, from which on they are off by 10% or hold
+    a NaN or an infinity: that layer is named, with its relative error; none off, none named."""
+    from npllama.audit.compare import HIDDEN_PREFIX, first_diverging_layer
+
+    rng = numpy.random.default_rng(seed)
+    ours = [rng.standard_normal((2, 3, 4)) for _ in range(n_states)]
+    theirs = {f"{HIDDEN_PREFIX}{index}": state.copy() for index, state in enumerate(ours)}
+    assert first_diverging_layer(ours, theirs, tolerance=0.0) is None
+    first = data.draw(st.integers(0, n_states - 1), label="first diverging")
+    bad = data.draw(st.sampled_from([1.1, float("nan"), float("inf")]), label="what goes wrong")
+    for index in range(first, n_states):
+        state = theirs[f"{HIDDEN_PREFIX}{index}"]
+        if bad == 1.1:
+            state *= bad
+        else:
+            state.reshape(-1)[data.draw(st.integers(0, state.size - 1), label="position")] = bad
+    with numpy.errstate(invalid="ignore"):
+        index, rel = first_diverging_layer(ours, theirs, tolerance=1e-3)
+    assert index == first
+    assert rel == pytest.approx(0.1, rel=1e-9) if bad == 1.1 else not numpy.isfinite(rel)
