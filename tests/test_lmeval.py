@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import npllama
 from conftest import TASK_FIXTURES, save_random_run
@@ -190,3 +192,63 @@ def test_lm_evals_command_line_runs_npllama_through_the_wrapper_module(run, tmp_
                           capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "arc_easy_local" in done.stdout and "acc_norm" in done.stdout
+
+
+def a_stop_of_two_characters_seen_apart_before(text: str) -> str | None:
+    """A two-character piece of `text` whose first whole occurrence comes after one of its
+    characters already did: cutting at the piece and cutting at either character differ there."""
+    for k in range(1, len(text) - 1):
+        piece = text[k:k + 2]
+        if piece not in text[:k + 1] and (text[k] in text[:k] or text[k + 1] in text[:k]):
+            return piece
+    return None
+
+
+@settings(max_examples=10, deadline=None)
+@given(limits=st.lists(st.integers(1, 12), min_size=1, max_size=4), as_string=st.lists(st.booleans(), min_size=4,
+                                                                                      max_size=4))
+def test_generate_until_answers_each_request_with_its_own_stops_and_length_whatever_the_others(
+        model, limits, as_string):
+    """Requests of mixed settings in one call: each answer is npllama's greedy answer under its own
+    `max_gen_toks` and its own `until`, which lm-eval may give as one string (a stop of several
+    characters, not a set of one-character stops) or as a list."""
+    from lm_eval.api.instance import Instance
+
+    from npllama.eval import scoring as evaluate
+    from npllama.eval.lmeval import NpllamaLM
+
+    contexts = ["Q: who wrote hamlet?\nA:", "def add(a, b):\n", "The cat sat on", "Q: what is 2+2?\nA:"]
+    requests, expected = [], []
+    for index, limit in enumerate(limits):
+        context = contexts[index]
+        whole = evaluate.greedy_until(model, [context], stops=(), max_new_tokens=12)[0]
+        stop = a_stop_of_two_characters_seen_apart_before(whole) or "\n\n"
+        until = stop if as_string[index] else [stop]
+        requests.append(Instance("generate_until", doc={}, arguments=(context, {"until": until, "max_gen_toks": limit}),
+                                 idx=index))
+        expected.append(evaluate.greedy_until(model, [context], stops=(stop,), max_new_tokens=limit)[0])
+    assert NpllamaLM(model=model).generate_until(requests) == expected
+
+
+def test_loglikelihood_answers_each_pair_with_its_log_likelihood_and_whether_greedy_decoding_writes_it(model):
+    """lm-eval's (log-likelihood, is_greedy) for each request: a continuation of the token the
+    model's greedy decoding writes next is greedy, another is not, and the log-likelihoods are
+    npllama's."""
+    from lm_eval.api.instance import Instance
+
+    from npllama.eval import scoring as evaluate
+    from npllama.eval.lmeval import NpllamaLM
+
+    tokenizer, pairs = model.tokenizer, []
+    for context in ["The cat sat on", "def add(a, b):", "Q: who wrote hamlet?\nA:", "import numpy", "x = 1"]:
+        ids = tokenizer.encode(context, bos=tokenizer.add_bos_token)
+        token = int(llama.forward(model.params, model.config, numpy.array([ids]))[0, -1].argmax())
+        continuation = tokenizer.decode(ids + [token])[len(tokenizer.decode(ids)):]
+        if evaluate.encode_pair(tokenizer, context, continuation)[1] == [token]:  # the text reads back as it
+            pairs.append((context, continuation))
+    assert len(pairs) >= 2
+    pairs += [(context, " zebra" if continuation != " zebra" else " yak") for context, continuation in pairs]
+    requests = [Instance("loglikelihood", doc={}, arguments=pair, idx=index) for index, pair in enumerate(pairs)]
+    answers = NpllamaLM(model=model).loglikelihood(requests)
+    assert answers == [(result.logprob, result.greedy) for result in evaluate.loglikelihoods(model, pairs)]
+    assert [is_greedy for _, is_greedy in answers] == [True] * (len(pairs) // 2) + [False] * (len(pairs) // 2)
