@@ -207,12 +207,26 @@ def render_results(outcomes, seconds: float, jobs: int, date: str | None = None,
              "regenerate it, do not edit it. What the check does: docs/testing.md.", "",
              f"Run {date} on {machine}, with {jobs} job(s), in {seconds / 60:.1f} min.", "",
              f"**Score: {killed}/{len(outcomes)} killed ({100 * killed / max(len(outcomes), 1):.0f}%).**", "",
+             *module_table(outcomes), "",
              "| mutant | file | result | s | killed by / why |",
              "| --- | --- | --- | ---: | --- |"]
     for o in outcomes:
         lines.append(f"| `{_cell(o.mutant.name)}` | `{_cell(o.mutant.file)}` | {_cell(o.verdict)} "
                      f"| {o.seconds:.1f} | {_cell(o.detail)} |")
     return "\n".join(lines) + "\n"
+
+
+def module_table(outcomes, root: Path = REPO) -> list:
+    """Markdown rows: for every source file of the package (none left out, so a module without
+    mutants shows its 0) and any other file a mutant plants in, its mutants and how many were killed."""
+    files = {str(path.relative_to(root)) for pattern in ("*.py", "*.cu")
+             for path in (root / "npllama").rglob(pattern) if path.name != "__init__.py"}
+    files |= {o.mutant.file for o in outcomes}
+    rows = ["| module | mutants | killed |", "| --- | ---: | ---: |"]
+    for file in sorted(files):
+        planted = [o for o in outcomes if o.mutant.file == file]
+        rows.append(f"| `{_cell(file)}` | {len(planted)} | {sum(o.killed for o in planted)} |")
+    return rows
 
 
 def write_results(path, text: str) -> None:

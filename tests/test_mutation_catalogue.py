@@ -96,6 +96,9 @@ def test_the_results_file_is_regenerated_from_the_outcomes_of_a_run(tmp_path):
     assert lines[0].startswith("# ") and "| a row kept by hand | from an older run |" not in lines
     assert "Run 2026-12-01 on a test box, with 2 job(s), in 1.5 min." in lines
     assert "**Score: 1/3 killed (33%).**" in lines
+    # every module of the package has a row with its count, those without mutants too
+    assert "| `npllama/ops/swiglu.py` | 1 | 1 |" in lines and "| `npllama/ops/linear.py` | 1 | 0 |" in lines
+    assert "| `npllama/ops/rope.py` | 1 | 0 |" in lines and "| `npllama/ops/attention.py` | 0 | 0 |" in lines
     assert ["| `swiglu-db-without-a` | `npllama/ops/swiglu.py` | killed | 3.2 | test_swiglu_backward[a\\|b] |",
             "| `linear-dweight-transposed` | `npllama/ops/linear.py` | SURVIVED | 2.0 | 1 test(s) passed |",
             "| `rope-sign-of-sine` | `npllama/ops/rope.py` | STALE | 0.0 | its snippet occurs 0 times |"] == lines[-3:]
