@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import TASK_FIXTURES, save_random_run
 from npllama import model as llama
@@ -38,6 +40,7 @@ def test_all_ten_tasks_give_a_table_and_a_json_report_with_every_example(run, tm
     assert chances["nq_open"] == 0.0
     arc = results["tasks"]["arc_easy"]
     assert arc["n"] == 4 and set(arc["metrics"]) == {"acc", "acc_norm"} and len(arc["examples"]) == 4
+    assert [example["index"] for example in arc["examples"]] == [0, 1, 2, 3]  # each example says which item
     first = arc["examples"][0]
     assert first["prompt"].count("\n\nQuestion: ") == 2 and len(first["logprobs"]) == len(first["n_tokens"]) == 4
     assert first["acc"] in (0.0, 1.0) and first["gold"] == 0
@@ -52,6 +55,18 @@ def test_the_table_marks_the_headline_metric_and_shows_the_standard_error():
     assert npllama_eval.table(results).splitlines()[1:] == [
         "piqa           acc             0.5000   0.0354       200  0.5000",
         "               acc_norm *      0.5200   0.0354                  "]
+
+
+@given(counts=st.lists(st.integers(1, 9), min_size=1, max_size=12), partial=st.booleans())
+def test_the_chance_level_is_the_mean_over_items_of_one_over_each_items_number_of_options(counts, partial):
+    """A local task may mix items of 2, 3 or 9 options (choices, or a Partial's contexts): a
+    uniform guess scores the mean of 1/n over the items, whatever the first item's n."""
+    from npllama.eval.report import chance_level
+    from npllama.eval.scoring import MultipleChoice, Partial
+
+    items = [Partial(tuple("ab"[:1] * n), "c", 0) if partial else MultipleChoice("q", tuple("x" * n), 0)
+             for n in counts]
+    assert chance_level(items) == pytest.approx(sum(1 / n for n in counts) / len(counts), rel=1e-12)
 
 
 def cli(*args):
