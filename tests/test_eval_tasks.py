@@ -9,6 +9,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import TASK_FIXTURES
 from npllama.eval import datasets
@@ -44,6 +46,37 @@ def test_hellaswag_drops_wikihow_markup_and_capitalises_the_second_half():
            "endings": ["sits [title] down.", "runs  away."]}
     item = BENCHMARKS["hellaswag"].item(row)
     assert item == MultipleChoice("Home: A man stands. Then he", ("sits. down.", "runs away."), 1)
+
+
+@given(question=st.text(alphabet="abc XYZ?\t\n", max_size=12).filter(lambda text: text.strip().strip("?")))
+def test_a_closed_book_question_is_asked_with_exactly_one_question_mark_however_it_was_written(question):
+    """NQ-Open's questions come without '?', TriviaQA's with one, either with spaces around: the
+    prompt is the question stripped, with one '?' added only where it has none."""
+    stripped = question.strip()
+    expected = f"Q: {stripped if stripped.endswith('?') else stripped + '?'}\nA:"
+    for name, row in (("nq_open", {"question": question, "answer": ["x"]}),
+                      ("triviaqa", {"question": question, "answer": {"aliases": ["x"]}})):
+        assert BENCHMARKS[name].item(row).context == expected
+
+
+@pytest.mark.parametrize("name, row, gold", [
+    ("arc_easy", {"question": "q", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"},
+     2),
+    ("arc_challenge", {"question": "q", "choices": {"text": ["a", "b"], "label": ["1", "2"]}, "answerKey": "2"}, 1),
+    ("openbookqa", {"question_stem": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": " B"},
+     1),
+    ("piqa", {"goal": "g", "sol1": "a", "sol2": "b", "label": 1}, 1),
+    ("siqa", {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "3"}, 2),
+    ("siqa", {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "1"}, 0),
+    ("winogrande", {"sentence": "The _ sat.", "option1": "cat", "option2": "dog", "answer": "2"}, 1),
+    ("boolq", {"passage": "p", "question": "q", "answer": True}, 1),
+    ("hellaswag", {"activity_label": "A", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"],
+                   "label": "3"}, 3),
+], ids=lambda value: value if isinstance(value, str) else "")
+def test_each_benchmark_reads_its_gold_answer_in_its_own_convention(name, row, gold):
+    """Letters or digits as labels (ARC), a key with a leading space (OpenBookQA), labels from 1
+    (SIQA, WinoGrande), a boolean (BoolQ), a string of a digit (HellaSwag)."""
+    assert BENCHMARKS[name].item(row).gold == gold
 
 
 def write_wheel(path: Path, rows_per_task: int = 70) -> bytes:
