@@ -321,6 +321,17 @@ def test_a_block_count_other_than_the_blocks_present_is_refused_naming_both(tmp_
     assert f"llama.block_count is {block_count}, but the file holds tensors of 2 blocks" in one_line_refusal(path)
 
 
+def test_blocks_not_numbered_from_0_without_gaps_are_refused_though_their_count_fits(tmp_path):
+    """Blocks 0 and 2 in a file of llama.block_count 2: the count fits, the numbering does not."""
+    config = CONFIGS["multi_head"]
+    stored = gguf_tensors(config, llama.init_params(config, seed=0, std=0.5), F32)
+    moved = {name: None for name in stored if name.startswith("blk.1.")}
+    moved.update({name.replace("blk.1.", "blk.2.", 1): stored[name] for name in stored if name.startswith("blk.1.")})
+    path, _ = model_file(tmp_path, config, tensors=moved)
+    assert "llama.block_count is 2, but the file holds tensors of 2 blocks, not numbered 0, 1, 2" in \
+        one_line_refusal(path)
+
+
 @pytest.fixture(scope="module")
 def good_file(tmp_path_factory):
     path, _ = model_file(tmp_path_factory.mktemp("good"), CONFIGS["gqa_tied"], GGMLQuantizationType.Q4_1)

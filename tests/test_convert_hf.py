@@ -6,6 +6,8 @@ import json
 
 import numpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from npllama import model as llama
 from npllama.convert import ConvertError
@@ -319,3 +321,28 @@ def test_a_bfloat16_export_holds_what_torch_rounds_to_and_loads_in_transformers(
         # and every other value bit for bit
         assert (numpy.isnan(got) == numpy.isnan(expected)).all(), name
         assert got[~numpy.isnan(got)].tobytes() == expected[~numpy.isnan(expected)].tobytes(), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(norm_eps=st.floats(1e-8, 1e-2), rope_theta=st.floats(1.0, 1e7), positions=st.integers(1, 1 << 20),
+       kv_heads=st.sampled_from([1, 2, 4]), tied=st.booleans(), newer=st.booleans())
+def test_every_field_of_config_json_is_the_configs_whatever_its_value(norm_eps, rope_theta, positions, kv_heads,
+                                                                     tied, newer):
+    """Fields far from their defaults, and RoPE's base where either version of transformers puts
+    it (`rope_theta`, or inside `rope_parameters` since transformers 5)."""
+    from pathlib import Path
+
+    from npllama.convert.hf import config_from_hf
+
+    fields = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": kv_heads, "intermediate_size": 80, "vocab_size": 300, "rms_norm_eps": norm_eps,
+              "max_position_embeddings": positions, "tie_word_embeddings": tied}
+    if newer:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
+    else:
+        fields["rope_theta"] = rope_theta
+    config = config_from_hf(fields, Path("config.json"))
+    assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_dim, config.vocab_size) == \
+        (32, 3, 4, kv_heads, 80, 300)
+    assert (config.norm_eps, config.rope_theta, config.max_seq_len, config.tie_embeddings) == \
+        (norm_eps, rope_theta, positions, tied)
