@@ -191,3 +191,47 @@ def test_unreadable_files_are_skipped_when_walked_and_an_error_when_named(tmp_pa
     assert len(texts) == 2 and "doc01.txt (Permission denied)" in warnings[0]
     with pytest.raises(data.DataError, match="cannot read it"):
         list(data.read_documents(data.find_documents([str(locked)])))
+
+
+@given(seq_len=st.integers(1, 20), extra=st.integers(0, 30), batch=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_every_window_of_the_stream_can_be_drawn_and_none_reaches_past_its_end(seq_len, extra, batch, seed):
+    """Windows of T + 1 tokens start anywhere from 0 to the last one that fits, the stream's end
+    included (a stream of exactly T + 1 tokens is that one window); targets are inputs shifted by 1."""
+    tokens = numpy.arange(seq_len + 1 + extra, dtype=numpy.uint16)
+    sampler = data.BatchSampler(tokens, batch, seq_len, seed)
+    starts = set()
+    for _ in range(60):
+        inputs, targets = sampler.next_batch()
+        assert inputs.shape == targets.shape == (batch, seq_len)
+        assert (targets[:, :-1] == inputs[:, 1:]).all() and (targets[:, -1] == inputs[:, -1] + 1).all()
+        starts.update(inputs[:, 0].tolist())
+    assert max(starts) <= extra and min(starts) >= 0
+    if extra == 0:
+        assert starts == {0}
+
+
+@given(n_tokens=st.integers(2, 10_000), batch=st.integers(1, 4), n_batches=st.integers(1, 3),
+       seq_len=st.integers(1, 64))
+def test_fixed_validation_windows_run_from_the_first_token_to_the_last(n_tokens, batch, n_batches, seq_len):
+    """Evenly spaced over the whole held-out stream (one window: its start), none past its end."""
+    tokens = numpy.arange(n_tokens, dtype=numpy.uint32)
+    batches = data.fixed_batches(tokens, batch, seq_len, n_batches)
+    if n_tokens < seq_len + 1:
+        assert batches == []
+        return
+    assert len(batches) == n_batches and all(inputs.shape == (batch, seq_len) for inputs, _ in batches)
+    assert batches[0][0][0, 0] == 0  # the first window starts at the first token
+    if batch * n_batches > 1:  # and the last one ends at the last
+        assert batches[-1][1][-1, -1] == n_tokens - 1
+
+
+@given(n_tokens=st.integers(2, 100_000), fraction=st.floats(0.0, 0.5), n_spans=st.integers(1, 40))
+def test_a_split_by_the_tail_holds_out_at_least_one_token_and_keeps_at_least_one(n_tokens, fraction, n_spans):
+    """Too few documents to split by document: the last max(1, round(fraction x tokens)) tokens
+    are held out, so even a tiny corpus, or a fraction that rounds to 0, has a validation token."""
+    spans = [("train", 0, n_tokens)] * n_spans  # every document on one side: the tail rule applies
+    ranges, _, rule = data._split(spans, n_tokens, fraction)
+    assert rule == "tail"
+    (train_first, train_count), (val_first, val_count) = ranges["train"][0], ranges["val"][0]
+    assert train_first == 0 and train_count + val_count == n_tokens and val_first == train_count
+    assert val_count == max(1, round(n_tokens * fraction)) and train_count >= 1

@@ -225,3 +225,17 @@ def test_training_on_one_two_and_three_threads_logs_and_saves_the_same_numbers(c
         for file in ("model.safetensors", "optimizer.safetensors"):
             assert (runs[threads] / "step-00000004" / file).read_bytes() == \
                 (runs[1] / "step-00000004" / file).read_bytes(), file
+
+
+def test_adamw_on_threads_updates_a_parameter_that_is_not_contiguous_in_place(monkeypatch):
+    """A parameter in Fortran order (a transposed checkpoint's) cannot be cut into blocks of its
+    flat elements without copying; it is updated whole, in place, as on one thread."""
+    monkeypatch.setattr(optim, "UPDATE_BLOCK", 10)
+    rng = numpy.random.default_rng(0)
+    params = {"w": numpy.asfortranarray(rng.standard_normal((8, 6)).astype(numpy.float32))}
+    grads = {"w": rng.standard_normal((8, 6)).astype(numpy.float32)}
+    serial = {"w": params["w"].copy()}
+    optim.step(serial, grads, optim.init_state(serial), lr=1e-2)
+    with workers(2) as pool:
+        optim.step(params, grads, optim.init_state(params), lr=1e-2, pool=pool)
+    assert numpy.array_equal(params["w"], serial["w"]) and not numpy.array_equal(params["w"], grads["w"])
