@@ -4,6 +4,7 @@ The tests that need several processes run a script under `mpiexec -n 2` and skip
 reason, where mpiexec or mpi4py is missing (`pip install ".[test]"` brings both as wheels).
 """
 
+import json
 import os
 import shlex
 import shutil
@@ -254,6 +255,8 @@ def test_zero_1_shards_the_moments_and_changes_no_number(corpus, tmp_path, shape
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "sharded" / "step-00000006" / name).read_bytes() == \
                (tmp_path / "plain" / "step-00000006" / name).read_bytes(), name
+    for run in ("sharded", "plain"):  # AdamW's step count t, which its bias corrections resume from
+        assert json.loads((tmp_path / run / "step-00000006" / "state.json").read_text())["optimizer_step"] == 6
     resumed = run_under_mpi(2, "-m", "npllama.train", *common(corpus, tmp_path, "resumed"), *steps, "--zero", "1",
                             "--resume", str(tmp_path / "plain" / "step-00000003"))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

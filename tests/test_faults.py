@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from npllama import checkpoint, files
 from npllama.train import run_log, stopping
@@ -131,6 +133,52 @@ def test_a_stop_agreed_with_the_other_ranks_leaves_this_ranks_own_later_signal_a
     assert requests(signal.SIGTERM, None) is None and requests.signal_number == signal.SIGTERM
     with pytest.raises(stopping.StopNow):
         requests(signal.SIGTERM, None)  # a second of its own still stops at once
+
+
+EVENTS = st.lists(st.one_of(st.tuples(st.just("signal"), st.sampled_from(stopping.SIGNALS)),
+                           st.tuples(st.just("agreed"), st.sampled_from(stopping.SIGNALS)),
+                           st.tuples(st.just("deferring"), st.booleans())), max_size=8)
+
+
+@settings(max_examples=300)
+@given(events=EVENTS)
+@example(events=[("deferring", True), ("signal", signal.SIGINT), ("signal", signal.SIGINT)]).via("Ctrl-C twice")
+@example(events=[("agreed", signal.SIGUSR1), ("deferring", True), ("signal", signal.SIGINT),
+                 ("signal", signal.SIGTERM)]).via("another rank's signal first")
+def test_the_first_signal_while_the_loop_can_stop_is_a_request_and_any_other_stops_at_once(events):
+    """Against a model of the rules: a signal is a request only if it is the process's first and
+    the loop is deferring; any other stops at once (StopNow, with that signal's number), and after
+    that nothing happens. The run stops under the first signal it heard of, its own or agreed."""
+    requests = stopping.StopRequests()
+    received, deferring, number, stopped = 0, False, None, False
+    for kind, value in events:
+        if kind == "deferring":
+            requests.deferring = deferring = value
+            continue
+        if kind == "agreed":
+            requests.stop_after_step(value)
+            number = value
+            continue
+        if stopped:
+            assert requests(value, None) is None
+            continue
+        received += 1
+        number = number or value
+        if deferring and received == 1:
+            assert requests(value, None) is None
+        else:
+            with pytest.raises(stopping.StopNow) as now:
+                requests(value, None)
+            assert now.value.signal_number == value
+            stopped = True
+        assert requests.signal_number == number and requests.stopped == stopped
+
+
+def test_the_handlers_before_a_run_are_back_after_it():
+    before = {number: signal.getsignal(number) for number in stopping.SIGNALS}
+    with stopping.stop_requests() as requests:
+        assert all(signal.getsignal(number) is requests for number in stopping.SIGNALS)
+    assert {number: signal.getsignal(number) for number in stopping.SIGNALS} == before
 
 
 def test_a_second_signal_stops_at_once_and_leaves_the_last_checkpoint_loadable(corpus, tmp_path):
