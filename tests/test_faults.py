@@ -3,6 +3,7 @@ files that never end, a damaged log. Each case checks the exit status, a single 
 traceback, and that everything loadable before is still loadable after."""
 
 import errno
+import io
 import json
 import os
 import re
@@ -416,3 +417,68 @@ def test_a_fifo_where_a_folder_is_expected_is_refused_in_one_line(corpus, tmp_pa
     result = train_cli(*args)
     assert_one_line_error(result, f"{fifo}: ", "FIFO" if flag != "--resume" else "not a folder")
     assert fifo.exists() and not (tmp_path / "run").exists()
+
+
+ROWS = st.lists(st.one_of(st.integers(0, 30).map(lambda step: json.dumps({"step": step, "loss": 1.0})),
+                          st.integers(0, 30).map(lambda step: json.dumps({"step": step, "val_loss": 2.0})),
+                          st.sampled_from(['{"step": 3, "loss"', "not json", '{"loss": 1.0}', "[1, 2]"])),
+                max_size=20)
+
+
+@given(lines=ROWS, last_step=st.integers(0, 30), cut=st.booleans())
+def test_repairing_a_log_keeps_exactly_its_rows_up_to_the_checkpoint_in_order(tmp_path_factory, lines, last_step,
+                                                                              cut):
+    """Any mix of step rows, evaluation rows and lines that are not rows (a kill's cut-off last
+    line among them): the rows whose step is at most the checkpoint's stay, in their order, and
+    the note counts what went."""
+    path = tmp_path_factory.mktemp("log") / "metrics.jsonl"
+    text = "".join(line + "\n" for line in lines)
+    path.write_text(text[:-3] if cut and text else text)
+    read = path.read_text().splitlines()
+    notes = []
+    run_log.repair(path, last_step, notes.append)
+    def row_step(line):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return None
+        return row.get("step") if isinstance(row, dict) else None
+
+    kept = [line for line in read if isinstance(row_step(line), int) and row_step(line) <= last_step]
+    assert path.read_text().splitlines() == kept
+    dropped = len(read) - len(kept)
+    assert len(notes) == (1 if dropped else 0)
+    if dropped:
+        after = sum(1 for line in read if isinstance(row_step(line), int) and row_step(line) > last_step)
+        assert f"dropped {after} row(s) after step {last_step} and {dropped - after} unreadable line(s)" in notes[0]
+
+
+class ShortWrites(io.RawIOBase):
+    """A log file that takes at most 3 bytes a call, as a pipe or a full disk may."""
+
+    name = "metrics.jsonl"
+
+    def __init__(self):
+        self.written = b""
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.written += bytes(data[:3])
+        return min(3, len(data))
+
+
+def test_a_row_is_written_whole_however_few_bytes_each_write_takes():
+    log = ShortWrites()
+    run_log.write_row(log, {"step": 12, "loss": 3.25})
+    assert log.written == b'{"step": 12, "loss": 3.25}\n'
+
+
+def test_each_unfinished_log_set_aside_keeps_a_name_of_its_own(tmp_path):
+    for number in range(3):
+        (tmp_path / "metrics.jsonl").write_text(f"run {number}\n")
+        run_log.set_aside(tmp_path / "metrics.jsonl", lambda note: None)
+    assert sorted(path.read_text() for path in tmp_path.glob("metrics-unfinished-*.jsonl")) == \
+        ["run 0\n", "run 1\n", "run 2\n"]
+    assert not (tmp_path / "metrics.jsonl").exists()
