@@ -11,7 +11,8 @@ jinja2 = pytest.importorskip("jinja2", reason="chat templates need jinja2: pip i
 
 # Templates of the kinds models ship, written here: ChatML with a default system message (SmolLM2's
 # shape), Llama 3's header markers with bos_token, Llama 2's [INST] with raise_exception on a
-# wrong order, and one with loop controls, tojson of non-ASCII text and a namespace.
+# wrong order, one with loop controls, tojson of non-ASCII text and a namespace, and one written
+# over indented lines.
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
@@ -33,7 +34,21 @@ CONTROLS = (
     "{% set ns = namespace(users=0) %}{% for message in messages %}{% if message['role'] == 'system' %}"
     "{% continue %}{% endif %}{% set ns.users = ns.users + 1 %}{{ message | tojson }}\n"
     "{% if ns.users > 3 %}{% break %}{% endif %}{% endfor %}{{ tools is none }} {{ documents is none }}")
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "llama2": LLAMA2, "controls": CONTROLS}
+# Zephyr's shape: one tag a line, indented, as most templates are written for people to read; the
+# newlines after the tags and the indentation before them are trimmed away (trim_blocks, lstrip_blocks)
+INDENTED = """{% for message in messages %}
+    {% if message['role'] == 'user' %}
+        {{ '<|user|>\n' + message['content'] + eos_token }}
+    {% elif message['role'] == 'assistant' %}
+        {{ '<|assistant|>\n' + message['content'] + eos_token }}
+    {% else %}
+        {{ '<|system|>\n' + message['content'] + eos_token }}
+    {% endif %}
+    {% if loop.last and add_generation_prompt %}
+        {{ '<|assistant|>' }}
+    {% endif %}
+{% endfor %}"""
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "llama2": LLAMA2, "controls": CONTROLS, "indented": INDENTED}
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 texts = st.text(st.characters(codec="utf-8"), max_size=40)
