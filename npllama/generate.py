@@ -13,7 +13,8 @@ together).
 With --chat the prompt is a user's message: the model's own chat template (npllama.tokenizer.chat,
 rendered in jinja2's sandbox) wraps it, after --system's message if given, and opens the
 assistant's turn; only the reply is printed. Without --prompt, --chat reads one message per line
-from standard input and keeps the conversation, until end of input.
+from standard input and keeps the conversation, until end of input; when it outgrows the model's
+context the oldest exchanges are left out (said on stderr), the --system message kept.
 """
 
 from __future__ import annotations
@@ -124,9 +125,28 @@ def _chat_on_stdin(loaded, args) -> int:
         if not interactive:
             print(f"> {message}")
         turns.append({"role": "user", "content": message})
-        reply = _continue(loaded, args, _chat_text(loaded, args, turns), lambda piece: print(piece, end="", flush=True))
+        turns, text = _fitting(loaded, args, turns)
+        reply = _continue(loaded, args, text, lambda piece: print(piece, end="", flush=True))
         print(flush=True)
         turns.append({"role": "assistant", "content": reply})
+
+
+def _fitting(loaded, args, turns: list[dict]) -> tuple[list[dict], str]:
+    """The latest turns of the conversation whose text leaves the model room for a reply, and that
+    text: as the window slides, the oldest exchanges (a message and its reply) are left out, each
+    said on stderr; the --system message stays. A last message too long alone is a GenerateError."""
+    window = loaded.config.max_seq_len
+    while True:
+        text = _chat_text(loaded, args, turns)
+        length = len(loaded.tokenizer.encode(text, bos=False))
+        if length < window:
+            return turns, text
+        if len(turns) == 1:
+            raise GenerateError(f"the message is {length} tokens in the chat template; the model's context is "
+                                f"{window}; send a shorter message")
+        turns = turns[2:]
+        print(f"(the conversation outgrew the model's context of {window} tokens: its oldest exchange is left "
+              "out)", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import sys
 
 import numpy
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from assertions import assert_close, assert_same
@@ -214,7 +214,7 @@ class ChatTokenizer(CountingTokenizer):
         return {"bos_token": "<s>", "eos_token": "</s>"}
 
 
-def chat_with(monkeypatch, argv, stdin=""):
+def chat_with(monkeypatch, argv, stdin="", window=4096, code=0):
     """Run generate's main with a stand-in model; return the (prompt, bos) of each generation and stdout."""
     import io
     import types
@@ -228,11 +228,12 @@ def chat_with(monkeypatch, argv, stdin=""):
         on_text("ok")
         return "ok"
 
-    loaded = types.SimpleNamespace(params={}, config=None, tokenizer=ChatTokenizer(), path="m")
+    loaded = types.SimpleNamespace(params={}, config=types.SimpleNamespace(max_seq_len=window),
+                                   tokenizer=ChatTokenizer(), path="m")
     monkeypatch.setattr(command, "load", lambda *args, **kwargs: loaded)
     monkeypatch.setattr(command, "generate", fake_generate)
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
-    assert command.main(["--checkpoint", "m", *argv]) == 0
+    assert command.main(["--checkpoint", "m", *argv]) == code
     return calls
 
 
@@ -247,6 +248,41 @@ def test_chat_without_a_prompt_keeps_the_conversation_line_by_line(monkeypatch, 
     assert [prompt for prompt, _ in calls] == ["<s>[user]hi[assistant]",
                                                "<s>[user]hi[assistant]ok[user]and then?[assistant]"]
     assert capsys.readouterr().out == "> hi\nok\n> and then?\nok\n"  # from a pipe, it reads as the conversation
+
+
+@given(messages=st.lists(st.text(alphabet="abcde", min_size=1, max_size=12), min_size=1, max_size=6),
+       window=st.integers(45, 100), system=st.booleans())
+@example(messages=["abc", "abc"], window=45, system=False).via("a conversation of exactly the window's length")
+def test_a_conversation_longer_than_the_window_leaves_out_its_oldest_exchanges_and_keeps_the_system_message(
+        messages, window, system):
+    """One token a character here: each prompt is the latest whole exchanges, the newest message
+    and the --system message that fit in the window with room for a reply; every exchange left out
+    is said on stderr, the newest message is never cut."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        argv = ["--chat", *(["--system", "be"] if system else [])]
+        calls = chat_with(patch, argv, stdin="".join(message + "\n" for message in messages), window=window)
+    err = err.getvalue()
+    header = "<s>" + ("[system]be" if system else "")
+    turns, dropped = [], 0
+    for message, (prompt, _) in zip(messages, calls):
+        turns.append(f"[user]{message}")
+        while len(header + "".join(turns) + "[assistant]") >= window:
+            turns, dropped = turns[2:], dropped + 1
+        assert prompt == header + "".join(turns) + "[assistant]" and len(prompt) < window
+        turns.append("[assistant]ok")
+    assert len(calls) == len(messages) and err.count("its oldest exchange is left out") == dropped
+
+
+def test_a_chat_message_longer_than_the_window_alone_is_one_line(monkeypatch, capsys):
+    chat_with(monkeypatch, ["--chat"], stdin="abcdefghijklmnopqrstuvwxyz\n", window=20, code=2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the message is 46 tokens in the chat template; the model's context is 20; " \
+        "send a shorter message" in err
 
 
 def test_chat_in_a_terminal_asks_for_each_message_with_a_prompt(monkeypatch, capsys):
