@@ -1,6 +1,10 @@
 """One error type for bad input, caught by every command; anything else is a bug and is not hidden."""
 
+import re
+
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from npllama import backend, checkpoint, data, generate, sampling, tokenizer, train
 from npllama.cli import BAD_INPUT, command, fail
@@ -60,3 +64,40 @@ def test_a_command_turns_only_bad_input_into_exit_status_2(capsys):
     assert main(["bad"]) == 2 and capsys.readouterr().err == "error: --flag bad: out of range\n"
     with pytest.raises(ValueError, match="a bug"):
         main(["other"])
+
+
+@given(value=st.one_of(st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True, width=32)),
+       minimum=st.one_of(st.none(), st.sampled_from([-1.0, 0.0, 1.0])),
+       maximum=st.one_of(st.none(), st.sampled_from([1.0, 2.0])), above=st.booleans())
+@example(value=0.0, minimum=0.0, maximum=1.0, above=True).via("--top-p 0")
+@example(value=1.0, minimum=0.0, maximum=1.0, above=True).via("--top-p 1")
+@example(value=float("nan"), minimum=None, maximum=None, above=False).via("nan")
+def test_a_real_flag_takes_exactly_the_finite_numbers_of_its_range(value, minimum, maximum, above):
+    """[minimum, maximum], or (minimum, maximum] with above: both ends as written, never NaN or
+    an infinity; a refusal says the range and the value as typed."""
+    import argparse
+    import math
+
+    from npllama.cli import real
+
+    text = repr(value) if isinstance(value, float) else str(value)
+    inside = math.isfinite(value) and (minimum is None or (value > minimum if above else value >= minimum)) \
+        and (maximum is None or value <= maximum)
+    if inside:
+        assert real(minimum, maximum, above=above)(text) == float(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"^must be .*, got {re.escape(text)}$"):
+            real(minimum, maximum, above=above)(text)
+
+
+@given(value=st.integers(-5, 5), minimum=st.one_of(st.none(), st.integers(-2, 2)))
+def test_an_integer_flag_takes_the_integers_from_its_minimum_on(value, minimum):
+    import argparse
+
+    from npllama.cli import integer
+
+    if minimum is None or value >= minimum:
+        assert integer(minimum)(str(value)) == value
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be at least {minimum}, got {value}"):
+            integer(minimum)(str(value))
