@@ -10,6 +10,7 @@ import pytest
 import npllama
 from npllama import model, optim
 from npllama import params as params_table
+from npllama.params import FINAL_NORM, GGUF_ROPE_FREQS, OUTPUT_HEAD, TOK_EMBEDDINGS, gguf_names, layer_name
 
 PACKAGE_DIR = pathlib.Path(npllama.__file__).parent
 
@@ -81,3 +82,21 @@ def test_no_module_but_the_table_spells_a_parameter_name():
     spelled = {f.relative_to(PACKAGE_DIR).as_posix(): spelled_parameter_names(f) for f in PACKAGE_DIR.rglob("*.py")}
     assert spelled.pop("params.py")  # the table itself, which the scan does see
     assert not any(spelled.values()), {name: found for name, found in spelled.items() if found}
+
+
+def test_the_gguf_names_are_the_gguf_packages_for_each_role():
+    """llama.cpp's names come from its gguf package (the oracle: a GGUF file written and read by
+    npllama alone would agree with itself under any names): embedding, final norm, head, each
+    block's norms and projections, W1 the gate and W3 the up projection."""
+    constants = pytest.importorskip("gguf.constants", reason="the gguf package is the oracle: pip install '.[test]'")
+    tensor = constants.MODEL_TENSOR
+    by_role = {TOK_EMBEDDINGS: tensor.TOKEN_EMBD, FINAL_NORM: tensor.OUTPUT_NORM, OUTPUT_HEAD: tensor.OUTPUT}
+    by_short = {"attention_norm": tensor.ATTN_NORM, "wq": tensor.ATTN_Q, "wk": tensor.ATTN_K, "wv": tensor.ATTN_V,
+                "wo": tensor.ATTN_OUT, "ffn_norm": tensor.FFN_NORM, "w1": tensor.FFN_GATE, "w2": tensor.FFN_DOWN,
+                "w3": tensor.FFN_UP}
+    config = model.get_preset("nano")
+    expected = {name: constants.TENSOR_NAMES[kind] + ".weight" for name, kind in by_role.items()}
+    expected.update({layer_name(layer, short): constants.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
+                     for layer in range(config.n_layers) for short, kind in by_short.items()})
+    assert gguf_names(config) == expected
+    assert GGUF_ROPE_FREQS == constants.TENSOR_NAMES[tensor.ROPE_FREQS] + ".weight"
