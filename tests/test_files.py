@@ -2,6 +2,7 @@
 finds one knows whether its writer still runs, and a run folder's next save clears the dead ones."""
 
 import os
+import pathlib
 import stat
 import subprocess
 import sys
@@ -76,3 +77,17 @@ def test_a_regular_file_over_its_limit_is_refused_without_reading_it_all(tmp_pat
         files.read_regular_file(big, 1000, "--tokenizer")
     with pytest.raises(files.FileProblem, match=r"it is a folder, not a regular file"):
         files.read_regular_file(tmp_path, 1000, "--tokenizer")
+
+
+@pytest.mark.parametrize("npllama_cache, xdg, expected", [
+    ("/a/cache", "/x", "/a/cache"), ("", "/x", "/x/npllama"), (None, None, "~/.cache/npllama"),
+    (None, "", "~/.cache/npllama")])
+def test_the_cache_folder_is_npllama_cache_then_xdg_cache_home_then_the_home_folders(monkeypatch, npllama_cache, xdg,
+                                                                                      expected):
+    """An empty variable counts as unset, as the XDG specification says of XDG_CACHE_HOME."""
+    for name, value in (("NPLLAMA_CACHE", npllama_cache), ("XDG_CACHE_HOME", xdg)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert files.default_cache_dir() == pathlib.Path(os.path.expanduser(expected))
