@@ -676,6 +676,17 @@ CATALOGUE = [
            ("tests/test_faults.py::test_a_signal_after_the_run_began_to_stop_is_ignored_while_it_tidies_up",),
            "a Ctrl-C while a stopped run names its checkpoint interrupts that, and the message is lost"),
     # --- checkpoints ----------------------------------------------------------------------------
+    Mutant("checkpoint-of-another-model-by-its-width-only", "npllama/checkpoint/format.py",
+           "    if expected_config is not None and config != expected_config:\n",
+           "    if expected_config is not None and config.dim != expected_config.dim:\n",
+           (CHECKPOINT + "test_a_checkpoint_of_another_config_names_every_differing_field",),
+           "a checkpoint of another depth or vocabulary passes the model check, and fails later in words "
+           "that do not say so"),
+    Mutant("checkpoint-tokenizer-left-behind", "npllama/checkpoint/format.py",
+           "    if TOKENIZER_FILE in document[\"checksums\"]:\n        tokenizer_model = ",
+           "    if False:\n        tokenizer_model = ",
+           ("tests/test_load.py::test_an_npllama_run_loads_with_its_tokenizer_and_gives_the_models_logits",),
+           "a checkpoint's tokenizer.model is checksummed but never read back"),
     Mutant("checkpoint-optimizer-step-not-restored", "npllama/checkpoint/format.py",
            '            step=document["optimizer_step"],\n',
            "            step=0,\n",
