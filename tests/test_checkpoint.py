@@ -396,6 +396,11 @@ def test_saving_an_older_step_after_a_resume_points_latest_at_it_and_keeps_it(tm
     save_nano(tmp_path, step=150)  # resumed from an older checkpoint
     assert load_checkpoint(tmp_path).step == 150
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000150", "step-00000200"]
+    # pruning to the newest 2 keeps the one just saved too, though two newer steps exist
+    save_nano(tmp_path, step=300, keep_last=2)
+    save_nano(tmp_path, step=120, keep_last=2)
+    assert load_checkpoint(tmp_path).step == 120
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000120", "step-00000200", "step-00000300"]
 
 
 def test_re_saving_a_step_replaces_it_and_leaves_no_leftovers(tmp_path):
