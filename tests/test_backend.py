@@ -54,6 +54,53 @@ def test_cupy_without_a_gpu_is_refused_with_the_reason_in_one_line():
     assert message.endswith("check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, or use --backend numpy")
 
 
+def fake_cupy(monkeypatch, fails: str):
+    """A CuPy that imports, and then fails at one stage of what --backend cupy needs: `devices`
+    (the driver raises), `none` (zero GPUs), `nvrtc` (the compiler library), `compile` (a kernel)."""
+    import importlib.machinery
+    import types
+
+    def stage(name, result):
+        def call(*args):
+            if fails == name:
+                raise RuntimeError(f"{name} failed\nsecond line")
+            return result
+        return call
+
+    cupy = types.ModuleType("cupy")
+    cupy.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
+        getDeviceCount=stage("devices", 0 if fails == "none" else 1)))
+    cupy.arange = stage("compile", numpy.arange(2))
+    nvrtc = types.SimpleNamespace(getVersion=stage("nvrtc", (12, 0)))
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.nvrtc = nvrtc
+    for name, module in (("cupy", cupy), ("cupy_backends", types.ModuleType("cupy_backends")),
+                         ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+                         ("cupy_backends.cuda.libs", libs)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return cupy
+
+
+@pytest.mark.parametrize("fails, message", [
+    ("devices", "--backend cupy: CuPy finds no usable GPU (RuntimeError: devices failed); check the NVIDIA driver"),
+    ("none", "--backend cupy: CuPy sees no GPU; check CUDA_VISIBLE_DEVICES"),
+    ("nvrtc", "--backend cupy: CuPy cannot load NVRTC, which compiles npllama's kernels (RuntimeError: nvrtc "
+              "failed)"),
+    ("compile", "--backend cupy: CuPy cannot compile a kernel (RuntimeError: compile failed)"),
+])
+def test_each_thing_cupy_needs_that_is_missing_is_named_in_one_line(monkeypatch, fails, message):
+    """Where CuPy imports but cannot run here, the first thing missing is named: no driver, no
+    GPU, no NVRTC, no kernel compiler; with everything there CuPy is the backend."""
+    fake_cupy(monkeypatch, fails)
+    with pytest.raises(backend.BackendError) as refused:
+        backend.get_backend("cupy")
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+    assert backend.get_backend("numpy") is numpy
+    cupy = fake_cupy(monkeypatch, fails="nothing")
+    assert backend.get_backend("cupy") is cupy
+
+
 def test_numpy_arrays_belong_to_numpy_and_a_cupy_array_is_recognised_without_importing_cupy():
     assert backend.array_namespace(numpy.zeros(2), numpy.ones(3)) is numpy
     assert backend.is_cupy_array(FakeCupyArray([1.0])) and not backend.is_cupy_array(numpy.zeros(1))
