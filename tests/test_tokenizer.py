@@ -520,3 +520,36 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(
 def test_cli_argument_errors_exit_2_without_traceback():
     result = run_cli("train", "--input", "x", "--vocab-size", "many", "--out", "y")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@given(documents=st.lists(st.text(alphabet="ab \n", max_size=30), max_size=5), chunk=st.integers(1, 7))
+def test_training_lines_are_every_non_empty_line_cut_into_chunks_that_join_back(documents, chunk):
+    from npllama.tokenizer import training
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "LINE_CHUNK_CHARS", chunk)
+        lines = list(training._training_lines(documents))
+    expected = [line for document in documents for line in document.splitlines() if line]
+    assert all(0 < len(line) <= chunk for line in lines)
+    joined, at = [], 0
+    for line in expected:  # each line is its chunks, in order
+        pieces = []
+        while len("".join(pieces)) < len(line):
+            pieces.append(lines[at])
+            at += 1
+        joined.append("".join(pieces))
+    assert joined == expected and at == len(lines)
+
+
+@given(n_lines=st.integers(0, 60), max_lines=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_sampled_lines_are_at_most_the_bound_all_of_them_when_fewer_and_the_same_for_a_seed(n_lines, max_lines,
+                                                                                             seed):
+    from npllama.tokenizer import training
+
+    lines = [f"line {i}" for i in range(n_lines)]
+    sample, count = training._sample_lines(iter(lines), max_lines, seed)
+    assert count == n_lines and len(sample) == min(n_lines, max_lines) and len(set(sample)) == len(sample)
+    assert set(sample) <= set(lines)
+    if n_lines <= max_lines:
+        assert sample == lines
+    assert training._sample_lines(iter(lines), max_lines, seed) == (sample, count)
