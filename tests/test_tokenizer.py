@@ -553,3 +553,36 @@ def test_sampled_lines_are_at_most_the_bound_all_of_them_when_fewer_and_the_same
     if n_lines <= max_lines:
         assert sample == lines
     assert training._sample_lines(iter(lines), max_lines, seed) == (sample, count)
+
+
+def protobuf_varint(value: int) -> bytes:
+    out = b""
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out += bytes([low | (0x80 if value else 0)])
+        if not value:
+            return out
+
+
+wire_fields = st.lists(st.tuples(st.integers(1, 2**29 - 1), st.sampled_from([0, 1, 2, 5]),
+                                     st.integers(0, 2**64 - 1), st.binary(max_size=20)), max_size=8)
+
+
+@given(fields=wire_fields, cut=st.integers(1, 40))
+def test_the_protobuf_walk_finds_every_top_level_field_and_refuses_a_message_cut_inside_one(fields, cut):
+    """Messages written here from the wire format (varints, 64-bit, length-delimited, 32-bit
+    fields of any number): the walk names exactly their field numbers, and the same bytes cut
+    anywhere inside a field are refused."""
+    from npllama.tokenizer.model_bytes import protobuf_field_numbers
+
+    encoded, ends = b"", [0]
+    for number, wire_type, value, payload in fields:
+        body = {0: protobuf_varint(value), 1: value.to_bytes(8, "little"),
+                2: protobuf_varint(len(payload)) + payload, 5: (value % 2**32).to_bytes(4, "little")}[wire_type]
+        encoded += protobuf_varint(number << 3 | wire_type) + body
+        ends.append(len(encoded))
+    assert protobuf_field_numbers(encoded) == {number for number, *_ in fields}
+    inside = len(encoded) - cut
+    if inside > 0 and inside not in ends:  # cut in the middle of a field
+        with pytest.raises(ValueError):
+            protobuf_field_numbers(encoded[:inside])
