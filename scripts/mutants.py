@@ -1418,6 +1418,17 @@ CATALOGUE = [
            "        n_keep = int(numpy.searchsorted(cumulative, top_p))\n",
            (GENERATE + "test_top_p_keeps_the_smallest_most_likely_set_reaching_p",),
            "top-p keeps the tokens before the one that reaches p, whose mass falls short of p"),
+    Mutant("threads-default-to-every-core-of-the-machine", "npllama/parallel.py",
+           '    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1\n',
+           "    return os.cpu_count() or 1\n",
+           ("tests/test_parallel.py::test_the_default_thread_count_is_the_cores_this_process_may_run_on_and_zero_"
+            "workers_are_refused",),
+           "in a container limited to 2 of 64 cores, training starts 64 worker threads"),
+    Mutant("a-batch-of-ignored-targets-trains-on-nothing", "npllama/parallel.py",
+           "    if sum(counted) == 0:\n", "    if sum(counted) < 0:\n",
+           ("tests/test_parallel.py::test_a_row_whose_targets_are_all_ignored_adds_nothing_and_a_batch_of_them_is_"
+            "refused",),
+           "a batch whose every target is ignored gives a loss of 0 and no gradients, silently"),
     Mutant("slices-divide-by-their-own-count", "npllama/parallel.py",
            "ignore_index=ignore_index, n_counted=n_counted)", "ignore_index=ignore_index)",
            ("tests/test_parallel.py::test_the_sliced_loss_and_gradients_are_the_whole_batchs_up_to_rounding",),

@@ -239,3 +239,15 @@ def test_adamw_on_threads_updates_a_parameter_that_is_not_contiguous_in_place(mo
     with workers(2) as pool:
         optim.step(params, grads, optim.init_state(params), lr=1e-2, pool=pool)
     assert numpy.array_equal(params["w"], serial["w"]) and not numpy.array_equal(params["w"], grads["w"])
+
+
+def test_the_default_thread_count_is_the_cores_this_process_may_run_on_and_zero_workers_are_refused(monkeypatch):
+    """A container or `taskset -c 0` narrows the affinity below os.cpu_count(): the default follows it."""
+    from npllama import parallel
+
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 64)
+    assert parallel.available_cores() == 1
+    with pytest.raises(ValueError, match="workers: threads must be at least 1, got 0"):
+        with workers(0):
+            pass
