@@ -482,3 +482,24 @@ def test_each_unfinished_log_set_aside_keeps_a_name_of_its_own(tmp_path):
     assert sorted(path.read_text() for path in tmp_path.glob("metrics-unfinished-*.jsonl")) == \
         ["run 0\n", "run 1\n", "run 2\n"]
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("raised, status, message", [
+    (OSError(errno.EIO, "Input/output error", "/data/run/x"), 2,
+     "error: /data/run/x: Input/output error; check free space and permissions"),
+    (OSError(errno.ENOSPC, "No space left on device"), 2,
+     "error: a file: No space left on device; check free space and permissions"),
+    (KeyboardInterrupt(), 130, "stopped by SIGINT before training began; nothing was written"),
+])
+def test_what_no_message_foresaw_still_ends_the_command_in_one_line(monkeypatch, capsys, raised, status, message):
+    """A read or write error no check names, or Ctrl-C before the run routes signals: one line on
+    stderr and the status a shell expects, never a traceback."""
+    import npllama.train.__main__ as command
+
+    def train(config):
+        raise raised
+
+    monkeypatch.setattr(command, "train", train)
+    assert command.main(["--steps", "1"]) == status
+    err = capsys.readouterr().err
+    assert err.strip() == message and "Traceback" not in err
