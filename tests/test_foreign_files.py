@@ -422,3 +422,29 @@ def test_a_conversion_into_a_missing_folder_is_refused_before_the_model_is_read(
     out = tmp_path / "no" / "such" / "folder"
     assert convert([command, str(tmp_path / "absent"), "--out", str(out)]) == 2
     assert f"--out {out}: the folder {out.parent} does not exist" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_holds_anything_is_refused_and_left_as_it_was(tmp_path, capsys):
+    from npllama.convert.__main__ import main as convert
+
+    folder = hf_folder(tmp_path / "model")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for command in ("export", "import"):
+        assert convert([command, str(folder), "--out", str(out)]) == 2
+        assert f"--out {out} already exists and is not an empty folder" in capsys.readouterr().err
+    assert [path.name for path in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("dtype, stored", [("float16", "F16"), ("bfloat16", "BF16"), ("float32", "F32")])
+def test_an_export_stores_its_weights_in_the_dtype_asked_for(tmp_path, capsys, dtype, stored):
+    import struct
+
+    from npllama.convert.__main__ import main as convert
+
+    folder = hf_folder(tmp_path / "model")
+    assert convert(["export", str(folder), "--out", str(tmp_path / "out"), "--dtype", dtype]) == 0
+    data = (tmp_path / "out" / "model.safetensors").read_bytes()
+    header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+    assert {entry["dtype"] for name, entry in header.items() if name != "__metadata__"} == {stored}
