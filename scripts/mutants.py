@@ -1102,6 +1102,28 @@ CATALOGUE = [
            "    grad_norm = max(float(numpy.linalg.norm(grad_host)), floor)\n",
            (GRADCHECK + "test_a_gradient_too_large_to_square_still_fails_where_it_is_wrong",),
            "|g| overflows for entries above 1e154, and every error divided by it is 0"),
+    Mutant("audit-compare-exits-0-on-a-failure", "npllama/audit/__main__.py",
+           "    return 0 if all(row.passed for row in rows) else 1\n", "    return 0\n",
+           ("tests/test_audit_compare.py::test_a_faulty_implementation_fails_and_the_report_names_the_layer_where_it_"
+            "diverges",),
+           "audit compare exits 0 though gradients disagree: CI passes a wrong implementation"),
+    Mutant("audit-reference-written-in-the-models-dtype", "npllama/audit/__main__.py",
+           '    model = load(args.model, dtype="float64", flag="model")\n'
+           "    loss, grads, states = compare.reference(model, compare.read_batch(args.batch))\n"
+           "    compare.write_reference(",
+           '    model = load(args.model, flag="model")\n'
+           "    loss, grads, states = compare.reference(model, compare.read_batch(args.batch))\n"
+           "    compare.write_reference(",
+           ("tests/test_audit_compare.py::test_the_reference_written_in_either_naming_passes_the_comparison_exactly",),
+           "audit reference writes a float32 model's gradients in float32, not the float64 the README promises"),
+    Mutant("audit-unknown-op-passes", "npllama/audit/__main__.py",
+           "    if unknown:\n        parser.error(", "    if False:\n        parser.error(",
+           (AUDIT + "test_audit_rejects_an_unknown_backend_op_and_a_bad_seed_in_one_line",),
+           "--only conv2d (no such op) audits nothing and passes"),
+    Mutant("audit-op-options-before-compare-ignored", "npllama/audit/__main__.py",
+           "    if args.command is not None:\n        _refuse_op_audit_options(parser, args)\n", "",
+           (AUDIT + "test_an_op_audit_option_before_compare_is_refused_not_ignored",),
+           "`--json compare ...` prints a table: the option before the subcommand is silently unused"),
     Mutant("audit-exits-0-on-failure", "npllama/audit/__main__.py",
            "    return 0 if all(r.passed for r in results) else 1\n",
            "    return 0\n",
