@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from assertions import assert_close
 from npllama import model as llama
 from npllama import optim
 from npllama.ops import attention, linear
@@ -59,7 +60,7 @@ def test_the_sliced_loss_and_gradients_are_the_whole_batchs_up_to_rounding(confi
     loss, grads = on_threads(2, params, config, tokens, targets)
     assert loss == pytest.approx(whole_loss, rel=1e-12)
     for name in params:
-        numpy.testing.assert_allclose(grads[name], whole[name], rtol=1e-10, atol=1e-14, err_msg=name)
+        assert_close(grads[name], whole[name], rtol=1e-10, atol=1e-14, err_msg=name)
 
 
 @settings(max_examples=4, deadline=None)
@@ -102,7 +103,7 @@ def test_one_long_sequence_shares_its_heads_chunks_and_products_with_the_same_bi
     loss, grads = on_threads(2, params, config, tokens, targets)
     assert loss == pytest.approx(serial_loss, rel=1e-12)
     for name in params:
-        numpy.testing.assert_allclose(grads[name], serial[name], rtol=1e-10, atol=1e-14, err_msg=name)
+        assert_close(grads[name], serial[name], rtol=1e-10, atol=1e-14, err_msg=name)
 
 
 @settings(max_examples=20, deadline=None)
@@ -131,7 +132,7 @@ def test_a_linear_by_blocks_on_threads_gives_the_same_bits_on_any_thread_count_a
     rtol = 1e-5 if dtype == "float32" else 1e-12
     for got, whole in zip(results[0], (whole_y, whole_dx, whole_dweight)):
         assert got.dtype == whole.dtype and got.shape == whole.shape
-        numpy.testing.assert_allclose(got, whole, rtol=rtol, atol=rtol * numpy.abs(whole).max(initial=1.0))
+        assert_close(got, whole, rtol=rtol, atol=rtol * numpy.abs(whole).max(initial=1.0))
 
 
 @settings(max_examples=20, deadline=None)
@@ -164,7 +165,7 @@ def test_a_row_whose_targets_are_all_ignored_adds_nothing_and_a_batch_of_them_is
     kept = [0, 2]
     whole_loss, whole = llama.loss_and_grads(params, config, tokens[kept], targets[kept])
     assert loss == pytest.approx(whole_loss, rel=1e-12)
-    numpy.testing.assert_allclose(grads["output.weight"], whole["output.weight"], rtol=1e-10, atol=1e-14)
+    assert_close(grads["output.weight"], whole["output.weight"], rtol=1e-10, atol=1e-14)
     targets[:] = -100
     with pytest.raises(ValueError, match="every target is ignore_index"):
         on_threads(2, params, config, tokens, targets)
