@@ -79,6 +79,24 @@ def test_a_regular_file_over_its_limit_is_refused_without_reading_it_all(tmp_pat
         files.read_regular_file(tmp_path, 1000, "--tokenizer")
 
 
+def test_a_file_that_grows_while_it_is_read_is_read_to_one_byte_past_its_limit_and_refused(tmp_path, monkeypatch):
+    """The size said 900 bytes when the file was opened; 1001 are there by the read (a log being
+    written): the read goes on to limit + 1 bytes, no further, and refuses the file."""
+    growing = tmp_path / "config.json"
+    growing.write_bytes(b"x" * 5000)
+    real_fstat = os.fstat
+
+    def fstat_before_it_grew(descriptor):
+        stat_result = real_fstat(descriptor)
+        return os.stat_result((*stat_result[:6], 900, *stat_result[7:]))
+
+    monkeypatch.setattr(files.os, "fstat", fstat_before_it_grew)
+    with pytest.raises(files.FileProblem, match=r"larger than 1,000 bytes"):
+        files.read_regular_file(growing, 1000, "config")
+    growing.write_bytes(b"x" * 1000)  # grown to exactly the limit: read whole
+    assert files.read_regular_file(growing, 1000, "config") == b"x" * 1000
+
+
 @pytest.mark.parametrize("npllama_cache, xdg, expected", [
     ("/a/cache", "/x", "/a/cache"), ("", "/x", "/x/npllama"), (None, None, "~/.cache/npllama"),
     (None, "", "~/.cache/npllama")])
