@@ -75,9 +75,9 @@ class AdamWState:
         key = (array_namespace(array).__name__, str(array.dtype), threading.get_ident())
         buffer = self.scratch.get(key)
         if buffer is None or buffer.size < array.size:
-            largest = max(m.size for m in self.m.values())  # once: every later array fits
-            buffer = self.scratch[key] = array_namespace(array).empty(
-                array.size if array.size <= UPDATE_BLOCK else largest, dtype=array.dtype)
+            largest = max(m.size for m in self.m.values())
+            size = min(largest, UPDATE_BLOCK) if array.size <= UPDATE_BLOCK else largest  # fits every later one
+            buffer = self.scratch[key] = array_namespace(array).empty(size, dtype=array.dtype)
         return buffer[: array.size].reshape(array.shape)
 
 
@@ -139,7 +139,7 @@ def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWC
     clip = clip_coefficient(grad_norm, config.grad_clip)
     state.step += 1
     update = partial(_update, params, grads, state, lr, config, clip)
-    parts = [(name, block) for name in params for block in _blocks(params[name], state, pool)]
+    parts = [(name, block) for name in params for block in _blocks(params[name], pool)]
     for _ in (pool.map if pool is not None else map)(lambda part: update(*part), parts):
         pass
     return {"grad_norm": grad_norm, "clip": clip}
@@ -148,7 +148,7 @@ def step(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWC
 UPDATE_BLOCK = 1 << 20  # elements of one parameter one thread updates at a time, with a pool
 
 
-def _blocks(p, state: AdamWState, pool) -> list:
+def _blocks(p, pool) -> list:
     """The parts of p's elements updated as one: with a pool, blocks of UPDATE_BLOCK of a contiguous
     parameter (the threads share a large one, and each thread's scratch stays small); else all of it."""
     if pool is None or p.size <= UPDATE_BLOCK or not p.flags.c_contiguous:
