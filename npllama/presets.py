@@ -5,15 +5,17 @@ the paper's 6.7B."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 
 from .cli import OneLineParser, command
-from .model import PRESETS
+from .model import PRESETS, LlamaConfig
 
 
-def describe_presets() -> str:
-    """A table of every preset: shape and parameter count."""
+def describe_presets(presets: Mapping[str, LlamaConfig] = PRESETS) -> str:
+    """A table of the presets (npllama.model's, unless given): a row each, with its shape and
+    parameter count, in billions (one decimal) from 10^9 parameters, else in millions (two)."""
     lines = [f"{'preset':<7} {'dim':>5} {'layers':>6} {'heads':>5} {'ffn':>6} {'vocab':>6}  params"]
-    for name, c in PRESETS.items():
+    for name, c in presets.items():
         count = c.n_params()
         human = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.2f}M"
         lines.append(f"{name:<7} {c.dim:>5} {c.n_layers:>6} {c.n_heads:>5} {c.ffn_dim:>6} {c.vocab_size:>6}  "

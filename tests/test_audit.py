@@ -121,3 +121,35 @@ def test_the_first_diverging_gradients_are_the_failures_the_backward_pass_meets_
     from npllama.audit.compare import first_diverging_gradients
 
     assert first_diverging_gradients(compared(failing)) == first
+
+
+def test_the_model_audit_fails_a_backward_that_forgets_the_norm_gain(monkeypatch, capsys):
+    """dx = r (dy g - ...) with g left out is right only where every gain is 1: the audit's model must
+    have other gains, or the bug passes it (the op audit differences rmsnorm alone, not in the model)."""
+    import dataclasses
+
+    original = audit.rmsnorm.backward
+
+    def backward_without_the_gain(dy, cache):
+        dx, _ = original(dy, dataclasses.replace(cache, weight=numpy.ones_like(cache.weight)))
+        return dx, original(dy, cache)[1]  # the gain's own gradient stays right
+
+    monkeypatch.setattr(audit.rmsnorm, "backward", backward_without_the_gain)
+    assert audit_main(["--only", "model", "model_gqa_tied"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "failed: model (" in lines[-1] and "model_gqa_tied (" in lines[-1], lines[-1]
+
+
+def test_the_cross_entropy_audit_fails_a_gradient_on_a_row_whose_target_is_ignored(monkeypatch, capsys):
+    """An ignored row adds nothing to the loss, so its gradient is 0: a backward that gives it one
+    fails only if the audit's targets ignore a row."""
+    original = audit.cross_entropy.backward
+
+    def backward_that_counts_every_row(dy, cache):
+        dlogits = original(dy, cache).copy()
+        dlogits.reshape(-1, dlogits.shape[-1])[~cache.counted.reshape(-1)] += 0.1
+        return dlogits
+
+    monkeypatch.setattr(audit.cross_entropy, "backward", backward_that_counts_every_row)
+    assert audit_main(["--only", "cross_entropy"]) == 1
+    assert "failed: cross_entropy (logits)" in capsys.readouterr().out

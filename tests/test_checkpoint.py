@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy
 import pytest
 import safetensors.numpy
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from npllama import model, optim
@@ -448,11 +448,16 @@ def test_a_kill_between_the_renames_of_a_re_save_leaves_the_old_version_loadable
     assert load_checkpoint(tmp_path / "step-00000005").state == {"run": "first"}
 
 
-def test_without_latest_the_highest_step_is_found(tmp_path):
-    for step in (3, 12):
-        save_nano(tmp_path, step=step)
-    (tmp_path / "latest").unlink()
-    assert find_latest(tmp_path) == tmp_path / "step-00000012"
+@given(steps=st.sets(st.integers(0, 10**10), min_size=1, max_size=6))
+@example(steps={99_999_999, 100_000_000})  # a nine-digit step sorts before an eight-digit one by name
+def test_without_latest_the_highest_step_is_found(steps):
+    with tempfile.TemporaryDirectory() as folder:
+        run = Path(folder)
+        for step in steps:
+            (run / f"step-{step:08d}").mkdir()
+        (run / "step-123").mkdir()  # fewer than eight digits: not a checkpoint's name
+        (run / f"step-{max(steps) + 1:08d}.tmp").mkdir()
+        assert find_latest(run) == run / f"step-{max(steps):08d}"
 
 
 @pytest.mark.parametrize("content", ["", "../../etc\n", "step-00000099\n"])

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from assertions import assert_close
 from npllama.train import distributed
@@ -46,11 +48,12 @@ def test_a_launcher_without_mpi4py_is_one_line_naming_the_fix(monkeypatch):
         distributed.init_world({"OMPI_COMM_WORLD_SIZE": "2"})
 
 
-@pytest.mark.parametrize("size, expected", [(1, [(0, 12)]), (2, [(0, 6), (6, 12)]),
-                                            (4, [(0, 3), (3, 6), (6, 9), (9, 12)])])
-def test_the_ranks_slices_cover_the_global_batch_in_order_without_overlap(size, expected):
-    slices = [distributed.batch_slice(12, World(rank=rank, size=size)) for rank in range(size)]
-    assert [(s.start, s.stop) for s in slices] == expected
+@given(rows_per_rank=st.integers(1, 16), size=st.integers(1, 9))
+def test_the_ranks_slices_cover_the_global_batch_in_order_without_overlap(rows_per_rank, size):
+    global_batch = rows_per_rank * size
+    slices = [distributed.batch_slice(global_batch, World(rank=rank, size=size)) for rank in range(size)]
+    assert [row for s in slices for row in range(global_batch)[s]] == list(range(global_batch))
+    assert {s.stop - s.start for s in slices} == {rows_per_rank}
 
 
 def test_a_global_batch_the_ranks_cannot_share_evenly_is_refused():
@@ -58,9 +61,19 @@ def test_a_global_batch_the_ranks_cannot_share_evenly_is_refused():
         distributed.batch_slice(10, World(rank=1, size=4))
 
 
-def test_buckets_keep_the_order_and_stay_under_the_size_unless_one_array_is_larger():
-    sizes = {"a": 3, "b": 5, "c": 20, "d": 1, "e": 2}
-    assert distributed.buckets(list(sizes), sizes, itemsize=4, bucket_bytes=40) == [["a", "b"], ["c"], ["d", "e"]]
+@given(sizes=st.lists(st.integers(1, 64), min_size=1, max_size=12), itemsize=st.sampled_from([2, 4, 8]),
+       bucket_bytes=st.integers(1, 300))
+@example(sizes=[3, 5, 20, 1, 2], itemsize=4, bucket_bytes=40)  # [a, b], [c] alone (80 bytes), [d, e]
+def test_buckets_keep_the_order_and_stay_under_the_size_unless_one_array_is_larger(sizes, itemsize, bucket_bytes):
+    """Greedy in order: each bucket holds at most bucket_bytes, or one array larger than that, and
+    is closed only when the next array would not fit in it."""
+    by_name = {f"g{i}": size for i, size in enumerate(sizes)}
+    groups = distributed.buckets(list(by_name), by_name, itemsize, bucket_bytes)
+    assert [name for group in groups for name in group] == list(by_name)
+    weight = [sum(by_name[name] * itemsize for name in group) for group in groups]
+    assert all(group and (nbytes <= bucket_bytes or len(group) == 1) for group, nbytes in zip(groups, weight))
+    for nbytes, following in zip(weight, groups[1:]):
+        assert nbytes + by_name[following[0]] * itemsize > bucket_bytes
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 1e-6)])
@@ -264,7 +277,12 @@ def test_zero_1_shards_the_moments_and_changes_no_number(corpus, tmp_path, shape
            (tmp_path / "plain" / "step-00000006" / "optimizer.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("n_rows, size, expected", [(5, 2, [(0, 3), (3, 5)]), (1, 3, [(0, 1), (1, 1), (1, 1)]),
-                                                    (6, 3, [(0, 2), (2, 4), (4, 6)])])
-def test_row_shards_cover_every_row_once_the_first_ranks_taking_the_extra(n_rows, size, expected):
-    assert distributed.row_shards(n_rows, World(size=size)) == expected
+@given(n_rows=st.integers(0, 200), size=st.integers(1, 9))
+@example(n_rows=5, size=2)  # [0, 3), [3, 5)
+@example(n_rows=1, size=3)  # [0, 1), then two empty shards
+def test_row_shards_cover_every_row_once_the_first_ranks_taking_the_extra(n_rows, size):
+    shards = distributed.row_shards(n_rows, World(size=size))
+    assert len(shards) == size and shards[0][0] == 0 and shards[-1][1] == n_rows
+    assert all(stop == next_start for (_, stop), (next_start, _) in zip(shards, shards[1:]))  # contiguous
+    lengths = [stop - start for start, stop in shards]
+    assert lengths == sorted(lengths, reverse=True) and max(lengths) - min(lengths) <= 1  # the extra rows first

@@ -1,6 +1,7 @@
 """One error type for bad input, caught by every command; anything else is a bug and is not hidden."""
 
 import re
+import string
 
 import pytest
 from hypothesis import example, given
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from npllama import backend, checkpoint, data, generate, sampling, tokenizer, train
 from npllama.cli import BAD_INPUT, command, fail
-from npllama.errors import NpllamaError
+from npllama.errors import NpllamaError, few
 from npllama.train.__main__ import main as train_main
 
 
@@ -101,3 +102,25 @@ def test_an_integer_flag_takes_the_integers_from_its_minimum_on(value, minimum):
     else:
         with pytest.raises(argparse.ArgumentTypeError, match=f"must be at least {minimum}, got {value}"):
             integer(minimum)(str(value))
+
+
+# names without commas or newlines, so a message can be split back into them
+names = st.text(string.ascii_letters + string.digits + "._", min_size=1, max_size=12)
+
+
+@given(st.lists(names, max_size=12, unique=True), st.integers(1, 6))
+@example(["c", "a", "b"], 3)  # as many names as shown, out of order: all of them, in order, nothing more
+@example(["c", "a", "b", "d"], 3)  # one more than shown
+def test_few_lists_the_first_names_in_their_order_then_counts_the_rest(listed, shown):
+    text = few(iter(listed), shown=shown)  # any iterable, here one that can be read once
+    assert "\n" not in text
+    if len(listed) <= shown:
+        assert text == ", ".join(listed)
+        return
+    head, tail = text.rsplit(", ... (", 1)
+    assert head.split(", ") == listed[:shown]
+    assert tail == f"{len(listed) - shown} more)"
+
+
+def test_few_shows_three_names_unless_told_otherwise():
+    assert few(["a", "b", "c", "d", "e"]) == "a, b, c, ... (2 more)"

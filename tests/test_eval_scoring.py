@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from npllama import model as llama
@@ -58,17 +58,35 @@ def test_a_two_choice_item_scores_what_a_hand_computation_gives(tiny):
         "acc_uncond": float(numpy.argmax(numpy.subtract(expected, unconditional)) == 0)}
 
 
-def test_each_normalisation_picks_the_choice_its_formula_picks():
-    item = MultipleChoice("x", ("a", "bbbbbbbbbb", "cc"), gold=1)
-    scored = [Scored(-2.0, 1, False), Scored(-5.0, 3, False), Scored(-3.0, 2, False)]
-    unconditional = [Scored(-1.0, 1, False), Scored(-6.0, 3, False), Scored(-1.5, 2, False)]
-    metrics, _ = evaluate.multiple_choice_metrics(item, scored, unconditional)
-    # raw: -2 > -3 > -5 picks "a"; per character: -0.5 for "bbbbbbbbbb" beats -1.5 and -2;
-    # calibrated: -2 - -1 = -1, -5 - -6 = +1, -3 - -1.5 = -1.5 picks "bbbbbbbbbb"
-    assert metrics == {"acc": 0.0, "acc_norm": 1.0, "acc_uncond": 1.0}
-    item = replace_gold(item, 2)
-    metrics, _ = evaluate.multiple_choice_metrics(item, scored, [Scored(-9.0, 1, False)] * 3)
-    assert metrics == {"acc": 0.0, "acc_norm": 0.0, "acc_uncond": 0.0}  # a constant shift changes nothing
+def strict_argmax(values):
+    """The index of the largest value, or None when it is tied (then no choice is 'the' pick)."""
+    order = numpy.argsort(values)
+    return None if values[order[-1]] - values[order[-2]] < 1e-9 else int(order[-1])
+
+
+@given(choices=st.lists(st.tuples(st.text("abc ", min_size=1, max_size=12), st.floats(-50, 0), st.integers(1, 10),
+                                  st.floats(-50, 0)), min_size=2, max_size=5),
+       shift=st.floats(-20, 20))
+@example(choices=[("a", -2.0, 1, -1.0), ("bbbbbbbbbb", -5.0, 3, -6.0), ("cc", -3.0, 2, -1.5)], shift=-9.0)
+def test_each_normalisation_credits_exactly_the_choice_its_formula_picks(choices, shift):
+    """acc: the largest log P(choice | context); acc_norm: the largest per character of the choice
+    (the paper's and lm-eval's, not per token); acc_uncond: the largest log P(choice | context) -
+    log P(choice | "Answer:"). Each credits the gold choice exactly when it is that one; adding one
+    constant to every unconditional log-probability changes nothing."""
+    texts = tuple(text for text, *_ in choices)
+    scored = [Scored(logprob, n_tokens, False) for _, logprob, n_tokens, _ in choices]
+    lls = numpy.array([logprob for _, logprob, _, _ in choices])
+    formulas = {"acc": lls, "acc_norm": lls / [len(text) for text in texts],
+                "acc_uncond": lls - [unconditional for *_, unconditional in choices]}
+    for gold in range(len(choices)):
+        item = MultipleChoice("x", texts, gold=gold)
+        for unconditional_shift in (0.0, shift):
+            unconditional = [Scored(u + unconditional_shift, 1, False) for *_, u in choices]
+            metrics, _ = evaluate.multiple_choice_metrics(item, scored, unconditional)
+            for name, values in formulas.items():
+                pick = strict_argmax(values if name != "acc_uncond" else values - unconditional_shift)
+                if pick is not None:
+                    assert metrics[name] == float(pick == gold), (name, gold, values)
 
 
 def replace_gold(item, gold):

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -454,34 +455,54 @@ def test_repairing_a_log_keeps_exactly_its_rows_up_to_the_checkpoint_in_order(tm
 
 
 class ShortWrites(io.RawIOBase):
-    """A log file that takes at most 3 bytes a call, as a pipe or a full disk may."""
+    """A log file that takes at most `caps[i]` bytes at its i-th call (cycling), as a pipe or a full
+    disk may."""
 
     name = "metrics.jsonl"
 
-    def __init__(self):
-        self.written = b""
+    def __init__(self, caps=(3,)):
+        self.written, self.caps, self.calls = b"", caps, 0
 
     def writable(self):
         return True
 
     def write(self, data):
-        self.written += bytes(data[:3])
-        return min(3, len(data))
+        cap = self.caps[self.calls % len(self.caps)]
+        self.calls += 1
+        self.written += bytes(data[:cap])
+        return min(cap, len(data))
 
 
-def test_a_row_is_written_whole_however_few_bytes_each_write_takes():
-    log = ShortWrites()
-    run_log.write_row(log, {"step": 12, "loss": 3.25})
-    assert log.written == b'{"step": 12, "loss": 3.25}\n'
+json_values = st.one_of(st.integers(-2**53, 2**53), st.floats(allow_nan=False, allow_infinity=False),
+                        st.text(max_size=20), st.booleans(), st.none())
 
 
-def test_each_unfinished_log_set_aside_keeps_a_name_of_its_own(tmp_path):
-    for number in range(3):
-        (tmp_path / "metrics.jsonl").write_text(f"run {number}\n")
-        run_log.set_aside(tmp_path / "metrics.jsonl", lambda note: None)
-    assert sorted(path.read_text() for path in tmp_path.glob("metrics-unfinished-*.jsonl")) == \
-        ["run 0\n", "run 1\n", "run 2\n"]
-    assert not (tmp_path / "metrics.jsonl").exists()
+@given(row=st.dictionaries(st.text(max_size=10), json_values, max_size=6),
+       caps=st.lists(st.integers(1, 8), min_size=1, max_size=5))
+@example(row={"step": 12, "loss": 3.25}, caps=[3])
+def test_a_row_is_written_whole_however_few_bytes_each_write_takes(row, caps):
+    log = ShortWrites(caps)
+    run_log.write_row(log, row)
+    assert log.written.endswith(b"\n") and log.written.count(b"\n") == 1  # one line, ended
+    assert json.loads(log.written) == row
+
+
+@given(existing=st.sets(st.integers(1, 8), max_size=5), runs=st.integers(1, 4))
+@example(existing=set(), runs=3)
+@example(existing={1, 3}, runs=2)  # a gap: the first new one takes 2, the next 4
+def test_each_unfinished_log_set_aside_keeps_a_name_of_its_own(existing, runs):
+    """Whatever unfinished logs a folder already holds (numbered with gaps, say), each fresh run's
+    set-aside log takes a name of its own: no log's content is lost, and metrics.jsonl is gone."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        for number in existing:
+            (folder / f"metrics-unfinished-{number}.jsonl").write_text(f"older {number}\n")
+        for run in range(runs):
+            (folder / "metrics.jsonl").write_text(f"run {run}\n")
+            run_log.set_aside(folder / "metrics.jsonl", lambda note: None)
+        kept = sorted(path.read_text() for path in folder.glob("metrics-unfinished-*.jsonl"))
+        assert kept == sorted([f"older {number}\n" for number in existing] + [f"run {run}\n" for run in range(runs)])
+        assert not (folder / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize("raised, status, message", [

@@ -6,9 +6,13 @@ import pathlib
 import stat
 import subprocess
 import sys
+import tempfile
+from unittest import mock
 
 import numpy
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from npllama import files, model
 from npllama.checkpoint import save_checkpoint
@@ -79,22 +83,62 @@ def test_a_regular_file_over_its_limit_is_refused_without_reading_it_all(tmp_pat
         files.read_regular_file(tmp_path, 1000, "--tokenizer")
 
 
-def test_a_file_that_grows_while_it_is_read_is_read_to_one_byte_past_its_limit_and_refused(tmp_path, monkeypatch):
-    """The size said 900 bytes when the file was opened; 1001 are there by the read (a log being
-    written): the read goes on to limit + 1 bytes, no further, and refuses the file."""
-    growing = tmp_path / "config.json"
-    growing.write_bytes(b"x" * 5000)
-    real_fstat = os.fstat
+class CountingFile:
+    """A file opened for reading that counts the bytes its reads return."""
+
+    def __init__(self, file):
+        self.file, self.bytes_read = file, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def read(self, n=-1):
+        data = self.file.read(n)
+        self.bytes_read += len(data)
+        return data
+
+
+@given(data=st.data(), limit=st.integers(1, 2000))
+@example(data=None, limit=1000)  # 900 bytes when opened, 1001 by the read: refused after 1001 bytes
+def test_a_file_that_grows_while_it_is_read_is_read_to_one_byte_past_its_limit_and_refused(data, limit):
+    """The size when the file was opened says `declared` bytes; `actual` are there by the read (a
+    log being written). The file is read whole when actual <= limit, refused when it is larger, and
+    no more than limit + 1 bytes are ever read."""
+    if data is None:
+        declared, actual = 900, 1001
+    else:
+        declared = data.draw(st.integers(0, limit), label="declared")
+        actual = data.draw(st.one_of(st.integers(declared, limit + 3), st.sampled_from([limit, limit + 1])),
+                           label="actual")
+    content = bytes(range(256)) * (actual // 256 + 1)
+    opened = []
+    real_fstat, real_open = os.fstat, open
 
     def fstat_before_it_grew(descriptor):
         stat_result = real_fstat(descriptor)
-        return os.stat_result((*stat_result[:6], 900, *stat_result[7:]))
+        return os.stat_result((*stat_result[:6], declared, *stat_result[7:]))
 
-    monkeypatch.setattr(files.os, "fstat", fstat_before_it_grew)
-    with pytest.raises(files.FileProblem, match=r"larger than 1,000 bytes"):
-        files.read_regular_file(growing, 1000, "config")
-    growing.write_bytes(b"x" * 1000)  # grown to exactly the limit: read whole
-    assert files.read_regular_file(growing, 1000, "config") == b"x" * 1000
+    def counted_open(path, mode="r"):
+        opened.append(CountingFile(real_open(path, mode)))
+        return opened[-1]
+
+    with tempfile.TemporaryDirectory() as folder:
+        growing = pathlib.Path(folder) / "config.json"
+        growing.write_bytes(content[:actual])
+        with mock.patch.object(files.os, "fstat", fstat_before_it_grew), \
+                mock.patch.object(files, "open", counted_open, create=True):
+            if actual <= limit:
+                assert files.read_regular_file(growing, limit, "config") == content[:actual]
+            else:
+                with pytest.raises(files.FileProblem, match=f"larger than {limit:,} bytes"):
+                    files.read_regular_file(growing, limit, "config")
+    assert opened and opened[0].bytes_read <= limit + 1
 
 
 @pytest.mark.parametrize("npllama_cache, xdg, expected", [

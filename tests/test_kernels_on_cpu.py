@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 import kernel_harness
 from kernel_harness import HarnessFailure, build, run
@@ -190,17 +192,42 @@ def test_the_harness_reports_a_kernel_with_a_barrier_removed(harness):
         run_kernels(harness["racy"], *problem, "float32")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_embedding_kernel_adds_each_ids_rows_in_position_order_as_numpy_add_at(harness, dtype):
-    rng = numpy.random.default_rng(1)
-    ids = rng.integers(0, 12, (3, 40))
-    dy = rng.standard_normal((3, 40, 24)).astype(dtype)
-    expected = numpy.zeros((15, 24), dtype=dtype)
-    numpy.add.at(expected, ids.reshape(-1), dy.reshape(-1, 24))
+@given(dtype=st.sampled_from(["float32", "float64"]), batch=st.integers(1, 3), seq=st.integers(1, 50),
+       dim=st.integers(1, 40), n_ids=st.integers(1, 20), unused_ids=st.integers(0, 3), distinct=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+@example(dtype="float32", batch=3, seq=40, dim=24, n_ids=12, unused_ids=3, distinct=False, seed=1)  # long runs
+# every id once: each position starts its run, and 7 x 24 = 168 threads leave the second block of 128 partial
+@example(dtype="float32", batch=1, seq=7, dim=24, n_ids=12, unused_ids=0, distinct=True, seed=1)
+@example(dtype="float64", batch=1, seq=1, dim=1, n_ids=1, unused_ids=0, distinct=False, seed=0)  # one thread
+def test_the_embedding_kernel_adds_each_ids_rows_in_position_order_as_numpy_add_at(harness, dtype, batch, seq, dim,
+                                                                                  n_ids, unused_ids, distinct, seed):
+    rng = numpy.random.default_rng(seed)
+    vocab = n_ids + unused_ids  # ids that never occur keep a zero gradient
+    if distinct and batch * seq <= vocab:
+        ids = rng.permutation(vocab)[:batch * seq].reshape(batch, seq)
+    else:
+        ids = rng.integers(0, n_ids, (batch, seq))
+    dy = rng.standard_normal((batch, seq, dim)).astype(dtype)
+    expected = numpy.zeros((vocab, dim), dtype=dtype)
+    numpy.add.at(expected, ids.reshape(-1), dy.reshape(-1, dim))
     sorted_ids, order = cuda_embedding.sort_positions(numpy, ids)
-    dweight = numpy.zeros((15, 24), dtype=dtype)
-    got = run(harness["address"], cuda_embedding.backward_launch(sorted_ids, order, dy.reshape(-1, 24), dweight))[3]
+    dweight = numpy.zeros((vocab, dim), dtype=dtype)
+    got = run(harness["address"], cuda_embedding.backward_launch(sorted_ids, order, dy.reshape(-1, dim), dweight))[3]
     assert got.tobytes() == expected.tobytes()  # the same additions in the same order: the same bits
+
+
+@given(batch=st.integers(1, 4), seq=st.integers(1, 1200), vocab=st.integers(1, 2**20),
+       dtype=st.sampled_from(["int32", "int64"]), seed=st.integers(0, 2**32 - 1))
+@example(batch=4, seq=1024, vocab=2**20, dtype="int32", seed=0)  # id x positions passes 2^31: no int32 key
+@example(batch=1, seq=2, vocab=1, dtype="int64", seed=0)  # one id, at every position
+def test_positions_are_sorted_by_id_then_position_for_any_ids_of_any_integer_type(batch, seq, vocab, dtype, seed):
+    ids = numpy.random.default_rng(seed).integers(0, vocab, (batch, seq)).astype(dtype)
+    sorted_ids, order = cuda_embedding.sort_positions(numpy, ids)
+    flat = ids.reshape(-1).astype(numpy.int64)
+    expected_order = numpy.lexsort((numpy.arange(flat.size), flat))  # by id, then by position
+    assert sorted_ids.dtype == order.dtype == numpy.int64
+    numpy.testing.assert_array_equal(order, expected_order)
+    numpy.testing.assert_array_equal(sorted_ids, flat[expected_order])
 
 
 def launches(q_shape, kv_shape, dtype="float32", v_shape=None, kv_dtype=None):
@@ -237,6 +264,12 @@ def test_launches_refuse_keys_and_values_that_do_not_fit_the_queries(q_shape, kv
         launches(q_shape, kv_shape, v_shape=v_shape, kv_dtype=kv_dtype)
 
 
+@pytest.mark.parametrize("batch, n_heads, n_kv_heads", [(1, 65535, 1), (65535, 1, 1), (3, 21845, 5)])
+def test_launches_take_batch_times_heads_up_to_the_grids_limit(batch, n_heads, n_kv_heads):
+    forward, dvec, dkdv, dq = launches((batch, n_heads, 1, 16), (batch, n_kv_heads, 1, 16))
+    assert forward.grid[1] == dq.grid[1] == batch * n_heads <= 65535
+
+
 def test_every_instance_fits_the_shared_memory_of_an_a100():
     for name, shared in cuda_attention.instances():
         assert shared <= cuda_attention.MAX_SHARED_BYTES, name
@@ -269,6 +302,52 @@ def test_the_compile_report_flags_a_spill_and_counts_static_and_dynamic_shared_m
     [too_big] = parse_ptxas(PTXAS_LOG_WITH_A_SPILL.replace("48 bytes spill stores, 32", "0 bytes spill stores, 0"),
                             {"_Z6kernelv": "kernel"}, {"kernel": 300 * 1024}, "sm_90")
     assert too_big.problem.startswith("asks for 308224 bytes of shared memory, more than sm_90's")
+
+
+@given(arch=st.sampled_from(["sm_80", "sm_90"]), stores=st.integers(0, 64), loads=st.integers(0, 64),
+       static=st.integers(0, 64 * 1024), dynamic=st.integers(0, 240 * 1024))
+@example(arch="sm_80", stores=0, loads=0, static=1024, dynamic=163 * 1024 - 1024)  # exactly sm_80's limit: fits
+@example(arch="sm_80", stores=0, loads=0, static=1024, dynamic=163 * 1024 - 1023)  # one byte over, in two parts
+@example(arch="sm_80", stores=0, loads=0, static=0, dynamic=200 * 1024)  # over sm_80's limit, under sm_90's
+@example(arch="sm_90", stores=0, loads=8, static=0, dynamic=0)  # a spill of loads only
+def test_a_kernel_has_a_problem_exactly_when_it_spills_or_its_shared_memory_exceeds_its_architectures(
+        arch, stores, loads, static, dynamic):
+    from npllama.kernels.__main__ import MAX_SHARED_BYTES, parse_ptxas
+
+    spills = f"{stores} bytes spill stores, {loads} bytes spill loads"
+    log = PTXAS_LOG_WITH_A_SPILL.replace("sm_90", arch).replace("48 bytes spill stores, 32 bytes spill loads", spills)
+    [row] = parse_ptxas(log.replace("1024 bytes smem", f"{static} bytes smem"), {"_Z6kernelv": "kernel"},
+                        {"kernel": dynamic}, arch)
+    limit = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}[arch]  # the CUDA guide's opt-in maximum per block
+    assert MAX_SHARED_BYTES[arch] == limit
+    if stores + loads:
+        assert row.problem == f"spills {stores + loads} bytes"
+    elif static + dynamic > limit:
+        assert row.problem == f"asks for {static + dynamic} bytes of shared memory, more than {arch}'s {limit}"
+    else:
+        assert row.problem is None
+
+
+@pytest.mark.parametrize("problems, errors, status", [(0, 0, 0), (1, 0, 1), (0, 1, 1), (2, 3, 1)])
+def test_the_compile_report_exits_1_on_any_problem_or_compile_error_and_prints_each(monkeypatch, capsys, problems,
+                                                                                   errors, status):
+    from npllama.kernels import __main__ as report
+
+    class FakeNvrtc:
+        @staticmethod
+        def getVersion():
+            return (13, 0)
+
+    fine = report.Resources("fine", "sm_80", 32, 0, 0, 0, 1024)
+    spilling = report.Resources("spilling", "sm_90", 255, 8, 8, 0, 1024)
+    monkeypatch.setattr(report, "nvrtc_module", FakeNvrtc)
+    monkeypatch.setattr(report, "report", lambda nvrtc: ([fine] + [spilling] * problems,
+                                                         [f"broken.cu for sm_80: error {i}" for i in range(errors)]))
+    assert report.main([]) == status
+    out, err = capsys.readouterr()
+    assert f"{1 + problems} instances, {problems} with a problem, {errors} compile errors" in out
+    assert out.count("spills 8 bytes") == problems
+    assert err.count("error: broken.cu for sm_80: error") == errors
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("cupy_backends") is None,

@@ -230,6 +230,46 @@ def test_preset_table_reports_the_7b_model_as_6_7b_parameters():
     assert "6.7B (6,738,415,616)" in row
 
 
+@st.composite
+def preset_tables(draw):
+    """{name: LlamaConfig} of any sizes, from a few thousand parameters to hundreds of billions."""
+    configs = {}
+    for name in draw(st.lists(st.text("abcXYZ0123456789", min_size=1, max_size=7), min_size=1, max_size=4,
+                              unique=True)):
+        n_heads = draw(st.integers(1, 64))
+        configs[name] = LlamaConfig(dim=n_heads * 2 * draw(st.integers(1, 128)), n_layers=draw(st.integers(1, 96)),
+                                    n_heads=n_heads, vocab_size=draw(st.integers(2, 256_000)),
+                                    multiple_of=draw(st.sampled_from([1, 32, 256])))
+    return configs
+
+
+@given(preset_tables())
+def test_the_preset_table_has_a_row_per_preset_with_its_shape_and_its_count_exact_and_rounded(configs):
+    from npllama.presets import describe_presets
+
+    header, *rows = describe_presets(configs).splitlines()
+    assert header.split() == ["preset", "dim", "layers", "heads", "ffn", "vocab", "params"]
+    assert len(rows) == len(configs)
+    for row, (name, config) in zip(rows, configs.items()):
+        cells = row.split()
+        count = config.n_params()
+        assert cells[:6] == [name, str(config.dim), str(config.n_layers), str(config.n_heads), str(config.ffn_dim),
+                             str(config.vocab_size)]
+        assert int(cells[7].strip("()").replace(",", "")) == count
+        rounded, unit = float(cells[6][:-1]), cells[6][-1]
+        # billions with one decimal from 10^9 parameters, millions with two below: within half the last digit
+        assert unit == ("B" if count >= 1e9 else "M")
+        assert abs(rounded * (1e9 if unit == "B" else 1e6) - count) <= (0.05e9 if unit == "B" else 0.005e6)
+
+
+def test_the_preset_command_reads_its_own_arguments_not_the_callers(monkeypatch, capsys):
+    from npllama import presets
+
+    monkeypatch.setattr("sys.argv", ["npllama-presets", "--not-an-option"])  # a caller's own command line
+    assert presets.main([]) == 0
+    assert capsys.readouterr().out.strip() == presets.describe_presets()
+
+
 @given(config=small_model_configs(), seq=st.integers(2, 14), prompt=st.integers(1, 13), seed=seeds,
        tile_size=st.integers(1, 5))
 def test_kv_cache_decoding_gives_the_logits_of_a_full_forward(config, seq, prompt, seed, tile_size):

@@ -4,10 +4,10 @@ import math
 
 import numpy
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from assertions import assert_close, assert_differ, assert_same
+from assertions import assert_close, assert_same
 from npllama import optim
 from strategies import rng_from, seeds
 
@@ -35,23 +35,40 @@ def test_first_adamw_step_equals_its_closed_form(seed, lr, weight_decay):
         assert_close(p, expected, rtol=1e-12, atol=1e-15)
 
 
-def test_second_adamw_step_equals_its_closed_form():
-    params, grads1 = params_and_grads(0, scale=1e-2)
-    _, grads2 = params_and_grads(1, scale=1e-2)
-    p0 = params["w.weight"].copy()
-    config = optim.AdamWConfig()
-    state = optim.init_state(params)
-    optim.step(params, grads1, state, 1e-3, config)
-    p1 = params["w.weight"].copy()
-    optim.step(params, grads2, state, 2e-3, config)
-    b1, b2 = config.betas
-    g1, g2 = grads1["w.weight"], grads2["w.weight"]
-    m = (1 - b1) * (b1 * g1 + g2)
-    v = (1 - b2) * (b2 * g1**2 + g2**2)
-    m_hat, v_hat = m / (1 - b1**2), v / (1 - b2**2)
-    expected = p1 * (1 - 2e-3 * config.weight_decay) - 2e-3 * m_hat / (numpy.sqrt(v_hat) + config.eps)
-    assert_close(params["w.weight"], expected, rtol=1e-12)
-    assert_differ(p0, p1)
+@given(seed=seeds, scales=st.lists(st.sampled_from([1e-2, 10.0]), min_size=1, max_size=4),
+       lr=st.floats(1e-5, 1e-2), weight_decay=st.sampled_from([0.0, 0.1]), grad_clip=st.sampled_from([1.0, 0.5, 0.0]))
+@example(seed=1, scales=[10.0, 10.0], lr=2e-3, weight_decay=0.1, grad_clip=1.0)  # clipped at both steps
+@example(seed=1, scales=[1e-2, 10.0, 1e-2], lr=2e-3, weight_decay=0.1, grad_clip=1.0)  # clipped only at step 2
+def test_adamw_after_t_steps_equals_its_closed_form_with_each_steps_clip(seed, scales, lr, weight_decay, grad_clip):
+    """With c_k = min(1, clip / (|G_k| + 1e-6)) the global clip factor of step k (1 with clip 0):
+    m_t = sum_k (1 - b1) b1^(t-k) c_k g_k and v_t = sum_k (1 - b2) b2^(t-k) (c_k g_k)^2 (clipping scales
+    the gradient, so v sees c_k^2), and p_t = p_{t-1} (1 - lr wd) - lr m_t / (1 - b1^t) / (sqrt(v_t / (1 - b2^t))
+    + eps), matrices decayed and norm gains not. The scales put |G_k| far below and far above the clip."""
+    rng = rng_from(seed)
+    params = {"w.weight": rng.standard_normal((3, 4)), "norm.weight": rng.standard_normal(4)}
+    expected = {name: p.copy() for name, p in params.items()}
+    config = optim.AdamWConfig(weight_decay=weight_decay, grad_clip=grad_clip)
+    (b1, b2), state = config.betas, optim.init_state(params)
+    history = []
+    for t, scale in enumerate(scales, start=1):
+        grads = {name: scale * rng.standard_normal(p.shape) for name, p in params.items()}
+        norm = math.sqrt(sum(float((g**2).sum()) for g in grads.values()))
+        clip = min(1.0, grad_clip / (norm + 1e-6)) if grad_clip else 1.0
+        history.append((clip, grads))
+        stats = optim.step(params, grads, state, lr, config)
+        assert_close(stats["clip"], clip, rtol=1e-12)
+        for name in params:
+            m = sum((1 - b1) * b1 ** (t - k) * c * g[name] for k, (c, g) in enumerate(history, start=1))
+            v = sum((1 - b2) * b2 ** (t - k) * (c * g[name]) ** 2 for k, (c, g) in enumerate(history, start=1))
+            decay = weight_decay if params[name].ndim >= 2 else 0.0
+            expected[name] = (expected[name] * (1 - lr * decay)
+                              - lr * (m / (1 - b1**t)) / (numpy.sqrt(v / (1 - b2**t)) + config.eps))
+            # m sums terms of both signs: its error is rounding of the terms' size, not of m's
+            size = sum((1 - b1) * b1 ** (t - k) * abs(c * g[name]) for k, (c, g) in enumerate(history, start=1))
+            assert numpy.all(numpy.abs(state.m[name] - m) <= 1e-12 * size)
+            assert_close(state.v[name], v, rtol=1e-12, atol=1e-300)
+            # the update, lr |m_hat| / sqrt(v_hat) with |m_hat| / sqrt(v_hat) of order 1, carries m's rounding
+            assert_close(params[name], expected[name], rtol=1e-12, atol=1e-12 * lr)
 
 
 def test_clipping_scales_every_gradient_by_one_global_factor():

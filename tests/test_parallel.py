@@ -3,9 +3,11 @@ threads, added in row order, so the numbers are the same to the bit on any numbe
 those of the whole batch up to rounding (which, with the finite-difference tests of the whole
 batch's gradients, makes them the loss's gradients)."""
 
+from unittest import mock
+
 import numpy
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from assertions import assert_close
@@ -180,32 +182,62 @@ def test_a_failure_on_one_thread_is_raised_and_no_thread_waits_for_ever():
         on_threads(3, params, config, tokens, targets)
 
 
-def test_adamw_and_the_gradient_norm_on_threads_are_the_same_to_the_bit(monkeypatch):
-    """On threads, AdamW updates the parameters by blocks (made small here: 1000 elements, so the
-    matrices of nano are cut and the norm gains are not), the same numbers as the whole update."""
-    monkeypatch.setattr(optim, "UPDATE_BLOCK", 1000)
-    config = llama.PRESETS["nano"]
-    params = llama.init_params(config, seed=0)
-    _, grads = llama.loss_and_grads(params, config, *batch(config, 2, 8, seed=1))
-    results = []
-    for threads in (None, 2, 3):
-        copy, state = {name: p.copy() for name, p in params.items()}, optim.init_state(params)
-        if threads is None:
-            norm = optim.global_norm(grads)
-            for _ in range(3):
-                optim.step(copy, grads, state, lr=1e-2)
-        else:
-            with workers(threads) as pool:
-                norm = optim.global_norm(grads, pool)
-                for _ in range(3):
-                    optim.step(copy, grads, state, lr=1e-2, pool=pool)
-        results.append((norm, copy, state))
-    for norm, copy, state in results[1:]:
-        assert norm == results[0][0]
-        for name in params:
-            assert numpy.array_equal(copy[name], results[0][1][name])
-            assert numpy.array_equal(state.v[name], results[0][2].v[name])
-            assert numpy.array_equal(state.m[name], results[0][2].m[name])
+def laid_out(values, layout: str):
+    """A new array of `values`: C-ordered, Fortran-ordered (a transposed checkpoint's), or every other
+    column of a wider buffer (contiguous in neither order)."""
+    if layout == "F":
+        return numpy.array(values, order="F")  # a copy, even of an array already in that order
+    if layout == "strided":
+        wide = numpy.zeros((values.shape[0], 2 * values.shape[1]), values.dtype)
+        wide[:, ::2] = values
+        return wide[:, ::2]
+    return values.copy()
+
+
+EXAMPLE = numpy.random.default_rng(0).standard_normal((12, 8))  # a matrix, a gain: cut into blocks
+
+
+@st.composite
+def parameter_sets(draw):
+    """{name: (values, layout, grad)} of float32 or float64: norm gains (1-d, not decayed) and
+    matrices (decayed), each in any layout."""
+    rng = numpy.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    sets = {}
+    for i in range(draw(st.integers(1, 4))):
+        matrix = draw(st.booleans())
+        shape = (draw(st.integers(1, 9)), draw(st.integers(1, 9))) if matrix else (draw(st.integers(1, 12)),)
+        layout = draw(st.sampled_from(["C", "F", "strided"])) if len(shape) == 2 else "C"
+        sets[f"p{i}.weight"] = (rng.standard_normal(shape).astype(dtype), layout,
+                                rng.standard_normal(shape).astype(dtype))
+    return sets
+
+
+@given(sets=parameter_sets(), block=st.integers(1, 50), threads=st.integers(2, 3), steps=st.integers(1, 3),
+       weight_decay=st.sampled_from([0.0, 0.1]))
+@example(sets={"w.weight": (EXAMPLE[:6], "C", EXAMPLE[6:12]), "f.weight": (EXAMPLE[:6], "F", EXAMPLE[6:12]),
+               "norm.weight": (EXAMPLE[0], "C", EXAMPLE[1])}, block=10, threads=2, steps=2, weight_decay=0.1)
+def test_adamw_and_the_gradient_norm_on_threads_are_the_bits_of_one_thread_updating_in_place(sets, block, threads,
+                                                                                           steps, weight_decay):
+    """On threads, AdamW updates each contiguous parameter of more than UPDATE_BLOCK elements by blocks
+    of its flat elements (made small here, so most are cut) and any other whole: the same bits as one
+    thread, m and v too, written into the parameters the caller holds, whatever their layout."""
+    config = optim.AdamWConfig(weight_decay=weight_decay)
+    grads = {name: grad for name, (_, _, grad) in sets.items()}
+    serial = {name: laid_out(values, layout) for name, (values, layout, _) in sets.items()}
+    threaded = {name: laid_out(values, layout) for name, (values, layout, _) in sets.items()}
+    objects = {name: id(param) for name, param in threaded.items()}
+    serial_state, threaded_state = optim.init_state(serial), optim.init_state(threaded)
+    with mock.patch.object(optim, "UPDATE_BLOCK", block), workers(threads) as pool:
+        assert optim.global_norm(grads, pool) == optim.global_norm(grads)
+        for _ in range(steps):
+            optim.step(serial, grads, serial_state, lr=1e-2, config=config)
+            optim.step(threaded, grads, threaded_state, lr=1e-2, config=config, pool=pool)
+    for name, (before, _, _) in sets.items():
+        assert id(threaded[name]) == objects[name] and not numpy.array_equal(threaded[name], before)
+        for ours, theirs in ((threaded[name], serial[name]), (threaded_state.m[name], serial_state.m[name]),
+                             (threaded_state.v[name], serial_state.v[name])):
+            assert numpy.array_equal(ours, theirs) and ours.tobytes() == theirs.tobytes()
 
 
 def test_training_on_one_two_and_three_threads_logs_and_saves_the_same_numbers(corpus, tmp_path):
@@ -226,20 +258,6 @@ def test_training_on_one_two_and_three_threads_logs_and_saves_the_same_numbers(c
         for file in ("model.safetensors", "optimizer.safetensors"):
             assert (runs[threads] / "step-00000004" / file).read_bytes() == \
                 (runs[1] / "step-00000004" / file).read_bytes(), file
-
-
-def test_adamw_on_threads_updates_a_parameter_that_is_not_contiguous_in_place(monkeypatch):
-    """A parameter in Fortran order (a transposed checkpoint's) cannot be cut into blocks of its
-    flat elements without copying; it is updated whole, in place, as on one thread."""
-    monkeypatch.setattr(optim, "UPDATE_BLOCK", 10)
-    rng = numpy.random.default_rng(0)
-    params = {"w": numpy.asfortranarray(rng.standard_normal((8, 6)).astype(numpy.float32))}
-    grads = {"w": rng.standard_normal((8, 6)).astype(numpy.float32)}
-    serial = {"w": params["w"].copy()}
-    optim.step(serial, grads, optim.init_state(serial), lr=1e-2)
-    with workers(2) as pool:
-        optim.step(params, grads, optim.init_state(params), lr=1e-2, pool=pool)
-    assert numpy.array_equal(params["w"], serial["w"]) and not numpy.array_equal(params["w"], grads["w"])
 
 
 def test_the_default_thread_count_is_the_cores_this_process_may_run_on_and_zero_workers_are_refused(monkeypatch):

@@ -466,6 +466,23 @@ def test_cli_train_encode_decode_round_trip(cli_corpus, tmp_path):
     assert shown.stdout.split()[-3:] == ["▁", "4", "2"]
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_cli_train_gives_the_model_train_tokenizer_gives_for_its_seed_and_line_bound(cli_corpus, tmp_path, seed):
+    from npllama.tokenizer.__main__ import main as tokenizer_main
+
+    code = cli_corpus / "code.py"
+    out = tmp_path / "cli.model"
+    assert tokenizer_main(["train", "--input", str(code), "--vocab-size", "400", "--max-sentences", "200",
+                           "--seed", str(seed), "--out", str(out)]) == 0
+    text = code.read_text(encoding="utf-8")
+    assert len(text.splitlines()) > 200  # the bound and the seed choose which lines train
+    same = train_tokenizer([text], 400, seed=seed, max_sentences=200)
+    other_seed = train_tokenizer([text], 400, seed=1 - seed // 3, max_sentences=200)
+    every_line = train_tokenizer([text], 400, seed=seed)
+    assert out.read_bytes() == same.model_bytes
+    assert out.read_bytes() != other_seed.model_bytes and out.read_bytes() != every_line.model_bytes
+
+
 def test_cli_train_from_a_glob_gives_the_same_model_as_the_files(cli_corpus, tmp_path):
     from_glob = tmp_path / "glob.model"
     from_files = tmp_path / "files.model"
@@ -553,6 +570,21 @@ def test_sampled_lines_are_at_most_the_bound_all_of_them_when_fewer_and_the_same
     if n_lines <= max_lines:
         assert sample == lines
     assert training._sample_lines(iter(lines), max_lines, seed) == (sample, count)
+
+
+def test_every_line_is_equally_likely_to_be_sampled():
+    """Reservoir sampling keeps each of n lines with probability k / n, wherever it stands: over 2000
+    seeds, 20 lines and k = 5, each line's count is Binomial(2000, 1/4), 500 +- 19.4, so 6 standard
+    deviations (116) leave a chance below 1e-8 per line of a false failure, and a sampler that favours
+    the first or the last lines (count 2000 or 0) fails by far."""
+    from npllama.tokenizer import training
+
+    lines = [f"line {i}" for i in range(20)]
+    counts = dict.fromkeys(lines, 0)
+    for seed in range(2000):
+        for line in training._sample_lines(iter(lines), 5, seed)[0]:
+            counts[line] += 1
+    assert all(abs(count - 500) < 116 for count in counts.values()), counts
 
 
 def protobuf_varint(value: int) -> bytes:
