@@ -136,17 +136,6 @@ def test_any_trailing_whitespace_of_the_context_moves_to_the_completion(tiny, co
     assert context_ids + continuation_ids == whole
 
 
-def test_an_input_longer_than_the_window_drops_its_oldest_tokens(tiny):
-    context, continuation = " ".join(["the cat sat on the mat"] * 12), " 42 vu"
-    context_ids, continuation_ids = evaluate.encode_pair(tiny.tokenizer, context, continuation)
-    sequence = (context_ids + continuation_ids)[-(tiny.config.max_seq_len + 1):]
-    logprobs = log_softmax(llama.forward(tiny.params, tiny.config, numpy.array([sequence[:-1]]))[0])
-    n = len(continuation_ids)
-    expected = sum(logprobs[len(sequence) - 1 - n + j, token] for j, token in enumerate(continuation_ids))
-    (scored,) = evaluate.loglikelihoods(tiny, [(context, continuation)])
-    numpy.testing.assert_allclose(scored.logprob, expected, rtol=TOLERANCE)
-
-
 def test_a_completion_longer_than_the_window_is_scored_in_half_window_chunks(tiny):
     window = tiny.config.max_seq_len  # 48: chunks of 24 completion tokens, each read after 48 tokens
     context_ids, continuation_ids = [1, 300, 301], list(range(310, 370))
@@ -159,6 +148,39 @@ def test_a_completion_longer_than_the_window_is_scored_in_half_window_chunks(tin
     (scored,) = evaluate.token_loglikelihoods(tiny, [(context_ids, continuation_ids)])
     numpy.testing.assert_allclose(scored.logprob, expected, rtol=TOLERANCE)
     assert scored.n_tokens == 60
+
+
+def windowed_by_hand(model, context_ids, continuation_ids):
+    """log p(continuation | context) as the documented rule reads it, one plain forward pass a chunk:
+    a completion that fits in the window W is one chunk, read after the W tokens before its last;
+    a longer one is cut into chunks of W // 2 tokens, each read after the W tokens before its last."""
+    window, sequence = model.config.max_seq_len, context_ids + continuation_ids
+    step = len(continuation_ids) if len(continuation_ids) <= window else window // 2
+    total = 0.0
+    for start in range(len(context_ids), len(sequence), step):
+        end = min(start + step, len(sequence))
+        inputs = sequence[max(0, end - 1 - window):end - 1]
+        logprobs = log_softmax(llama.forward(model.params, model.config, numpy.array([inputs]))[0])
+        total += sum(logprobs[len(inputs) - (end - start) + j, sequence[start + j]] for j in range(end - start))
+    return total
+
+
+@given(n_context=st.integers(0, 70), n_continuation=st.integers(1, 100), seed=st.integers(0, 2**16))
+@example(n_context=48, n_continuation=1, seed=0)  # BOS and 48 tokens, then one: the last input that fits whole
+@example(n_context=49, n_continuation=1, seed=0)  # one more: the oldest token is dropped
+@example(n_context=2, n_continuation=48, seed=0)  # a completion of exactly the window: one chunk
+@example(n_context=2, n_continuation=49, seed=0)  # one more: chunks of 24
+def test_a_completion_is_scored_from_the_last_window_of_tokens_before_it_whatever_the_lengths(tiny, n_context,
+                                                                                         n_continuation, seed):
+    """Inputs of any length, across the points where the window starts to drop tokens and where a
+    completion no longer fits in one: the evaluator's batched, cached runs and its truncated ones give
+    the log-likelihood of plain forward passes over the window of tokens before each chunk."""
+    rng = numpy.random.default_rng(seed)
+    context_ids = [1, *rng.integers(3, 512, n_context).tolist()]
+    continuation_ids = rng.integers(3, 512, n_continuation).tolist()
+    (scored,) = evaluate.token_loglikelihoods(tiny, [(context_ids, continuation_ids)])
+    numpy.testing.assert_allclose(scored.logprob, windowed_by_hand(tiny, context_ids, continuation_ids), rtol=TOLERANCE)
+    assert scored.n_tokens == n_continuation
 
 
 def greedy_by_hand(model, context, n_tokens):

@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import TASK_FIXTURES
@@ -41,11 +41,26 @@ def test_the_closed_book_tasks_ask_the_papers_way():
     assert "Sunset Boulevard" in trivia.answers
 
 
-def test_hellaswag_drops_wikihow_markup_and_capitalises_the_second_half():
-    row = {"activity_label": "Home", "ctx_a": "A man [header] stands.", "ctx_b": "then he", "label": "1",
-           "endings": ["sits [title] down.", "runs  away."]}
-    item = BENCHMARKS["hellaswag"].item(row)
-    assert item == MultipleChoice("Home: A man stands. Then he", ("sits. down.", "runs away."), 1)
+# HellaSwag's text: words, runs of spaces, and WikiHow's markup ([title], [header], [step], stray brackets)
+hellaswag_text = st.lists(st.sampled_from(["a", "man", "Then", " ", "  ", "[title]", " [title]", "[header]", "[step]",
+                                           "[", "]", ".", "\t"]), max_size=10).map("".join)
+
+
+@given(label=hellaswag_text, ctx_a=hellaswag_text, ctx_b=hellaswag_text, endings=st.lists(hellaswag_text, min_size=2,
+                                                                                          max_size=4), data=st.data())
+@example(label="Home", ctx_a="A man [header] stands.", ctx_b="then he", endings=["sits [title] down.", "runs  away."],
+         data=None)
+def test_hellaswag_items_are_lm_evals_documents_whatever_the_markup_and_spaces(label, ctx_a, ctx_b, endings, data):
+    """The query "label: ctx_a Ctx_b" and each ending cleaned as lm-eval's hellaswag task cleans them
+    (its own process_docs is the oracle): [title] becomes '. ', other markup goes, a double space
+    becomes one (a run of three keeps two, as there)."""
+    hf_datasets = pytest.importorskip("datasets")
+    hellaswag = pytest.importorskip("lm_eval.tasks.hellaswag.utils")
+    gold = 1 if data is None else data.draw(st.integers(0, len(endings) - 1))
+    row = {"activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b, "label": str(gold), "endings": endings}
+    theirs = hellaswag.process_docs(hf_datasets.Dataset.from_list([row]))[0]
+    assert BENCHMARKS["hellaswag"].item(row) == MultipleChoice(theirs["query"], tuple(theirs["choices"]),
+                                                               theirs["gold"])
 
 
 @given(question=st.text(alphabet="abc XYZ?\t\n", max_size=12).filter(lambda text: text.strip().strip("?")))

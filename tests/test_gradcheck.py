@@ -7,6 +7,8 @@ shape or dtype; a backward that returns too few gradients) is a failure that say
 
 import numpy
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from npllama.audit import gradcheck
 from npllama.audit import ops as audit
@@ -38,11 +40,19 @@ def test_the_correct_backward_passes_with_no_problem():
     assert all(0 <= r.max_rel_err < 1e-8 for r in results)
 
 
-def test_a_slightly_wrong_backward_fails():
-    """A 0.01% error in dx: the checker must see it (a test that cannot fail is no test)."""
-    results = check_rmsnorm(with_dx(lambda dx: dx * (1 + 1e-4)))
-    assert [r.passed for r in results] == [False, True]
-    assert results[0].problem is None and results[0].max_rel_err > 1e-5
+@given(seed=st.integers(0, 2**16), exponent=st.floats(-5, 0), sign=st.sampled_from([1, -1]))
+@example(seed=0, exponent=-4, sign=1)  # a 0.01% error in dx
+@example(seed=0, exponent=-5, sign=-1)  # ten times the relative error limit (1e-6)
+def test_a_backward_wrong_by_any_factor_above_the_limit_fails_and_the_right_one_passes(seed, exponent, sign):
+    """dx scaled by 1 + d, |d| from 10 rtol (1e-5) to 1: every entry and direction is off by |d| / |1 + d|
+    relative to the largest of the two, so the check must fail with an error of about that size, the
+    correct dweight must still pass, and the unscaled dx pass (a test that cannot fail is no test)."""
+    wrong = sign * 10.0**exponent
+    inputs = rmsnorm_inputs(seed)
+    results = check_rmsnorm(with_dx(lambda dx: dx * (1 + wrong)), inputs=inputs)
+    assert [r.passed for r in results] == [False, True] and results[0].problem is None
+    assert abs(wrong) / (1 + abs(wrong)) / 2 < results[0].max_rel_err < 2 * abs(wrong)
+    assert [r.passed for r in check_rmsnorm(rmsnorm.backward, inputs=inputs)] == [True, True]
 
 
 def test_one_wrong_entry_fails():
