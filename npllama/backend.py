@@ -10,12 +10,16 @@ NumPy and CuPy. Entry points resolve `--backend` through `get_backend`, which ra
 `BackendError` for a name it does not know or a backend that cannot run here: CuPy missing, CuPy
 without a GPU it can use, or without the NVRTC library it compiles npllama's kernels with.
 
-On CuPy, matrix products are cuBLAS's in the arrays' dtype: float32 means float32, because CuPy
-uses TF32 only when the environment sets CUPY_TF32=1, and npllama never does.
+On CuPy, matrix products are cuBLAS's in the arrays' dtype. What cuBLAS may do inside a float32
+product is CuPy's per-dtype "compute type", process-wide, which `float32_products` sets for the span
+of a run: full float32 (cuBLAS's CUBLAS_COMPUTE_32F) unless TF32 is asked for (`--tf32`:
+CUBLAS_COMPUTE_32F_FAST_TF32, inputs rounded to a 10-bit mantissa on the tensor cores, float32
+accumulation). It is set either way, so CUPY_TF32=1 in the environment changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import numpy
@@ -23,7 +27,7 @@ import numpy
 from .errors import NpllamaError
 
 __all__ = ["BACKENDS", "BackendError", "array_namespace", "compute_dtype", "get_backend", "is_cupy_array",
-           "synchronize", "to_host"]
+           "float32_products", "synchronize", "to_host"]
 
 BACKENDS = ("numpy", "cupy")
 
@@ -62,6 +66,24 @@ def synchronize(xp):
     """Wait until the device has finished the work queued so far (for timing); nothing on NumPy."""
     if xp is not numpy:
         xp.cuda.get_current_stream().synchronize()
+
+
+@contextlib.contextmanager
+def float32_products(xp, tf32: bool):
+    """Within the block, CuPy's float32 matrix products run in TF32 when `tf32`, else in full float32;
+    the compute type before it comes back after. NumPy's are float32 whatever `tf32` says (callers
+    refuse --tf32 there)."""
+    if xp is numpy:
+        yield
+        return
+    from cupy._core import _routines_linalg as linalg
+
+    before = linalg.get_compute_type(numpy.float32)
+    linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32)
+    try:
+        yield
+    finally:
+        linalg.set_compute_type(numpy.float32, before)
 
 
 def get_backend(name: str):

@@ -143,6 +143,8 @@ PRESETS: dict[str, LlamaConfig] = {
     "nano": LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=128),
     "tiny": LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=4096, multiple_of=32, max_seq_len=256),
     "small": LlamaConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32, max_seq_len=256),
+    # The GPU benchmark shape: GPT-2 small's width and depth in Llama's form, 134M parameters, T = 1024.
+    "134M": LlamaConfig(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=1024),
 }
 
 

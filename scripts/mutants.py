@@ -1748,4 +1748,32 @@ CATALOGUE = [
            '        return self.out / "metrics.jsonl"\n', '        return self.out / "metrics.json"\n',
            (TRAIN + "test_training_lowers_the_validation_loss_and_writes_metrics_checkpoint_and_sample",),
            "the run writes metrics.json, where the docs, the plot and --resume's repair look for metrics.jsonl"),
+    # --- --tf32: CuPy's compute type for float32 products, a saved setting -----------------------
+    Mutant("tf32-off-leaves-cupys-default", "npllama/backend.py",
+           "linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32",
+           "linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT",
+           ("tests/test_backend.py::test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_even_"
+            "after_an_error",),
+           "without --tf32, CUPY_TF32=1 in the environment quietly makes every float32 product TF32"),
+    Mutant("tf32-compute-type-never-restored", "npllama/backend.py",
+           "    finally:\n        linalg.set_compute_type(numpy.float32, before)\n",
+           "    finally:\n        pass\n",
+           ("tests/test_backend.py::test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_even_"
+            "after_an_error",),
+           "after a --tf32 run, every float32 product of the calling program stays TF32"),
+    Mutant("tf32-accepted-with-float64", "npllama/train/config.py",
+           'if self.tf32 and (self.backend != "cupy" or self.dtype != "float32"):',
+           'if self.tf32 and self.backend != "cupy":',
+           (TRAIN_CONFIG + "test_tf32_is_refused_where_it_would_change_nothing",),
+           "--tf32 --dtype float64 is accepted and changes nothing, while the log says TF32"),
+    Mutant("tf32-not-saved", "npllama/train/config.py",
+           '"numbers (default: full float32)", saved=True)', '"numbers (default: full float32)")',
+           (TRAIN_CONFIG + "test_the_saved_settings_are_the_ones_checkpoints_have_always_stored_and_those_added_"
+            "since",),
+           "a TF32 run resumes in full float32 (or the reverse) without a word: its numbers change mid-run"),
+    Mutant("resume-refuses-checkpoints-older-than-a-setting", "npllama/train/resume.py",
+           "    before = {k: before.get(k, saved_default(k)) for k in now} | before  # a setting added since: its "
+           "default\n", "",
+           (TRAIN_CONFIG + "test_a_checkpoint_written_before_a_setting_existed_resumes_as_if_it_had_its_default",),
+           "every checkpoint written before --tf32 existed is refused: 'settings differ (tf32 None -> False)'"),
 ]

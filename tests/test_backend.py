@@ -150,3 +150,29 @@ def test_every_entry_point_refuses_cupy_without_a_gpu_in_one_line_writing_nothin
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --backend cupy: CuPy finds no usable GPU")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not CUPY_INSTALLED, reason="CuPy is not installed: pip install '.[test]' installs it")
+@pytest.mark.parametrize("tf32", [True, False])
+def test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_even_after_an_error(monkeypatch,
+                                                                                                 tf32):
+    """The compute type is CuPy's process-wide state (setting it asks the device, so it is recorded
+    here by a stand-in): the block sets TF32 or full float32 for float32, never leaves it at CuPy's
+    default (which CUPY_TF32 decides), and puts back what was there."""
+    import cupy
+    from cupy._core import _routines_linalg as linalg
+
+    calls, current = [], {numpy.dtype("float32"): linalg.COMPUTE_TYPE_DEFAULT}
+    monkeypatch.setattr(linalg, "get_compute_type", lambda dtype: current[numpy.dtype(dtype)])
+    monkeypatch.setattr(linalg, "set_compute_type",
+                        lambda dtype, kind: (calls.append((numpy.dtype(dtype), kind)),
+                                                 current.update({numpy.dtype(dtype): kind})))
+    with pytest.raises(RuntimeError, match="a step failed"):
+        with backend.float32_products(cupy, tf32):
+            assert current[numpy.dtype("float32")] == (linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32)
+            raise RuntimeError("a step failed")
+    assert current[numpy.dtype("float32")] == linalg.COMPUTE_TYPE_DEFAULT
+    assert [dtype for dtype, _ in calls] == [numpy.dtype("float32")] * 2  # float32 only: float64 is float64
+    with backend.float32_products(numpy, tf32):  # NumPy: nothing to set
+        assert len(calls) == 2
+

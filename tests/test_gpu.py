@@ -251,6 +251,32 @@ def test_fifty_training_steps_on_cupy_track_the_numpy_run(corpus, tmp_path):
     assert on_gpu.val_loss == pytest.approx(on_cpu.val_loss, rel=1e-3)
 
 
+def test_tf32_rounds_float32_products_to_a_10_bit_mantissa_only_when_asked(cupy):
+    """Inputs with every mantissa bit set: a float32 product is off the float64 one by float32's
+    rounding (about 1e-6 relative over 256 terms), a TF32 product by about 2^-11 per input."""
+    from npllama.backend import float32_products
+
+    rng = numpy.random.default_rng(0)
+    a, b = rng.standard_normal((256, 256)), rng.standard_normal((256, 256))
+    exact = a @ b
+    errors = {}
+    for tf32 in (False, True):
+        with float32_products(cupy, tf32):
+            product = (cupy.asarray(a, dtype=cupy.float32) @ cupy.asarray(b, dtype=cupy.float32)).get()
+        errors[tf32] = float(numpy.abs(product - exact).max() / numpy.abs(exact).max())
+    assert errors[False] < 1e-5 < 1e-4 < errors[True] < 1e-2, errors
+
+
+def test_a_tf32_run_trains_and_its_checkpoint_resumes_only_with_tf32(corpus, tmp_path):
+    first = train_cli(*common(corpus, tmp_path), "--backend", "cupy", "--tf32", "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    assert "float32 products in TF32" in first.stderr
+    without = train_cli(*common(corpus, tmp_path), "--backend", "cupy", "--steps", "3", "--resume")
+    assert without.returncode == 2 and "tf32 True -> False" in without.stderr
+    again = train_cli(*common(corpus, tmp_path), "--backend", "cupy", "--tf32", "--steps", "3", "--resume")
+    assert again.returncode == 0, again.stderr
+
+
 def test_a_checkpoint_trained_on_cupy_resumes_on_numpy_and_back(corpus, tmp_path):
     import dataclasses
 

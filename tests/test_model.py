@@ -25,6 +25,12 @@ def test_paper_presets_have_the_papers_parameter_counts(name, billions):
     assert model.PRESETS[name].n_params() / 1e9 == pytest.approx(billions, rel=0.01)
 
 
+def test_the_gpu_benchmark_preset_is_gpt2_smalls_size_in_llamas_shape():
+    config = model.PRESETS["134M"]
+    assert (config.dim, config.n_layers, config.n_heads, config.head_dim, config.ffn_dim) == (768, 12, 12, 64, 2048)
+    assert (config.vocab_size, config.max_seq_len, config.n_params()) == (32000, 1024, 134_105_856)
+
+
 def test_7b_preset_matches_metas_shapes():
     config = model.PRESETS["7B"]
     assert (config.dim, config.n_layers, config.n_heads, config.head_dim, config.ffn_dim) == (4096, 32, 32, 128, 11008)

@@ -2,6 +2,8 @@
 are its validation, and which runs the same from Python as from the command line."""
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 
@@ -13,7 +15,16 @@ from safetensors.numpy import load_file
 
 from npllama import optim, train
 from npllama.train.__main__ import main as train_main
-from npllama.train.config import TrainConfig, TrainError, flag, from_command_line, parser, saved_settings
+from npllama.train.config import (
+    TrainConfig,
+    TrainError,
+    flag,
+    from_command_line,
+    parser,
+    saved_default,
+    saved_settings,
+)
+from training import common, train_cli
 
 
 def test_no_flags_give_the_dataclass_defaults():
@@ -76,12 +87,48 @@ def test_a_value_of_the_wrong_type_from_python_is_named_with_its_flag(name, valu
         TrainConfig(**{name: value})
 
 
-def test_the_saved_settings_are_the_ones_checkpoints_have_always_stored():
-    """Checkpoints written before the run config existed must still resume: same keys, same meaning."""
+# the saved settings added after the first checkpoints, and so missing from those: their defaults are
+# what such a checkpoint ran with
+ADDED_SINCE = {"tf32": False}
+
+
+def test_the_saved_settings_are_the_ones_checkpoints_have_always_stored_and_those_added_since():
+    """Checkpoints written before the run config existed must still resume: same keys, same meaning,
+    and a setting added later is read, where it is missing, as its default."""
     settings = saved_settings(TrainConfig(steps=50), vocab_size=4096)
     assert settings == {"preset": "tiny", "vocab_size": 4096, "steps": 50, "batch_size": 16, "seq_len": 128,
                         "lr": 2e-3, "warmup": 5, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
-                        "grad_accum": 1, "seed": 0, "dtype": "float32"}
+                        "grad_accum": 1, "seed": 0, "dtype": "float32", **ADDED_SINCE}
+    assert {name: saved_default(name) for name in ADDED_SINCE} == ADDED_SINCE
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_as_if_it_had_its_default(corpus, tmp_path):
+    first = train_cli(*common(corpus, tmp_path), "--steps", "2", "--checkpoint-every", "1")
+    assert first.returncode == 0, first.stderr
+    for step_dir in (tmp_path / "run").glob("step-*"):  # as an older npllama wrote it: no "tf32"
+        state = step_dir / "state.json"
+        document = json.loads(state.read_text())
+        for name in ADDED_SINCE:
+            del document["state"]["settings"][name]
+        document["self_sha256"] = hashlib.sha256(json.dumps(
+            {key: value for key, value in document.items() if key != "self_sha256"}, sort_keys=True,
+            separators=(",", ":")).encode()).hexdigest()
+        state.write_text(json.dumps(document))
+    resumed = train_cli(*common(corpus, tmp_path), "--steps", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "settings differ" not in resumed.stderr
+
+
+@pytest.mark.parametrize("flags, backend, dtype", [(["--tf32"], "numpy", "float32"),
+                                                   (["--tf32", "--backend", "cupy", "--dtype", "float64"], "cupy",
+                                                    "float64")])
+def test_tf32_is_refused_where_it_would_change_nothing(flags, backend, dtype):
+    with pytest.raises(TrainError) as raised:
+        from_command_line(flags)
+    assert str(raised.value) == (f"--tf32 changes float32 matrix products on the GPU; with --backend {backend} and "
+                                 f"--dtype {dtype} it would change nothing: drop it, or train with --backend cupy "
+                                 "--dtype float32")
+    assert TrainConfig(tf32=True, backend="cupy").tf32
 
 
 def test_train_from_python_writes_what_the_command_line_writes(corpus, tmp_path):

@@ -109,6 +109,9 @@ class TrainConfig:
     keep_checkpoints: int = _setting(2, "how many of the newest checkpoints to keep (0: all)", rule=_at_least(0))
     dtype: str = _setting("float32", "parameter dtype", saved=True, choices=DTYPES,
                           rule=(lambda name: name in DTYPES, "{flag} must be float32 or float64"))
+    tf32: bool = _setting(False, "with --backend cupy, let float32 matrix products round their inputs to TF32 (a "
+                                 "10-bit mantissa) on the tensor cores, accumulating in float32: faster, other "
+                                 "numbers (default: full float32)", saved=True)
     cache_dir: str | None = _setting(None, f"tokenizer and token cache (default: {default_cache_dir()})")
     sample_tokens: int = _setting(80, "tokens to generate at the end (0: none)", rule=_at_least(0))
     sample_prompt: str | None = _setting(None, "prompt of the final sample (default: 'def ' on the built-in "
@@ -118,6 +121,10 @@ class TrainConfig:
     def __post_init__(self):
         for spec in fields(self):
             _check(spec, getattr(self, spec.name))
+        if self.tf32 and (self.backend != "cupy" or self.dtype != "float32"):
+            raise TrainError(f"--tf32 changes float32 matrix products on the GPU; with --backend {self.backend} and "
+                             f"--dtype {self.dtype} it would change nothing: drop it, or train with --backend cupy "
+                             "--dtype float32")
         if self.zero and self.backend != "numpy":
             raise TrainError(f"--zero 1 shards AdamW's moments of CPU processes only (the GPUs' NCCL has no "
                              f"all-gather of uneven shards); with --backend {self.backend} use --zero 0")
@@ -199,6 +206,12 @@ def parser() -> argparse.ArgumentParser:
 def from_command_line(argv=None) -> TrainConfig:
     """Parse `argv` (default: sys.argv[1:]) into a TrainConfig; a bad value raises TrainError."""
     return TrainConfig(**vars(parser().parse_args(argv)))
+
+
+def saved_default(name: str):
+    """What a checkpoint that does not record the saved setting `name` (it was written before the
+    setting existed) ran with: the setting's default."""
+    return next(spec.default for spec in fields(TrainConfig) if spec.name == name)
 
 
 def saved_settings(config: TrainConfig, vocab_size: int) -> dict:

@@ -38,7 +38,7 @@ from .. import checkpoint as ckpt
 from .. import data as corpus
 from .. import files, optim, parallel
 from .. import model as llama
-from ..backend import get_backend
+from ..backend import float32_products, get_backend
 from ..files import default_cache_dir
 from ..sampling import generate
 from ..tokenizer import Tokenizer, recipe_key, train_tokenizer
@@ -155,7 +155,8 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     # while a stopped run tidies up and names its checkpoint is ignored, not a KeyboardInterrupt
     with stopping.stop_requests() as stops:
         try:
-            with _only_writer_of(out) if world.is_writer else contextlib.nullcontext():
+            with _only_writer_of(out) if world.is_writer else contextlib.nullcontext(), \
+                    float32_products(xp, config.tf32):
                 resumed = resume.checkpoint_to_resume(config, model_config, out, xp)
                 return _train_into(config, model_config, out, resumed, stops, log, xp, world)
         except stopping.StopNow as stop:
@@ -264,7 +265,8 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     threads = _worker_threads(config, world)
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
         f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}"
-        + _ranks(config, world, state) + (f"; {threads} worker thread{'s' if threads > 1 else ''}" if threads else ""))
+        + _ranks(config, world, state) + (f"; {threads} worker thread{'s' if threads > 1 else ''}" if threads else "")
+        + ("; float32 products in TF32" if config.tf32 else ""))
 
     with parallel.workers(threads) if threads else contextlib.nullcontext() as run.pool:
         _training_loop(run, state)
