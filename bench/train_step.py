@@ -2,7 +2,8 @@
 user would otherwise pick, PyTorch in each of its usual forms.
 
     python bench/train_step.py [--preset small] [--seq-len 256,1024,2048] [--tokens 2048] [--steps 5]
-    python bench/train_step.py --backend cupy                 # npllama on CuPy against PyTorch CUDA eager
+    python bench/train_step.py --backend cupy                 # preset 134M, T = 1024, on the GPU, float32
+    python bench/train_step.py --backend cupy --tf32          # the same with TF32 allowed on every side
 
 Sides, each in a fresh subprocess of this same command, on the same model shape, weights and batches:
 
@@ -12,22 +13,30 @@ Sides, each in a fresh subprocess of this same command, on the same model shape,
   npllama, 1 thread    the same on one worker thread (NumPy): the scaling line compares the two, and
                        with them this machine's own scaling, one-thread sgemms alone and --threads at once
   torch reference      reference/torch_llama.py (Meta's formulation, autograd, materialised attention)
+  reference + compile  the reference's loss under torch.compile (on cupy's default sides only)
   transformers sdpa    LlamaForCausalLM with attn_implementation="sdpa" (PyTorch's fused attention)
   transformers eager   LlamaForCausalLM with attn_implementation="eager"
   sdpa + compile       the sdpa model under torch.compile (its compilation is the untimed warm-up)
 
 All PyTorch sides use torch.optim.AdamW (weight decay 0.1 on matrices) and clip_grad_norm_, as
-npllama does. For each sequence length T the batch is --tokens / T sequences. Reported per side:
+npllama does. For each sequence length T the batch is --tokens / T sequences. Float32 means float32
+on every side (PyTorch's allow_tf32 off, CuPy's float32 compute type full float32), unless --tf32
+allows TF32 on every side (allow_tf32 on; npllama as `--tf32` trains). Reported per side:
 
   tokens/s     B * T / (median wall time of one step), after --warmup untimed steps
   step memory  peak resident memory during the steps minus the resident memory before the first
                step (weights, optimizer state and batches exist by then)
+  device MiB   on a GPU: the device memory the side holds after its steps (CuPy's pool, PyTorch's
+               peak reserved), which the ratio line compares there
   floor %      the step's arithmetic (6 x parameters x tokens for the matrix products, plus causal
                attention) over the time a single-precision GEMM of this side's BLAS, measured in
                the same process, would need for it: how close the side comes to the machine
   busy cores   CPU seconds of all the side's threads over the wall seconds of the timed steps
                (and, for npllama, each thread's share: what stays serial shows as one busy thread)
   BLAS         the library, its kernel and threads (threadpoolctl for NumPy, torch's build config)
+  MFU %        on a GPU: the step's arithmetic over the time the card's dense peak for the
+               precision (float32, or TF32 with --tf32) would need for it, the peak from the
+               card's name (CARD_PEAK_TFLOPS; "?" for a card not listed there)
 
 The ratio line compares npllama with the fastest PyTorch side at that T. A side that fails (no
 transformers, torch.compile without a working compiler) is reported with why, not counted.
@@ -48,8 +57,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = {"npllama": "npllama", "npllama-1": "npllama, 1 thread", "torch": "torch reference",
-         "hf-sdpa": "transformers sdpa", "hf-eager": "transformers eager", "hf-compile": "sdpa + compile"}
-GPU_SIDES = ("npllama", "torch")
+         "torch-compile": "reference + compile", "hf-sdpa": "transformers sdpa", "hf-eager": "transformers eager",
+         "hf-compile": "sdpa + compile"}
+CPU_SIDES = ("npllama", "npllama-1", "torch", "hf-sdpa", "hf-eager", "hf-compile")
+GPU_SIDES = ("npllama", "torch", "torch-compile", "hf-sdpa", "hf-compile")
+# Dense peak TFLOP/s of float32 and TF32 (NVIDIA's data sheets), by a fragment of the card's name;
+# the first fragment the name contains wins, so the PCIe H100 comes before the SXM one
+CARD_PEAK_TFLOPS = {"H100 PCIe": (51.0, 378.0), "H100 NVL": (60.0, 417.0), "H100": (67.0, 495.0),
+                    "H200": (67.0, 495.0), "A100": (19.5, 156.0)}
 WORKER_TIMEOUT_S = 1200  # torch.compile's first step compiles C++ for minutes on two cores
 
 
@@ -84,11 +99,19 @@ def step_flops(config, batch: int, seq_len: int) -> float:
     return 3 * (matmuls + attention)
 
 
+def card_peak_tflops(card: str, tf32: bool) -> float | None:
+    """The card's dense peak TFLOP/s for float32, or TF32, from its name; None for a card not listed."""
+    for fragment, (float32, tensor_float32) in CARD_PEAK_TFLOPS.items():
+        if fragment in card:
+            return tensor_float32 if tf32 else float32
+    return None
+
+
 # --- the sides ----------------------------------------------------------------------------------
 
 def run_npllama(args) -> dict:
     from npllama import model, optim
-    from npllama.backend import get_backend, synchronize
+    from npllama.backend import float32_products, get_backend, synchronize
 
     xp = get_backend(args.backend)
     config = _config(args.preset, args.seq_len)
@@ -115,9 +138,10 @@ def run_npllama(args) -> dict:
         synchronize(xp)
         return loss
 
-    result = _measure(step, _batches(config, args), args)
-    result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
-    return {**result, **_cupy_blas(xp)}
+    with float32_products(xp, args.tf32):  # as `python -m npllama.train --backend cupy [--tf32]` sets it
+        result = _measure(step, _batches(config, args), args)
+        result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
+        return {**result, **_cupy_blas(xp)}
 
 
 def _torch_model(args, side, config, device):
@@ -127,14 +151,19 @@ def _torch_model(args, side, config, device):
     from npllama import model
 
     weights = model.init_params(config, seed=0)
-    if side == "torch":
+    if side in ("torch", "torch-compile"):
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("torch_llama", ROOT / "reference" / "torch_llama.py")
         torch_llama = importlib.util.module_from_spec(spec)
+        sys.modules["torch_llama"] = torch_llama  # where torch.compile looks the function's module up
         spec.loader.exec_module(torch_llama)
         params = {name: torch.from_numpy(p).to(device).requires_grad_() for name, p in weights.items()}
-        return (lambda tokens: torch_llama.loss(params, config, tokens[:, :-1], tokens[:, 1:])), list(params.values())
+
+        def reference_loss(tokens):
+            return torch_llama.loss(params, config, tokens[:, :-1], tokens[:, 1:])
+
+        return (torch.compile(reference_loss) if side == "torch-compile" else reference_loss), list(params.values())
     import tempfile
 
     import transformers
@@ -160,8 +189,8 @@ def run_torch(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = "cuda" if args.backend == "cupy" else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32, as on npllama's side
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # float32 means float32 unless --tf32, as on npllama's side
+    torch.backends.cudnn.allow_tf32 = args.tf32
     config = _config(args.preset, args.seq_len)
     loss_of, params = _torch_model(args, args.worker, config, device)
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
@@ -309,7 +338,7 @@ def _worker_env() -> dict:
 def _run_side(side, seq_len, args) -> dict:
     command = [sys.executable, __file__, "--preset", args.preset, "--seq-len", str(seq_len), "--tokens",
                str(args.tokens), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
-               str(args.threads), "--backend", args.backend, "--worker", side]
+               str(args.threads), "--backend", args.backend, "--worker", side] + (["--tf32"] if args.tf32 else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=_worker_env(), timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -320,20 +349,26 @@ def _run_side(side, seq_len, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _print_table(seq_len, args, results) -> None:
+def _print_table(seq_len, args, results, card=None) -> None:
     config = _config(args.preset, seq_len)
     batch = max(args.tokens // seq_len, 1)
     flops = step_flops(config, batch, seq_len)
-    print(f"\nT {seq_len} x batch {batch}: {flops / 1e9:.0f} GFLOP a step")
-    print(f"{'':20}{'tokens/s':>9}{'step s':>8}{'step MiB':>10}{'peak RSS MiB':>13}{'floor %':>8}"
-          f"{'busy cores':>11}{'first loss':>11}  BLAS (sgemm GFLOP/s)")
+    peak = card_peak_tflops(card, args.tf32) if card else None
+    on_gpu = args.backend == "cupy"
+    print(f"\nT {seq_len} x batch {batch}: {flops / 1e9:.0f} GFLOP a step"
+          + (f"; {card}, peak {peak if peak else '?'} TFLOP/s {'TF32' if args.tf32 else 'float32'}" if on_gpu else ""))
+    memory = "device MiB" if on_gpu else "peak RSS MiB"
+    print(f"{'':20}{'tokens/s':>9}{'step s':>8}{'step MiB':>10}{memory:>13}{'floor %':>8}"
+          + (f"{'MFU %':>8}" if on_gpu else f"{'busy cores':>11}") + f"{'first loss':>11}  BLAS (sgemm GFLOP/s)")
     for side, r in results.items():
         if "failed" in r:
             print(f"{SIDES[side]:20}  failed: {r['failed']}")
             continue
         floor = 100 * flops / (r["sgemm_gflops"] * 1e9) / r["step_s"]
+        mfu = f"{100 * flops / (peak * 1e12) / r['step_s']:>8.1f}" if peak else f"{'?':>8}"
         print(f"{SIDES[side]:20}{r['tokens_per_s']:>9.0f}{r['step_s']:>8.3f}{r['step_memory_mib']:>10.0f}"
-              f"{r['peak_rss_mib']:>13.0f}{floor:>8.1f}{r['busy_cores']:>11.2f}{r['first_loss']:>11.4f}  {r['blas']} "
+              f"{r.get('device_memory_mib', r['peak_rss_mib']):>13.0f}{floor:>8.1f}"
+              + (mfu if on_gpu else f"{r['busy_cores']:>11.2f}") + f"{r['first_loss']:>11.4f}  {r['blas']} "
               f"({r['sgemm_gflops']:.0f})")
     for side, r in results.items():  # where npllama's serial part is: each thread's share of the wall time
         if side == "npllama" and "thread_busy" in r:
@@ -348,26 +383,36 @@ def _print_table(seq_len, args, results) -> None:
         fastest = max(torch_sides, key=lambda side: torch_sides[side]["tokens_per_s"])
         ours, theirs = results["npllama"], torch_sides[fastest]
         speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
-        memory = ours["step_memory_mib"] / max(theirs["step_memory_mib"], 1e-9)
-        print(f"ratio npllama / fastest PyTorch ({SIDES[fastest]}): speed {speed:.2f}x, step memory {memory:.2f}x")
+        key = "device_memory_mib" if on_gpu else "step_memory_mib"
+        memory = ours[key] / max(theirs[key], 1e-9)
+        print(f"ratio npllama / fastest PyTorch ({SIDES[fastest]}): speed {speed:.2f}x, "
+              f"{'device' if on_gpu else 'step'} memory {memory:.2f}x")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--seq-len", default=None, help="comma-separated (default 256,1024,2048; 256 on cupy)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens a step: batch = tokens / T (default 2048)")
+    parser.add_argument("--preset", default=None, help="model shape (default small; 134M on cupy)")
+    parser.add_argument("--seq-len", default=None, help="comma-separated (default 256,1024,2048; 1024 on cupy)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens a step: batch = tokens / T (default 2048; 16384 on cupy)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch's threads, and npllama's worker threads (each with a one-thread BLAS); "
                              "default: every core")
-    parser.add_argument("--sides", default=None, help=f"comma-separated from {', '.join(SIDES)} (default all; "
-                                                      f"{', '.join(GPU_SIDES)} on cupy)")
+    parser.add_argument("--sides", default=None, help=f"comma-separated from {', '.join(SIDES)} (default "
+                                                      f"{', '.join(CPU_SIDES)}; {', '.join(GPU_SIDES)} on cupy)")
     parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
-                        help="cupy: npllama on CuPy against PyTorch CUDA eager")
+                        help="cupy: npllama on CuPy against PyTorch on CUDA, eager and compiled")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in float32 matrix products on every side "
+                                                            "(cupy only)")
     parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    on_gpu = args.backend == "cupy"
+    args.preset = args.preset or ("134M" if on_gpu else "small")
+    args.tokens = args.tokens or (16384 if on_gpu else 2048)
+    if args.tf32 and not on_gpu:
+        parser.error("--tf32 changes float32 products on the GPU only: add --backend cupy")
     if args.worker:
         args.seq_len = int(args.seq_len)
         sys.path.insert(0, str(ROOT))
@@ -382,13 +427,21 @@ def main(argv=None):
     except BackendError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    seq_lens = [int(t) for t in (args.seq_len or ("256" if args.backend == "cupy" else "256,1024,2048")).split(",")]
-    sides = (args.sides or ",".join(GPU_SIDES if args.backend == "cupy" else SIDES)).split(",")
+    seq_lens = [int(t) for t in (args.seq_len or ("1024" if on_gpu else "256,1024,2048")).split(",")]
+    sides = (args.sides or ",".join(GPU_SIDES if on_gpu else CPU_SIDES)).split(",")
+    card = _card_name() if on_gpu else None
     print(f"preset {args.preset}, {args.tokens} tokens a step, {args.steps} timed steps, {args.threads} threads, "
-          f"{os.cpu_count()} cores, backend {args.backend}")
+          f"{os.cpu_count()} cores, backend {args.backend}" + (f" ({card}), {'TF32' if args.tf32 else 'float32'}"
+                                                               if on_gpu else ""))
     for seq_len in seq_lens:
-        _print_table(seq_len, args, {side: _run_side(side, seq_len, args) for side in sides})
+        _print_table(seq_len, args, {side: _run_side(side, seq_len, args) for side in sides}, card)
     return 0
+
+
+def _card_name() -> str:
+    import cupy
+
+    return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
 
 
 if __name__ == "__main__":

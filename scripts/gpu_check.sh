@@ -3,17 +3,20 @@
 #
 #     scripts/gpu_check.sh            # from anywhere; logs go to $OUT (default: a new temporary folder)
 #
-# It runs, each under its own time limit and all within a deadline of 390 s (a step that would
-# start with less than 15 s left is skipped and reported), so the whole stays within 7 minutes:
+# It runs, in this order (what the open GPU work needs first), each under its own time limit and
+# all within a deadline of $DEADLINE seconds (default 350; a step that would start with less than
+# 15 s left is skipped and reported), so that the whole fits in 6 minutes:
 #   1. the gpu tests (tests/test_gpu.py: kernels against the float64 reference, determinism, the
-#      model and its gradients against NumPy, training, checkpoints across backends, the audit);
-#   2. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
+#      model and its gradients against NumPy, training, TF32, checkpoints across backends, the audit);
+#   2. bench/train_step.py --backend cupy: the 134M preset at T = 1024, npllama against the PyTorch
+#      reference and transformers' sdpa model, eager and under torch.compile, float32 (TF32 off);
+#   3. the same with --tf32, TF32 allowed on every side (eager sides only, for time);
+#   4. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
+#   5. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
 #      the same under `mpirun -n 1` (NCCL averages the one rank's gradients) where mpirun and
 #      mpi4py are installed;
-#   3. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
-#   4. bench/train_step.py --backend cupy (tokens/s against PyTorch CUDA eager);
-#   5. python -m npllama.kernels, the compile report, with this machine's NVRTC;
-#   6. compute-sanitizer racecheck and memcheck on every kernel once, when compute-sanitizer is installed;
+#   6. python -m npllama.kernels, the compile report, with this machine's NVRTC;
+#   7. compute-sanitizer racecheck and memcheck on every kernel once, when compute-sanitizer is installed;
 # then prints one table (step, result, seconds, the line that matters) and the benchmark figures.
 # It needs Python with CuPy, PyTorch, pytest, hypothesis, sentencepiece, safetensors and tqdm, and
 # neither network nor pip: the package runs from this checkout. Exit status: the number of failed steps.
@@ -27,7 +30,7 @@ PYTHON=${PYTHON:-python3}
 rows=()
 failed=0
 
-DEADLINE=${DEADLINE:-390}
+DEADLINE=${DEADLINE:-350}
 
 # run NAME LIMIT_SECONDS SUMMARY_PATTERN COMMAND...: log to $OUT/NAME.log, remember one table row
 run() {
@@ -68,6 +71,10 @@ echo "[gpu_check] device: $(tail -1 "$OUT/device.log")" >&2
 
 run "gpu tests" 150 "passed|failed|error" \
     "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+run "train step bench" 150 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5
+run "train step tf32" 60 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
+    --sides npllama,torch,hf-sdpa
+run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
 run "train 20 steps" 60 "step 20: validation loss|checkpoint:" \
     "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \
     --out "$OUT/run" --cache-dir "$OUT/cache" --sample-tokens 40
@@ -79,8 +86,6 @@ if command -v mpirun >/dev/null && "$PYTHON" -c "import mpi4py" 2>/dev/null; the
         mpirun -n 1 "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \
         --out "$OUT/mpi-run" --cache-dir "$OUT/cache" --sample-tokens 0
 fi
-run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
-run "train step bench" 40 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5
 run "kernel report" 40 "instances" "$PYTHON" -m npllama.kernels
 if command -v compute-sanitizer >/dev/null; then
     for tool in racecheck memcheck; do
@@ -95,7 +100,9 @@ printf '%-18s %-14s %6s  %s\n' step result time "summary (full logs in $OUT)"
 printf '%s\n' "${rows[@]}"
 echo
 echo "--- bench/attention.py ---"
-grep -vE "^\s*$" "$OUT/attention bench.log" | tail -40
-echo "--- bench/train_step.py --backend cupy ---"
-tail -5 "$OUT/train step bench.log"
+[ -f "$OUT/attention bench.log" ] && grep -vE "^\s*$" "$OUT/attention bench.log" | tail -40
+echo "--- bench/train_step.py --backend cupy (float32) ---"
+tail -9 "$OUT/train step bench.log"
+echo "--- bench/train_step.py --backend cupy --tf32 ---"
+[ -f "$OUT/train step tf32.log" ] && tail -7 "$OUT/train step tf32.log"
 exit "$failed"
