@@ -23,7 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from functools import partial
 
-from .backend import array_namespace, compute_dtype
+from .backend import array_namespace, compute_dtype, is_cupy_array
+from .kernels import adamw as cuda_adamw
 
 
 @dataclass(frozen=True)
@@ -156,35 +157,62 @@ def _blocks(p, pool) -> list:
     return [slice(start, min(start + UPDATE_BLOCK, p.size)) for start in range(0, p.size, UPDATE_BLOCK)]
 
 
+@dataclass(frozen=True)
+class AdamWScalars:
+    """The numbers one parameter's update at step t multiplies and adds, as Python floats: the array
+    code of `_update` and the CUDA kernel (npllama/kernels/adamw.cu) each round them to the arrays' dtype,
+    so the two compute the same."""
+
+    beta1: float
+    beta2: float
+    g_scale: float  # m gets (1 - beta1) c g
+    g2_scale: float  # v gets (1 - beta2) (c g)^2
+    decay: float  # 1 - lr wd for a decayed parameter, else 1
+    inv_bias2: float  # 1 / (1 - beta2^t)
+    eps: float
+    step_size: float  # lr / (1 - beta1^t)
+
+
+def update_scalars(config: AdamWConfig, lr: float, clip: float, step: int, decay: bool) -> AdamWScalars:
+    """The scalars of step `step` (counting from 1) with clip factor `clip`, for a parameter that
+    decays (a matrix) or not (a norm gain)."""
+    beta1, beta2 = config.betas
+    return AdamWScalars(beta1=beta1, beta2=beta2, g_scale=(1.0 - beta1) * clip, g2_scale=(1.0 - beta2) * clip * clip,
+                        decay=1.0 - lr * config.weight_decay if decay else 1.0, inv_bias2=1.0 / (1.0 - beta2**step),
+                        eps=config.eps, step_size=lr / (1.0 - beta1**step))
+
+
 def _update(params: dict, grads: dict, state: AdamWState, lr: float, config: AdamWConfig, clip: float,
             name: str, block: slice | None = None) -> None:
     """One parameter's AdamW update (of its flat elements `block`, when given), at step state.step
-    (already counted). The update is elementwise, so a block's numbers are the whole's."""
-    beta1, beta2 = config.betas
-    bias1 = 1.0 - beta1**state.step
-    bias2 = 1.0 - beta2**state.step
+    (already counted). The update is elementwise, so a block's numbers are the whole's. On CuPy it is
+    one kernel (npllama/kernels/adamw.cu), which gives the same numbers in one pass."""
     p, m, v, g = params[name], state.m[name], state.v[name], grads[name]
-    decay = config.weight_decay and decays(p)
+    decay = bool(config.weight_decay and decays(p))
     if block is not None:  # views of the contiguous p, m and v: written in place
         p, m, v, g = (array.reshape(-1)[block] for array in (p, m, v, g))
+    s = update_scalars(config, lr, clip, state.step, decay)
+    if is_cupy_array(p) and cuda_adamw.supports(p, m, v, g):
+        cuda_adamw.update(p, m, v, g, s)
+        return
     xp = array_namespace(p)
     scratch = state.scratch_like(m)
     # m = beta1 m + (1 - beta1) c g
-    m *= beta1
-    xp.multiply(g, (1.0 - beta1) * clip, out=scratch)
+    m *= s.beta1
+    xp.multiply(g, s.g_scale, out=scratch)
     m += scratch
     # v = beta2 v + (1 - beta2) (c g)^2
-    v *= beta2
+    v *= s.beta2
     xp.multiply(g, g, out=scratch)
-    scratch *= (1.0 - beta2) * clip * clip
+    scratch *= s.g2_scale
     v += scratch
     # p = p - lr wd p   (decoupled decay, matrices only)
     if decay:
-        p *= 1.0 - lr * config.weight_decay
+        p *= s.decay
     # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-    xp.multiply(v, 1.0 / bias2, out=scratch)
+    xp.multiply(v, s.inv_bias2, out=scratch)
     xp.sqrt(scratch, out=scratch)
-    scratch += config.eps
+    scratch += s.eps
     xp.divide(m, scratch, out=scratch)
-    scratch *= lr / bias1
+    scratch *= s.step_size
     p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)

@@ -4,8 +4,9 @@
 
 Each attention instance runs forward and backward on T = 70 (a partial last tile) with Tq < Tk
 too, with multi-head, grouped-query (4 query heads on 2 key/value heads) and multi-query (3 on 1)
-shapes, and the embedding backward on repeated ids; the results are compared with NumPy so a run
-that the sanitizer passes is also a correct one. Exit 1 on a mismatch.
+shapes, the embedding backward on repeated ids, and AdamW's update in float32 and float64; the
+results are compared with NumPy so a run that the sanitizer passes is also a correct one. Exit 1
+on a mismatch.
 """
 
 import sys
@@ -15,6 +16,7 @@ import numpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from npllama import optim  # noqa: E402
 from npllama.backend import get_backend  # noqa: E402
 from npllama.kernels import attention as cuda_attention  # noqa: E402
 from npllama.ops import attention, embedding  # noqa: E402
@@ -50,6 +52,16 @@ def main() -> int:
     got = embedding.backward(cupy.asarray(dy), embedding.forward(cupy.asarray(ids), cupy.zeros((20, 32)))[1])
     if got.get().tobytes() != expected.tobytes():
         bad.append("embedding backward differs from numpy.add.at")
+    for dtype in ("float32", "float64"):  # AdamW's kernel: a matrix (decayed) of 300 elements, a gain (not)
+        params = {"w.weight": rng.standard_normal((20, 15)).astype(dtype), "norm.weight": rng.standard_normal(15)
+                  .astype(dtype)}
+        grads = {name: rng.standard_normal(p.shape).astype(dtype) for name, p in params.items()}
+        on_gpu = {name: cupy.asarray(p) for name, p in params.items()}
+        optim.step(params, grads, optim.init_state(params), 1e-2, grad_norm=1.0)
+        optim.step(on_gpu, {name: cupy.asarray(g) for name, g in grads.items()}, optim.init_state(on_gpu), 1e-2,
+                   grad_norm=1.0)
+        if any(on_gpu[name].get().tobytes() != params[name].tobytes() for name in params):
+            bad.append(f"AdamW's kernel ({dtype}) differs from NumPy's update")
     cupy.cuda.Device().synchronize()
     print("\n".join(bad) if bad else "every kernel ran and matched NumPy")
     return 1 if bad else 0

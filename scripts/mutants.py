@@ -57,13 +57,13 @@ OPS = "npllama/ops/"
 
 # two consecutive pieces of AdamW's step, for the mutant that swaps them
 _DECAY = ("    if decay:\n"
-          "        p *= 1.0 - lr * config.weight_decay\n")
+          "        p *= s.decay\n")
 _UPDATE = ("    # p = p - lr (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)\n"
-           "    xp.multiply(v, 1.0 / bias2, out=scratch)\n"
+           "    xp.multiply(v, s.inv_bias2, out=scratch)\n"
            "    xp.sqrt(scratch, out=scratch)\n"
-           "    scratch += config.eps\n"
+           "    scratch += s.eps\n"
            "    xp.divide(m, scratch, out=scratch)\n"
-           "    scratch *= lr / bias1\n"
+           "    scratch *= s.step_size\n"
            "    p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)\n")
 
 CATALOGUE = [
@@ -515,13 +515,13 @@ CATALOGUE = [
            "an error every rank stops on is printed once per rank"),
     # --- the optimizer and its schedule ---------------------------------------------------------
     Mutant("adamw-no-first-moment-bias-correction", "npllama/optim.py",
-           "    scratch *= lr / bias1\n",
-           "    scratch *= lr\n",
+           "step_size=lr / (1.0 - beta1**step))",
+           "step_size=lr)",
            (OPTIM + "test_first_adamw_step_equals_its_closed_form",),
            "m is not divided by 1 - beta1^t"),
     Mutant("adamw-no-second-moment-bias-correction", "npllama/optim.py",
-           "    xp.multiply(v, 1.0 / bias2, out=scratch)\n",
-           "    xp.multiply(v, 1.0, out=scratch)\n",
+           "inv_bias2=1.0 / (1.0 - beta2**step),",
+           "inv_bias2=1.0,",
            (OPTIM + "test_first_adamw_step_equals_its_closed_form",),
            "v is not divided by 1 - beta2^t"),
     Mutant("adamw-decays-norm-gains", "npllama/optim.py",
@@ -540,8 +540,8 @@ CATALOGUE = [
            (OPTIM + "test_first_adamw_step_equals_its_closed_form",),
            "clipping scales small gradients up to the threshold"),
     Mutant("adamw-second-moment-clipped-once", "npllama/optim.py",
-           "    scratch *= (1.0 - beta2) * clip * clip\n",
-           "    scratch *= (1.0 - beta2) * clip\n",
+           "g2_scale=(1.0 - beta2) * clip * clip,",
+           "g2_scale=(1.0 - beta2) * clip,",
            (OPTIM + "test_adamw_after_t_steps_equals_its_closed_form_with_each_steps_clip",),
            "v accumulates c g^2 instead of (c g)^2"),
     Mutant("schedule-warmup-starts-at-zero", "npllama/optim.py",
@@ -1493,12 +1493,12 @@ CATALOGUE = [
            (FOREIGN + "test_a_config_field_of_the_wrong_kind_or_size_is_named_before_anything_is_allocated",),
            "a JSON true is read as the RoPE scaling factor 1.0"),
     Mutant("adamw-block-decides-decay-by-its-own-shape", "npllama/optim.py",
-           "    decay = config.weight_decay and decays(p)\n"
+           "    decay = bool(config.weight_decay and decays(p))\n"
            "    if block is not None:  # views of the contiguous p, m and v: written in place\n"
            "        p, m, v, g = (array.reshape(-1)[block] for array in (p, m, v, g))\n",
            "    if block is not None:  # views of the contiguous p, m and v: written in place\n"
            "        p, m, v, g = (array.reshape(-1)[block] for array in (p, m, v, g))\n"
-           "    decay = config.weight_decay and decays(p)\n",
+           "    decay = bool(config.weight_decay and decays(p))\n",
            ("tests/test_parallel.py::test_adamw_and_the_gradient_norm_on_threads_are_the_bits_of_one_thread_updating_"
             "in_place",),
            "on threads, a matrix updated by blocks of its flat elements is taken for a 1-D gain and never decays"),
@@ -1776,4 +1776,48 @@ CATALOGUE = [
            "default\n", "",
            (TRAIN_CONFIG + "test_a_checkpoint_written_before_a_setting_existed_resumes_as_if_it_had_its_default",),
            "every checkpoint written before --tf32 existed is refused: 'settings differ (tf32 None -> False)'"),
+    # --- AdamW in one kernel ----------------------------------------------------------------------
+    Mutant("kernel-adamw-eps-inside-the-root", "npllama/kernels/adamw.cu",
+           "add(square_root(multiply(second, inv_bias2)), eps)", "square_root(add(multiply(second, inv_bias2), eps))",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "the kernel adds eps under the square root, where the array code adds it after"),
+    Mutant("kernel-adamw-steps-with-the-old-moment", "npllama/kernels/adamw.cu",
+           "multiply(divide(first, denominator), step_size)", "multiply(divide(m[i], denominator), step_size)",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "the step divides the first moment of the step before, not this step's"),
+    Mutant("kernel-adamw-last-element-skipped", "npllama/kernels/adamw.cu",
+           "  if (i >= n) return;\n", "  if (i >= n - 1) return;\n",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "every parameter's last element never trains"),
+    Mutant("kernel-adamw-second-moment-of-the-gradient-not-its-square", "npllama/kernels/adamw.cu",
+           "multiply(multiply(gradient, gradient), g2_scale)", "multiply(gradient, g2_scale)",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "v accumulates c g, not (c g)^2: the denominator goes negative and the step NaN"),
+    Mutant("kernel-adamw-index-within-the-block", "npllama/kernels/adamw.cu",
+           "  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n",
+           "  const long long i = threadIdx.x;\n",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "every block updates the parameter's first 256 elements again, and the rest never"),
+    Mutant("adamw-launch-floors-the-grid", "npllama/kernels/adamw.py",
+           "(max(1, math.ceil(p.size / THREADS)), 1, 1)", "(max(1, p.size // THREADS), 1, 1)",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "no block for a parameter's last partial 256 elements"),
+    Mutant("adamw-launch-scalars-out-of-order", "npllama/kernels/adamw.py",
+           'SCALARS = ("beta1", "beta2", "g_scale", "g2_scale",', 'SCALARS = ("beta1", "beta2", "g2_scale", "g_scale",',
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "the kernel receives (1 - beta2) c^2 where it multiplies the first moment's gradient"),
+    Mutant("adamw-launch-size-of-the-first-axis", "npllama/kernels/adamw.py",
+           "(p, m, v, g, numpy.int64(p.size),", "(p, m, v, g, numpy.int64(p.shape[0]),",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_gives_the_bits_of_the_array_code",),
+           "a matrix's update stops after as many elements as it has rows"),
+    Mutant("adamw-kernel-takes-any-layout", "npllama/kernels/adamw.py",
+           " and all(a.flags.c_contiguous for a in (p, m, v)))", ")",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_takes_contiguous_moments_and_parameters_of_one_dtype_it_was_"
+            "built_for",),
+           "a Fortran-ordered parameter goes to the kernel, which reads its buffer in the wrong order"),
+    Mutant("adamw-kernel-takes-float16", "npllama/kernels/adamw.py",
+           "    return (p.dtype.name in CXX_TYPES and ", "    return (",
+           (KERNELS_ON_CPU + "test_the_adamw_kernel_takes_contiguous_moments_and_parameters_of_one_dtype_it_was_"
+            "built_for",),
+           "a float16 parameter goes to a kernel that has no float16 instance (KeyError in the launch)"),
 ]

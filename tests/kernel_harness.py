@@ -38,8 +38,9 @@ DRIVER = HARNESS / "harness.cpp"
 EMULATION = HARNESS / "cuda_on_cpu.h"
 
 COMPILER = os.environ.get("CXX", "g++")
-COMMON_FLAGS = ["-O1", "-g", "-std=c++20", "-pthread", "-DNPLLAMA_CPU_EMULATION", "-Wno-unknown-pragmas",
-                "-fno-omit-frame-pointer"]
+# -ffp-contract=off: no multiply and add fused into one rounding (on any CPU), as the *_rn intrinsics promise
+COMMON_FLAGS = ["-O1", "-g", "-std=c++20", "-ffp-contract=off", "-pthread", "-DNPLLAMA_CPU_EMULATION",
+                "-Wno-unknown-pragmas", "-fno-omit-frame-pointer"]
 SANITIZER_FLAGS = {
     "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
     "thread": ["-fsanitize=thread"],

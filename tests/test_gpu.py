@@ -251,6 +251,36 @@ def test_fifty_training_steps_on_cupy_track_the_numpy_run(corpus, tmp_path):
     assert on_gpu.val_loss == pytest.approx(on_cpu.val_loss, rel=1e-3)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adamw_on_the_gpu_is_one_kernel_a_parameter_and_gives_numpys_bits(cupy, monkeypatch, dtype):
+    """Three AdamW steps of a model's parameters (decayed matrices, undecayed gains, clipped) on
+    CuPy, each parameter one launch of adamw.cu, give the bits of NumPy's array code (values in the
+    normal range, where CuPy's flush-to-zero changes nothing)."""
+    from npllama import optim
+    from npllama.kernels import adamw as cuda_adamw
+
+    launches = []
+    real_update = cuda_adamw.update
+    monkeypatch.setattr(cuda_adamw, "update", lambda *args: (launches.append(args[0].shape), real_update(*args)))
+    config = llama.PRESETS["nano"]
+    params = llama.init_params(config, seed=0, dtype=dtype)
+    rng = numpy.random.default_rng(1)
+    grads = [{name: (10 * rng.standard_normal(p.shape)).astype(dtype) for name, p in params.items()} for _ in range(3)]
+    on_cpu, on_gpu = dict(params), {name: cupy.asarray(p) for name, p in params.items()}
+    cpu_state, gpu_state = optim.init_state(on_cpu), optim.init_state(on_gpu)
+    on_cpu = {name: p.copy() for name, p in on_cpu.items()}
+    for step_grads in grads:
+        norm = optim.global_norm(step_grads)  # one clip factor for both (cuBLAS and BLAS sum squares apart)
+        optim.step(on_cpu, step_grads, cpu_state, 1e-2, grad_norm=norm)
+        optim.step(on_gpu, {name: cupy.asarray(g) for name, g in step_grads.items()}, gpu_state, 1e-2,
+                   grad_norm=norm)
+    assert len(launches) == 3 * len(params)
+    for name in params:
+        for cpu, gpu in ((on_cpu[name], on_gpu[name]), (cpu_state.m[name], gpu_state.m[name]),
+                         (cpu_state.v[name], gpu_state.v[name])):
+            assert cpu.tobytes() == gpu.get().tobytes(), name
+
+
 def test_tf32_rounds_float32_products_to_a_10_bit_mantissa_only_when_asked(cupy):
     """Inputs with every mantissa bit set: a float32 product is off the float64 one by float32's
     rounding (about 1e-6 relative over 256 terms), a TF32 product by about 2^-11 per input."""

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 import kernel_harness
 from kernel_harness import HarnessFailure, build, run
+from npllama import optim
+from npllama.kernels import adamw as cuda_adamw
 from npllama.kernels import attention as cuda_attention
 from npllama.kernels import embedding as cuda_embedding
 from npllama.ops import attention
@@ -46,10 +48,11 @@ def harness(tmp_path_factory):
     assert source.count(BARRIER) == 1, "the barrier the race test removes is no longer in attention.cu"
     racy = folder / "attention_without_a_barrier.cu"
     racy.write_text(source.replace(BARRIER, ""))
-    sources = [KERNELS / "attention.cu", KERNELS / "embedding.cu"]
+    sources = [KERNELS / "attention.cu", KERNELS / "embedding.cu", KERNELS / "adamw.cu"]
+    others = cuda_embedding.kernel_names() + cuda_adamw.kernel_names()
     with ThreadPoolExecutor(max_workers=3) as pool:
-        builds = {"address": pool.submit(build, sources, NAMES + cuda_embedding.kernel_names(), "address", folder),
-                  "thread": pool.submit(build, sources, NAMES, "thread", folder),
+        builds = {"address": pool.submit(build, sources, NAMES + others, "address", folder),
+                  "thread": pool.submit(build, sources, NAMES + cuda_adamw.kernel_names(), "thread", folder),
                   "racy": pool.submit(build, [racy], cuda_attention.kernel_names("float32", 16), "thread", folder)}
         return {name: future.result() for name, future in builds.items()}
 
@@ -230,6 +233,45 @@ def test_positions_are_sorted_by_id_then_position_for_any_ids_of_any_integer_typ
     numpy.testing.assert_array_equal(sorted_ids, flat[expected_order])
 
 
+@given(sanitizer=st.sampled_from(["address", "thread"]), dtype=st.sampled_from(["float32", "float64"]),
+       rows=st.integers(1, 12), cols=st.integers(1, 70), matrix=st.booleans(), step=st.integers(1, 5),
+       clip=st.sampled_from([1.0, 0.25]), lr=st.floats(1e-5, 1e-1), seed=st.integers(0, 2**32 - 1))
+@example(sanitizer="address", dtype="float32", rows=4, cols=64, matrix=True, step=1, clip=1.0, lr=1e-3, seed=0)
+@example(sanitizer="thread", dtype="float32", rows=257, cols=1, matrix=False, step=3, clip=0.25, lr=1e-2, seed=1)
+def test_the_adamw_kernel_gives_the_bits_of_the_array_code(harness, sanitizer, dtype, rows, cols, matrix, step,
+                                                          clip, lr, seed):
+    """One pass of adamw.cu over p, m, v and g leaves exactly the bits optim's array code leaves
+    (each operation rounded once, in its order), for a decayed matrix or an undecayed gain, whatever
+    its size against the 256-thread blocks, under AddressSanitizer + UBSan and ThreadSanitizer."""
+    rng = numpy.random.default_rng(seed)
+    shape = (rows, cols) if matrix else (rows * cols,)
+    p, g = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    m = (1e-2 * rng.standard_normal(shape)).astype(dtype)
+    v = (1e-4 * rng.random(shape) + 1e-6).astype(dtype)  # normal numbers: CuPy's -ftz changes nothing
+    config = optim.AdamWConfig()
+    state = optim.AdamWState(m={"w": m.copy()}, v={"w": v.copy()}, step=step)
+    expected = {"w": p.copy()}
+    optim._update(expected, {"w": g}, state, lr, config, clip, "w")
+    scalars = optim.update_scalars(config, lr, clip, step, decay=matrix)
+    launch = cuda_adamw.update_launch(p, m, v, g, scalars)  # in the parameter's own shape, as optim passes it
+    got_p, got_m, got_v = run(harness[sanitizer], launch)[:3]
+    assert got_p.tobytes() == expected["w"].tobytes() and not numpy.array_equal(got_p, p)
+    assert got_m.tobytes() == state.m["w"].tobytes() and got_v.tobytes() == state.v["w"].tobytes()
+
+
+def test_the_adamw_kernel_takes_contiguous_moments_and_parameters_of_one_dtype_it_was_built_for():
+    """Anything else (a Fortran-ordered or strided parameter, float16, moments of another dtype than
+    the parameter's) takes the array code; a gradient in any layout is made contiguous."""
+    shape = (6, 4)
+    p, m, v, g = (numpy.zeros(shape, "float32") for _ in range(4))
+    assert cuda_adamw.supports(p, m, v, g) and cuda_adamw.supports(p, m, v, numpy.asfortranarray(g))
+    assert not cuda_adamw.supports(numpy.asfortranarray(p), m, v, g)
+    assert not cuda_adamw.supports(p, m, numpy.zeros((6, 8), "float32")[:, ::2], g)
+    assert not cuda_adamw.supports(*(a.astype("float16") for a in (p, m, v, g)))
+    assert not cuda_adamw.supports(p, m.astype("float64"), v.astype("float64"), g)
+    assert not cuda_adamw.supports(p, m, v, numpy.zeros((4, 6), "float32"))
+
+
 def launches(q_shape, kv_shape, dtype="float32", v_shape=None, kv_dtype=None):
     """The forward launch and the three backward launches for arrays of these shapes (zeros)."""
     q = numpy.zeros(q_shape, dtype)
@@ -280,7 +322,7 @@ def test_every_instance_fits_the_shared_memory_of_an_a100():
 def test_every_instance_compiles_for_sm80_and_sm90_without_spills():
     result = subprocess.run([sys.executable, "-m", "npllama.kernels"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    n_instances = 2 * (len(cuda_attention.instances()) + len(cuda_embedding.instances()))
+    n_instances = 2 * (len(cuda_attention.instances()) + len(cuda_embedding.instances()) + len(cuda_adamw.instances()))
     assert f"{n_instances} instances, 0 with a problem, 0 compile errors" in result.stdout
 
 

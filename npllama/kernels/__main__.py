@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 from ..cli import fail
 from . import COMPILE_OPTIONS, CUPY_ADDED_OPTIONS
+from . import adamw as adamw_kernels
 from . import attention as attention_kernels
 from . import embedding as embedding_kernels
 
 ARCHITECTURES = ("sm_80", "sm_90")
 MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # per block, opted in
-SOURCES = {"attention.cu": attention_kernels, "embedding.cu": embedding_kernels}
+SOURCES = {"attention.cu": attention_kernels, "embedding.cu": embedding_kernels, "adamw.cu": adamw_kernels}
 
 
 class CompileError(Exception):

@@ -9,7 +9,9 @@
 //   - __syncthreads() and __shfl_xor_sync(mask, value, lane_mask) for float, double and int;
 //   - dynamic shared memory, declared in a kernel body as NPLLAMA_DYNAMIC_SHARED(name);
 //   - expf, exp, logf, log, fmaxf, fminf, sqrtf, INFINITY, with the float overloads for floats;
-//   - __int_as_float and __longlong_as_double.
+//   - __int_as_float and __longlong_as_double;
+//   - the round-to-nearest arithmetic intrinsics __f{mul,add,sub,div,sqrt}_rn and __d{...}_rn (one
+//     IEEE operation each, never fused: on the CPU every float and double operation is that).
 //
 // Execution model: the blocks of a grid run one after another (blockIdx.x fastest, then y, then
 // z); the threads of a block run concurrently, one std::thread each, so a missing __syncthreads is
@@ -71,6 +73,19 @@ static_assert(std::is_same_v<decltype(exp(1.0f)), float> && std::is_same_v<declt
 // compiles without the host headers that define INFINITY).
 inline float __int_as_float(int bits) { return std::bit_cast<float>(bits); }
 inline double __longlong_as_double(long long bits) { return std::bit_cast<double>(bits); }
+
+// One IEEE operation, rounded to nearest, as the *_rn intrinsics promise: the harness compiles with
+// -ffp-contract=off, so no multiply is fused with an add and the plain operators are exactly these.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 
 // ---------------------------------------------------------------------------------------------
 // The built-in index variables. CUDA's are uint3 / dim3; one struct of three unsigned ints does
