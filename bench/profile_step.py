@@ -2,6 +2,7 @@
 by thread.
 
     python bench/profile_step.py [--preset small] [--seq-len 256] [--tokens 2048] [--steps 3] [--threads N]
+    python bench/profile_step.py --backend cupy [--preset 134M] [--seq-len 1024] [--tokens 16384]
 
 The step runs as `python -m npllama.train` runs it on NumPy: --threads worker threads (default:
 the cores available to the process), a one-thread BLAS in each (npllama.parallel), AdamW and
@@ -19,6 +20,11 @@ last line tells the two apart with each thread's CPU seconds (from /proc) over t
 What stays serial shows as one busy thread.
 Times are the mean over --steps steps after one untimed step, on the same shape and batches as
 bench/train_step.py.
+
+With --backend cupy (one thread, as training runs on a GPU) each call is bracketed by two CUDA
+events on the current stream, and the table adds the device time between them: an op's kernels,
+and any time the GPU waited for Python to launch them, which the host seconds of the same calls
+(their last column) show. The share is of the step's wall time.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from train_step import thread_cpu_seconds  # noqa: E402  (bench/, beside this file)
 
 from npllama import model, optim, parallel  # noqa: E402
+from npllama.backend import BackendError, get_backend  # noqa: E402
 from npllama.ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu  # noqa: E402
 
 OPS = {"embedding": embedding, "rmsnorm": rmsnorm, "linear": linear, "rope": rope, "attention": attention,
@@ -62,9 +69,11 @@ class Timers:
     head groups, each counted on the thread that ran it).
     """
 
-    def __init__(self, vocab_size: int, threads: int):
-        self.vocab_size, self.threads = vocab_size, threads
+    def __init__(self, vocab_size: int, threads: int, cupy=None):
+        self.vocab_size, self.threads, self.cupy = vocab_size, threads, cupy
         self.seconds: dict = defaultdict(float)
+        self.host_seconds: dict = defaultdict(float)  # with CUDA events: the calls' time on the host
+        self.events: list = []  # (label, phase, start, end) CUDA events not yet added up
         self.lock = threading.Lock()
         self.local = threading.local()
         self.delegated: str | None = None  # the phase of the call whose work the workers now run
@@ -94,6 +103,8 @@ class Timers:
                 finally:
                     self.delegated = None
             called = self.delegated or called
+            if self.cupy is not None:
+                return self._on_device(label, called, original, args, kwargs)
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
@@ -105,6 +116,25 @@ class Timers:
                     self.seconds[label, called] += elapsed
 
         setattr(module, function, timed)
+
+    def _on_device(self, label, phase, original, args, kwargs):
+        """Run the call between two CUDA events (added up by `collect`), timing the host too."""
+        start, end = self.cupy.cuda.Event(), self.cupy.cuda.Event()
+        start.record()
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.host_seconds[label] += time.perf_counter() - started
+            end.record()
+            self.events.append((label, phase, start, end))
+
+    def collect(self):
+        """Add the device time of every bracketed call so far (after the device has finished them)."""
+        self.cupy.cuda.get_current_stream().synchronize()
+        for label, phase, start, end in self.events:
+            self.seconds[label, phase] += self.cupy.cuda.get_elapsed_time(start, end) / 1000
+        self.events.clear()
 
     def mark_slices(self):
         original = model.loss_and_grads_on_device
@@ -118,22 +148,36 @@ class Timers:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens a step: batch = tokens / T")
+    parser.add_argument("--preset", default=None, help="model shape (default small; 134M on cupy)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256; 1024 on cupy)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens a step: batch = tokens / T (default 2048; 16384 on cupy)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=parallel.available_cores(),
                         help="worker threads, each with a one-thread BLAS (default: the cores available); "
-                             "0: the batch whole, with the BLAS's own threads")
+                             "0: the batch whole, with the BLAS's own threads (always, on cupy)")
+    parser.add_argument("--backend", choices=["numpy", "cupy"], default="numpy",
+                        help="cupy: the step on the GPU, each op timed with CUDA events")
     args = parser.parse_args(argv)
+    on_gpu = args.backend == "cupy"
+    args.preset = args.preset or ("134M" if on_gpu else "small")
+    args.seq_len = args.seq_len or (1024 if on_gpu else 256)
+    args.tokens = args.tokens or (16384 if on_gpu else 2048)
+    if on_gpu:
+        args.threads = 0
+    try:
+        xp = get_backend(args.backend)
+    except BackendError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     config = model.get_preset(args.preset)
     config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, args.seq_len))
-    params = model.init_params(config, seed=0)
+    params = model.init_params(config, seed=0, xp=xp)
     state = optim.init_state(params)
     rng = numpy.random.default_rng(0)
     batch = max(args.tokens // args.seq_len, 1)
     batches = [rng.integers(0, config.vocab_size, (batch, args.seq_len + 1)) for _ in range(args.steps + 1)]
-    timers = Timers(config.vocab_size, max(args.threads, 1))
+    timers = Timers(config.vocab_size, max(args.threads, 1), cupy=xp if on_gpu else None)
     for name, module in OPS.items():
         timers.wrap(module, name, "forward")
         timers.wrap(module, name, "backward")
@@ -145,6 +189,7 @@ def main(argv=None) -> int:
         for index, tokens in enumerate(batches):
             if index == 1:  # the first step warms up; count from the second
                 timers.seconds.clear()
+                timers.host_seconds.clear()
                 total = 0.0
                 cpu_before = thread_cpu_seconds()
             started = time.perf_counter()
@@ -153,6 +198,8 @@ def main(argv=None) -> int:
             else:
                 _, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
             optim.step(params, grads, state, 1e-4, pool=pool)
+            if on_gpu:
+                timers.collect()  # waits for the device: the step's wall time includes its kernels
             total += time.perf_counter() - started
         cpu = {int(key.rsplit("/", 1)[1]): seconds - cpu_before.get(key, 0.0)  # before the workers end
                for key, seconds in thread_cpu_seconds().items()}
@@ -164,12 +211,16 @@ def _print(timers: Timers, cpu: dict, total: float, args, batch: int) -> None:
     steps, seconds = args.steps, timers.seconds
     threads = max(args.threads, 1)
     capacity = threads * total / steps  # thread-seconds a step
-    how = (f"{args.threads} worker threads, a one-thread BLAS in each" if args.threads
+    on_gpu = timers.cupy is not None
+    how = ("on the GPU, each op between two CUDA events" if on_gpu else
+           f"{args.threads} worker threads, a one-thread BLAS in each" if args.threads
            else "one thread, the BLAS's own threads")
     print(f"preset {args.preset}, T {args.seq_len} x batch {batch}, {how}, mean of {steps} steps: "
           f"{total / steps:.3f} s a step")
-    print(f"seconds in each op on the threads that ran it, added; share of {threads} thread(s) x the step")
-    print(f"{'':20}{'forward':>9}{'backward':>10}{'recompute':>11}{'total':>8}{'share':>8}")
+    print("device seconds between each op's events; share of the step; the same calls' host seconds" if on_gpu
+          else f"seconds in each op on the threads that ran it, added; share of {threads} thread(s) x the step")
+    print(f"{'':20}{'forward':>9}{'backward':>10}{'recompute':>11}{'total':>8}{'share':>8}"
+          + (f"{'host':>9}" if on_gpu else ""))
     names = list(OPS) + [HEAD_LINEAR, OPTIMIZER]
     accounted = 0.0
     for name in sorted(names, key=lambda n: -sum(seconds[n, p] for p in PHASES + ("step",))):
@@ -177,7 +228,8 @@ def _print(timers: Timers, cpu: dict, total: float, args, batch: int) -> None:
         row_total = sum(row) + seconds[name, "step"] / steps
         accounted += row_total
         cells = "".join(f"{value:>{width}.3f}" if value else f"{'':>{width}}" for value, width in zip(row, (9, 10, 11)))
-        print(f"{name:20}{cells}{row_total:>8.3f}{100 * row_total / capacity:>7.0f}%")
+        host = f"{timers.host_seconds[name] / steps:>9.3f}" if on_gpu else ""
+        print(f"{name:20}{cells}{row_total:>8.3f}{100 * row_total / capacity:>7.0f}%{host}")
     rest = capacity - accounted
     print(f"{'not in an op':20}{'':>30}{rest:>8.3f}{100 * rest / capacity:>7.0f}%   "
           "(the model's own work, and threads waiting)")

@@ -11,7 +11,8 @@
 #   2. bench/train_step.py --backend cupy: the 134M preset at T = 1024, npllama against the PyTorch
 #      reference and transformers' sdpa model, eager and under torch.compile, float32 (TF32 off);
 #   3. the same with --tf32, TF32 allowed on every side (eager sides only, for time);
-#   4. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
+#   4. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention), and
+#      bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
 #   5. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
 #      the same under `mpirun -n 1` (NCCL averages the one rank's gradients) where mpirun and
 #      mpi4py are installed;
@@ -75,6 +76,7 @@ run "train step bench" 150 "ratio" "$PYTHON" bench/train_step.py --backend cupy 
 run "train step tf32" 60 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
     --sides npllama,torch,hf-sdpa
 run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
+run "profile step" 45 "a step" "$PYTHON" bench/profile_step.py --backend cupy --steps 2
 run "train 20 steps" 60 "step 20: validation loss|checkpoint:" \
     "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \
     --out "$OUT/run" --cache-dir "$OUT/cache" --sample-tokens 40
@@ -101,6 +103,8 @@ printf '%s\n' "${rows[@]}"
 echo
 echo "--- bench/attention.py ---"
 [ -f "$OUT/attention bench.log" ] && grep -vE "^\s*$" "$OUT/attention bench.log" | tail -40
+echo "--- bench/profile_step.py --backend cupy ---"
+[ -f "$OUT/profile step.log" ] && tail -14 "$OUT/profile step.log"
 echo "--- bench/train_step.py --backend cupy (float32) ---"
 tail -9 "$OUT/train step bench.log"
 echo "--- bench/train_step.py --backend cupy --tf32 ---"
