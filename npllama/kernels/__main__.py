@@ -2,7 +2,9 @@
 
 NVRTC (through CuPy's `cupy_backends.cuda.libs.nvrtc`, which needs no driver) compiles each source
 to a cubin with the options CuPy uses, and ptxas reports each instance's registers, stack and
-spills. The table lists them with the dynamic shared memory each launch asks for. Exit 1 on a
+spills. The table lists them with the dynamic shared memory each launch asks for, and how many
+of its blocks fit on one multiprocessor at once (registers, shared memory with the 1 KiB the
+hardware reserves per block, threads: the CUDA occupancy calculator's arithmetic). Exit 1 on a
 compile error, a spill, or a block asking for more shared memory than the architecture allows;
 exit 2 when NVRTC cannot be loaded.
 """
@@ -21,6 +23,9 @@ from . import embedding as embedding_kernels
 
 ARCHITECTURES = ("sm_80", "sm_90")
 MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # per block, opted in
+SM_SHARED_BYTES = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}  # per multiprocessor, at the largest carveout
+SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32  # per multiprocessor, on both
+RESERVED_SHARED_BYTES = 1024  # the shared memory the hardware keeps for each resident block
 SOURCES = {"attention.cu": attention_kernels, "embedding.cu": embedding_kernels, "adamw.cu": adamw_kernels}
 
 
@@ -39,6 +44,17 @@ class Resources:
     spill_bytes: int  # stores + loads
     static_shared_bytes: int
     dynamic_shared_bytes: int
+    threads: int = 128  # per block, as its launch asks
+
+    @property
+    def blocks_per_sm(self) -> int:
+        """Blocks resident on one multiprocessor at once: registers go to warps in units of 256."""
+        warps = -(-self.threads // 32)
+        registers_per_warp = -(-self.registers * 32 // 256) * 256
+        by_registers = SM_REGISTERS // max(registers_per_warp, 1) // warps
+        by_shared = SM_SHARED_BYTES[self.arch] // (self.static_shared_bytes + self.dynamic_shared_bytes
+                                                   + RESERVED_SHARED_BYTES)
+        return min(by_registers, by_shared, SM_THREADS // self.threads, SM_BLOCKS)
 
     @property
     def problem(self) -> str | None:
@@ -78,8 +94,8 @@ def compile_instances(nvrtc, source: str, filename: str, names: list[str], arch:
         nvrtc.destroyProgram(program)
 
 
-def parse_ptxas(log: str, names: dict, shared: dict, arch: str) -> list[Resources]:
-    """One Resources per entry function in ptxas's verbose log."""
+def parse_ptxas(log: str, names: dict, shared: dict, arch: str, threads: int = 128) -> list[Resources]:
+    """One Resources per entry function in ptxas's verbose log (blocks of `threads` threads)."""
     found, kernel, stack, spills = [], None, 0, 0
     for line in log.splitlines():
         if match := re.search(r"Compiling entry function '([^']+)'", line):
@@ -90,7 +106,7 @@ def parse_ptxas(log: str, names: dict, shared: dict, arch: str) -> list[Resource
             static = re.search(r"(\d+) bytes smem", line)
             assert kernel is not None, line  # ptxas names each entry function before its registers
             found.append(Resources(kernel, arch, int(match.group(1)), stack, spills,
-                                   int(static.group(1)) if static else 0, shared.get(kernel, 0)))
+                                   int(static.group(1)) if static else 0, shared.get(kernel, 0), threads))
     return found
 
 
@@ -105,7 +121,7 @@ def report(nvrtc) -> tuple[list[Resources], list[str]]:
             except CompileError as error:
                 errors.append(f"{filename} for {arch}:\n{error}")
                 continue
-            compiled = parse_ptxas(log, names, instances, arch)
+            compiled = parse_ptxas(log, names, instances, arch, module.THREADS)
             missing = set(instances) - {row.kernel for row in compiled}
             errors += [f"{filename} for {arch}: ptxas reported nothing for {name}" for name in sorted(missing)]
             rows += compiled
@@ -120,11 +136,11 @@ def main(argv=None) -> int:
     major, minor = nvrtc.getVersion()
     print(f"NVRTC {major}.{minor}; options {' '.join((*COMPILE_OPTIONS, *CUPY_ADDED_OPTIONS))}")
     rows, errors = report(nvrtc)
-    print(f"{'kernel':62} {'arch':6} {'regs':>4} {'stack':>5} {'spill':>5} {'smem':>7}  problem")
+    print(f"{'kernel':62} {'arch':6} {'regs':>4} {'stack':>5} {'spill':>5} {'smem':>7} {'blk/SM':>6}  problem")
     for row in rows:
         shared = row.static_shared_bytes + row.dynamic_shared_bytes
         print(f"{row.kernel:62} {row.arch:6} {row.registers:4d} {row.stack_bytes:5d} {row.spill_bytes:5d} "
-              f"{shared:7d}  {row.problem or ''}")
+              f"{shared:7d} {row.blocks_per_sm:6d}  {row.problem or ''}")
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     problems = [row for row in rows if row.problem]

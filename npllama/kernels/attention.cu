@@ -19,6 +19,8 @@
 // by npllama/kernels/attention.py, the one place that knows grid, block, shared memory and tiles):
 //   attention_forward         a block per tile of BQ queries of one query head; it walks the key
 //                             tiles up to the diagonal with an online softmax and writes O and L only.
+//                             A key tile's K and then its V take turns in one shared buffer, so that
+//                             two blocks fit on an H100's multiprocessor at D = 128 in float32.
 //   attention_backward_dvec   Dvec = rowsum(dO * O), one row group of threads per query row.
 //   attention_backward_dkdv   a block per tile of BK keys of one key/value head; it walks the query
 //                             tiles that see them, for each of the G query heads of its group in
@@ -109,9 +111,8 @@ attention_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __r
   static_assert(BQ % kGroups == 0 && BK % kLanes == 0 && D % kLanes == 0, "tiles must split evenly");
   NPLLAMA_DYNAMIC_SHARED(shared);
   T* q_tile = reinterpret_cast<T*>(shared);  // BQ x STRIDE, already times the scale
-  T* k_tile = q_tile + BQ * STRIDE;          // BK x STRIDE
-  T* v_tile = k_tile + BK * STRIDE;          // BK x STRIDE
-  T* p_tile = v_tile + BK * STRIDE;          // BQ x (BK + 1): this key tile's exp(S - running max)
+  T* kv_tile = q_tile + BQ * STRIDE;         // BK x STRIDE: the key tile's K, then its V
+  T* p_tile = kv_tile + BK * STRIDE;         // BQ x (BK + 1): this key tile's exp(S - running max)
 
   const int lane = threadIdx.x % kLanes, group = threadIdx.x / kLanes;
   const long long head = blockIdx.y, kv_head = static_cast<int>(blockIdx.y) / group_size;  // = b Hkv + h / G
@@ -134,9 +135,8 @@ attention_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __r
   }
   const int last_key = smaller(offset + q0 + BQ - 1, n_keys - 1);  // the last key the tile's queries see
   for (int k0 = 0; k0 <= last_key; k0 += BK) {
-    __syncthreads();  // every thread is done with the previous K, V and P tiles (and Q is loaded)
-    load_rows<T, D>(k_tile, k, k0, BK, n_keys, T(1));
-    load_rows<T, D>(v_tile, v, k0, BK, n_keys, T(1));
+    __syncthreads();  // every thread is done with the previous V and P tiles (and Q is loaded)
+    load_rows<T, D>(kv_tile, k, k0, BK, n_keys, T(1));
     __syncthreads();
 
     // S = (s Q) K^T for this thread's rows (group * ROWS + i) and keys (lane + kLanes * j)
@@ -150,7 +150,7 @@ attention_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __r
 #pragma unroll
       for (int i = 0; i < ROWS; ++i) q_col[i] = q_tile[(group * ROWS + i) * STRIDE + d];
 #pragma unroll
-      for (int j = 0; j < KEYS; ++j) k_col[j] = k_tile[(lane + kLanes * j) * STRIDE + d];
+      for (int j = 0; j < KEYS; ++j) k_col[j] = kv_tile[(lane + kLanes * j) * STRIDE + d];
 #pragma unroll
       for (int i = 0; i < ROWS; ++i)
 #pragma unroll
@@ -184,6 +184,9 @@ attention_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __r
       row_max[i] = new_max;
     }
     __syncthreads();  // the whole P tile is written
+    // (and every thread is done with K: its buffer takes V)
+    load_rows<T, D>(kv_tile, v, k0, BK, n_keys, T(1));
+    __syncthreads();  // the whole V tile is loaded
 
     // O += P V for this thread's rows and columns (lane + kLanes * c)
     for (int key = 0; key < BK; ++key) {
@@ -191,7 +194,7 @@ attention_forward(const T* __restrict__ q, const T* __restrict__ k, const T* __r
 #pragma unroll
       for (int i = 0; i < ROWS; ++i) p_col[i] = p_tile[(group * ROWS + i) * (BK + 1) + key];
 #pragma unroll
-      for (int c = 0; c < COLS; ++c) v_row[c] = v_tile[key * STRIDE + lane + kLanes * c];
+      for (int c = 0; c < COLS; ++c) v_row[c] = kv_tile[key * STRIDE + lane + kLanes * c];
 #pragma unroll
       for (int i = 0; i < ROWS; ++i)
 #pragma unroll

@@ -80,7 +80,7 @@ def shared_bytes(kernel: str, dtype, head_dim: int) -> int:
     tiles, stride, size = TILES[name], head_dim + 1, numpy.dtype(dtype).itemsize
     if kernel == "forward":
         queries, keys = tiles.forward
-        return size * (queries * stride + 2 * keys * stride + queries * (keys + 1))
+        return size * (queries * stride + keys * stride + queries * (keys + 1))  # Q, K then V, P
     if kernel == "dkdv":
         queries, keys = tiles.dkdv
         return size * (2 * keys * stride + 2 * queries * stride + 2 * keys * (queries + 1) + 2 * queries)
