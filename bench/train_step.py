@@ -340,16 +340,18 @@ def _run_side(side, seq_len, args) -> dict:
                str(args.tokens), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
                str(args.threads), "--backend", args.backend, "--worker", side] + (["--tf32"] if args.tf32 else [])
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=_worker_env(), timeout=WORKER_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, env=_worker_env(), timeout=args.side_timeout)
     except subprocess.TimeoutExpired:
-        return {"failed": f"no result within {WORKER_TIMEOUT_S} s"}
+        return {"failed": f"no result within {args.side_timeout} s"}
     if done.returncode != 0:
         last = (done.stderr.strip() or "no output").splitlines()[-1]
         return {"failed": last[:160]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _print_table(seq_len, args, results, card=None) -> None:
+def _print_table(seq_len, args, sides, card=None) -> dict:
+    """Run each side at this T and print its row as soon as it is measured (a step that is cut
+    short still shows the rows before it), then the lines that compare them; returns the results."""
     config = _config(args.preset, seq_len)
     batch = max(args.tokens // seq_len, 1)
     flops = step_flops(config, batch, seq_len)
@@ -359,17 +361,20 @@ def _print_table(seq_len, args, results, card=None) -> None:
           + (f"; {card}, peak {peak if peak else '?'} TFLOP/s {'TF32' if args.tf32 else 'float32'}" if on_gpu else ""))
     memory = "device MiB" if on_gpu else "peak RSS MiB"
     print(f"{'':20}{'tokens/s':>9}{'step s':>8}{'step MiB':>10}{memory:>13}{'floor %':>8}"
-          + (f"{'MFU %':>8}" if on_gpu else f"{'busy cores':>11}") + f"{'first loss':>11}  BLAS (sgemm GFLOP/s)")
-    for side, r in results.items():
+          + (f"{'MFU %':>8}" if on_gpu else f"{'busy cores':>11}") + f"{'first loss':>11}  BLAS (sgemm GFLOP/s)",
+          flush=True)
+    results = {}
+    for side in sides:
+        r = results[side] = _run_side(side, seq_len, args)
         if "failed" in r:
-            print(f"{SIDES[side]:20}  failed: {r['failed']}")
+            print(f"{SIDES[side]:20}  failed: {r['failed']}", flush=True)
             continue
         floor = 100 * flops / (r["sgemm_gflops"] * 1e9) / r["step_s"]
         mfu = f"{100 * flops / (peak * 1e12) / r['step_s']:>8.1f}" if peak else f"{'?':>8}"
         print(f"{SIDES[side]:20}{r['tokens_per_s']:>9.0f}{r['step_s']:>8.3f}{r['step_memory_mib']:>10.0f}"
               f"{r.get('device_memory_mib', r['peak_rss_mib']):>13.0f}{floor:>8.1f}"
               + (mfu if on_gpu else f"{r['busy_cores']:>11.2f}") + f"{r['first_loss']:>11.4f}  {r['blas']} "
-              f"({r['sgemm_gflops']:.0f})")
+              f"({r['sgemm_gflops']:.0f})", flush=True)
     for side, r in results.items():  # where npllama's serial part is: each thread's share of the wall time
         if side == "npllama" and "thread_busy" in r:
             shares = ", ".join(f"{name} {share:.0%}" for name, share in sorted(r["thread_busy"].items()))
@@ -386,7 +391,8 @@ def _print_table(seq_len, args, results, card=None) -> None:
         key = "device_memory_mib" if on_gpu else "step_memory_mib"
         memory = ours[key] / max(theirs[key], 1e-9)
         print(f"ratio npllama / fastest PyTorch ({SIDES[fastest]}): speed {speed:.2f}x, "
-              f"{'device' if on_gpu else 'step'} memory {memory:.2f}x")
+              f"{'device' if on_gpu else 'step'} memory {memory:.2f}x", flush=True)
+    return results
 
 
 def main(argv=None):
@@ -406,6 +412,8 @@ def main(argv=None):
                         help="cupy: npllama on CuPy against PyTorch on CUDA, eager and compiled")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in float32 matrix products on every side "
                                                             "(cupy only)")
+    parser.add_argument("--side-timeout", type=float, default=WORKER_TIMEOUT_S,
+                        help="seconds each side may take, compilation included (default %(default)s)")
     parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     on_gpu = args.backend == "cupy"
@@ -432,9 +440,9 @@ def main(argv=None):
     card = _card_name() if on_gpu else None
     print(f"preset {args.preset}, {args.tokens} tokens a step, {args.steps} timed steps, {args.threads} threads, "
           f"{os.cpu_count()} cores, backend {args.backend}" + (f" ({card}), {'TF32' if args.tf32 else 'float32'}"
-                                                               if on_gpu else ""))
+                                                               if on_gpu else ""), flush=True)
     for seq_len in seq_lens:
-        _print_table(seq_len, args, {side: _run_side(side, seq_len, args) for side in sides}, card)
+        _print_table(seq_len, args, sides, card)
     return 0
 
 

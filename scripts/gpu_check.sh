@@ -7,17 +7,19 @@
 # all within a deadline of $DEADLINE seconds (default 350; a step that would start with less than
 # 15 s left is skipped and reported), so that the whole fits in 6 minutes:
 #   1. the gpu tests (tests/test_gpu.py: kernels against the float64 reference, determinism, the
-#      model and its gradients against NumPy, training, TF32, checkpoints across backends, the audit);
-#   2. bench/train_step.py --backend cupy: the 134M preset at T = 1024, npllama against the PyTorch
-#      reference and transformers' sdpa model, eager and under torch.compile, float32 (TF32 off);
-#   3. the same with --tf32, TF32 allowed on every side (eager sides only, for time);
-#   4. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention), and
-#      bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
-#   5. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
+#      model and its gradients against NumPy, training, TF32, AdamW's kernel, checkpoints across
+#      backends, the audit); GPU_TESTS=0 leaves them out (a second run, for the benchmarks);
+#   2. bench/train_step.py --backend cupy: the 134M preset at T = 1024, float32 (TF32 off):
+#      npllama against the PyTorch reference and transformers' sdpa model in eager mode, then
+#   3. the same against both under torch.compile (each side at most 100 s, compilation included);
+#   4. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
+#   5. the eager sides again with --tf32, TF32 allowed on every side;
+#   6. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
+#   7. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
 #      the same under `mpirun -n 1` (NCCL averages the one rank's gradients) where mpirun and
 #      mpi4py are installed;
-#   6. python -m npllama.kernels, the compile report, with this machine's NVRTC;
-#   7. compute-sanitizer racecheck and memcheck on every kernel once, when compute-sanitizer is installed;
+#   8. python -m npllama.kernels, the compile report, with this machine's NVRTC;
+#   9. compute-sanitizer racecheck and memcheck on every kernel once, when compute-sanitizer is installed;
 # then prints one table (step, result, seconds, the line that matters) and the benchmark figures.
 # It needs Python with CuPy, PyTorch, pytest, hypothesis, sentencepiece, safetensors and tqdm, and
 # neither network nor pip: the package runs from this checkout. Exit status: the number of failed steps.
@@ -27,6 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1  # a step its time limit kills still leaves what it printed
 PYTHON=${PYTHON:-python3}
 rows=()
 failed=0
@@ -70,12 +73,17 @@ print(f"{props['name'].decode()}, compute capability {props['major']}.{props['mi
 EOF
 echo "[gpu_check] device: $(tail -1 "$OUT/device.log")" >&2
 
-run "gpu tests" 150 "passed|failed|error" \
-    "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
-run "train step bench" 150 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5
-run "train step tf32" 60 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
+if [ "${GPU_TESTS:-1}" != 0 ]; then
+    run "gpu tests" 150 "passed|failed|error" \
+        "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+fi
+run "train step eager" 90 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 \
     --sides npllama,torch,hf-sdpa
+run "train step compile" 150 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --side-timeout 100 \
+    --sides npllama,torch-compile,hf-compile
 run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
+run "train step tf32" 75 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
+    --sides npllama,torch,hf-sdpa
 run "profile step" 45 "a step" "$PYTHON" bench/profile_step.py --backend cupy --steps 2
 run "train 20 steps" 60 "step 20: validation loss|checkpoint:" \
     "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \
@@ -105,8 +113,8 @@ echo "--- bench/attention.py ---"
 [ -f "$OUT/attention bench.log" ] && grep -vE "^\s*$" "$OUT/attention bench.log" | tail -40
 echo "--- bench/profile_step.py --backend cupy ---"
 [ -f "$OUT/profile step.log" ] && tail -14 "$OUT/profile step.log"
-echo "--- bench/train_step.py --backend cupy (float32) ---"
-tail -9 "$OUT/train step bench.log"
-echo "--- bench/train_step.py --backend cupy --tf32 ---"
-[ -f "$OUT/train step tf32.log" ] && tail -7 "$OUT/train step tf32.log"
+for step in "train step eager" "train step compile" "train step tf32"; do
+    echo "--- bench/train_step.py: $step ---"
+    [ -f "$OUT/$step.log" ] && tail -7 "$OUT/$step.log"
+done
 exit "$failed"
