@@ -64,7 +64,7 @@ GPU_SIDES = ("npllama", "torch", "torch-compile", "hf-sdpa", "hf-compile")
 # Dense peak TFLOP/s of float32 and TF32 (NVIDIA's data sheets), by a fragment of the card's name;
 # the first fragment the name contains wins, so the PCIe H100 comes before the SXM one
 CARD_PEAK_TFLOPS = {"H100 PCIe": (51.0, 378.0), "H100 NVL": (60.0, 417.0), "H100": (67.0, 495.0),
-                    "H200": (67.0, 495.0), "A100": (19.5, 156.0)}
+                    "H200 NVL": (60.0, 417.0), "H200": (67.0, 495.0), "A100": (19.5, 156.0)}
 WORKER_TIMEOUT_S = 1200  # torch.compile's first step compiles C++ for minutes on two cores
 
 

@@ -12,9 +12,10 @@ without a GPU it can use, or without the NVRTC library it compiles npllama's ker
 
 On CuPy, matrix products are cuBLAS's in the arrays' dtype. What cuBLAS may do inside a float32
 product is CuPy's per-dtype "compute type", process-wide, which `float32_products` sets for the span
-of a run: full float32 (cuBLAS's CUBLAS_COMPUTE_32F) unless TF32 is asked for (`--tf32`:
+of a training run: full float32 (cuBLAS's CUBLAS_COMPUTE_32F) unless TF32 is asked for (`--tf32`:
 CUBLAS_COMPUTE_32F_FAST_TF32, inputs rounded to a 10-bit mantissa on the tensor cores, float32
-accumulation). It is set either way, so CUPY_TF32=1 in the environment changes nothing.
+accumulation). It is set either way, so CUPY_TF32=1 in the environment does not change a training
+run; elsewhere CuPy's own rule holds (TF32 only with CUPY_TF32=1, which npllama never sets).
 """
 
 from __future__ import annotations

@@ -9,17 +9,18 @@
 #   1. the gpu tests (tests/test_gpu.py: kernels against the float64 reference, determinism, the
 #      model and its gradients against NumPy, training, TF32, AdamW's kernel, checkpoints across
 #      backends, the audit); GPU_TESTS=0 leaves them out (a second run, for the benchmarks);
-#   2. bench/train_step.py --backend cupy: the 134M preset at T = 1024, float32 (TF32 off):
+#   2. compute-sanitizer racecheck and memcheck on every kernel once, when compute-sanitizer is
+#      installed (racecheck alone checks the forward kernel's barrier between K's reads and V's load);
+#   3. bench/train_step.py --backend cupy: the 134M preset at T = 1024, float32 (TF32 off):
 #      npllama against the PyTorch reference and transformers' sdpa model in eager mode, then
-#   3. the same against both under torch.compile (each side at most 100 s, compilation included);
-#   4. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
-#   5. the eager sides again with --tf32, TF32 allowed on every side;
-#   6. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
-#   7. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
+#   4. the same against both under torch.compile (each side at most 100 s, compilation included);
+#   5. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
+#   6. the eager sides again with --tf32, TF32 allowed on every side;
+#   7. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
+#   8. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
 #      the same under `mpirun -n 1` (NCCL averages the one rank's gradients) where mpirun and
 #      mpi4py are installed;
-#   8. python -m npllama.kernels, the compile report, with this machine's NVRTC;
-#   9. compute-sanitizer racecheck and memcheck on every kernel once, when compute-sanitizer is installed;
+#   9. python -m npllama.kernels, the compile report, with this machine's NVRTC;
 # then prints one table (step, result, seconds, the line that matters) and the benchmark figures.
 # It needs Python with CuPy, PyTorch, pytest, hypothesis, sentencepiece, safetensors and tqdm, and
 # neither network nor pip: the package runs from this checkout. Exit status: the number of failed steps.
@@ -77,6 +78,12 @@ if [ "${GPU_TESTS:-1}" != 0 ]; then
     run "gpu tests" 150 "passed|failed|error" \
         "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 fi
+if command -v compute-sanitizer >/dev/null; then
+    for tool in racecheck memcheck; do
+        run "sanitizer $tool" 40 "ERROR SUMMARY|RACECHECK SUMMARY|matched" \
+            compute-sanitizer --tool "$tool" --error-exitcode 3 "$PYTHON" scripts/gpu_kernels_once.py
+    done
+fi
 run "train step eager" 90 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 \
     --sides npllama,torch,hf-sdpa
 run "train step compile" 150 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --side-timeout 100 \
@@ -97,12 +104,6 @@ if command -v mpirun >/dev/null && "$PYTHON" -c "import mpi4py" 2>/dev/null; the
         --out "$OUT/mpi-run" --cache-dir "$OUT/cache" --sample-tokens 0
 fi
 run "kernel report" 40 "instances" "$PYTHON" -m npllama.kernels
-if command -v compute-sanitizer >/dev/null; then
-    for tool in racecheck memcheck; do
-        run "sanitizer $tool" 40 "ERROR SUMMARY|RACECHECK SUMMARY|matched" \
-            compute-sanitizer --tool "$tool" --error-exitcode 3 "$PYTHON" scripts/gpu_kernels_once.py
-    done
-fi
 
 echo
 echo "device: $(tail -1 "$OUT/device.log")"

@@ -1772,9 +1772,10 @@ CATALOGUE = [
             "since",),
            "a TF32 run resumes in full float32 (or the reverse) without a word: its numbers change mid-run"),
     Mutant("resume-refuses-checkpoints-older-than-a-setting", "npllama/train/resume.py",
-           "    before = {k: before.get(k, saved_default(k)) for k in now} | before  # a setting added since: its "
+           "    before = {**ADDED_SAVED_SETTINGS, **before}  # a checkpoint older than a setting ran with its "
            "default\n", "",
-           (TRAIN_CONFIG + "test_a_checkpoint_written_before_a_setting_existed_resumes_as_if_it_had_its_default",),
+           (TRAIN_CONFIG + "test_a_checkpoint_older_than_a_setting_resumes_with_its_default_and_one_missing_another_"
+            "is_refused",),
            "every checkpoint written before --tf32 existed is refused: 'settings differ (tf32 None -> False)'"),
     # --- AdamW in one kernel ----------------------------------------------------------------------
     Mutant("kernel-adamw-eps-inside-the-root", "npllama/kernels/adamw.cu",
@@ -1821,8 +1822,8 @@ CATALOGUE = [
             "built_for",),
            "a float16 parameter goes to a kernel that has no float16 instance (KeyError in the launch)"),
     Mutant("kernel-report-forgets-the-reserved-shared-memory", "npllama/kernels/__main__.py",
-           "self.dynamic_shared_bytes\n                                                   + RESERVED_SHARED_BYTES)",
-           "self.dynamic_shared_bytes)",
+           "self.dynamic_shared_bytes + RESERVED_SHARED_BYTES\n",
+           "self.dynamic_shared_bytes\n",
            (KERNELS_ON_CPU + "test_the_compile_report_counts_the_blocks_one_multiprocessor_holds",),
            "the report counts two resident blocks where the 1 KiB each one keeps leaves room for one"),
     Mutant("kernel-report-registers-by-the-thread", "npllama/kernels/__main__.py",

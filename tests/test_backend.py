@@ -175,4 +175,3 @@ def test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_ev
     assert [dtype for dtype, _ in calls] == [numpy.dtype("float32")] * 2  # float32 only: float64 is float64
     with backend.float32_products(numpy, tf32):  # NumPy: nothing to set
         assert len(calls) == 2
-

@@ -379,9 +379,11 @@ def test_a_kernel_has_a_problem_exactly_when_it_spills_or_its_shared_memory_exce
     ("sm_90", 238, 115_712, 128, 2),  # on sm_90's 228 KiB two fit even so, and 240 x 32 x 8 warps <= 65,536
     ("sm_90", 64, 116_000, 128, 1),  # 2 x (116,000 + the 1 KiB each block keeps) > 228 KiB
     ("sm_90", 255, 0, 128, 2),  # registers: 8,192 a warp, 8 warps, 4 a block
-    ("sm_90", 156, 0, 32, 12),  # 156 x 32 = 4,992 rounds up to 5,120 a warp: 12 warps, not 13
+    ("sm_90", 100, 0, 32, 16),  # 100 x 32 = 3,200 rounds up to 3,328 a warp: 4 in each quarter of 16,384, not 5
     ("sm_90", 32, 0, 1024, 2),  # threads: 2,048 a multiprocessor
     ("sm_90", 16, 0, 32, 32),  # at most 32 blocks
+    ("sm_90", 80, 0, 32, 24),  # 2,560 a warp: 6 warps in each quarter of 16,384 registers, not 25 in all
+    ("sm_80", 32, 54_954, 32, 2),  # 55,978 bytes round up to 56,064: 3 x 56,064 > 164 KiB
 ])
 def test_the_compile_report_counts_the_blocks_one_multiprocessor_holds(arch, registers, dynamic, threads, blocks):
     from npllama.kernels.__main__ import Resources

@@ -1,6 +1,7 @@
 """The assembled model: presets, recompute, causality, dtype, and its error messages."""
 
 import math
+from decimal import Decimal
 
 import numpy
 import pytest
@@ -262,10 +263,11 @@ def test_the_preset_table_has_a_row_per_preset_with_its_shape_and_its_count_exac
         assert cells[:6] == [name, str(config.dim), str(config.n_layers), str(config.n_heads), str(config.ffn_dim),
                              str(config.vocab_size)]
         assert int(cells[7].strip("()").replace(",", "")) == count
-        rounded, unit = float(cells[6][:-1]), cells[6][-1]
+        rounded, unit = Decimal(cells[6][:-1]), cells[6][-1]
         # billions with one decimal from 10^9 parameters, millions with two below: within half the last digit
-        assert unit == ("B" if count >= 1e9 else "M")
-        assert abs(rounded * (1e9 if unit == "B" else 1e6) - count) <= (0.05e9 if unit == "B" else 0.005e6)
+        # (in exact decimals: a count that ends in exactly half a digit may round either way)
+        assert unit == ("B" if count >= 10**9 else "M")
+        assert abs(rounded * (10**9 if unit == "B" else 10**6) - count) <= (5 * 10**7 if unit == "B" else 5000)
 
 
 def test_the_preset_command_reads_its_own_arguments_not_the_callers(monkeypatch, capsys):

@@ -2,7 +2,6 @@
 are its validation, and which runs the same from Python as from the command line."""
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -16,15 +15,15 @@ from safetensors.numpy import load_file
 from npllama import optim, train
 from npllama.train.__main__ import main as train_main
 from npllama.train.config import (
+    ADDED_SAVED_SETTINGS,
     TrainConfig,
     TrainError,
     flag,
     from_command_line,
     parser,
-    saved_default,
     saved_settings,
 )
-from training import common, train_cli
+from training import common, reseal, train_cli
 
 
 def test_no_flags_give_the_dataclass_defaults():
@@ -87,36 +86,38 @@ def test_a_value_of_the_wrong_type_from_python_is_named_with_its_flag(name, valu
         TrainConfig(**{name: value})
 
 
-# the saved settings added after the first checkpoints, and so missing from those: their defaults are
-# what such a checkpoint ran with
-ADDED_SINCE = {"tf32": False}
-
-
 def test_the_saved_settings_are_the_ones_checkpoints_have_always_stored_and_those_added_since():
-    """Checkpoints written before the run config existed must still resume: same keys, same meaning,
-    and a setting added later is read, where it is missing, as its default."""
+    """Checkpoints written before the run config existed must still resume: same keys, same meaning;
+    a setting added later (tf32) is read, where a checkpoint lacks it, as what that run used."""
     settings = saved_settings(TrainConfig(steps=50), vocab_size=4096)
     assert settings == {"preset": "tiny", "vocab_size": 4096, "steps": 50, "batch_size": 16, "seq_len": 128,
                         "lr": 2e-3, "warmup": 5, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
-                        "grad_accum": 1, "seed": 0, "dtype": "float32", **ADDED_SINCE}
-    assert {name: saved_default(name) for name in ADDED_SINCE} == ADDED_SINCE
+                        "grad_accum": 1, "seed": 0, "dtype": "float32", "tf32": False}
+    assert ADDED_SAVED_SETTINGS == {"tf32": False}
 
 
-def test_a_checkpoint_written_before_a_setting_existed_resumes_as_if_it_had_its_default(corpus, tmp_path):
+def drop_saved_settings(run, names):
+    """Every checkpoint of `run` as if written without these saved settings, sealed again."""
+    for step_dir in run.glob("step-*"):
+        document = json.loads((step_dir / "state.json").read_text())
+        for name in names:
+            del document["state"]["settings"][name]
+        (step_dir / "state.json").write_text(json.dumps(document))
+        reseal(step_dir)
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default_and_one_missing_another_is_refused(
+        corpus, tmp_path):
     first = train_cli(*common(corpus, tmp_path), "--steps", "2", "--checkpoint-every", "1")
     assert first.returncode == 0, first.stderr
-    for step_dir in (tmp_path / "run").glob("step-*"):  # as an older npllama wrote it: no "tf32"
-        state = step_dir / "state.json"
-        document = json.loads(state.read_text())
-        for name in ADDED_SINCE:
-            del document["state"]["settings"][name]
-        document["self_sha256"] = hashlib.sha256(json.dumps(
-            {key: value for key, value in document.items() if key != "self_sha256"}, sort_keys=True,
-            separators=(",", ":")).encode()).hexdigest()
-        state.write_text(json.dumps(document))
+    drop_saved_settings(tmp_path / "run", ADDED_SAVED_SETTINGS)  # as an npllama before --tf32 wrote it
     resumed = train_cli(*common(corpus, tmp_path), "--steps", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr and "settings differ" not in resumed.stderr
+    drop_saved_settings(tmp_path / "run", ["lr"])  # a setting every checkpoint records: its absence is damage
+    refused = train_cli(*common(corpus, tmp_path), "--steps", "4", "--resume")
+    assert refused.returncode == 2 and "settings differ from the checkpoint's (lr None -> 0.002)" in refused.stderr, \
+        refused.stderr
 
 
 @pytest.mark.parametrize("flags, backend, dtype", [(["--tf32"], "numpy", "float32"),

@@ -4,7 +4,7 @@ deterministic embedding backward, and AdamW's update of a parameter in one pass.
 Each kernel's source is package data (`attention.cu`, `embedding.cu`, `adamw.cu`); its Python module says which
 instances exist and computes each launch (`Launch`), which the CuPy path and the CPU harness of the
 tests both run. `python -m npllama.kernels` compiles every instance through NVRTC, without a GPU,
-and reports its registers, shared memory and spills.
+and reports its registers, shared memory, spills and the blocks a multiprocessor holds.
 """
 
 from dataclasses import dataclass

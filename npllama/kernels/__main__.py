@@ -48,12 +48,14 @@ class Resources:
 
     @property
     def blocks_per_sm(self) -> int:
-        """Blocks resident on one multiprocessor at once: registers go to warps in units of 256."""
+        """Blocks resident on one multiprocessor at once, as CUDA's occupancy calculator counts them:
+        registers go to warps in units of 256 within each of the 4 quarters of the register file,
+        and a block's shared memory (with the 1 KiB reserved for it) in units of 128 bytes."""
         warps = -(-self.threads // 32)
         registers_per_warp = -(-self.registers * 32 // 256) * 256
-        by_registers = SM_REGISTERS // max(registers_per_warp, 1) // warps
-        by_shared = SM_SHARED_BYTES[self.arch] // (self.static_shared_bytes + self.dynamic_shared_bytes
-                                                   + RESERVED_SHARED_BYTES)
+        by_registers = 4 * (SM_REGISTERS // 4 // max(registers_per_warp, 1)) // warps
+        shared = self.static_shared_bytes + self.dynamic_shared_bytes + RESERVED_SHARED_BYTES
+        by_shared = SM_SHARED_BYTES[self.arch] // (-(-shared // 128) * 128)
         return min(by_registers, by_shared, SM_THREADS // self.threads, SM_BLOCKS)
 
     @property

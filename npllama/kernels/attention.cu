@@ -20,7 +20,8 @@
 //   attention_forward         a block per tile of BQ queries of one query head; it walks the key
 //                             tiles up to the diagonal with an online softmax and writes O and L only.
 //                             A key tile's K and then its V take turns in one shared buffer, so that
-//                             two blocks fit on an H100's multiprocessor at D = 128 in float32.
+//                             two blocks fit on an A100's multiprocessor at D = 128 in float32 (on
+//                             an H100's they fitted only at its largest shared-memory carveout).
 //   attention_backward_dvec   Dvec = rowsum(dO * O), one row group of threads per query row.
 //   attention_backward_dkdv   a block per tile of BK keys of one key/value head; it walks the query
 //                             tiles that see them, for each of the G query heads of its group in

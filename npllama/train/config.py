@@ -208,10 +208,9 @@ def from_command_line(argv=None) -> TrainConfig:
     return TrainConfig(**vars(parser().parse_args(argv)))
 
 
-def saved_default(name: str):
-    """What a checkpoint that does not record the saved setting `name` (it was written before the
-    setting existed) ran with: the setting's default."""
-    return next(spec.default for spec in fields(TrainConfig) if spec.name == name)
+# The saved settings added after checkpoints were first written, with what a checkpoint that does
+# not record one (it is older than the setting) ran with. Any other missing setting is a change.
+ADDED_SAVED_SETTINGS = {"tf32": False}
 
 
 def saved_settings(config: TrainConfig, vocab_size: int) -> dict:

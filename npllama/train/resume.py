@@ -10,7 +10,7 @@ from .. import checkpoint as ckpt
 from .. import model as llama
 from .. import optim
 from . import run_log, zero
-from .config import TrainConfig, TrainError, saved_default, saved_settings
+from .config import ADDED_SAVED_SETTINGS, TrainConfig, TrainError, saved_settings
 from .state import Run, RunState
 
 
@@ -59,7 +59,7 @@ def resumed_state(run: Run, resumed, sampler, log) -> RunState:
                          "tokenizer); pass the same --data, or start a new run with another --out")
     before = dict(saved.get("settings", {}))
     now = saved_settings(run.config, run.model_config.vocab_size)
-    before = {k: before.get(k, saved_default(k)) for k in now} | before  # a setting added since: its default
+    before = {**ADDED_SAVED_SETTINGS, **before}  # a checkpoint older than a setting ran with its default
     changed = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if k != "steps" and before.get(k) != v]
     if changed:
         raise TrainError(f"--resume: the run's settings differ from the checkpoint's ({', '.join(changed)}); "
