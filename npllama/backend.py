@@ -16,6 +16,12 @@ of a training run: full float32 (cuBLAS's CUBLAS_COMPUTE_32F) unless TF32 is ask
 CUBLAS_COMPUTE_32F_FAST_TF32, inputs rounded to a 10-bit mantissa on the tensor cores, float32
 accumulation). It is set either way, so CUPY_TF32=1 in the environment does not change a training
 run; elsewhere CuPy's own rule holds (TF32 only with CUPY_TF32=1, which npllama never sets).
+
+float16 products (mixed precision) go through `matmul`: float16 operands, float32 accumulation, the
+result rounded to float16 once. On NumPy that is float32 BLAS on the exactly widened operands
+(NumPy's own float16 matmul is an unblocked loop); on CuPy it is cuBLAS's float16 GEMM on the tensor
+cores with CUBLAS_COMPUTE_32F, which CuPy picks for float16 unless its compute type is PEDANTIC, and
+which `float32_products` also sets explicitly for the span of a training run.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import numpy
 from .errors import NpllamaError
 
 __all__ = ["BACKENDS", "BackendError", "array_namespace", "compute_dtype", "get_backend", "is_cupy_array",
-           "float32_products", "synchronize", "to_host"]
+           "float32_products", "matmul", "synchronize", "to_host"]
 
 BACKENDS = ("numpy", "cupy")
 
@@ -56,6 +62,18 @@ def compute_dtype(xp, dtype):
     return xp.promote_types(dtype, xp.float32)
 
 
+def matmul(a, b, out=None):
+    """a @ b (into `out` when given). Two float16 operands are multiplied with float32 accumulation
+    and the result is rounded to float16 once; any other dtypes are plain a @ b."""
+    if a.dtype != numpy.float16 or b.dtype != numpy.float16 or is_cupy_array(a):  # cuBLAS: see the docstring
+        return array_namespace(a, b).matmul(a, b, out=out)
+    product = a.astype(numpy.float32) @ b.astype(numpy.float32)  # the float32 product's own BLAS call, bit for bit
+    if out is None:
+        return product.astype(numpy.float16)
+    out[...] = product
+    return out
+
+
 def to_host(array) -> numpy.ndarray:
     """A NumPy copy (or view) of a NumPy or CuPy array."""
     if is_cupy_array(array):
@@ -79,12 +97,14 @@ def float32_products(xp, tf32: bool):
         return
     from cupy._core import _routines_linalg as linalg
 
-    before = linalg.get_compute_type(numpy.float32)
+    before = linalg.get_compute_type(numpy.float32), linalg.get_compute_type(numpy.float16)
     linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32)
+    linalg.set_compute_type(numpy.float16, linalg.COMPUTE_TYPE_FP32)  # float16 GEMMs accumulate in float32
     try:
         yield
     finally:
-        linalg.set_compute_type(numpy.float32, before)
+        linalg.set_compute_type(numpy.float32, before[0])
+        linalg.set_compute_type(numpy.float16, before[1])
 
 
 def get_backend(name: str):

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from .backend import array_namespace
+from .backend import array_namespace, compute_dtype
 from .ops import attention, cross_entropy, embedding, linear, rmsnorm, rope, swiglu
 from .ops.rope import RopeScaling
 from .params import (
@@ -425,7 +425,7 @@ def _run_layers(params, config, tokens, tile_size, recompute=True, kv_cache=None
         raise ValueError(f"the KV cache holds {kv_cache.capacity} positions; {start} used, "
                          f"{tokens.shape[1]} more asked")
     xp = array_namespace(params[FINAL_NORM])
-    cos, sin = rope_tables(config, tokens.shape[1], params[FINAL_NORM].dtype, xp, start=start)
+    cos, sin = rope_tables(config, tokens.shape[1], compute_dtype(xp, params[FINAL_NORM].dtype), xp, start=start)
     h, cache = embedding.forward(tokens, params[TOK_EMBEDDINGS])
     for i in range(config.n_layers):
         if on_output is not None:
@@ -486,12 +486,12 @@ def _head_loss(normed, weight, targets, ignore_index):
     return sum(parts[1:], parts[0])
 
 
-def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None, n_counted=None):
+def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None, n_counted=None, loss_scale=1.0):
     """Return (loss, dnormed, dweight) for loss = cross_entropy(normed W^T, targets), chunk by chunk
     (on `pool`'s threads when given: the chunks' losses and weight gradients are still added in
     chunk order, so the numbers are those of one thread to the bit). The loss divides by
     `n_counted` (`cross_entropy.batch_count` of a larger batch these rows belong to), by default
-    by these rows' count."""
+    by these rows' count. The gradients are those of loss_scale * loss."""
     xp = array_namespace(normed)
     rows, targets = normed.reshape(-1, normed.shape[-1]), targets.reshape(-1)
     if n_counted is None:  # every chunk divides by the batch's
@@ -505,7 +505,8 @@ def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None, n_cou
         del logits  # the cache keeps exp(z - max) instead, and backward turns that buffer into dlogits
         # forward was: loss = sum over chunks of cross_entropy(logits_c), each divided by the batch's
         # N'; so dloss/dloss_c = 1, and the chunk's rows and the weight get the chunk's gradients
-        dlogits = cross_entropy.backward(1.0, ce_cache)
+        # (times loss_scale: the gradient of the scaled loss, which mixed precision asks for)
+        dlogits = cross_entropy.backward(loss_scale, ce_cache)
         drows[start:stop], dweight_chunk = linear.backward(dlogits, head_cache)
         return part, dweight_chunk
 
@@ -521,17 +522,17 @@ def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None, n_cou
 
 
 def loss_and_grads(params, config, tokens, targets, recompute=True,
-                   tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None):
+                   tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None, loss_scale=1.0):
     """Return (loss, grads): the mean cross-entropy, a Python float, and its gradient for every
     parameter (see loss_and_grads_on_device)."""
     value, grads = loss_and_grads_on_device(params, config, tokens, targets, recompute, tile_size, ignore_index,
-                                            on_grad=on_grad)
+                                            on_grad=on_grad, loss_scale=loss_scale)
     return float(value), grads
 
 
 def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
                              tile_size=attention.DEFAULT_TILE_SIZE, ignore_index=-100, on_grad=None, pool=None,
-                             n_counted=None):
+                             n_counted=None, loss_scale=1.0):
     """Return (loss, grads): the mean cross-entropy as a 0-d array where the weights live (reading
     it from a GPU waits for the GPU, so a caller that adds several reads once) and its gradient for
     every parameter.
@@ -552,6 +553,10 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
     n_counted, when given, is what the cross-entropy divides by instead of these rows' count of
     targets: `cross_entropy.batch_count` of a batch these rows are a slice of, so that the
     slices' losses and gradients add up to the batch's (npllama.parallel).
+
+    loss_scale: the gradients are those of loss_scale * loss (the loss returned is not scaled).
+    Mixed precision passes float16 weights and a large power of two here, so that small gradients
+    stay above float16's smallest numbers (npllama.optim.LossScale).
     """
     xp = array_namespace(params[FINAL_NORM])
     tokens, targets = _on_device(tokens, config, xp, targets, ignore_index)
@@ -568,7 +573,7 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
             grads[name] = on_grad(name, grads[name])
 
     value, dnormed, dhead = _head_loss_and_grads(normed, params[head_name(config)], targets, ignore_index, pool,
-                                                 n_counted)
+                                                 n_counted, loss_scale)
     if head_name(config) == OUTPUT_HEAD:
         grads[OUTPUT_HEAD], dhead = dhead, None
         finished(OUTPUT_HEAD)

@@ -13,6 +13,14 @@ weight decay 0.1, gradient clipping at global norm 1.0, 2000 warmup steps, and a
 
 Parameters are updated in place (they are the optimiser's to change); gradients are not touched.
 The moments are kept in float32 or wider whatever the parameters' dtype.
+
+Mixed precision (Micikevicius et al., 2018) adds dynamic loss scaling, `LossScale`: the forward and
+backward passes run on a float16 copy of the float32 weights (`float16_copy`), backward starts from
+scale * dL instead of dL so that small gradients stay above float16's smallest numbers, and
+`unscaled` divides the float16 gradients by the scale again in float32 (exactly: it is a power of
+two) before clipping and AdamW, which see the float32 gradients as they would without any scale.
+A step whose gradients are not all finite (an overflow) is skipped and the scale halved; after
+GROWTH_INTERVAL finite steps in a row it doubles.
 Derivation and references: reference/derivations.md#adamw
 """
 
@@ -216,3 +224,66 @@ def _update(params: dict, grads: dict, state: AdamWState, lr: float, config: Ada
     xp.divide(m, scratch, out=scratch)
     scratch *= s.step_size
     p -= scratch if scratch.dtype == p.dtype else scratch.astype(p.dtype)
+
+
+# --- Loss scaling, for mixed precision ------------------------------------------------------------
+
+DEFAULT_LOSS_SCALE = 2.0**16  # the first scale, as PyTorch's GradScaler
+GROWTH_INTERVAL = 2000  # finite steps in a row before the scale doubles (PyTorch's default too)
+MIN_LOSS_SCALE = 1.0  # an overflow at this scale is a gradient beyond float16 itself: divergence
+
+
+def is_power_of_two(value) -> bool:
+    """True for a finite positive float 2^k: multiplying or dividing by it changes no bit of a
+    mantissa, so scaling and unscaling are exact (short of overflow and of subnormals)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0 \
+        and math.frexp(value)[0] == 0.5
+
+
+@dataclass(frozen=True)
+class LossScale:
+    """The loss scale of a mixed-precision run and its counters, saved with every checkpoint so
+    that a resumed run scales as the uninterrupted one would have."""
+
+    scale: float = DEFAULT_LOSS_SCALE
+    good_steps: int = 0  # finite steps in a row since the scale last changed
+    skipped: int = 0  # steps skipped in the whole run (their gradients overflowed)
+
+    def __post_init__(self):
+        if not is_power_of_two(self.scale) or self.scale < MIN_LOSS_SCALE:
+            raise ValueError(f"the loss scale must be a power of two of at least {MIN_LOSS_SCALE:g}, got "
+                             f"{self.scale!r:.40}")
+        for name in ("good_steps", "skipped"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"the loss scale's {name} must be a whole number >= 0, got {value!r:.40}")
+        if self.good_steps >= GROWTH_INTERVAL:
+            raise ValueError(f"the loss scale's good_steps must be below {GROWTH_INTERVAL}, got {self.good_steps}")
+
+
+def next_loss_scale(current: LossScale, finite: bool) -> LossScale | None:
+    """The scale after a step whose gradients were all finite (`finite`), or not: halved after an
+    overflow (the step is skipped), doubled after GROWTH_INTERVAL finite steps in a row. None when
+    the gradients overflowed at MIN_LOSS_SCALE already: they exceed float16 unscaled (divergence)."""
+    if not finite:
+        if current.scale <= MIN_LOSS_SCALE:
+            return None
+        return LossScale(current.scale / 2, 0, current.skipped + 1)
+    if current.good_steps + 1 == GROWTH_INTERVAL:
+        return LossScale(current.scale * 2, 0, current.skipped)
+    return LossScale(current.scale, current.good_steps + 1, current.skipped)
+
+
+def float16_copy(params: dict) -> dict:
+    """The float16 weights a mixed-precision step runs forward and backward on (each rounded to
+    nearest; beyond 65504 they become inf, and the step overflows)."""
+    return {name: p.astype("float16") for name, p in params.items()}
+
+
+def unscaled(grad, scale: float, dtype="float32"):
+    """grad / scale in `dtype` (float32: the master weights'); exact for a power-of-two scale,
+    except where the result falls below float32's normal numbers. `grad` may be overwritten when it
+    already has `dtype` (the caller's own buffer)."""
+    master = grad.astype(dtype, copy=False)
+    master *= 1.0 / scale
+    return master

@@ -60,10 +60,13 @@ def workers(threads: int) -> Iterator[ThreadPoolExecutor]:
         yield pool
 
 
-def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecutor, ignore_index=-100):
+def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecutor, ignore_index=-100,
+                          loss_scale=1.0, grad_dtype=None):
     """(loss, grads) of the batch as `model.loss_and_grads_on_device` defines them (the mean
-    cross-entropy over the targets not ignored, as a 0-d float64 array, and its gradients), computed
-    slice by slice on `pool`'s threads and added in slice order (see the module docstring)."""
+    cross-entropy over the targets not ignored, as a 0-d float64 array, and the gradients of
+    loss_scale times it), computed slice by slice on `pool`'s threads and added in slice order (see
+    the module docstring). With `grad_dtype` each slice's gradients are converted to it before they
+    are added (float32, for float16 weights: the slices' sum then rounds as float32 does)."""
     xp = array_namespace(params[FINAL_NORM])
     rows = tokens.shape[0]
     slices = [slice(start, min(start + SLICE_ROWS, rows)) for start in range(0, rows, SLICE_ROWS)]
@@ -73,8 +76,8 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
     n_counted = cross_entropy.batch_count(targets, ignore_index, params[FINAL_NORM].dtype)  # every slice's divisor
     if len(slices) == 1:  # one sequence: the threads share its attention heads and output head's chunks
         value, grads = llama.loss_and_grads_on_device(params, config, tokens, targets, ignore_index=ignore_index,
-                                                      pool=pool)
-        return value.astype(xp.float64), grads
+                                                      pool=pool, loss_scale=loss_scale)
+        return value.astype(xp.float64), _converted(grads, grad_dtype)
     total: dict = {}
     loss = xp.zeros((), dtype=xp.float64)
     added = 0  # slices whose gradients are in `total`; slice k waits for k
@@ -86,7 +89,9 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
             grads: dict = {}
             if counted[k]:  # a slice of ignored targets only has no loss to take: it adds nothing
                 value, grads = llama.loss_and_grads_on_device(params, config, tokens[slices[k]], targets[slices[k]],
-                                                              ignore_index=ignore_index, n_counted=n_counted)
+                                                              ignore_index=ignore_index, n_counted=n_counted,
+                                                              loss_scale=loss_scale)
+                grads = _converted(grads, grad_dtype)
             with turn:
                 turn.wait_for(lambda: added == k or failed.is_set())
             if failed.is_set():
@@ -110,3 +115,7 @@ def sliced_loss_and_grads(params, config, tokens, targets, pool: ThreadPoolExecu
     for done in [pool.submit(run, k) for k in range(len(slices))]:
         done.result()  # the first failure is raised here
     return loss, total
+
+
+def _converted(grads: dict, dtype) -> dict:
+    return grads if dtype is None else {name: grad.astype(dtype, copy=False) for name, grad in grads.items()}

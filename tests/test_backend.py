@@ -158,11 +158,13 @@ def test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_ev
                                                                                                  tf32):
     """The compute type is CuPy's process-wide state (setting it asks the device, so it is recorded
     here by a stand-in): the block sets TF32 or full float32 for float32, never leaves it at CuPy's
-    default (which CUPY_TF32 decides), and puts back what was there."""
+    default (which CUPY_TF32 decides), sets float32 accumulation for float16 (never the PEDANTIC
+    type, and never float16 accumulation), and puts back what was there."""
     import cupy
     from cupy._core import _routines_linalg as linalg
 
-    calls, current = [], {numpy.dtype("float32"): linalg.COMPUTE_TYPE_DEFAULT}
+    before = {numpy.dtype("float32"): linalg.COMPUTE_TYPE_DEFAULT, numpy.dtype("float16"): linalg.COMPUTE_TYPE_FP16}
+    calls, current = [], dict(before)
     monkeypatch.setattr(linalg, "get_compute_type", lambda dtype: current[numpy.dtype(dtype)])
     monkeypatch.setattr(linalg, "set_compute_type",
                         lambda dtype, kind: (calls.append((numpy.dtype(dtype), kind)),
@@ -170,8 +172,9 @@ def test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_ev
     with pytest.raises(RuntimeError, match="a step failed"):
         with backend.float32_products(cupy, tf32):
             assert current[numpy.dtype("float32")] == (linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32)
+            assert current[numpy.dtype("float16")] == linalg.COMPUTE_TYPE_FP32
             raise RuntimeError("a step failed")
-    assert current[numpy.dtype("float32")] == linalg.COMPUTE_TYPE_DEFAULT
-    assert [dtype for dtype, _ in calls] == [numpy.dtype("float32")] * 2  # float32 only: float64 is float64
+    assert current == before
+    assert sorted(dtype.name for dtype, _ in calls) == ["float16"] * 2 + ["float32"] * 2  # float64 is float64
     with backend.float32_products(numpy, tf32):  # NumPy: nothing to set
-        assert len(calls) == 2
+        assert len(calls) == 4

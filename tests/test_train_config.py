@@ -66,6 +66,9 @@ REFUSED = [
     ("seed", -1, "--seed must be at least 0"),
     ("vocab_size", 100, "--vocab-size must be at least 259"),
     ("preset", "huge", "--preset huge: unknown preset; choose one of 7B, 13B"),
+    ("loss_scale", 1000.0, "--loss-scale must be a power of two of at least 1, such as 65536"),
+    ("loss_scale", 0.5, "--loss-scale must be a power of two of at least 1"),
+    ("loss_scale", math.inf, "--loss-scale must be a power of two of at least 1"),
 ]
 
 
@@ -88,12 +91,14 @@ def test_a_value_of_the_wrong_type_from_python_is_named_with_its_flag(name, valu
 
 def test_the_saved_settings_are_the_ones_checkpoints_have_always_stored_and_those_added_since():
     """Checkpoints written before the run config existed must still resume: same keys, same meaning;
-    a setting added later (tf32) is read, where a checkpoint lacks it, as what that run used."""
+    a setting added later (tf32, precision, loss_scale) is read, where a checkpoint lacks it, as what
+    that run used."""
     settings = saved_settings(TrainConfig(steps=50), vocab_size=4096)
     assert settings == {"preset": "tiny", "vocab_size": 4096, "steps": 50, "batch_size": 16, "seq_len": 128,
                         "lr": 2e-3, "warmup": 5, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
-                        "grad_accum": 1, "seed": 0, "dtype": "float32", "tf32": False}
-    assert ADDED_SAVED_SETTINGS == {"tf32": False}
+                        "grad_accum": 1, "seed": 0, "dtype": "float32", "tf32": False, "precision": "full",
+                        "loss_scale": None}
+    assert ADDED_SAVED_SETTINGS == {"tf32": False, "precision": "full", "loss_scale": None}
 
 
 def drop_saved_settings(run, names):
@@ -149,6 +154,20 @@ def test_train_from_python_writes_what_the_command_line_writes(corpus, tmp_path)
     assert python_weights.keys() == cli_weights.keys()
     for name in python_weights:
         assert python_weights[name].tobytes() == cli_weights[name].tobytes(), name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "fp16", "--dtype", "float64"], "--precision fp16 keeps float32 master weights; --dtype float64"),
+    (["--loss-scale", "1024"], "--loss-scale scales the float16 gradients of --precision fp16; with --precision full"),
+    (["--precision", "fp16", "--tf32", "--backend", "cupy"], "--tf32 changes float32 matrix products; with "
+                                                              "--precision fp16 they are float16"),
+])
+def test_mixed_precision_settings_that_would_change_nothing_are_refused_in_one_line(flags, message):
+    with pytest.raises(TrainError, match="^" + re.escape(message)) as raised:
+        from_command_line(flags)
+    assert "\n" not in str(raised.value)
+    assert from_command_line(["--precision", "fp16", "--loss-scale", "1024"]).first_loss_scale == 1024
+    assert TrainConfig(precision="fp16").first_loss_scale == 2.0**16
 
 
 def test_zero_1_on_gpus_is_refused_in_one_line_before_anything_starts():

@@ -12,7 +12,7 @@ Derivation: reference/derivations.md#embedding
 
 from dataclasses import dataclass
 
-from ..backend import array_namespace, is_cupy_array
+from ..backend import array_namespace, compute_dtype, is_cupy_array
 from ..kernels import embedding as cuda_embedding
 
 
@@ -31,14 +31,17 @@ def forward(ids, weight):
 
 
 def backward(dy, cache):
-    """Return dweight. `ids` are integers and have no gradient."""
-    if is_cupy_array(dy) and dy.dtype.name in cuda_embedding.CXX_TYPES and dy.size:
-        return cuda_embedding.backward(dy, cache.ids, cache.weight_shape)
+    """Return dweight, in dy's dtype: each row summed in float32 or wider and rounded once.
+    `ids` are integers and have no gradient."""
     xp = array_namespace(dy)
+    ct = compute_dtype(xp, dy.dtype)
+    if is_cupy_array(dy) and ct.name in cuda_embedding.CXX_TYPES and dy.size:
+        dweight = cuda_embedding.backward(dy.astype(ct, copy=False), cache.ids, cache.weight_shape)
+        return dweight.astype(dy.dtype, copy=False)
     dim = cache.weight_shape[-1]
     # forward was: y[b, t] = weight[ids[b, t]]
     # so every position routes its gradient to the row it read; repeated ids must add up, which a
     # plain `dweight[ids] = dy` would not do (the last write would win). ufunc.at is unbuffered.
-    dweight = xp.zeros(cache.weight_shape, dtype=dy.dtype)
-    xp.add.at(dweight, cache.ids.reshape(-1), dy.reshape(-1, dim))
-    return dweight
+    dweight = xp.zeros(cache.weight_shape, dtype=ct)
+    xp.add.at(dweight, cache.ids.reshape(-1), dy.reshape(-1, dim).astype(ct, copy=False))
+    return dweight.astype(dy.dtype, copy=False)

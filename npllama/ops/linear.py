@@ -4,7 +4,9 @@ Forward:   y = x W^T                 x (..., K), W (N, K), y (..., N)
 Backward:  dx = dy W                 (..., K)
            dW = dy^T x               (N, K), summed over every leading index
 The leading dimensions (B, T, ...) are flattened to one, so BLAS sees a single 2-D product
-(M, K) x (K, N) with M = B*T, instead of a batch of small ones.
+(M, K) x (K, N) with M = B*T, instead of a batch of small ones. float16 operands (mixed precision)
+are multiplied with float32 accumulation and each result is rounded to float16 once
+(backend.matmul: float32 BLAS on NumPy, cuBLAS's float16 GEMM with float32 compute on CuPy).
 
 With `pool` (an executor of threads, each with a one-thread BLAS: npllama.parallel) and more than
 ROWS_PER_TASK rows, the products are cut into parts that share nothing and run on its threads: y and
@@ -16,7 +18,7 @@ Derivation: reference/derivations.md#linear
 
 from dataclasses import dataclass
 
-from ..backend import array_namespace
+from ..backend import array_namespace, matmul
 
 ROWS_PER_TASK = 256  # rows of x (and dy) in one task on a pool's thread
 FEATURES_PER_TASK = 64  # output features (rows of dW) in one task
@@ -47,12 +49,12 @@ def _product(a, b, pool, block=None):
     `block` rows on its threads."""
     block = ROWS_PER_TASK if block is None else block
     if pool is None or a.shape[0] <= block:
-        return a @ b
+        return matmul(a, b)
     xp = array_namespace(a, b)
     out = xp.empty((a.shape[0], b.shape[1]), dtype=xp.result_type(a, b))
 
     def rows(part):
-        xp.matmul(a[part], b, out=out[part])
+        matmul(a[part], b, out=out[part])
 
     for _ in pool.map(rows, _blocks(a.shape[0], block)):
         pass
@@ -79,7 +81,7 @@ def backward(dy, cache, *, pool=None):
     # so dx[m, k] = sum_n dy[m, n] * W[n, k]   and   dW[n, k] = sum_m dy[m, n] * x[m, k]
     dx = _product(dy2, weight, pool).reshape(x.shape)
     if pool is None or dy2.shape[0] <= ROWS_PER_TASK:
-        dweight = dy2.T @ x2
+        dweight = matmul(dy2.T, x2)
     else:  # dW's rows n0..n1 are dy[:, n0:n1]^T x over all of M: a part of its own, nothing to add
         dweight = _product(dy2.T, x2, pool, block=FEATURES_PER_TASK)
     return dx, dweight

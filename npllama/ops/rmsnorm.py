@@ -25,13 +25,15 @@ class RMSNormCache:
 
 
 def forward(x, weight, eps=1e-6):
-    """Return (y, cache). Statistics are computed in float32 or wider; y has x's dtype."""
+    """Return (y, cache). Everything is computed in float32 or wider; y has x's dtype, rounded to it
+    once (the cache keeps xhat in x's dtype too)."""
     xp = array_namespace(x)
-    xf = x.astype(compute_dtype(xp, x.dtype), copy=False)
+    ct = compute_dtype(xp, x.dtype)
+    xf = x.astype(ct, copy=False)
     rstd = 1.0 / xp.sqrt(xp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    xhat = (xf * rstd).astype(x.dtype, copy=False)
-    y = xhat * weight
-    return y, RMSNormCache(xhat, weight, rstd)
+    xhat = xf * rstd
+    y = (xhat * weight.astype(ct, copy=False)).astype(x.dtype, copy=False)
+    return y, RMSNormCache(xhat.astype(x.dtype, copy=False), weight, rstd)
 
 
 def backward(dy, cache):

@@ -8,7 +8,8 @@ Forward:   y[2i]   = x[2i] cos(p f_i) - x[2i+1] sin(p f_i)
 Backward:  a rotation is orthogonal, so dx is dy rotated by the opposite angle:
            dx[2i]   =  dy[2i] cos + dy[2i+1] sin
            dx[2i+1] = -dy[2i] sin + dy[2i+1] cos
-Shapes:    x, y (B, T, H, D) with D even; cos, sin (T, D/2), from `frequencies`.
+Shapes:    x, y (B, T, H, D) with D even; cos, sin (T, D/2), from `frequencies` (a float16 model
+           uses float32 tables: the rotation runs in float32 and is rounded to float16 once).
 Scaling (`RopeScaling`, for checkpoints trained to longer contexts) changes only the frequencies
 f_i, so forward and backward stay as above: `linear` divides every f_i by `factor` (positions
 interpolated); `llama3` (Llama 3.1) keeps the high frequencies, divides the low ones by `factor`
@@ -21,7 +22,7 @@ Derivation: reference/derivations.md#rope
 import math
 from dataclasses import dataclass
 
-from ..backend import array_namespace
+from ..backend import array_namespace, compute_dtype
 
 ROPE_TYPES = ("linear", "llama3")
 
@@ -97,11 +98,13 @@ def frequencies(head_dim, positions, theta=10000.0, dtype=None, xp=None, scaling
 
 
 def _rotate(x, cos, sin):
-    """Rotate each interleaved pair of x (B, T, H, D) by the angles whose cos/sin are (T, D/2)."""
+    """Rotate each interleaved pair of x (B, T, H, D) by the angles whose cos/sin are (T, D/2), in
+    float32 or wider; the result has x's dtype, rounded to it once."""
     xp = array_namespace(x)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    cos = cos[:, None, :]  # broadcast over heads: (T, 1, D/2)
-    sin = sin[:, None, :]
+    ct = compute_dtype(xp, x.dtype)
+    even, odd = x[..., 0::2].astype(ct, copy=False), x[..., 1::2].astype(ct, copy=False)
+    cos = cos[:, None, :].astype(ct, copy=False)  # broadcast over heads: (T, 1, D/2)
+    sin = sin[:, None, :].astype(ct, copy=False)
     y = xp.empty_like(x)
     y[..., 0::2] = even * cos - odd * sin
     y[..., 1::2] = even * sin + odd * cos

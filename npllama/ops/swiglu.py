@@ -4,17 +4,19 @@ Forward:   s = sigmoid(a) = 1 / (1 + exp(-a));  y = a * s * b
 Backward:  da = dy * b * s * (1 + a * (1 - s))
            db = dy * a * s
 Shapes:    a, b, y (..., F), F the FFN width; a = W1 x and b = W3 x in the Llama block.
+Everything is computed in float32 or wider and each result is rounded to the inputs' dtype once
+(so float16 inputs lose nothing in between; float32 and float64 are computed as they are).
 Derivation: reference/derivations.md#swiglu
 """
 
 from dataclasses import dataclass
 
-from ..backend import array_namespace
+from ..backend import array_namespace, compute_dtype
 
 
 @dataclass(frozen=True)
 class SwiGLUCache:
-    """What backward needs: both inputs and sigmoid(a)."""
+    """What backward needs: both inputs and sigmoid(a) (in the compute dtype)."""
 
     a: object
     b: object
@@ -40,15 +42,19 @@ def _errstate(xp):
 def forward(a, b):
     """Return (y, cache)."""
     xp = array_namespace(a)
-    sig = _sigmoid(xp, a)
-    return a * sig * b, SwiGLUCache(a, b, sig)
+    ct = compute_dtype(xp, a.dtype)
+    a_c, b_c = a.astype(ct, copy=False), b.astype(ct, copy=False)
+    sig = _sigmoid(xp, a_c)
+    return (a_c * sig * b_c).astype(a.dtype, copy=False), SwiGLUCache(a, b, sig)
 
 
 def backward(dy, cache):
-    """Return (da, db)."""
-    a, b, sig = cache.a, cache.b, cache.sigmoid
+    """Return (da, db), in dy's dtype."""
+    sig = cache.sigmoid
+    ct = sig.dtype
+    a, b, dy_c = cache.a.astype(ct, copy=False), cache.b.astype(ct, copy=False), dy.astype(ct, copy=False)
     # forward was: y = a * s * b, s = sigmoid(a), ds/da = s * (1 - s)
     # so dy/db = a * s  and  dy/da = b * (s + a * s * (1 - s)) = b * s * (1 + a * (1 - s))
-    db = dy * a * sig
-    da = dy * b * sig * (1.0 + a * (1.0 - sig))
-    return da, db
+    db = dy_c * a * sig
+    da = dy_c * b * sig * (1.0 + a * (1.0 - sig))
+    return da.astype(dy.dtype, copy=False), db.astype(dy.dtype, copy=False)

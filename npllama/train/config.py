@@ -19,6 +19,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 
+from .. import optim
 from ..backend import BACKENDS
 from ..cli import OneLineParser
 from ..errors import NpllamaError
@@ -27,6 +28,7 @@ from ..model import PRESETS
 from ..tokenizer import BYTE_PIECE_COUNT, MIN_VOCAB_SIZE
 
 DTYPES = ("float32", "float64")  # the parameter dtypes training supports
+PRECISIONS = ("full", "fp16")  # every array in --dtype, or float16 forward and backward (mixed precision)
 
 
 class TrainError(NpllamaError):
@@ -109,6 +111,18 @@ class TrainConfig:
     keep_checkpoints: int = _setting(2, "how many of the newest checkpoints to keep (0: all)", rule=_at_least(0))
     dtype: str = _setting("float32", "parameter dtype", saved=True, choices=DTYPES,
                           rule=(lambda name: name in DTYPES, "{flag} must be float32 or float64"))
+    precision: str = _setting("full", "full: every array in --dtype; fp16: mixed precision, forward and backward in "
+                                      "float16 (products and reductions accumulated in float32) on a float16 copy of "
+                                      "float32 master weights, AdamW in float32, with dynamic loss scaling",
+                              saved=True, choices=PRECISIONS,
+                              rule=(lambda name: name in PRECISIONS, "{flag} must be full or fp16"))
+    loss_scale: float | None = _setting(None, "with --precision fp16, the first loss scale, a power of two; halved "
+                                              "(and the step skipped) whenever a gradient overflows float16, doubled "
+                                              f"after {optim.GROWTH_INTERVAL} steps without one (default: 2^16)",
+                                        saved=True,
+                                        rule=(lambda scale: optim.is_power_of_two(scale)
+                                              and scale >= optim.MIN_LOSS_SCALE,
+                                              "{flag} must be a power of two of at least 1, such as 65536"))
     tf32: bool = _setting(False, "with --backend cupy, let float32 matrix products round their inputs to TF32 (a "
                                  "10-bit mantissa) on the tensor cores, accumulating in float32: faster, other "
                                  "numbers (default: full float32)", saved=True)
@@ -121,6 +135,15 @@ class TrainConfig:
     def __post_init__(self):
         for spec in fields(self):
             _check(spec, getattr(self, spec.name))
+        if self.precision == "fp16" and self.dtype != "float32":
+            raise TrainError(f"--precision fp16 keeps float32 master weights; --dtype {self.dtype} would not be "
+                             "used: drop --dtype, or train with --precision full")
+        if self.loss_scale is not None and self.precision != "fp16":
+            raise TrainError("--loss-scale scales the float16 gradients of --precision fp16; with --precision "
+                             f"{self.precision} there are none: drop it, or add --precision fp16")
+        if self.tf32 and self.precision == "fp16":
+            raise TrainError("--tf32 changes float32 matrix products; with --precision fp16 they are float16 "
+                             "(accumulated in float32): drop one of the two")
         if self.tf32 and (self.backend != "cupy" or self.dtype != "float32"):
             raise TrainError(f"--tf32 changes float32 matrix products on the GPU; with --backend {self.backend} and "
                              f"--dtype {self.dtype} it would change nothing: drop it, or train with --backend cupy "
@@ -128,6 +151,11 @@ class TrainConfig:
         if self.zero and self.backend != "numpy":
             raise TrainError(f"--zero 1 shards AdamW's moments of CPU processes only (the GPUs' NCCL has no "
                              f"all-gather of uneven shards); with --backend {self.backend} use --zero 0")
+
+    @property
+    def first_loss_scale(self) -> float:
+        """The loss scale a mixed-precision run starts with: --loss-scale, or 2^16."""
+        return self.loss_scale if self.loss_scale is not None else optim.DEFAULT_LOSS_SCALE
 
     @property
     def effective_warmup(self) -> int:
@@ -210,7 +238,7 @@ def from_command_line(argv=None) -> TrainConfig:
 
 # The saved settings added after checkpoints were first written, with what a checkpoint that does
 # not record one (it is older than the setting) ran with. Any other missing setting is a change.
-ADDED_SAVED_SETTINGS = {"tf32": False}
+ADDED_SAVED_SETTINGS = {"tf32": False, "precision": "full", "loss_scale": None}
 
 
 def saved_settings(config: TrainConfig, vocab_size: int) -> dict:

@@ -40,6 +40,7 @@ from .. import files, optim, parallel
 from .. import model as llama
 from ..backend import float32_products, get_backend
 from ..files import default_cache_dir
+from ..params import FINAL_NORM
 from ..sampling import generate
 from ..tokenizer import Tokenizer, recipe_key, train_tokenizer
 from . import distributed, resume, run_log, stopping, zero
@@ -87,13 +88,15 @@ def _check_writable(folder: Path, flag: str):
         raise TrainError(f"{flag} {folder}: cannot write there ({error.strerror}); choose another folder") from None
 
 
-def _check_memory(config, dtype: str):
+def _check_memory(config, dtype: str, precision: str):
     """Refuse a model whose weights, gradients and AdamW moments alone exceed this machine's memory."""
     try:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
     needed = config.n_params() * numpy.dtype(dtype).itemsize * 4  # params, grads, m, v
+    if precision == "fp16":  # the float16 weights and their gradients besides
+        needed += config.n_params() * 2 * 2
     if needed > physical:
         raise TrainError(f"the model has {config.n_params():,} parameters: weights, gradients and AdamW state need "
                          f"{needed / 2**30:.0f} GiB, more than this machine's {physical / 2**30:.0f} GiB; "
@@ -145,7 +148,7 @@ def train(config: TrainConfig, log=None) -> TrainResult:
     world = distributed.use_gpus(world, xp)  # under mpirun with CuPy: this rank's GPU and the ranks' NCCL
     distributed.batch_slice(config.batch_size, world)  # a batch the ranks cannot share stops here
     model_config = _model_config(config)
-    _check_memory(model_config, config.dtype)
+    _check_memory(model_config, config.dtype, config.precision)
     out = Path(distributed.broadcast(str(_output_folder(config)), world))  # rank 0 names a default --out
     created_out = world.is_writer and not out.exists()
     if world.is_writer:
@@ -342,16 +345,9 @@ def _training_loop(run: Run, state: RunState):
         for step in range(state.step, config.steps):
             started = time.perf_counter()
             lr = schedule(step)
-            loss, grads = _accumulated_loss_and_grads(run, state)
-            grad_norm = optim.global_norm(grads, run.pool)
-            if not math.isfinite(loss):
-                raise _diverged(state, step + 1, f"the loss became {loss}")
-            if not math.isfinite(grad_norm):
-                raise _diverged(state, step + 1, f"the gradient norm became {grad_norm} (loss {loss:.4f})")
-            stats = zero.adamw_step(run, state, grads, lr, adamw, grad_norm, run.pool)
+            record = _take_step(run, state, step + 1, lr, adamw)
             state.step = step + 1
-            record = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"],
-                      "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+            record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
             # a signal any rank has had stops them all after this step, under one name; the ranks
             # act on what they agreed here, never on a signal that lands after it (that one counts
             # at the next step), or one rank would stop while the others wait for it
@@ -373,17 +369,52 @@ def _training_loop(run: Run, state: RunState):
         run.stops.deferring = False
 
 
+def _take_step(run: Run, state: RunState, step: int, lr: float, adamw: optim.AdamWConfig) -> dict:
+    """Step `step` (counting from 1): the batch's loss and gradients, then AdamW's update, or Diverged
+    when they are not finite; under --precision fp16 a step whose gradients overflowed is skipped
+    instead, and the loss scale follows. Returns the step's log row, but its timing."""
+    loss_scale = state.loss_scale
+    loss, grads = _accumulated_loss_and_grads(run, state)
+    grad_norm = optim.global_norm(grads, run.pool)
+    if not math.isfinite(loss):
+        raise _diverged(state, step, f"the loss became {loss}")
+    if math.isfinite(grad_norm):
+        zero.adamw_step(run, state, grads, lr, adamw, grad_norm, run.pool)
+    elif loss_scale is None:
+        raise _diverged(state, step, f"the gradient norm became {grad_norm} (loss {loss:.4f})")
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+    if loss_scale is not None:  # mixed precision: an overflow skips the step, which the log says
+        state.loss_scale = _next_loss_scale(state, step, math.isfinite(grad_norm))
+        record.update(loss_scale=loss_scale.scale, skipped=not math.isfinite(grad_norm))
+        if record["skipped"]:
+            record["grad_norm"] = None  # inf or nan, which JSON cannot hold
+    return record
+
+
+def _next_loss_scale(state: RunState, step: int, finite: bool) -> optim.LossScale:
+    """The loss scale after this step (its gradients finite or not), or Diverged when they overflowed
+    float16 with no scale left to take back."""
+    assert state.loss_scale is not None
+    after = optim.next_loss_scale(state.loss_scale, finite)
+    if after is None:
+        raise _diverged(state, step, f"the float16 gradients overflowed at loss scale {optim.MIN_LOSS_SCALE:g} "
+                                     "(they exceed 65504 unscaled)")
+    return after
+
+
 def _record_step(run: Run, state: RunState, record: dict, evaluate: bool, metrics, progress):
     """Rank 0's account of a step: the validation loss when `evaluate`, the log row, the progress bar.
     Step 0 is the run's first evaluation, before any training."""
-    if evaluate:
-        state.val_loss = record["val_loss"] = _evaluate(state.params, run.model_config, run.val_batches, run.pool)
+    if evaluate:  # the model as the steps run it: in float16 under --precision fp16
+        state.val_loss = record["val_loss"] = _evaluate(state.forward_weights(), run.model_config, run.val_batches,
+                                                        run.pool)
         first = f" (ln V = {math.log(run.model_config.vocab_size):.4f})" if state.step == 0 else ""
         progress.write(f"step {state.step}: validation loss {state.val_loss:.4f}{first}", file=sys.stderr)
     run_log.write_row(metrics, record)
     if state.step > 0:
+        skipped = {} if state.loss_scale is None else {"skipped": state.loss_scale.skipped}
         progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                             tok_s=f"{record['tokens_per_s']:.0f}")
+                             tok_s=f"{record['tokens_per_s']:.0f}", **skipped)
         progress.update(1)
 
 
@@ -399,8 +430,17 @@ def _accumulated_loss_and_grads(run: Run, state: RunState):
     accum = run.config.grad_accum
     loss_sum, sums = 0.0, None
     average = distributed.GradientAverage(state.params, run.world) if distributed.averages(run.world) else None
+    weights = state.forward_weights()
+    # mixed precision: backward runs on the scaled loss in float16, and each gradient comes back to
+    # float32 unscaled as soon as backward has finished it, before any sum
+    scale = state.loss_scale.scale if state.loss_scale is not None else None
+    grad_dtype = None if scale is None else state.params[FINAL_NORM].dtype
+
+    def to_master(name, grad):
+        return grad if scale is None else optim.unscaled(grad, scale, grad_dtype)
 
     def finish(name, grad):
+        grad = to_master(name, grad)
         if sums is not None:
             grad = sums.pop(name) + grad
             grad /= accum
@@ -411,13 +451,14 @@ def _accumulated_loss_and_grads(run: Run, state: RunState):
         inputs, targets = state.sampler.next_batch()  # the same global batch on every rank
         last = micro_step == accum - 1
         if run.pool is not None:  # each row on a worker thread, the gradients added in row order
-            micro_loss, grads = parallel.sliced_loss_and_grads(state.params, run.model_config, inputs[rows],
-                                                               targets[rows], run.pool)
-            if last:
-                grads = {name: finish(name, grad) for name, grad in grads.items()}
+            micro_loss, grads = parallel.sliced_loss_and_grads(weights, run.model_config, inputs[rows],
+                                                               targets[rows], run.pool, loss_scale=scale or 1.0,
+                                                               grad_dtype=grad_dtype)
+            grads = {name: (finish if last else to_master)(name, grad) for name, grad in grads.items()}
         else:
-            micro_loss, grads = llama.loss_and_grads_on_device(state.params, run.model_config, inputs[rows],
-                                                               targets[rows], on_grad=finish if last else None)
+            micro_loss, grads = llama.loss_and_grads_on_device(weights, run.model_config, inputs[rows],
+                                                               targets[rows], on_grad=finish if last else to_master,
+                                                               loss_scale=scale or 1.0)
         loss_sum = loss_sum + micro_loss.astype("float64")
         if last:
             break
@@ -451,6 +492,8 @@ def _save_checkpoint(run: Run, state: RunState):
     saved = {"step": state.step, "settings": saved_settings(run.config, run.model_config.vocab_size),
              "sampler": state.sampler.state(), "data_id": run.data_id,
              "tokenizer_fingerprint": run.tokenizer.fingerprint}
+    if state.loss_scale is not None:
+        saved["loss_scale"] = dataclasses.asdict(state.loss_scale)
     path = ckpt.save_checkpoint(run.out, state.step, config=run.model_config, params=state.params,
                                 optimizer_state=zero.whole_optimizer_state(run, state), state=saved,
                                 tokenizer_model=run.tokenizer.model_bytes,

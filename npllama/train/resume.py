@@ -48,7 +48,8 @@ def fresh_state(run: Run, sampler, log) -> RunState:
     params = llama.init_params(run.model_config, seed=run.config.seed, dtype=run.config.dtype, xp=run.xp)
     own = zero.own_rows(run, params)
     opt_state = optim.init_state(params if own is None else {n: p[own[n]] for n, p in params.items()})
-    return RunState(params, opt_state, sampler, step=0, own_rows=own)
+    loss_scale = optim.LossScale(run.config.first_loss_scale) if run.config.precision == "fp16" else None
+    return RunState(params, opt_state, sampler, step=0, own_rows=own, loss_scale=loss_scale)
 
 
 def resumed_state(run: Run, resumed, sampler, log) -> RunState:
@@ -84,5 +85,19 @@ def resumed_state(run: Run, resumed, sampler, log) -> RunState:
         opt_state = optim.AdamWState(m={n: m[own[n]].copy() for n, m in opt_state.m.items()},
                                      v={n: v[own[n]].copy() for n, v in opt_state.v.items()}, step=opt_state.step)
     return RunState(params, opt_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step),
-                    own_rows=own)
+                    own_rows=own, loss_scale=_saved_loss_scale(run, resumed))
+
+
+def _saved_loss_scale(run: Run, resumed) -> optim.LossScale | None:
+    """The loss scale and its counters as the checkpoint saved them (--precision fp16), checked."""
+    if run.config.precision != "fp16":
+        return None
+    saved = resumed.state.get("loss_scale")
+    try:
+        if not isinstance(saved, dict) or set(saved) != {"scale", "good_steps", "skipped"}:
+            raise ValueError("it needs scale, good_steps and skipped")
+        return optim.LossScale(**saved)
+    except ValueError as error:
+        raise TrainError(f"--resume: {resumed.path / 'state.json'} holds no usable loss scale ({error}); the "
+                         "checkpoint is damaged: resume from another one") from None
 

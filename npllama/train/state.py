@@ -41,7 +41,7 @@ class Run:
 @dataclass
 class RunState:
     """What each step changes: the weights, AdamW's moments, the sampler's position, the step count,
-    and the newest checkpoint as (path, step)."""
+    the loss scale (--precision fp16), and the newest checkpoint as (path, step)."""
 
     params: dict
     opt_state: optim.AdamWState
@@ -50,4 +50,10 @@ class RunState:
     last_checkpoint: tuple | None = None
     val_loss: float = math.nan
     own_rows: dict | None = None  # --zero 1 under mpirun: the rows of each parameter this rank updates
+    loss_scale: optim.LossScale | None = None  # --precision fp16 only
+
+    def forward_weights(self) -> dict:
+        """The weights forward and backward run on: the float16 copy of the master weights under
+        --precision fp16 (made anew after each update), else the weights themselves."""
+        return self.params if self.loss_scale is None else optim.float16_copy(self.params)
 
