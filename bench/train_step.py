@@ -4,6 +4,7 @@ user would otherwise pick, PyTorch in each of its usual forms.
     python bench/train_step.py [--preset small] [--seq-len 256,1024,2048] [--tokens 2048] [--steps 5]
     python bench/train_step.py --backend cupy                 # preset 134M, T = 1024, on the GPU, float32
     python bench/train_step.py --backend cupy --tf32          # the same with TF32 allowed on every side
+    python bench/train_step.py --backend cupy --precision fp16   # mixed precision on every side
 
 Sides, each in a fresh subprocess of this same command, on the same model shape, weights and batches:
 
@@ -17,11 +18,18 @@ Sides, each in a fresh subprocess of this same command, on the same model shape,
   transformers sdpa    LlamaForCausalLM with attn_implementation="sdpa" (PyTorch's fused attention)
   transformers eager   LlamaForCausalLM with attn_implementation="eager"
   sdpa + compile       the sdpa model under torch.compile (its compilation is the untimed warm-up)
+  sdpa bf16, sdpa + compile bf16
+                       with --precision fp16: the sdpa model under autocast to bfloat16 (no loss
+                       scale), eager and compiled: PyTorch's other mixed precision
 
 All PyTorch sides use torch.optim.AdamW (weight decay 0.1 on matrices) and clip_grad_norm_, as
 npllama does. For each sequence length T the batch is --tokens / T sequences. Float32 means float32
 on every side (PyTorch's allow_tf32 off, CuPy's float32 compute type full float32), unless --tf32
-allows TF32 on every side (allow_tf32 on; npllama as `--tf32` trains). Reported per side:
+allows TF32 on every side (allow_tf32 on; npllama as `--tf32` trains). With --precision fp16 every
+side trains in mixed precision: npllama as `--precision fp16` trains (a float16 copy of the float32
+weights, a loss scale of 2^16 that halves on an overflow, AdamW on float32), the PyTorch sides under
+torch.autocast to float16 with a GradScaler (float32 weights and AdamW), the "bf16" sides under
+autocast to bfloat16. Reported per side:
 
   tokens/s     B * T / (median wall time of one step), after --warmup untimed steps
   step memory  peak resident memory during the steps minus the resident memory before the first
@@ -35,8 +43,11 @@ allows TF32 on every side (allow_tf32 on; npllama as `--tf32` trains). Reported 
                (and, for npllama, each thread's share: what stays serial shows as one busy thread)
   BLAS         the library, its kernel and threads (threadpoolctl for NumPy, torch's build config)
   MFU %        on a GPU: the step's arithmetic over the time the card's dense peak for the
-               precision (float32, or TF32 with --tf32) would need for it, the peak from the
-               card's name (CARD_PEAK_TFLOPS; "?" for a card not listed there)
+               precision (float32, TF32 with --tf32, float16/bfloat16 with --precision fp16) would
+               need for it, the peak from the card's name (CARD_PEAK_TFLOPS; "?" for a card not
+               listed there)
+  skipped      with --precision fp16: the steps whose float16 gradients overflowed (npllama's and
+               the GradScaler's skip), of warm-up and timed steps together
 
 The ratio line compares npllama with the fastest PyTorch side at that T. A side that fails (no
 transformers, torch.compile without a working compiler) is reported with why, not counted.
@@ -58,13 +69,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = {"npllama": "npllama", "npllama-1": "npllama, 1 thread", "torch": "torch reference",
          "torch-compile": "reference + compile", "hf-sdpa": "transformers sdpa", "hf-eager": "transformers eager",
-         "hf-compile": "sdpa + compile"}
+         "hf-compile": "sdpa + compile", "hf-sdpa-bf16": "sdpa bf16", "hf-compile-bf16": "sdpa + compile bf16"}
 CPU_SIDES = ("npllama", "npllama-1", "torch", "hf-sdpa", "hf-eager", "hf-compile")
 GPU_SIDES = ("npllama", "torch", "torch-compile", "hf-sdpa", "hf-compile")
-# Dense peak TFLOP/s of float32 and TF32 (NVIDIA's data sheets), by a fragment of the card's name;
-# the first fragment the name contains wins, so the PCIe H100 comes before the SXM one
-CARD_PEAK_TFLOPS = {"H100 PCIe": (51.0, 378.0), "H100 NVL": (60.0, 417.0), "H100": (67.0, 495.0),
-                    "H200 NVL": (60.0, 417.0), "H200": (67.0, 495.0), "A100": (19.5, 156.0)}
+FP16_GPU_SIDES = ("npllama", "torch", "hf-sdpa", "hf-sdpa-bf16", "hf-compile", "hf-compile-bf16")
+# Dense peak TFLOP/s of float32, TF32 and float16/bfloat16 (NVIDIA's data sheets), by a fragment of
+# the card's name; the first fragment the name contains wins, so the PCIe H100 comes before the SXM one
+CARD_PEAK_TFLOPS = {"H100 PCIe": (51.0, 378.0, 756.0), "H100 NVL": (60.0, 417.0, 835.0),
+                    "H100": (67.0, 495.0, 989.0), "H200 NVL": (60.0, 417.0, 835.0), "H200": (67.0, 495.0, 989.0),
+                    "A100": (19.5, 156.0, 312.0)}
 WORKER_TIMEOUT_S = 1200  # torch.compile's first step compiles C++ for minutes on two cores
 
 
@@ -99,11 +112,12 @@ def step_flops(config, batch: int, seq_len: int) -> float:
     return 3 * (matmuls + attention)
 
 
-def card_peak_tflops(card: str, tf32: bool) -> float | None:
-    """The card's dense peak TFLOP/s for float32, or TF32, from its name; None for a card not listed."""
-    for fragment, (float32, tensor_float32) in CARD_PEAK_TFLOPS.items():
+def card_peak_tflops(card: str, tf32: bool, half: bool = False) -> float | None:
+    """The card's dense peak TFLOP/s for float32, TF32 or (`half`) float16, from its name; None for a
+    card not listed."""
+    for fragment, (float32, tensor_float32, float16) in CARD_PEAK_TFLOPS.items():
         if fragment in card:
-            return tensor_float32 if tf32 else float32
+            return float16 if half else tensor_float32 if tf32 else float32
     return None
 
 
@@ -117,31 +131,73 @@ def run_npllama(args) -> dict:
     config = _config(args.preset, args.seq_len)
     params = model.init_params(config, seed=0, xp=xp)
     state = optim.init_state(params)
+    mixed = MixedPrecision(params) if args.precision == "fp16" else None
     if args.backend == "numpy":  # as the trainer runs it: --threads workers, a one-thread BLAS in each
         from npllama.parallel import sliced_loss_and_grads, workers
 
         threads = 1 if args.worker == "npllama-1" else args.threads
         with workers(threads) as pool:
             def threaded_step(tokens):
-                loss, grads = sliced_loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:], pool)
-                optim.step(params, grads, state, 1e-4, pool=pool)  # clips to global norm 1, then AdamW
+                weights, scale = mixed.step_inputs() if mixed else (params, 1.0)
+                loss, grads = sliced_loss_and_grads(weights, config, tokens[:, :-1], tokens[:, 1:], pool,
+                                                    loss_scale=scale, grad_dtype="float32" if mixed else None)
+                _update(params, grads, state, mixed, pool)  # clips to global norm 1, then AdamW
                 return loss
 
             result = _measure(threaded_step, _batches(config, args), args)
         blas = _numpy_blas()  # the machine's rate, with every BLAS thread; npllama ran one in each worker
         blas["blas"] = blas["blas"].rsplit(",", 1)[0] + f", 1 thread in each of {threads} workers"
-        return {**result, **blas, "sgemm_scaling": _sgemm_scaling(args.threads)}
+        return {**result, **blas, "sgemm_scaling": _sgemm_scaling(args.threads), **_skipped(mixed)}
 
     def step(tokens):
-        loss, grads = model.loss_and_grads(params, config, tokens[:, :-1], tokens[:, 1:])
-        optim.step(params, grads, state, 1e-4)  # clips to global norm 1, then AdamW
+        weights, scale = mixed.step_inputs() if mixed else (params, 1.0)
+        loss, grads = model.loss_and_grads_on_device(weights, config, tokens[:, :-1], tokens[:, 1:], loss_scale=scale)
+        _update(params, grads, state, mixed)  # clips to global norm 1, then AdamW
         synchronize(xp)
         return loss
 
     with float32_products(xp, args.tf32):  # as `python -m npllama.train --backend cupy [--tf32]` sets it
         result = _measure(step, _batches(config, args), args)
         result["device_memory_mib"] = xp.get_default_memory_pool().total_bytes() / 2**20
-        return {**result, **_cupy_blas(xp)}
+        return {**result, **_cupy_blas(xp), **_skipped(mixed)}
+
+
+class MixedPrecision:
+    """The trainer's --precision fp16 for the benchmark: the float16 copy a step runs on, and the
+    loss scale (2^16 first, halved and the update skipped when the gradients overflow)."""
+
+    def __init__(self, params):
+        from npllama import optim
+
+        self.params, self.scale, self.skipped = params, optim.LossScale(), 0
+
+    def step_inputs(self) -> tuple:
+        """(the float16 weights, the loss scale) of the next step."""
+        from npllama import optim
+
+        return optim.float16_copy(self.params), self.scale.scale
+
+
+def _update(params, grads, state, mixed, pool=None):
+    """Clip to global norm 1 and take AdamW's step, as the trainer does; under mixed precision on the
+    float32 gradients divided by the scale, and only when they are all finite."""
+    import math
+
+    from npllama import optim
+
+    if mixed is not None:
+        grads = {name: optim.unscaled(grad, mixed.scale.scale) for name, grad in grads.items()}
+    norm = optim.global_norm(grads, pool)
+    if mixed is not None:
+        mixed.skipped += not math.isfinite(norm)
+        mixed.scale = optim.next_loss_scale(mixed.scale, math.isfinite(norm))
+        if not math.isfinite(norm):
+            return
+    optim.step(params, grads, state, 1e-4, grad_norm=norm, pool=pool)
+
+
+def _skipped(mixed) -> dict:
+    return {} if mixed is None else {"skipped": mixed.skipped}
 
 
 def _torch_model(args, side, config, device):
@@ -149,6 +205,8 @@ def _torch_model(args, side, config, device):
     import torch
 
     from npllama import model
+
+    side = side.removesuffix("-bf16")  # the same model, under another autocast
 
     weights = model.init_params(config, seed=0)
     if side in ("torch", "torch-compile"):
@@ -197,13 +255,27 @@ def run_torch(args) -> dict:
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=1e-4, betas=(0.9, 0.95))
     batches = [torch.from_numpy(b).to(device) for b in _batches(config, args)]
+    autocast = None if args.precision != "fp16" else torch.bfloat16 if args.worker.endswith("-bf16") else torch.float16
+    scaler = torch.amp.GradScaler(device) if autocast is torch.float16 else None  # bfloat16 needs no loss scale
+    skipped = 0
 
     def step(tokens):
+        nonlocal skipped
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(tokens)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = loss_of(tokens)
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        else:  # torch's AMP recipe: backward on the scaled loss, unscale, clip, step (skipped on inf), rescale
+            scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            skipped += scaler.get_scale() < scale
         if device == "cuda":
             torch.cuda.synchronize()
         return float(loss)
@@ -211,7 +283,7 @@ def run_torch(args) -> dict:
     result = _measure(step, batches, args)
     if device == "cuda":
         result["device_memory_mib"] = torch.cuda.max_memory_reserved() / 2**20
-    return {**result, **_torch_blas(device)}
+    return {**result, **_torch_blas(device), **({"skipped": skipped} if autocast is not None else {})}
 
 
 def _measure(step, batches, args) -> dict:
@@ -338,7 +410,8 @@ def _worker_env() -> dict:
 def _run_side(side, seq_len, args) -> dict:
     command = [sys.executable, __file__, "--preset", args.preset, "--seq-len", str(seq_len), "--tokens",
                str(args.tokens), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
-               str(args.threads), "--backend", args.backend, "--worker", side] + (["--tf32"] if args.tf32 else [])
+               str(args.threads), "--backend", args.backend, "--worker", side, "--precision", args.precision] + (
+        ["--tf32"] if args.tf32 else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=_worker_env(), timeout=args.side_timeout)
     except subprocess.TimeoutExpired:
@@ -355,10 +428,12 @@ def _print_table(seq_len, args, sides, card=None) -> dict:
     config = _config(args.preset, seq_len)
     batch = max(args.tokens // seq_len, 1)
     flops = step_flops(config, batch, seq_len)
-    peak = card_peak_tflops(card, args.tf32) if card else None
+    half = args.precision == "fp16"
+    peak = card_peak_tflops(card, args.tf32, half) if card else None
     on_gpu = args.backend == "cupy"
+    kind = "float16" if half else "TF32" if args.tf32 else "float32"
     print(f"\nT {seq_len} x batch {batch}: {flops / 1e9:.0f} GFLOP a step"
-          + (f"; {card}, peak {peak if peak else '?'} TFLOP/s {'TF32' if args.tf32 else 'float32'}" if on_gpu else ""))
+          + (f"; {card}, peak {peak if peak else '?'} TFLOP/s {kind}" if on_gpu else ""))
     memory = "device MiB" if on_gpu else "peak RSS MiB"
     print(f"{'':20}{'tokens/s':>9}{'step s':>8}{'step MiB':>10}{memory:>13}{'floor %':>8}"
           + (f"{'MFU %':>8}" if on_gpu else f"{'busy cores':>11}") + f"{'first loss':>11}  BLAS (sgemm GFLOP/s)",
@@ -374,7 +449,7 @@ def _print_table(seq_len, args, sides, card=None) -> dict:
         print(f"{SIDES[side]:20}{r['tokens_per_s']:>9.0f}{r['step_s']:>8.3f}{r['step_memory_mib']:>10.0f}"
               f"{r.get('device_memory_mib', r['peak_rss_mib']):>13.0f}{floor:>8.1f}"
               + (mfu if on_gpu else f"{r['busy_cores']:>11.2f}") + f"{r['first_loss']:>11.4f}  {r['blas']} "
-              f"({r['sgemm_gflops']:.0f})", flush=True)
+              f"({r['sgemm_gflops']:.0f})" + (f", {r['skipped']} skipped" if "skipped" in r else ""), flush=True)
     for side, r in results.items():  # where npllama's serial part is: each thread's share of the wall time
         if side == "npllama" and "thread_busy" in r:
             shares = ", ".join(f"{name} {share:.0%}" for name, share in sorted(r["thread_busy"].items()))
@@ -412,6 +487,9 @@ def main(argv=None):
                         help="cupy: npllama on CuPy against PyTorch on CUDA, eager and compiled")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in float32 matrix products on every side "
                                                             "(cupy only)")
+    parser.add_argument("--precision", choices=["full", "fp16"], default="full",
+                        help="fp16: mixed precision on every side (npllama's --precision fp16, PyTorch's autocast "
+                             "to float16 with a GradScaler, and to bfloat16 on the bf16 sides)")
     parser.add_argument("--side-timeout", type=float, default=WORKER_TIMEOUT_S,
                         help="seconds each side may take, compilation included (default %(default)s)")
     parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
@@ -421,6 +499,8 @@ def main(argv=None):
     args.tokens = args.tokens or (16384 if on_gpu else 2048)
     if args.tf32 and not on_gpu:
         parser.error("--tf32 changes float32 products on the GPU only: add --backend cupy")
+    if args.tf32 and args.precision == "fp16":
+        parser.error("--tf32 changes float32 products; with --precision fp16 they are float16: drop one")
     if args.worker:
         args.seq_len = int(args.seq_len)
         sys.path.insert(0, str(ROOT))
@@ -436,11 +516,14 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     seq_lens = [int(t) for t in (args.seq_len or ("1024" if on_gpu else "256,1024,2048")).split(",")]
-    sides = (args.sides or ",".join(GPU_SIDES if on_gpu else CPU_SIDES)).split(",")
+    default_sides = (FP16_GPU_SIDES if args.precision == "fp16" else GPU_SIDES) if on_gpu else CPU_SIDES
+    sides = (args.sides or ",".join(default_sides)).split(",")
     card = _card_name() if on_gpu else None
     print(f"preset {args.preset}, {args.tokens} tokens a step, {args.steps} timed steps, {args.threads} threads, "
           f"{os.cpu_count()} cores, backend {args.backend}" + (f" ({card}), {'TF32' if args.tf32 else 'float32'}"
-                                                               if on_gpu else ""), flush=True)
+                                                               if on_gpu else "")
+          + (", mixed precision (float16; bfloat16 on the bf16 sides)" if args.precision == "fp16" else ""),
+          flush=True)
     for seq_len in seq_lens:
         _print_table(seq_len, args, sides, card)
     return 0

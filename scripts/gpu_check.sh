@@ -14,13 +14,16 @@
 #   3. bench/train_step.py --backend cupy: the 134M preset at T = 1024, float32 (TF32 off):
 #      npllama against the PyTorch reference and transformers' sdpa model in eager mode, then
 #   4. the same against both under torch.compile (each side at most 100 s, compilation included);
-#   5. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
-#   6. the eager sides again with --tf32, TF32 allowed on every side;
-#   7. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
-#   8. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, and
-#      the same under `mpirun -n 1` (NCCL averages the one rank's gradients) where mpirun and
-#      mpi4py are installed;
-#   9. python -m npllama.kernels, the compile report, with this machine's NVRTC;
+#   5. the eager sides in mixed precision (--precision fp16: npllama's float16 with loss scaling
+#      against PyTorch's autocast to float16 with a GradScaler, and transformers' sdpa model under
+#      autocast to bfloat16), MFU against the card's 16-bit peak;
+#   6. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
+#   7. the eager sides again with --tf32, TF32 allowed on every side;
+#   8. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
+#   9. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, the
+#      same with --precision fp16, and the same under `mpirun -n 1` (NCCL averages the one rank's
+#      gradients) where mpirun and mpi4py are installed;
+#  10. python -m npllama.kernels, the compile report, with this machine's NVRTC;
 # then prints one table (step, result, seconds, the line that matters) and the benchmark figures.
 # It needs Python with CuPy, PyTorch, pytest, hypothesis, sentencepiece, safetensors and tqdm, and
 # neither network nor pip: the package runs from this checkout. Exit status: the number of failed steps.
@@ -88,6 +91,8 @@ run "train step eager" 90 "ratio" "$PYTHON" bench/train_step.py --backend cupy -
     --sides npllama,torch,hf-sdpa
 run "train step compile" 150 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --side-timeout 100 \
     --sides npllama,torch-compile,hf-compile
+run "train step fp16" 90 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --precision fp16 \
+    --sides npllama,torch,hf-sdpa,hf-sdpa-bf16
 run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
 run "train step tf32" 75 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
     --sides npllama,torch,hf-sdpa
@@ -95,6 +100,9 @@ run "profile step" 45 "a step" "$PYTHON" bench/profile_step.py --backend cupy --
 run "train 20 steps" 60 "step 20: validation loss|checkpoint:" \
     "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \
     --out "$OUT/run" --cache-dir "$OUT/cache" --sample-tokens 40
+run "train fp16 20" 60 "step 20: validation loss|checkpoint:" \
+    "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress --precision fp16 \
+    --out "$OUT/run-fp16" --cache-dir "$OUT/cache" --sample-tokens 0
 if command -v mpirun >/dev/null && "$PYTHON" -c "import mpi4py" 2>/dev/null; then
     # the README's multi-process command on this GPU: one rank, its gradients averaged by NCCL
     # (Open MPI refuses root without the two variables; they change nothing else)
@@ -114,7 +122,7 @@ echo "--- bench/attention.py ---"
 [ -f "$OUT/attention bench.log" ] && grep -vE "^\s*$" "$OUT/attention bench.log" | tail -40
 echo "--- bench/profile_step.py --backend cupy ---"
 [ -f "$OUT/profile step.log" ] && tail -14 "$OUT/profile step.log"
-for step in "train step eager" "train step compile" "train step tf32"; do
+for step in "train step eager" "train step compile" "train step fp16" "train step tf32"; do
     echo "--- bench/train_step.py: $step ---"
     [ -f "$OUT/$step.log" ] && tail -7 "$OUT/$step.log"
 done

@@ -298,6 +298,34 @@ def test_tf32_rounds_float32_products_to_a_10_bit_mantissa_only_when_asked(cupy)
     assert errors[False] < 1e-5 < 1e-4 < errors[True] < 1e-2, errors
 
 
+def test_float16_products_on_the_tensor_cores_accumulate_in_float32(cupy):
+    """cuBLAS's float16 GEMM as a training run sets it (float32 compute): within one float16 rounding
+    of the float64 product of the same float16 inputs plus float32's accumulation error, which float16
+    accumulation (2^-11 a term, over 1024 terms) would exceed many times. 1024 x 1024: tensor cores."""
+    from npllama.backend import float32_products, matmul
+
+    rng = numpy.random.default_rng(0)
+    a, b = (rng.standard_normal((1024, 1024)).astype(numpy.float16) for _ in range(2))
+    exact = a.astype(numpy.float64) @ b.astype(numpy.float64)
+    magnitude = numpy.abs(a.astype(numpy.float64)) @ numpy.abs(b.astype(numpy.float64))
+    with float32_products(cupy, False):
+        product = matmul(cupy.asarray(a), cupy.asarray(b)).get()
+    assert product.dtype == numpy.float16
+    bound = 2.0**-11 * numpy.abs(exact) + 1024 * 2.0**-24 * magnitude + 2.0**-25
+    assert (numpy.abs(product.astype(numpy.float64) - exact) <= bound).all()
+
+
+def test_fp16_training_on_cupy_tracks_the_numpy_fp16_run_and_float32(corpus, tmp_path):
+    """50 steps of --precision fp16 on the GPU (cuBLAS float16 GEMMs, float16 attention in the array
+    code): the loss within 1% of the NumPy fp16 run's and of the GPU float32 run's at every step."""
+    on_cpu = small_run(corpus, tmp_path, "numpy", "cpu", precision="fp16")
+    on_gpu = small_run(corpus, tmp_path, "cupy", "gpu", precision="fp16")
+    in_float32 = small_run(corpus, tmp_path, "cupy", "gpu32")
+    numpy.testing.assert_allclose(losses(on_gpu.out), losses(on_cpu.out), rtol=1e-2)
+    numpy.testing.assert_allclose(losses(on_gpu.out), losses(in_float32.out), rtol=1e-2)
+    assert on_gpu.val_loss == pytest.approx(in_float32.val_loss, rel=1e-2)
+
+
 def test_a_tf32_run_trains_and_its_checkpoint_resumes_only_with_tf32(corpus, tmp_path):
     first = train_cli(*common(corpus, tmp_path), "--backend", "cupy", "--tf32", "--steps", "2")
     assert first.returncode == 0, first.stderr
