@@ -1,14 +1,19 @@
 """Benchmark npllama's CUDA attention kernels against PyTorch and a cuBLAS-composed CuPy attention.
 
     python bench/attention.py [--seq-lens 1024 2048 4096 8192] [--head-dims 64 128] [--reps 5]
+    python bench/attention.py --dtype float16      # mixed precision: against FlashAttention-2
 
 Causal attention in float32 (TF32 off everywhere), batch x seq = 16384 tokens and heads x head dim
 = 2048 (FlashAttention's benchmark shape), for each implementation, in this one process:
 
   npllama        npllama.ops.attention on CuPy arrays: the CUDA kernels of npllama/kernels/
   sdpa           torch.nn.functional.scaled_dot_product_attention(is_causal=True), default backend
-  sdpa-math      the same, restricted to its math backend (materialised attention)
+  sdpa-math      the same, restricted to its math backend (materialised attention; float32 only)
+  sdpa-flash     the same, restricted to its flash backend (FlashAttention-2; float16 only)
   cupy-composed  S = s Q K^T, mask, softmax, O = P V as CuPy/cuBLAS calls (and their backward by hand)
+
+With --dtype float16 the inputs are float16: npllama runs its tensor-core kernels (attention_f16.cu),
+forward and backward (Dvec = rowsum(dO * O) by CuPy's array code in between).
 
 FLOP count (FlashAttention's convention): a causal forward is 2 matrix products of B*H*T*T*D
 multiply-adds, half of them masked: 4 * B * H * T^2 * D / 2. The backward is 2.5 forwards (5
@@ -111,8 +116,9 @@ def composed_calls(q, k, v, dout):
     return forward, forward_backward
 
 
-def torch_calls(q, k, v, dout, math_only: bool):
-    """SDPA on the same device memory (DLPack), with its default backend choice or only the math one."""
+def torch_calls(q, k, v, dout, only=None):
+    """SDPA on the same device memory (DLPack), with its default backend choice or only `only`
+    ("math" or "flash")."""
     import contextlib
 
     import torch
@@ -122,7 +128,9 @@ def torch_calls(q, k, v, dout, math_only: bool):
     dout = torch.from_dlpack(dout)
 
     def backends():
-        return sdpa_kernel([SDPBackend.MATH]) if math_only else contextlib.nullcontext()
+        if only is None:
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPBackend.MATH if only == "math" else SDPBackend.FLASH_ATTENTION])
 
     def forward():
         with backends(), torch.no_grad():
@@ -143,6 +151,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=16384, help="batch x seq")
     parser.add_argument("--width", type=int, default=2048, help="heads x head dim")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     args = parser.parse_args(argv)
     from npllama.backend import BackendError, get_backend
 
@@ -162,8 +171,8 @@ def main(argv=None) -> int:
         torch = None
         print("torch is not installed: PyTorch's SDPA is not measured")
     device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
-    print(f"device {device}; CuPy {cupy.__version__}; torch {torch.__version__ if torch else '-'}; float32, causal, "
-          f"TF32 off; batch x seq = {args.tokens}, heads x head dim = {args.width}")
+    print(f"device {device}; CuPy {cupy.__version__}; torch {torch.__version__ if torch else '-'}; {args.dtype}, "
+          f"causal, TF32 off; batch x seq = {args.tokens}, heads x head dim = {args.width}")
     print(f"{'T':>5} {'D':>4} {'implementation':15} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}"
           f" {'max |diff|':>10}")
     rows = []
@@ -171,17 +180,21 @@ def main(argv=None) -> int:
         for seq in args.seq_lens:
             batch, n_heads = max(1, args.tokens // seq), args.width // head_dim
             rng = numpy.random.default_rng(0)
-            q, k, v, dout = (cupy.asarray(rng.standard_normal((batch, n_heads, seq, head_dim), dtype=numpy.float32))
-                             for _ in range(4))
+            q, k, v, dout = (cupy.asarray(rng.standard_normal((batch, n_heads, seq, head_dim), dtype=numpy.float32)
+                                          .astype(args.dtype)) for _ in range(4))
             calls = {"npllama": npllama_calls(q, k, v, dout), "cupy-composed": composed_calls(q, k, v, dout)}
             if torch is not None:
-                calls["sdpa"] = torch_calls(q, k, v, dout, math_only=False)
-                calls["sdpa-math"] = torch_calls(q, k, v, dout, math_only=True)
-            reference = calls["npllama"][0]().get()
+                calls["sdpa"] = torch_calls(q, k, v, dout)
+                if args.dtype == "float16":
+                    calls["sdpa-flash"] = torch_calls(q, k, v, dout, only="flash")
+                else:
+                    calls["sdpa-math"] = torch_calls(q, k, v, dout, only="math")
+            reference = calls["npllama"][0]().get().astype(numpy.float64)
             for name, (forward, forward_backward) in calls.items():
                 timer = time_torch if name.startswith("sdpa") else time_cupy
                 try:
-                    diff = float(numpy.abs(numpy.asarray(cupy.asarray(forward()).get()) - reference).max())
+                    got = numpy.asarray(cupy.asarray(forward()).get(), dtype=numpy.float64)
+                    diff = float(numpy.abs(got - reference).max())
                     fwd, both = timer(forward, args.reps), timer(forward_backward, args.reps)
                 except (cupy.cuda.memory.OutOfMemoryError, RuntimeError) as error:  # torch raises RuntimeError
                     print(f"{seq:5d} {head_dim:4d} {name:15} out of memory or failed: {str(error).splitlines()[0]}")

@@ -17,7 +17,8 @@
 #   5. the eager sides in mixed precision (--precision fp16: npllama's float16 with loss scaling
 #      against PyTorch's autocast to float16 with a GradScaler, and transformers' sdpa model under
 #      autocast to bfloat16), MFU against the card's 16-bit peak;
-#   6. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention);
+#   6. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention), in
+#      float32 and then in float16 (the tensor-core forward against SDPA's flash backend);
 #   7. the eager sides again with --tf32, TF32 allowed on every side;
 #   8. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
 #   9. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, the
@@ -94,6 +95,7 @@ run "train step compile" 150 "ratio" "$PYTHON" bench/train_step.py --backend cup
 run "train step fp16" 90 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --precision fp16 \
     --sides npllama,torch,hf-sdpa,hf-sdpa-bf16
 run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
+run "attention fp16" 60 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3 --dtype float16
 run "train step tf32" 75 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
     --sides npllama,torch,hf-sdpa
 run "profile step" 45 "a step" "$PYTHON" bench/profile_step.py --backend cupy --steps 2
@@ -118,8 +120,10 @@ echo "device: $(tail -1 "$OUT/device.log")"
 printf '%-18s %-14s %6s  %s\n' step result time "summary (full logs in $OUT)"
 printf '%s\n' "${rows[@]}"
 echo
-echo "--- bench/attention.py ---"
-[ -f "$OUT/attention bench.log" ] && grep -vE "^\s*$" "$OUT/attention bench.log" | tail -40
+for step in "attention bench" "attention fp16"; do
+    echo "--- bench/attention.py: $step ---"
+    [ -f "$OUT/$step.log" ] && grep -vE "^\s*$" "$OUT/$step.log" | tail -40
+done
 echo "--- bench/profile_step.py --backend cupy ---"
 [ -f "$OUT/profile step.log" ] && tail -14 "$OUT/profile step.log"
 for step in "train step eager" "train step compile" "train step fp16" "train step tf32"; do

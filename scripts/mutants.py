@@ -54,6 +54,7 @@ TRAIN_CONFIG = "tests/test_train_config.py::"
 PTH = "tests/test_pth.py::"
 F16 = "tests/test_float16_ops.py::"
 MIXED = "tests/test_mixed_precision.py::"
+TENSOR_CORES = "tests/test_tensor_core_kernels_on_cpu.py::"
 
 OPS = "npllama/ops/"
 
@@ -1930,4 +1931,98 @@ CATALOGUE = [
            '        if False:\n',
            (TRAIN_CONFIG + "test_mixed_precision_settings_that_would_change_nothing_are_refused_in_one_line",),
            "--precision fp16 --dtype float64 is accepted, and its float64 masters silently meet float32 gradients"),
+    # --- the float16 tensor-core attention forward -------------------------------------------------
+    Mutant("f16-forward-key-halves-swapped", "npllama/kernels/attention_f16.cu",
+           "pack_halves(key_row[0], key_row[1])", "pack_halves(key_row[1], key_row[0])",
+           (TENSOR_CORES + "test_the_float16_forward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "a key's two adjacent dims go to the wrong halves of the B register: Q K^T pairs q_d with k_(d+1)"),
+    Mutant("f16-forward-p-fragment-rows-mixed", "npllama/kernels/attention_f16.cu",
+           "      p_frag[step][1] = pack_halves(p[2], p[3]);  // row g + 8\n",
+           "      p_frag[step][1] = pack_halves(p[4], p[5]);  // row g + 8\n",
+           (TENSOR_CORES + "test_the_float16_forward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "P's C fragment is repacked into the A fragment in another order: row g + 8 gets row g's later keys"),
+    Mutant("f16-forward-sum-not-rescaled", "npllama/kernels/attention_f16.cu",
+           "      row_sum[r] *= rescale;\n", "",
+           (TENSOR_CORES + "test_the_float16_forward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "the online softmax rescales O but not the running sum when a later key tile raises the max"),
+    Mutant("f16-forward-masks-the-diagonal", "npllama/kernels/attention_f16.cu",
+           "key > offset + row || key >= n_keys", "key >= offset + row || key >= n_keys",
+           (TENSOR_CORES + "test_the_float16_forward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "a query no longer sees its own key"),
+    Mutant("f16-forward-sum-of-one-lane", "npllama/kernels/attention_f16.cu",
+           "  for (int r = 0; r < 2; ++r) row_sum[r] = quad_sum(row_sum[r]);\n",
+           "  for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r];\n",
+           (TENSOR_CORES + "test_the_float16_forward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "each lane divides by its own quarter of the row's sum"),
+    Mutant("f16-forward-reads-the-tile-before-it-is-loaded", "npllama/kernels/attention_f16.cu",
+           "    }\n    __syncthreads();\n\n    // S = Q K^T", "    }\n\n    // S = Q K^T",
+           (TENSOR_CORES + "test_the_float16_forward_has_no_data_race_under_thread_sanitizer",),
+           "a warp multiplies by K and V while other warps still write them"),
+    Mutant("f16-launch-floors-the-query-tiles", "npllama/kernels/attention_f16.py",
+           "    grid = (math.ceil(shape.n_queries / QUERIES), shape.query_heads, 1)\n",
+           "    grid = (shape.n_queries // QUERIES, shape.query_heads, 1)\n",
+           (TENSOR_CORES + "test_the_float16_launch_has_a_block_per_tile_of_64_queries_of_each_query_head",
+            TENSOR_CORES + "test_the_float16_forward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers"),
+           "no block for the last partial tile of queries: their O and L are never written"),
+    Mutant("f16-launch-forgets-the-group", "npllama/kernels/attention_f16.py",
+           "numpy.int32(shape.group_size), numpy.float32(scale)", "numpy.int32(1), numpy.float32(scale)",
+           (TENSOR_CORES + "test_the_float16_forward_handles_groups_and_fewer_queries_than_keys",),
+           "grouped-query attention reads key/value head h, not h / G: past the end of k and v"),
+    Mutant("f16-shared-rows-unpadded", "npllama/kernels/attention_f16.py",
+           "    row = (head_dim + 8) * 2\n", "    row = head_dim * 2\n",
+           (TENSOR_CORES + "test_the_float16_forward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "the launches ask for rows of D halves where the kernels lay out D + 8: the last tiles run past the buffer"),
+    Mutant("f16-launch-scale-as-float64", "npllama/kernels/attention_f16.py",
+           "numpy.int32(shape.group_size), numpy.float32(scale)", "numpy.int32(shape.group_size), numpy.float64(scale)",
+           (TENSOR_CORES + "test_the_float16_launch_has_a_block_per_tile_of_64_queries_of_each_query_head",),
+           "the kernel's float scale is passed as a double: CuPy would hand it 8 bytes where it reads 4"),
+    Mutant("f16-lse-of-any-dtype", "npllama/kernels/attention_f16.py",
+           "    if lse.dtype != numpy.float32 or tuple(lse.shape)", "    if tuple(lse.shape)",
+           (TENSOR_CORES + "test_the_float16_launch_refuses_what_the_kernel_cannot_take",),
+           "a float16 lse is accepted, and the kernel writes float32s over half as many bytes"),
+    Mutant("f16-kernel-takes-float32", "npllama/kernels/attention_f16.py",
+           '    return numpy.dtype(dtype).name == "float16" and head_dim in HEAD_DIMS\n',
+           "    return head_dim in HEAD_DIMS\n",
+           (TENSOR_CORES + "test_the_float16_launch_refuses_what_the_kernel_cannot_take",),
+           "float32 inputs go to a kernel that reads each float as two halves"),
+    Mutant("f16-dkdv-one-head-of-the-group", "npllama/kernels/attention_f16.cu",
+           "  for (int member = 0; member < group_size; ++member) {\n",
+           "  for (int member = 0; member < 1; ++member) {\n",
+           (TENSOR_CORES + "test_the_float16_backward_sums_each_groups_heads_and_handles_fewer_queries_than_keys",),
+           "a shared key/value head's dK and dV take the first query head of its group only"),
+    Mutant("f16-dkdv-masks-the-diagonal", "npllama/kernels/attention_f16.cu",
+           "key < n_keys && key <= offset + query;", "key < n_keys && key < offset + query;",
+           (TENSOR_CORES + "test_the_float16_backward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "dK and dV leave out each key's own query"),
+    Mutant("f16-dq-without-dvec", "npllama/kernels/attention_f16.cu",
+           "        ds[n][e] = probability * (ds[n][e] - row_dvec[e / 2]);\n",
+           "        ds[n][e] = probability * ds[n][e];\n",
+           (TENSOR_CORES + "test_the_float16_backward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "dQ forgets softmax's projection term: dS = P dP"),
+    Mutant("f16-dk-not-times-the-scale", "npllama/kernels/attention_f16.cu",
+           "        dk[key * D + col] = float_to_half(dk_acc[n][e] * scale);\n",
+           "        dk[key * D + col] = float_to_half(dk_acc[n][e]);\n",
+           (TENSOR_CORES + "test_the_float16_backward_matches_the_reference_under_address_and_undefined_behaviour_"
+            "sanitizers",),
+           "dK = dS^T Q without the softmax scale s"),
+    Mutant("f16-dkdv-grid-over-query-heads", "npllama/kernels/attention_f16.py",
+           "(math.ceil(shape.n_keys / KEYS), shape.kv_heads, 1)",
+           "(math.ceil(shape.n_keys / KEYS), shape.query_heads, 1)",
+           (TENSOR_CORES + "test_the_float16_backward_has_a_dkdv_block_per_64_keys_of_each_key_value_head_and_a_dq_"
+            "block_per_64_queries",
+            TENSOR_CORES + "test_the_float16_backward_sums_each_groups_heads_and_handles_fewer_queries_than_keys"),
+           "a dK/dV block for every query head: the blocks past the key/value heads write past dk and dv"),
+    Mutant("f16-dvec-of-any-dtype", "npllama/kernels/attention_f16.py",
+           "    if dvec.dtype != numpy.float32 or tuple(dvec.shape)", "    if tuple(dvec.shape)",
+           (TENSOR_CORES + "test_the_float16_backward_launches_refuse_what_the_kernels_cannot_take",),
+           "a float16 Dvec is accepted, and the kernels read float32s from half as many bytes"),
 ]

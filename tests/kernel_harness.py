@@ -60,6 +60,7 @@ EXIT_STATUS = {64: "could not read its launch", 65: "refused the launch", 70: "w
                71: "lost a kernel thread"}
 
 SCALAR_DTYPES = ("int32", "int64", "float32", "float64")
+ARRAY_DTYPES = SCALAR_DTYPES + ("uint32", "float16")  # float16 goes to an `unsigned short*`, as its bits
 BACKSTOP_SECONDS = 30  # beyond the harness's own watchdog, before Python kills it
 
 
@@ -175,7 +176,7 @@ def _describe(kernel: str, index: int, arg, path: Path, arrays: dict) -> str:
         if not arg.flags.c_contiguous:
             raise ValueError(f"kernel {kernel}: argument {index} is not a C-contiguous array; the kernel would "
                              f"read its buffer as one (numpy.ascontiguousarray makes one)")
-        if arg.dtype.name not in SCALAR_DTYPES or not arg.dtype.isnative:
+        if arg.dtype.name not in ARRAY_DTYPES or not arg.dtype.isnative:
             return f"other {arg.dtype.name} array" + ("" if arg.dtype.isnative else " (not in native byte order)")
         arg.tofile(path)
         arrays[index] = path

@@ -326,6 +326,75 @@ def test_fp16_training_on_cupy_tracks_the_numpy_fp16_run_and_float32(corpus, tmp
     assert on_gpu.val_loss == pytest.approx(in_float32.val_loss, rel=1e-2)
 
 
+# (query heads, key/value heads, Tq, Tk) of the float16 kernels' checks: one position, partial tiles,
+# groups of two, multi-query with fewer queries than keys
+FLOAT16_SHAPES = [(2, 2, 1, 1), (2, 2, 129, 129), (4, 2, 257, 257), (3, 1, 17, 300)]
+
+
+def test_the_mma_instruction_is_c_plus_a_b_in_the_fragment_layouts_the_cpu_emulation_assumes(cupy):
+    """The tensor-core layer of attention_f16.cu, on the instruction itself: lanes' registers packed by
+    the NumPy model of the PTX ISA's layouts (tests/tensor_cores.py, which the harness's emulation is
+    tested against on the CPU) give C + A B unpacked by the same model."""
+    from npllama.kernels import attention_f16
+    from tensor_cores import assert_is_the_product, fragments, mma_problem, unfragment
+
+    for seed in range(5):
+        a, b, c = mma_problem(seed)
+        a_regs, b_regs, c_regs = (cupy.asarray(x) for x in fragments(a, b, c))
+        attention_f16.launch(attention_f16.mma_launch(a_regs, b_regs, c_regs))
+        assert_is_the_product(unfragment(c_regs.get()), a, b, c)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 128])
+@pytest.mark.parametrize("n_heads, n_kv_heads, n_queries, n_keys", FLOAT16_SHAPES)
+def test_the_float16_forward_kernel_meets_its_rounding_bound_on_the_gpu(cupy, head_dim, n_heads, n_kv_heads,
+                                                                        n_queries, n_keys):
+    from npllama.kernels import attention_f16
+    from tensor_cores import assert_within_the_kernels_roundings, draw_halves
+
+    q, k, v = draw_halves(head_dim + n_keys, 2, n_heads, n_kv_heads, n_queries, n_keys, head_dim)
+    out = cupy.full(q.shape, cupy.nan, dtype=cupy.float16)
+    lse = cupy.full(q.shape[:3], cupy.nan, dtype=cupy.float32)
+    attention_f16.launch(attention_f16.forward_launch(*(cupy.asarray(a) for a in (q, k, v)), out, lse,
+                                                      1.0 / math.sqrt(head_dim)))
+    assert_within_the_kernels_roundings(out.get(), lse.get(), q, k, v)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 128])
+@pytest.mark.parametrize("n_heads, n_kv_heads, n_queries, n_keys", FLOAT16_SHAPES)
+def test_the_float16_backward_kernels_meet_their_rounding_bound_on_the_gpu(cupy, head_dim, n_heads, n_kv_heads,
+                                                                           n_queries, n_keys):
+    from tensor_cores import assert_gradients_within_the_kernels_roundings, draw_halves
+
+    q, k, v = draw_halves(head_dim + n_keys, 2, n_heads, n_kv_heads, n_queries, n_keys, head_dim)
+    dout = (100 * numpy.random.default_rng(n_queries).standard_normal(q.shape)).astype(numpy.float16)
+    out, cache = attention.forward(*(cupy.asarray(a) for a in (q, k, v)))
+    grads = [g.get() for g in attention.backward(cupy.asarray(dout), cache)]
+    out = out.get()
+    dvec = (dout.astype(numpy.float32) * out.astype(numpy.float32)).sum(axis=-1)
+    assert_gradients_within_the_kernels_roundings(*grads, q, k, v, dout, out, cache.lse.get(), dvec)
+
+
+def test_float16_attention_on_cupy_runs_the_tensor_core_kernels_bitwise_the_same_each_time(cupy, monkeypatch):
+    """The op sends CuPy float16 to the kernels, forward and backward: three runs, one set of bits."""
+    from npllama.kernels import attention_f16
+    from tensor_cores import draw_halves
+
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(attention_f16, name)
+        monkeypatch.setattr(attention_f16, name, lambda *args, real=real, name=name: (calls.append(name),
+                                                                                        real(*args))[1])
+    q, k, v = (cupy.asarray(a) for a in draw_halves(0, 2, 4, 2, 200, 200, 64))
+    dout = cupy.asarray(numpy.random.default_rng(1).standard_normal(q.shape).astype(numpy.float16))
+    runs = []
+    for _ in range(3):
+        out, cache = attention.forward(q, k, v)
+        runs.append([a.get().tobytes() for a in (out, cache.lse, *attention.backward(dout, cache))])
+    assert calls == ["forward", "backward"] * 3
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
 def test_a_tf32_run_trains_and_its_checkpoint_resumes_only_with_tf32(corpus, tmp_path):
     first = train_cli(*common(corpus, tmp_path), "--backend", "cupy", "--tf32", "--steps", "2")
     assert first.returncode == 0, first.stderr

@@ -31,7 +31,10 @@ float32; the results have the input dtype.
 On CuPy arrays of float32 or float64 with a head dim the kernels were built for (16, 32, 48, 64,
 128), forward and backward run npllama's CUDA kernels instead (npllama/kernels/attention.cu): the
 same algorithm, one thread block per tile, and this NumPy code is the reference they are tested
-against. Other CuPy inputs run the code below on the GPU. Either way the cache is the same.
+against. CuPy float16 inputs (mixed precision) run forward and backward on the tensor cores
+(npllama/kernels/attention_f16.cu: float16 products, float32 accumulators and statistics, each
+output rounded to float16 once, L in float32). Other CuPy inputs run the code below on the GPU.
+Either way the cache is the same.
 Derivation: reference/derivations.md#attention
 """
 
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 
 from ..backend import array_namespace, compute_dtype, is_cupy_array
 from ..kernels import attention as cuda_attention
+from ..kernels import attention_f16 as tensor_core_attention
 
 DEFAULT_TILE_SIZE = 128
 
@@ -71,6 +75,14 @@ def _runs_on_kernels(*arrays) -> bool:
     batch, n_heads, n_queries, head_dim = q.shape
     return (all(is_cupy_array(a) for a in arrays) and len({a.dtype for a in arrays}) == 1
             and cuda_attention.supports(q.dtype, head_dim)
+            and n_queries >= 1 and 1 <= batch * n_heads <= cuda_attention.MAX_HEADS)
+
+
+def _runs_on_tensor_cores(q, k, v) -> bool:
+    """CuPy float16 arrays with a head dim the float16 forward kernel was built for, in a grid it can launch."""
+    batch, n_heads, n_queries, head_dim = q.shape
+    return (all(is_cupy_array(a) and a.dtype == "float16" for a in (q, k, v))
+            and tensor_core_attention.supports(q.dtype, head_dim)
             and n_queries >= 1 and 1 <= batch * n_heads <= cuda_attention.MAX_HEADS)
 
 
@@ -122,6 +134,9 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None, *, pool=None):
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if _runs_on_kernels(q, k, v):
         out, lse = cuda_attention.forward(q, k, v, scale)
+        return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
+    if _runs_on_tensor_cores(q, k, v):
+        out, lse = tensor_core_attention.forward(q, k, v, scale)
         return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
     offset = n_keys - n_queries  # absolute position of query 0
     ct = compute_dtype(xp, q.dtype)
@@ -196,6 +211,8 @@ def backward(dy, cache, *, pool=None):
     tile_size, scale = cache.tile_size, cache.scale
     if _runs_on_kernels(dy, q, k, v):
         return cuda_attention.backward(dy, q, k, v, out, lse, scale)
+    if _runs_on_tensor_cores(q, k, v) and is_cupy_array(dy):
+        return tensor_core_attention.backward(dy, q, k, v, out, lse, scale)
     if pool is not None and len(_head_groups(q, k)) > 1:
         return _backward_by_groups(dy, cache, pool)
     xp = array_namespace(dy)

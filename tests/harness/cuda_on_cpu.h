@@ -11,7 +11,10 @@
 //   - expf, exp, logf, log, fmaxf, fminf, sqrtf, INFINITY, with the float overloads for floats;
 //   - __int_as_float and __longlong_as_double;
 //   - the round-to-nearest arithmetic intrinsics __f{mul,add,sub,div,sqrt}_rn and __d{...}_rn (one
-//     IEEE operation each, never fused: on the CPU every float and double operation is that).
+//     IEEE operation each, never fused: on the CPU every float and double operation is that);
+//   - the tensor-core layer of attention_f16.cu, which is inline PTX on the GPU: mma_16816 (one
+//     warp's mma.sync.m16n8k16, float16 operands and float32 accumulators in the PTX ISA's
+//     fragment layouts) and float_to_half (round to nearest even), float16 held as its 16 bits.
 //
 // Execution model: the blocks of a grid run one after another (blockIdx.x fastest, then y, then
 // z); the threads of a block run concurrently, one std::thread each, so a missing __syncthreads is
@@ -125,6 +128,7 @@ struct Warp {
     const unsigned lanes;  // 32, or fewer in the last warp of a block whose size is not a multiple of 32
     std::barrier<> barrier;
     std::array<std::uint64_t, warp_size> slots{};
+    std::array<std::array<std::uint32_t, 6>, warp_size> fragments{};  // each lane's a[4], b[2] for mma_16816
 };
 
 // Sets a block's shared memory to 0xFF bytes: NaN for float and double, -1 for int. Run between
@@ -271,6 +275,50 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
     if (source <= last_of_group && source < warp.lanes) std::memcpy(&result, &warp.slots[source], sizeof(T));
     warp.barrier.arrive_and_wait();
     return result;
+}
+
+// float32 to float16 bits, rounded to nearest even (as cvt.rn.f16.f32): g++'s _Float16 conversion.
+inline unsigned short float_to_half(float value) { return std::bit_cast<unsigned short>(static_cast<_Float16>(value)); }
+
+inline float half_bits_to_float(std::uint32_t bits) {
+    return static_cast<float>(std::bit_cast<_Float16>(static_cast<unsigned short>(bits & 0xFFFFu)));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with d as both c and d: d += A B for the warp's
+// 16 x 16 A and 16 x 8 B, each lane holding the fragments the PTX ISA lays out (lane = 4 g + t):
+//     a[0] = A[g][2t, 2t+1]  a[1] = A[g+8][2t, 2t+1]  a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
+//     b[0] = B[2t, 2t+1][g]  b[1] = B[2t+8, 2t+9][g]  (the lower 16 bits hold the first of the two)
+//     d[0], d[1] = D[g][2t, 2t+1]  d[2], d[3] = D[g+8][2t, 2t+1]
+// Each lane writes its a and b to the warp's scratch, the warp meets, each lane computes its four
+// entries of D (the products of float16s are exact in float32; they are added in k order, which
+// the hardware's own order and rounding need not match), and the warp meets again before the
+// scratch is reused. Every lane of the warp must take part, as on the GPU.
+inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+    using namespace cuda_on_cpu;
+    Block& block = current_block("mma_16816");
+    const unsigned lane = this_thread_linear % warp_size;
+    Warp& warp = *block.warps[this_thread_linear / warp_size];
+    if (warp.lanes != warp_size) die("mma_16816 in a warp of " + std::to_string(warp.lanes) + " lanes: needs 32");
+    warp.fragments[lane] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    warp.barrier.arrive_and_wait();
+    auto a_at = [&](unsigned row, unsigned k) {  // A[row][k]: lane 4 (row % 8) + (k % 8) / 2
+        const std::uint32_t word = warp.fragments[4 * (row % 8) + (k % 8) / 2][(row / 8) + 2 * (k / 8)];
+        return half_bits_to_float(word >> (16 * (k % 2)));
+    };
+    auto b_at = [&](unsigned k, unsigned col) {  // B[k][col]: lane 4 col + (k % 8) / 2, register 4 + k / 8
+        const std::uint32_t word = warp.fragments[4 * col + (k % 8) / 2][4 + k / 8];
+        return half_bits_to_float(word >> (16 * (k % 2)));
+    };
+    const unsigned g = lane / 4, t = lane % 4;
+    float result[4];
+    for (unsigned e = 0; e < 4; ++e) {
+        const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        float sum = d[e];
+        for (unsigned k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+        result[e] = sum;
+    }
+    warp.barrier.arrive_and_wait();
+    for (unsigned e = 0; e < 4; ++e) d[e] = result[e];
 }
 
 // Dynamic shared memory. On the GPU the .cu declares

@@ -92,13 +92,18 @@ constexpr Expected expected_of() {
     else if constexpr (std::is_same_v<T, const int*>) return {"const int*", Kind::array, "int32"};
     else if constexpr (std::is_same_v<T, int*>) return {"int*", Kind::array, "int32"};
     else if constexpr (std::is_same_v<T, const long long*>) return {"const long long*", Kind::array, "int64"};
+    else if constexpr (std::is_same_v<T, const unsigned*>) return {"const unsigned*", Kind::array, "uint32"};
+    else if constexpr (std::is_same_v<T, const unsigned short*>)
+        return {"const unsigned short*", Kind::array, "float16"};  // float16 as its bits
+    else if constexpr (std::is_same_v<T, unsigned short*>) return {"unsigned short*", Kind::array, "float16"};
     else if constexpr (std::is_same_v<T, long long*>) return {"long long*", Kind::array, "int64"};
     else if constexpr (std::is_same_v<T, int>) return {"int", Kind::scalar, "int32"};
     else if constexpr (std::is_same_v<T, long long>) return {"long long", Kind::scalar, "int64"};
     else if constexpr (std::is_same_v<T, float>) return {"float", Kind::scalar, "float32"};
     else if constexpr (std::is_same_v<T, double>) return {"double", Kind::scalar, "float64"};
     else static_assert(unsupported<T>, "a kernel parameter type the harness cannot pass (T names it, above); "
-                                       "it passes pointers to float, double, int, long long, and those by value");
+                                       "it passes pointers to float, double, int, long long, those by value, and "
+                                       "pointers to unsigned (uint32) and unsigned short (float16 bits)");
 }
 
 // The value a kernel parameter of type T receives from a (checked) argument.
