@@ -26,6 +26,8 @@
 #      gradients) where mpirun and mpi4py are installed;
 #  10. python -m npllama.kernels, the compile report, with this machine's NVRTC;
 # then prints one table (step, result, seconds, the line that matters) and the benchmark figures.
+# ONLY="step name,step name" runs those steps alone (the names of the table's first column), e.g.
+#     ONLY="train step fp16,attention fp16,train fp16 20" scripts/gpu_check.sh
 # It needs Python with CuPy, PyTorch, pytest, hypothesis, sentencepiece, safetensors and tqdm, and
 # neither network nor pip: the package runs from this checkout. Exit status: the number of failed steps.
 
@@ -46,6 +48,9 @@ run() {
     local name=$1 limit=$2 pattern=$3
     shift 3
     local started=$SECONDS status result summary left=$((DEADLINE - SECONDS))
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+        return
+    fi
     if [ "$left" -lt 15 ]; then
         rows+=("$(printf '%-18s %-14s %5ds  %s' "$name" "SKIPPED" 0 "no time left before the ${DEADLINE}s deadline")")
         failed=$((failed + 1))
