@@ -190,7 +190,11 @@ def _update(params, grads, state, mixed, pool=None):
     norm = optim.global_norm(grads, pool)
     if mixed is not None:
         mixed.skipped += not math.isfinite(norm)
-        mixed.scale = optim.next_loss_scale(mixed.scale, math.isfinite(norm))
+        scale = optim.next_loss_scale(mixed.scale, math.isfinite(norm))
+        if scale is None:
+            raise RuntimeError(f"the float16 gradients overflowed at loss scale {optim.MIN_LOSS_SCALE:g}: the "
+                               "benchmark's step diverged")
+        mixed.scale = scale
         if not math.isfinite(norm):
             return
     optim.step(params, grads, state, 1e-4, grad_norm=norm, pool=pool)

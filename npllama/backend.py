@@ -21,7 +21,10 @@ float16 products (mixed precision) go through `matmul`: float16 operands, float3
 result rounded to float16 once. On NumPy that is float32 BLAS on the exactly widened operands
 (NumPy's own float16 matmul is an unblocked loop); on CuPy it is cuBLAS's float16 GEMM on the tensor
 cores with CUBLAS_COMPUTE_32F, which CuPy picks for float16 unless its compute type is PEDANTIC, and
-which `float32_products` also sets explicitly for the span of a training run.
+which `float32_products` also sets explicitly for the span of a training run, together with
+CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION: without it cuBLAS may add a split-K product's
+partial sums in float16 (PyTorch's allow_fp16_reduced_precision_reduction), a second rounding.
+Outside a training run (inference, evaluation) cuBLAS's default math mode holds.
 """
 
 from __future__ import annotations
@@ -101,10 +104,31 @@ def float32_products(xp, tf32: bool):
     linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32)
     linalg.set_compute_type(numpy.float16, linalg.COMPUTE_TYPE_FP32)  # float16 GEMMs accumulate in float32
     try:
-        yield
+        with float32_reductions():
+            yield
     finally:
         linalg.set_compute_type(numpy.float32, before[0])
         linalg.set_compute_type(numpy.float16, before[1])
+
+
+DISALLOW_REDUCED_PRECISION_REDUCTION = 16  # cublasMath_t's CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION
+
+
+@contextlib.contextmanager
+def float32_reductions():
+    """Within the block, this thread's cuBLAS handle (CuPy's, for the current device) adds a split-K
+    product's partial sums in the compute type (float32), never in a float16 output's; its math mode
+    comes back after."""
+    from cupy.cuda import device
+    from cupy_backends.cuda.libs import cublas
+
+    handle = device.get_cublas_handle()
+    before = cublas.getMathMode(handle)
+    cublas.setMathMode(handle, before | DISALLOW_REDUCED_PRECISION_REDUCTION)
+    try:
+        yield
+    finally:
+        cublas.setMathMode(handle, before)
 
 
 def get_backend(name: str):

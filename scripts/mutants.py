@@ -2025,4 +2025,9 @@ CATALOGUE = [
            "    if dvec.dtype != numpy.float32 or tuple(dvec.shape)", "    if tuple(dvec.shape)",
            (TENSOR_CORES + "test_the_float16_backward_launches_refuse_what_the_kernels_cannot_take",),
            "a float16 Dvec is accepted, and the kernels read float32s from half as many bytes"),
+    Mutant("float16-partial-sums-left-to-cublas", "npllama/backend.py",
+           "        with float32_reductions():\n            yield\n", "        yield\n",
+           ("tests/test_backend.py::test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_even_"
+            "after_an_error",),
+           "a training run leaves cuBLAS free to add a split-K float16 product's partial sums in float16"),
 ]

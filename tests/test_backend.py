@@ -1,5 +1,6 @@
 """One way to name a backend, one way to find the namespace of arrays, one message when unavailable."""
 
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -165,6 +166,17 @@ def test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_ev
 
     before = {numpy.dtype("float32"): linalg.COMPUTE_TYPE_DEFAULT, numpy.dtype("float16"): linalg.COMPUTE_TYPE_FP16}
     calls, current = [], dict(before)
+    reductions = []  # the cuBLAS handle's math mode needs a device: recorded, entered and left, by a stand-in
+
+    @contextlib.contextmanager
+    def float32_reductions():
+        reductions.append("entered")
+        try:
+            yield
+        finally:
+            reductions.append("left")
+
+    monkeypatch.setattr(backend, "float32_reductions", float32_reductions)
     monkeypatch.setattr(linalg, "get_compute_type", lambda dtype: current[numpy.dtype(dtype)])
     monkeypatch.setattr(linalg, "set_compute_type",
                         lambda dtype, kind: (calls.append((numpy.dtype(dtype), kind)),
@@ -173,8 +185,9 @@ def test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_ev
         with backend.float32_products(cupy, tf32):
             assert current[numpy.dtype("float32")] == (linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_FP32)
             assert current[numpy.dtype("float16")] == linalg.COMPUTE_TYPE_FP32
+            assert reductions == ["entered"]
             raise RuntimeError("a step failed")
-    assert current == before
+    assert current == before and reductions == ["entered", "left"]
     assert sorted(dtype.name for dtype, _ in calls) == ["float16"] * 2 + ["float32"] * 2  # float64 is float64
     with backend.float32_products(numpy, tf32):  # NumPy: nothing to set
         assert len(calls) == 4

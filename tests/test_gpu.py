@@ -315,9 +315,22 @@ def test_float16_products_on_the_tensor_cores_accumulate_in_float32(cupy):
     assert (numpy.abs(product.astype(numpy.float64) - exact) <= bound).all()
 
 
+def test_a_training_runs_cublas_handle_adds_partial_sums_in_float32_and_is_restored_after(cupy):
+    from cupy_backends.cuda.libs import cublas
+
+    from npllama.backend import DISALLOW_REDUCED_PRECISION_REDUCTION, float32_products
+
+    handle = cupy.cuda.device.get_cublas_handle()
+    before = cublas.getMathMode(handle)
+    with float32_products(cupy, False):
+        assert cublas.getMathMode(handle) & DISALLOW_REDUCED_PRECISION_REDUCTION
+    assert cublas.getMathMode(handle) == before
+
+
 def test_fp16_training_on_cupy_tracks_the_numpy_fp16_run_and_float32(corpus, tmp_path):
-    """50 steps of --precision fp16 on the GPU (cuBLAS float16 GEMMs, float16 attention in the array
-    code): the loss within 1% of the NumPy fp16 run's and of the GPU float32 run's at every step."""
+    """50 steps of --precision fp16 on the GPU (cuBLAS float16 GEMMs, npllama's tensor-core attention,
+    nano's head dim being 16): the loss within 1% of the NumPy fp16 run's and of the GPU float32 run's
+    at every step."""
     on_cpu = small_run(corpus, tmp_path, "numpy", "cpu", precision="fp16")
     on_gpu = small_run(corpus, tmp_path, "cupy", "gpu", precision="fp16")
     in_float32 = small_run(corpus, tmp_path, "cupy", "gpu32")
