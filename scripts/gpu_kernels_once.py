@@ -5,9 +5,9 @@
 Each attention instance runs forward and backward on T = 70 (a partial last tile) with Tq < Tk
 too, with multi-head, grouped-query (4 query heads on 2 key/value heads) and multi-query (3 on 1)
 shapes, the float16 tensor-core kernels, forward and backward, on the same shapes (against NumPy's
-float32 attention on the same float16 inputs), the embedding backward on repeated ids, and AdamW's
-update in float32 and float64; the results are compared with NumPy so a run that the sanitizer
-passes is also a correct one. Exit 1 on a mismatch.
+float32 attention on the same float16 inputs), the embedding backward on repeated ids, AdamW's
+update in float32 and float64, and the fused SwiGLU in all three dtypes; the results are compared
+with NumPy so a run that the sanitizer passes is also a correct one. Exit 1 on a mismatch.
 """
 
 import sys
@@ -21,7 +21,7 @@ from npllama import optim  # noqa: E402
 from npllama.backend import get_backend  # noqa: E402
 from npllama.kernels import attention as cuda_attention  # noqa: E402
 from npllama.kernels import attention_f16  # noqa: E402
-from npllama.ops import attention, embedding  # noqa: E402
+from npllama.ops import attention, embedding, swiglu  # noqa: E402
 
 
 def main() -> int:
@@ -62,6 +62,14 @@ def main() -> int:
                             for have, want in zip(got, expected))):
                 bad.append(f"float16 D={head_dim} Tq={n_queries} Tk={n_keys} H={heads} Hkv={kv_heads}: "
                            "out, lse or a gradient")
+    for dtype in ("float32", "float64", "float16"):  # the fused SwiGLU kernels, forward and backward
+        a, b, dy = (rng.standard_normal(1000).astype(dtype) for _ in range(3))
+        y, cache = swiglu.forward(a, b)
+        expected = (y, *swiglu.backward(dy, cache))
+        y_d, cache_d = swiglu.forward(*(cupy.asarray(x) for x in (a, b)))
+        got = (y_d, *swiglu.backward(cupy.asarray(dy), cache_d))
+        if not all(numpy.allclose(have.get(), want, rtol=2e-3, atol=2e-3) for have, want in zip(got, expected)):
+            bad.append(f"swiglu ({dtype}) differs from NumPy's")
     ids = rng.integers(0, 20, (4, 50))
     dy = rng.standard_normal((4, 50, 32)).astype(numpy.float32)
     expected = numpy.zeros((20, 32), dtype=numpy.float32)

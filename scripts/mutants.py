@@ -55,6 +55,7 @@ PTH = "tests/test_pth.py::"
 F16 = "tests/test_float16_ops.py::"
 MIXED = "tests/test_mixed_precision.py::"
 TENSOR_CORES = "tests/test_tensor_core_kernels_on_cpu.py::"
+FUSED = "tests/test_fused_kernels_on_cpu.py::"
 
 OPS = "npllama/ops/"
 
@@ -2030,4 +2031,54 @@ CATALOGUE = [
            ("tests/test_backend.py::test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_even_"
             "after_an_error",),
            "a training run leaves cuBLAS free to add a split-K float16 product's partial sums in float16"),
+    # --- the fused SwiGLU kernels -----------------------------------------------------------------
+    Mutant("swiglu-kernel-db-without-the-sigmoid", "npllama/kernels/swiglu.cu",
+           "  db[i] = narrow(multiply(multiply(dy_i, a_i), s), T());\n",
+           "  db[i] = narrow(multiply(dy_i, a_i), T());\n",
+           (FUSED + "test_the_fused_swiglu_kernels_give_the_array_codes_numbers",),
+           "the fused backward's db is dy a, not dy silu(a)"),
+    Mutant("swiglu-kernel-slope-without-a", "npllama/kernels/swiglu.cu",
+           "add(C(1), multiply(a_i, subtract(C(1), s)))", "add(C(1), subtract(C(1), s))",
+           (FUSED + "test_the_fused_swiglu_kernels_give_the_array_codes_numbers",),
+           "the fused backward's da forgets the factor a in the sigmoid's derivative"),
+    Mutant("swiglu-kernel-thread-past-the-end", "npllama/kernels/swiglu.cu",
+           "  if (i >= n) return;\n  const C a_i = widen(a[i]), s = sigmoid(a_i);\n",
+           "  if (i > n) return;\n  const C a_i = widen(a[i]), s = sigmoid(a_i);\n",
+           (FUSED + "test_the_fused_swiglu_kernels_give_the_array_codes_numbers",),
+           "the forward's one thread past the last element reads and writes past the arrays"),
+    Mutant("swiglu-kernel-sigmoid-of-a-not-minus-a", "npllama/kernels/swiglu.cu",
+           "return divide(1.0f, add(1.0f, expf(-a)));", "return divide(1.0f, add(1.0f, expf(a)));",
+           (FUSED + "test_the_fused_swiglu_kernels_give_the_array_codes_numbers",),
+           "the float kernels compute sigmoid(-a)"),
+    Mutant("swiglu-kernel-y-without-b", "npllama/kernels/swiglu.cu",
+           "  y[i] = narrow(multiply(multiply(a_i, s), widen(b[i])), T());\n",
+           "  y[i] = narrow(multiply(a_i, s), T());\n",
+           (FUSED + "test_the_fused_swiglu_kernels_give_the_array_codes_numbers",),
+           "the fused forward returns silu(a) without the gate b"),
+    Mutant("swiglu-kernel-float16-bits-as-a-number", "npllama/kernels/swiglu.cu",
+           "__device__ __forceinline__ float widen(unsigned short x) { return half_to_float(x); }",
+           "__device__ __forceinline__ float widen(unsigned short x) { return x; }",
+           (FUSED + "test_the_fused_swiglu_kernels_give_the_array_codes_numbers",),
+           "float16 inputs are read as the integers their bits spell"),
+    Mutant("swiglu-launch-floors-the-grid", "npllama/kernels/swiglu.py",
+           "    return (math.ceil(n / THREADS), 1, 1)\n", "    return (n // THREADS, 1, 1)\n",
+           (FUSED + "test_the_fused_swiglu_launch_has_a_thread_per_element",
+            FUSED + "test_the_fused_swiglu_kernels_give_the_array_codes_numbers"),
+           "no block for the last partial block of elements"),
+    Mutant("swiglu-launch-size-as-int32", "npllama/kernels/swiglu.py",
+           "                  (a, b, y, numpy.int64(a.size)))", "                  (a, b, y, numpy.int32(a.size)))",
+           (FUSED + "test_the_fused_swiglu_launch_has_a_thread_per_element",),
+           "the forward's element count is passed as 4 bytes where the kernel reads a long long"),
+    Mutant("swiglu-kernel-takes-mixed-dtypes", "npllama/kernels/swiglu.py",
+           "all(a.dtype == first.dtype and a.shape", "all(a.shape",
+           (FUSED + "test_the_fused_swiglu_launch_refuses_arrays_it_cannot_take",),
+           "a float32 gate meets a float64 input in a kernel that reads both as one type"),
+    Mutant("swiglu-kernel-takes-any-layout", "npllama/kernels/swiglu.py",
+           " and a.flags.c_contiguous for a in arrays))", " for a in arrays))",
+           (FUSED + "test_the_fused_swiglu_launch_refuses_arrays_it_cannot_take",),
+           "a transposed array goes to a kernel that reads its buffer in order"),
+    Mutant("swiglu-kernel-takes-other-shapes", "npllama/kernels/swiglu.py",
+           "a.dtype == first.dtype and a.shape == first.shape and", "a.dtype == first.dtype and",
+           (FUSED + "test_the_fused_swiglu_launch_refuses_arrays_it_cannot_take",),
+           "inputs of other sizes share one launch sized by the first: the kernel reads past the smaller"),
 ]

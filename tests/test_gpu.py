@@ -408,6 +408,31 @@ def test_float16_attention_on_cupy_runs_the_tensor_core_kernels_bitwise_the_same
     assert runs[1] == runs[0] and runs[2] == runs[0]
 
 
+@pytest.mark.parametrize("dtype, unit", [("float32", 2.0**-24), ("float64", 2.0**-53), ("float16", None)])
+def test_swiglu_on_cupy_is_the_fused_kernel_and_gives_numpys_numbers(cupy, monkeypatch, dtype, unit):
+    """One launch forward and one backward, within a few units in the last place of NumPy's array code
+    (exp is CUDA's there), float16 within one float16 spacing (both round float32 results that close)."""
+    from npllama.kernels import swiglu as cuda_swiglu
+    from npllama.ops import swiglu
+
+    launches = []
+    real_launch = cuda_swiglu.launch
+    monkeypatch.setattr(cuda_swiglu, "launch", lambda run: (launches.append(run.kernel), real_launch(run)))
+    rng = numpy.random.default_rng(0)
+    a, b, dy = ((scale * rng.standard_normal((4, 300))).astype(dtype) for scale in (6.0, 1.0, 10.0))
+    want = swiglu.forward(a, b)
+    want = (want[0], *swiglu.backward(dy, want[1]))
+    got = swiglu.forward(cupy.asarray(a), cupy.asarray(b))
+    got = (got[0], *swiglu.backward(cupy.asarray(dy), got[1]))
+    assert len(launches) == 2
+    a64, b64, dy64 = (x.astype(numpy.float64) for x in (a, b, dy))
+    magnitudes = (abs(a64 * b64), abs(dy64 * b64) * (1 + abs(a64)), abs(dy64 * a64))
+    for have, expected, magnitude in zip(got, want, magnitudes):
+        have, expected = have.get().astype(numpy.float64), expected.astype(numpy.float64)
+        bound = 2.0**-10 * abs(expected) + 2.0**-24 if unit is None else 8 * unit * magnitude
+        assert (abs(have - expected) <= bound).all()
+
+
 def test_a_tf32_run_trains_and_its_checkpoint_resumes_only_with_tf32(corpus, tmp_path):
     first = train_cli(*common(corpus, tmp_path), "--backend", "cupy", "--tf32", "--steps", "2")
     assert first.returncode == 0, first.stderr

@@ -7,6 +7,7 @@ tests both run. `python -m npllama.kernels` compiles every instance through NVRT
 and reports its registers, shared memory, spills and the blocks a multiprocessor holds.
 """
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -18,8 +19,11 @@ CXX_TYPES = {"float32": "float", "float64": "double"}  # the dtypes every kernel
 
 
 def kernel_source(filename: str) -> str:
-    """The text of one of this package's .cu files."""
-    return resources.files(__package__).joinpath(filename).read_text()
+    """The text of one of this package's .cu files, each `#include "x.cuh"` of this package replaced
+    by that file's text (NVRTC compiles one string; the CPU harness's compiler includes them itself)."""
+    text = resources.files(__package__).joinpath(filename).read_text()
+    return re.sub(r'^#include "([A-Za-z0-9_]+\.cuh)"$', lambda match: kernel_source(match.group(1)), text,
+                  flags=re.MULTILINE)
 
 
 @dataclass(frozen=True)

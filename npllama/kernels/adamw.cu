@@ -13,18 +13,9 @@
 //                                                    1 / (1 - beta2^t), step_size = lr / (1 - beta1^t)
 // Shapes: p, m, v, g (n,), contiguous, one dtype.
 
-namespace npllama {
+#include "rounded.cuh"
 
-__device__ __forceinline__ float multiply(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double multiply(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float subtract(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double subtract(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ float divide(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double divide(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float square_root(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double square_root(double a) { return __dsqrt_rn(a); }
+namespace npllama {
 
 template <typename T>
 __global__ void adamw_update(T* __restrict__ p, T* __restrict__ m, T* __restrict__ v, const T* __restrict__ g,

@@ -12,18 +12,12 @@
 // Grouped-query attention as in attention.cu: query head `head` reads key/value head head / G.
 // Query i sits at position Tk - Tq + i and sees keys 0 .. Tk - Tq + i.
 //
-// The one layer between this kernel and the tensor cores is two functions, below: mma_16816
-// (d += a b for one 16 x 16 by 16 x 8 product of a warp) and float_to_half (float16's rounding).
-// Their operands follow the fragment layouts the PTX ISA documents for mma.m16n8k16 with .f16
-// inputs and .f32 accumulators (lane = 4 g + t, g = lane / 4 its group, t = lane % 4):
-//     A (16 x 16, row-major), 4 registers of two halves, the lower half first:
-//         a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
-//     B (16 x 8, "col": indexed [k][n]), 2 registers:  b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
-//     C, D (16 x 8, float32):  d[0], d[1] = D[g][2t, 2t+1]   d[2], d[3] = D[g+8][2t, 2t+1]
-// On the GPU they are inline PTX (sm_80 and later); on the CPU the test harness
-// (tests/harness/cuda_on_cpu.h) defines them, the product by gathering the warp's fragments
-// through shared scratch in exactly these layouts, so the harness runs this kernel under the
-// sanitizers; `mma_16816_once` lets a test compare the two on a GPU.
+// The one layer between these kernels and the tensor cores is float16.cuh: mma_16816 (d += a b for
+// one warp's 16 x 16 by 16 x 8 product, in the PTX ISA's fragment layouts, written out there) and
+// float_to_half. On the GPU they are inline PTX (sm_80 and later); on the CPU the test harness
+// defines them, the product by gathering the warp's fragments through shared scratch in exactly
+// those layouts, so the harness runs these kernels under the sanitizers; `mma_16816_once` lets a
+// test compare the two on a GPU.
 //
 // Kernels, each a block of kF16Threads threads (kF16Warps warps, 16 rows of the block's tile each):
 //   attention_forward_f16   a block per kF16Queries queries of one query head; it walks key tiles of
@@ -42,23 +36,9 @@
 
 #ifndef NPLLAMA_CPU_EMULATION
 #define NPLLAMA_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
-
-// --- the tensor-core layer (GPU); the CPU harness defines the same two functions --------------
-__device__ __forceinline__ unsigned short float_to_half(float f) {  // round to nearest even
-  unsigned short h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-
-// d += a b: one warp's 16 x 16 (a) by 16 x 8 (b) product, float16 operands, float32 accumulation
-__device__ __forceinline__ void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 #endif
+
+#include "float16.cuh"
 
 namespace npllama {
 

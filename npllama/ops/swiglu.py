@@ -6,17 +6,22 @@ Backward:  da = dy * b * s * (1 + a * (1 - s))
 Shapes:    a, b, y (..., F), F the FFN width; a = W1 x and b = W3 x in the Llama block.
 Everything is computed in float32 or wider and each result is rounded to the inputs' dtype once
 (so float16 inputs lose nothing in between; float32 and float64 are computed as they are).
+On CuPy arrays both run as one fused kernel each (npllama/kernels/swiglu.cu: these operations in
+this order, each rounded once; sigmoid(a) is recomputed in backward rather than kept), and this
+array code is the reference it is tested against.
 Derivation: reference/derivations.md#swiglu
 """
 
 from dataclasses import dataclass
 
-from ..backend import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype, is_cupy_array
+from ..kernels import swiglu as cuda_swiglu
 
 
 @dataclass(frozen=True)
 class SwiGLUCache:
-    """What backward needs: both inputs and sigmoid(a) (in the compute dtype)."""
+    """What backward needs: both inputs and sigmoid(a) (in the compute dtype; None where the fused
+    kernel ran, which recomputes it)."""
 
     a: object
     b: object
@@ -41,6 +46,8 @@ def _errstate(xp):
 
 def forward(a, b):
     """Return (y, cache)."""
+    if is_cupy_array(a) and cuda_swiglu.supports(a, b):
+        return cuda_swiglu.forward(a, b), SwiGLUCache(a, b, None)
     xp = array_namespace(a)
     ct = compute_dtype(xp, a.dtype)
     a_c, b_c = a.astype(ct, copy=False), b.astype(ct, copy=False)
@@ -50,6 +57,8 @@ def forward(a, b):
 
 def backward(dy, cache):
     """Return (da, db), in dy's dtype."""
+    if cache.sigmoid is None:  # forward ran the fused kernel: so does backward
+        return cuda_swiglu.backward(dy.astype(cache.a.dtype, copy=False), cache.a, cache.b)
     sig = cache.sigmoid
     ct = sig.dtype
     a, b, dy_c = cache.a.astype(ct, copy=False), cache.b.astype(ct, copy=False), dy.astype(ct, copy=False)

@@ -12,9 +12,9 @@
 //   - __int_as_float and __longlong_as_double;
 //   - the round-to-nearest arithmetic intrinsics __f{mul,add,sub,div,sqrt}_rn and __d{...}_rn (one
 //     IEEE operation each, never fused: on the CPU every float and double operation is that);
-//   - the tensor-core layer of attention_f16.cu, which is inline PTX on the GPU: mma_16816 (one
-//     warp's mma.sync.m16n8k16, float16 operands and float32 accumulators in the PTX ISA's
-//     fragment layouts) and float_to_half (round to nearest even), float16 held as its 16 bits.
+//   - npllama/kernels/float16.cuh, which is inline PTX on the GPU: mma_16816 (one warp's
+//     mma.sync.m16n8k16, float16 operands and float32 accumulators in the PTX ISA's fragment
+//     layouts), float_to_half (round to nearest even) and half_to_float, float16 held as its 16 bits.
 //
 // Execution model: the blocks of a grid run one after another (blockIdx.x fastest, then y, then
 // z); the threads of a block run concurrently, one std::thread each, so a missing __syncthreads is
@@ -280,9 +280,10 @@ T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
 // float32 to float16 bits, rounded to nearest even (as cvt.rn.f16.f32): g++'s _Float16 conversion.
 inline unsigned short float_to_half(float value) { return std::bit_cast<unsigned short>(static_cast<_Float16>(value)); }
 
-inline float half_bits_to_float(std::uint32_t bits) {
-    return static_cast<float>(std::bit_cast<_Float16>(static_cast<unsigned short>(bits & 0xFFFFu)));
-}
+// float16 bits to float32: exact
+inline float half_to_float(unsigned short bits) { return static_cast<float>(std::bit_cast<_Float16>(bits)); }
+
+inline float half_bits_to_float(std::uint32_t bits) { return half_to_float(static_cast<unsigned short>(bits & 0xFFFFu)); }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with d as both c and d: d += A B for the warp's
 // 16 x 16 A and 16 x 8 B, each lane holding the fragments the PTX ISA lays out (lane = 4 g + t):
