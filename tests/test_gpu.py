@@ -429,8 +429,26 @@ def test_swiglu_on_cupy_is_the_fused_kernel_and_gives_numpys_numbers(cupy, monke
     magnitudes = (abs(a64 * b64), abs(dy64 * b64) * (1 + abs(a64)), abs(dy64 * a64))
     for have, expected, magnitude in zip(got, want, magnitudes):
         have, expected = have.get().astype(numpy.float64), expected.astype(numpy.float64)
-        bound = 2.0**-10 * abs(expected) + 2.0**-24 if unit is None else 8 * unit * magnitude
+        bound = (2.0**-10 * abs(expected) + 2.0**-24 + 8 * 2.0**-24 * magnitude if unit is None
+                 else 8 * unit * magnitude)
         assert (abs(have - expected) <= bound).all()
+
+
+def test_a_swiglu_gradient_of_another_dtype_than_the_fused_forwards_inputs_takes_the_array_code(cupy):
+    """float32 gradients of float16 activations: computed in float32 and returned in dy's dtype, as on
+    NumPy, never rounded to float16 first."""
+    from npllama.ops import swiglu
+
+    rng = numpy.random.default_rng(0)
+    a, b = (rng.standard_normal(300).astype(numpy.float16) for _ in range(2))
+    dy = (1e5 * rng.standard_normal(300)).astype(numpy.float32)  # beyond float16's range
+    _, cache = swiglu.forward(cupy.asarray(a), cupy.asarray(b))
+    assert cache.sigmoid is None  # the fused kernel ran
+    got = [g.get() for g in swiglu.backward(cupy.asarray(dy), cache)]
+    want = swiglu.backward(dy, swiglu.forward(a, b)[1])
+    for have, expected in zip(got, want):
+        assert have.dtype == numpy.float32 and numpy.isfinite(have).all()
+        numpy.testing.assert_allclose(have, expected, rtol=1e-5)
 
 
 def test_a_tf32_run_trains_and_its_checkpoint_resumes_only_with_tf32(corpus, tmp_path):

@@ -424,3 +424,28 @@ def test_the_compile_report_fails_on_a_compile_error_with_nvrtcs_message():
     with pytest.raises(CompileError, match="undefined"):
         compile_instances(nvrtc_module(), "__global__ void kernel() { undefined_name(); }", "broken.cu",
                           ["kernel"], "sm_80")
+
+
+def test_every_kernel_source_and_header_ships_in_the_wheel_and_each_header_is_pasted_once():
+    """A wheel carries the kernel folder's files that pyproject.toml's package data names: every
+    .cu a module compiles and every header one includes must match those globs (a header left out
+    breaks every CuPy run of an installed npllama, while tests from the checkout pass)."""
+    import fnmatch
+    import re
+
+    from npllama import kernels
+    from npllama.kernels.__main__ import SOURCES
+
+    pyproject = (KERNELS.parents[1] / "pyproject.toml").read_text()
+    globs = re.findall(r'"([^"]+)"', re.search(r'^"npllama\.kernels" = \[(.*)\]$', pyproject, re.MULTILINE).group(1))
+    assert tuple(globs) == kernels.PACKAGE_DATA
+    needed = set(SOURCES)
+    for source in SOURCES:
+        needed |= set(kernels.LOCAL_INCLUDE.findall((KERNELS / source).read_text()))
+    for name in needed:
+        assert (KERNELS / name).is_file() and any(fnmatch.fnmatch(name, glob) for glob in globs), name
+    for source, module in SOURCES.items():
+        text = module.source()
+        assert not kernels.LOCAL_INCLUDE.search(text), f"{source}: an include left for NVRTC to find"
+    assert kernels.kernel_source("swiglu.cu").count("unsigned short float_to_half(float f)") == 1
+    assert "float_to_half(float f)" not in kernels.kernel_source("swiglu.cu", pasted={"float16.cuh"})

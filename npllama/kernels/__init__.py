@@ -18,12 +18,23 @@ CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 CXX_TYPES = {"float32": "float", "float64": "double"}  # the dtypes every kernel is instantiated for
 
 
-def kernel_source(filename: str) -> str:
+PACKAGE_DATA = ("*.cu", "*.cuh")  # the kernel sources a wheel ships (pyproject.toml's package data)
+LOCAL_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cuh)"$', re.MULTILINE)
+
+
+def kernel_source(filename: str, pasted: set | None = None) -> str:
     """The text of one of this package's .cu files, each `#include "x.cuh"` of this package replaced
-    by that file's text (NVRTC compiles one string; the CPU harness's compiler includes them itself)."""
+    by that file's text, once (NVRTC compiles one string; the CPU harness's compiler includes the
+    files itself, where their `#pragma once` does the same)."""
+    pasted = set() if pasted is None else pasted
+    pasted.add(filename)
     text = resources.files(__package__).joinpath(filename).read_text()
-    return re.sub(r'^#include "([A-Za-z0-9_]+\.cuh)"$', lambda match: kernel_source(match.group(1)), text,
-                  flags=re.MULTILINE)
+
+    def paste(match) -> str:
+        header = match.group(1)
+        return "" if header in pasted else kernel_source(header, pasted)
+
+    return LOCAL_INCLUDE.sub(paste, text)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@
 //     db = (dy a) s                da = ((dy b) s) (1 + a (1 - s))
 // the array code's operations in its order, each rounded once (rounded.cuh keeps the GPU from
 // fusing a multiply with an add); only exp may differ from NumPy's by its last bits.
-// float16 travels as its bits (float16.cuh). One thread per element; no shared memory.
+// float16 travels as its bits (float16.cuh). One thread per element; no shared memory. CuPy
+// compiles with -ftz=true, so on the GPU a float32 subnormal flushes to zero: the numbers are the
+// array code's where no value is subnormal.
 
 #include "float16.cuh"
 #include "rounded.cuh"

@@ -57,9 +57,12 @@ def forward(a, b):
 
 def backward(dy, cache):
     """Return (da, db), in dy's dtype."""
-    if cache.sigmoid is None:  # forward ran the fused kernel: so does backward
-        return cuda_swiglu.backward(dy.astype(cache.a.dtype, copy=False), cache.a, cache.b)
     sig = cache.sigmoid
+    if sig is None:  # forward ran the fused kernel: so does backward, given a dy of a's dtype and shape
+        if dy.dtype == cache.a.dtype and dy.shape == cache.a.shape:
+            return cuda_swiglu.backward(dy, cache.a, cache.b)
+        xp = array_namespace(cache.a)
+        sig = _sigmoid(xp, cache.a.astype(compute_dtype(xp, cache.a.dtype), copy=False))
     ct = sig.dtype
     a, b, dy_c = cache.a.astype(ct, copy=False), cache.b.astype(ct, copy=False), dy.astype(ct, copy=False)
     # forward was: y = a * s * b, s = sigmoid(a), ds/da = s * (1 - s)
