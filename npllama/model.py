@@ -514,8 +514,8 @@ def _head_loss_and_grads(normed, weight, targets, ignore_index, pool=None, n_cou
     chunks = _head_chunks(rows.shape[0], weight.shape[0])
     for part, dweight_chunk in (pool.map if pool is not None else map)(chunk, chunks):  # in chunk order
         value = part if value is None else value + part
-        if dweight is None:
-            dweight = dweight_chunk
+        if dweight is None:  # the chunks' sum in float32 or wider: a float16 head's gradient is rounded after it
+            dweight = dweight_chunk.astype(compute_dtype(xp, dweight_chunk.dtype), copy=False)
         else:
             dweight += dweight_chunk
     return value, drows.reshape(normed.shape), dweight
@@ -586,7 +586,9 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
             finished(layer_name(i, short))
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
     if dhead is not None:  # tied: forward used tok_embeddings twice (lookup and head), so its gradient adds both
-        grads[TOK_EMBEDDINGS] += dhead
+        summed = grads[TOK_EMBEDDINGS].astype(dhead.dtype, copy=False)  # in dhead's float32 for a float16 model
+        summed += dhead
+        grads[TOK_EMBEDDINGS] = summed
     finished(TOK_EMBEDDINGS)
     return value, {name: grads[name] for name in params}
 

@@ -236,8 +236,12 @@ MIN_LOSS_SCALE = 1.0  # an overflow at this scale is a gradient beyond float16 i
 def is_power_of_two(value) -> bool:
     """True for a finite positive float 2^k: multiplying or dividing by it changes no bit of a
     mantissa, so scaling and unscaling are exact (short of overflow and of subnormals)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0 \
-        and math.frexp(value)[0] == 0.5
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:  # an int beyond float's range (a JSON number of 400 digits, say) is no scale
+        return math.isfinite(value) and value > 0 and math.frexp(value)[0] == 0.5
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def test_an_overflow_at_the_smallest_scale_is_divergence_not_a_smaller_scale():
 
 
 @pytest.mark.parametrize("fields", [dict(scale=3.0), dict(scale=0.5), dict(scale=float("inf")), dict(scale=True),
-                                    dict(good_steps=-1), dict(good_steps=2000), dict(skipped=1.0)])
+                                    dict(scale=10**400), dict(scale=2**1100), dict(good_steps=-1),
+                                    dict(good_steps=2000), dict(skipped=1.0)])
 def test_a_loss_scale_that_no_run_can_reach_is_refused(fields):
     with pytest.raises(ValueError, match="loss scale"):
         optim.LossScale(**fields)
@@ -190,6 +191,47 @@ def test_a_run_resumed_across_skipped_steps_ends_bitwise_as_the_uninterrupted_on
     assert any(row["skipped"] for row in after_5) and not all(row["skipped"] for row in after_5)
     for row in after_5:
         assert_finite(row["loss"])
+
+
+def test_a_resumed_run_continues_from_its_checkpoints_loss_scale_whatever_loss_scale_says(corpus, tmp_path):
+    flags = ["--checkpoint-every", "1", "--precision", "fp16", "--loss-scale", str(2**30)]
+    first = train_cli(*common(corpus, tmp_path), "--steps", "2", *flags)
+    assert first.returncode == 0, first.stderr
+    resumed = train_cli(*common(corpus, tmp_path), "--steps", "3", "--checkpoint-every", "1", "--precision", "fp16",
+                        "--loss-scale", "1024", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    note = f"loss scale {2**28:g} from the checkpoint (2 steps skipped so far); --loss-scale sets only"
+    assert note in resumed.stderr
+    assert read_metrics(tmp_path / "run")[-1]["loss_scale"] == 2.0**28
+
+
+def test_the_float16_head_adds_its_chunks_gradients_in_float32_and_rounds_once(monkeypatch):
+    """The output head runs over chunks of rows; a float16 model's head gradient is the float32 sum of
+    the chunks' (each a float16 product) rounded to float16 once, never a float16 running sum."""
+    from npllama.model import LlamaConfig
+    from npllama.ops import cross_entropy, linear
+
+    config = LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=64, multiple_of=8, max_seq_len=32)
+    half = optim.float16_copy(model.init_params(config, seed=3, dtype="float32"))
+    tokens = rng_from(3).integers(0, 64, (4, 33))
+    monkeypatch.setattr(model, "HEAD_CHUNK_ELEMENTS", 64 * 16)  # 16 rows a chunk: 8 chunks of the 128 rows
+    captured = {}
+    real_head = model._head_loss_and_grads
+
+    def head(normed, weight, targets, *args):
+        captured["normed"], captured["targets"] = normed, targets
+        return real_head(normed, weight, targets, *args)
+
+    monkeypatch.setattr(model, "_head_loss_and_grads", head)
+    _, grads = model.loss_and_grads(half, config, tokens[:, :-1], tokens[:, 1:], loss_scale=2.0**10)
+    rows, targets = captured["normed"].reshape(-1, 16), captured["targets"].reshape(-1)
+    total = numpy.zeros(half["output.weight"].shape, dtype=numpy.float32)
+    n_counted = cross_entropy.batch_count(targets, -100, numpy.float16)
+    for start in range(0, 128, 16):
+        logits, head_cache = linear.forward(rows[start:start + 16], half["output.weight"])
+        _, ce_cache = cross_entropy.forward(logits, targets[start:start + 16], n_counted=n_counted)
+        total += linear.backward(cross_entropy.backward(2.0**10, ce_cache), head_cache)[1]
+    assert_same(grads["output.weight"], total.astype(numpy.float16))
 
 
 def test_resuming_with_another_precision_or_a_damaged_loss_scale_is_refused(corpus, tmp_path):

@@ -91,14 +91,13 @@ def test_a_value_of_the_wrong_type_from_python_is_named_with_its_flag(name, valu
 
 def test_the_saved_settings_are_the_ones_checkpoints_have_always_stored_and_those_added_since():
     """Checkpoints written before the run config existed must still resume: same keys, same meaning;
-    a setting added later (tf32, precision, loss_scale) is read, where a checkpoint lacks it, as what
-    that run used."""
+    a setting added later (tf32, precision) is read, where a checkpoint lacks it, as what that run
+    used."""
     settings = saved_settings(TrainConfig(steps=50), vocab_size=4096)
     assert settings == {"preset": "tiny", "vocab_size": 4096, "steps": 50, "batch_size": 16, "seq_len": 128,
                         "lr": 2e-3, "warmup": 5, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
-                        "grad_accum": 1, "seed": 0, "dtype": "float32", "tf32": False, "precision": "full",
-                        "loss_scale": None}
-    assert ADDED_SAVED_SETTINGS == {"tf32": False, "precision": "full", "loss_scale": None}
+                        "grad_accum": 1, "seed": 0, "dtype": "float32", "tf32": False, "precision": "full"}
+    assert ADDED_SAVED_SETTINGS == {"tf32": False, "precision": "full"}
 
 
 def drop_saved_settings(run, names):

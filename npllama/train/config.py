@@ -118,8 +118,8 @@ class TrainConfig:
                               rule=(lambda name: name in PRECISIONS, "{flag} must be full or fp16"))
     loss_scale: float | None = _setting(None, "with --precision fp16, the first loss scale, a power of two; halved "
                                               "(and the step skipped) whenever a gradient overflows float16, doubled "
-                                              f"after {optim.GROWTH_INTERVAL} steps without one (default: 2^16)",
-                                        saved=True,
+                                              f"after {optim.GROWTH_INTERVAL} steps without one (default: 2^16); a "
+                                              "resumed run continues from its checkpoint's scale",
                                         rule=(lambda scale: optim.is_power_of_two(scale)
                                               and scale >= optim.MIN_LOSS_SCALE,
                                               "{flag} must be a power of two of at least 1, such as 65536"))
@@ -238,7 +238,7 @@ def from_command_line(argv=None) -> TrainConfig:
 
 # The saved settings added after checkpoints were first written, with what a checkpoint that does
 # not record one (it is older than the setting) ran with. Any other missing setting is a change.
-ADDED_SAVED_SETTINGS = {"tf32": False, "precision": "full", "loss_scale": None}
+ADDED_SAVED_SETTINGS = {"tf32": False, "precision": "full"}
 
 
 def saved_settings(config: TrainConfig, vocab_size: int) -> dict:

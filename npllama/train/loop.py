@@ -269,7 +269,8 @@ def _train_into(config: TrainConfig, model_config, out: Path, resumed, stops, lo
     log(f"model: {config.preset} ({model_config.n_params():,} parameters), {config.steps} steps of "
         f"{config.batch_size * config.grad_accum} x {config.seq_len} tokens, output in {out}"
         + _ranks(config, world, state) + (f"; {threads} worker thread{'s' if threads > 1 else ''}" if threads else "")
-        + ("; float32 products in TF32" if config.tf32 else ""))
+        + ("; float32 products in TF32" if config.tf32 else "")
+        + ("; mixed precision: float16 forward and backward, float32 master weights" if state.loss_scale else ""))
 
     with parallel.workers(threads) if threads else contextlib.nullcontext() as run.pool:
         _training_loop(run, state)

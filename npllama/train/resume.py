@@ -84,8 +84,12 @@ def resumed_state(run: Run, resumed, sampler, log) -> RunState:
     if own is not None:  # the checkpoint holds every row's moments: keep this rank's
         opt_state = optim.AdamWState(m={n: m[own[n]].copy() for n, m in opt_state.m.items()},
                                      v={n: v[own[n]].copy() for n, v in opt_state.v.items()}, step=opt_state.step)
+    loss_scale = _saved_loss_scale(run, resumed)
+    if loss_scale is not None:
+        log(f"loss scale {loss_scale.scale:g} from the checkpoint ({loss_scale.skipped} steps skipped so far)"
+            + ("; --loss-scale sets only a new run's first scale" if run.config.loss_scale is not None else ""))
     return RunState(params, opt_state, sampler, start_step, last_checkpoint=(resumed.path, resumed.step),
-                    own_rows=own, loss_scale=_saved_loss_scale(run, resumed))
+                    own_rows=own, loss_scale=loss_scale)
 
 
 def _saved_loss_scale(run: Run, resumed) -> optim.LossScale | None:
@@ -97,7 +101,7 @@ def _saved_loss_scale(run: Run, resumed) -> optim.LossScale | None:
         if not isinstance(saved, dict) or set(saved) != {"scale", "good_steps", "skipped"}:
             raise ValueError("it needs scale, good_steps and skipped")
         return optim.LossScale(**saved)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise TrainError(f"--resume: {resumed.path / 'state.json'} holds no usable loss scale ({error}); the "
                          "checkpoint is damaged: resume from another one") from None
 
