@@ -586,9 +586,8 @@ def loss_and_grads_on_device(params, config, tokens, targets, recompute=True,
             finished(layer_name(i, short))
     grads[TOK_EMBEDDINGS] = embedding.backward(dh, emb_cache)
     if dhead is not None:  # tied: forward used tok_embeddings twice (lookup and head), so its gradient adds both
-        summed = grads[TOK_EMBEDDINGS].astype(dhead.dtype, copy=False)  # in dhead's float32 for a float16 model
-        summed += dhead
-        grads[TOK_EMBEDDINGS] = summed
+        grads[TOK_EMBEDDINGS] = grads[TOK_EMBEDDINGS].astype(dhead.dtype, copy=False)  # float32 for float16 weights
+        grads[TOK_EMBEDDINGS] += dhead
     finished(TOK_EMBEDDINGS)
     return value, {name: grads[name] for name in params}
 

@@ -321,7 +321,7 @@ CATALOGUE = [
            (GRADIENTS + "test_model_gradients_match_finite_differences",),
            "copy-paste: dk is computed from dq"),
     Mutant("tied-head-gradient-dropped", "npllama/model.py",
-           "        summed += dhead\n",
+           "        grads[TOK_EMBEDDINGS] += dhead\n",
            "        pass\n",
            (GRADIENTS + "test_model_gradients_match_finite_differences",),
            "a tied embedding's gradient keeps the lookup's part and loses the output head's"),
