@@ -1,8 +1,13 @@
-"""The fused elementwise kernels (npllama/kernels/swiglu.cu), run on the CPU by the harness under
+"""The fused kernels (npllama/kernels/swiglu.cu, rmsnorm.cu), run on the CPU by the harness under
 AddressSanitizer + UBSan and under ThreadSanitizer, against the array code of npllama/ops that they
 fuse, in every dtype they exist for (float32, float64, float16 as its bits)."""
 
+import contextlib
+import functools
+import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy
@@ -12,8 +17,11 @@ from hypothesis import strategies as st
 
 import kernel_harness
 from kernel_harness import build, run
+from npllama.kernels import rmsnorm as cuda_rmsnorm
 from npllama.kernels import swiglu as cuda_swiglu
-from npllama.ops import swiglu
+from npllama.ops import rmsnorm, swiglu
+from npllama.ops import rmsnorm as rmsnorm_op
+from npllama.ops import swiglu as swiglu_op
 
 KERNELS = Path(cuda_swiglu.__file__).parent
 # How far the kernel may be from the array code, relative to the size of the terms: the same
@@ -29,9 +37,10 @@ def harness(tmp_path_factory):
     if kernel_harness.unavailable_reason():
         pytest.skip(kernel_harness.unavailable_reason())
     folder = tmp_path_factory.mktemp("fused-kernels")
-    source = [KERNELS / "swiglu.cu"]
+    source = [KERNELS / "swiglu.cu", KERNELS / "rmsnorm.cu"]
+    names = cuda_swiglu.kernel_names() + cuda_rmsnorm.kernel_names()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        builds = {sanitizer: pool.submit(build, source, cuda_swiglu.kernel_names(), sanitizer, folder)
+        builds = {sanitizer: pool.submit(build, source, names, sanitizer, folder)
                   for sanitizer in ("address", "thread")}
         return {name: future.result() for name, future in builds.items()}
 
@@ -89,3 +98,169 @@ def test_the_fused_swiglu_launch_has_a_thread_per_element():
     launch = cuda_swiglu.forward_launch(a, a, a)
     assert launch.grid == (6, 1, 1) and launch.block == (256, 1, 1) and launch.args[3] == 1500
     assert launch.kernel == "npllama::swiglu_forward<unsigned short>" and type(launch.args[3]) is numpy.int64
+
+
+# RMSNorm's sums run in another order than NumPy's (a lane every 32nd column, then a butterfly; the
+# gain's gradient by blocks of rows): a sum of n terms in any order is within (n - 1) u of the sum of
+# their magnitudes from the exact one, so two orders are within 2 n u of each other; the few single
+# operations around the sums add a unit each. float16 results may round to the neighbouring float16.
+def assert_within(got, want, bound, dtype, what):
+    assert got.dtype == want.dtype and numpy.isfinite(got).all(), f"{what}: not written, or not finite"
+    got, want = got.astype(numpy.float64), want.astype(numpy.float64)
+    if dtype == "float16":
+        bound = bound + 2.0**-10 * abs(want) + 2.0**-24
+    assert (abs(got - want) <= bound).all(), f"{what}: worst {abs(got - want).max()}, bound {bound.min()}"
+
+
+def rmsnorm_on_the_harness(binary, x, weight, dy, cache, eps, rows_per_block):
+    """y, xhat, rstd of the forward kernel; dx of the backward kernel and dweight of the gain's two
+    kernels, both given the array code's cache (so that they are compared on the same inputs)."""
+    rows, cols = x.size // x.shape[-1], x.shape[-1]
+    compute = cuda_rmsnorm.COMPUTE[x.dtype.name]
+    nan = functools.partial(numpy.full, fill_value=numpy.nan)
+    y, xhat, rstd = run(binary, cuda_rmsnorm.forward_launch(x, weight, nan(x.shape, dtype=x.dtype),
+                                                            nan(x.shape, dtype=x.dtype), nan(rows, dtype=compute),
+                                                            eps))[2:5]
+    dx = run(binary, cuda_rmsnorm.backward_launch(dy, cache.xhat, weight, cache.rstd, nan(x.shape, dtype=x.dtype)))[4]
+    partial = nan((-(-rows // rows_per_block), cols), dtype=compute)
+    first, second = cuda_rmsnorm.weight_grad_launches(dy, cache.xhat, partial, nan(cols, dtype=x.dtype),
+                                                      rows_per_block)
+    partial = run(binary, first)[2]
+    dweight = run(binary, replace(second, args=(partial, *second.args[1:])))[1]
+    return y, xhat, rstd.reshape(cache.rstd.shape), dx, dweight
+
+
+@given(dtype=st.sampled_from(["float32", "float64", "float16"]), rows=st.integers(1, 20), cols=st.integers(1, 300),
+       x_scale=st.sampled_from([1e-3, 1.0, 100.0]), eps=st.sampled_from([1e-6, 1e-5, 0.1]),
+       rows_per_block=st.integers(1, 7), sanitizer=st.sampled_from(["address", "thread"]),
+       seed=st.integers(0, 2**32 - 1))
+@example(dtype="float32", rows=9, cols=257, x_scale=1.0, eps=1e-6, rows_per_block=4, sanitizer="thread", seed=0)
+@example(dtype="float16", rows=1, cols=1, x_scale=1e-3, eps=1e-5, rows_per_block=1, sanitizer="address", seed=1)
+@example(dtype="float64", rows=17, cols=33, x_scale=100.0, eps=0.1, rows_per_block=7, sanitizer="address", seed=2)
+def test_the_fused_rmsnorm_kernels_give_the_array_codes_numbers(harness, dtype, rows, cols, x_scale, eps,
+                                                                rows_per_block, sanitizer, seed):
+    """Rows that end mid-block (8 a block) and mid-warp (32 columns a lane round), row blocks of the
+    gain's gradient that end mid-way; inputs small enough for eps to matter, and large."""
+    rng = numpy.random.default_rng(seed)
+    x = (x_scale * rng.standard_normal((rows, cols))).astype(dtype)
+    weight, dy = (1 + rng.standard_normal(cols)).astype(dtype), rng.standard_normal((rows, cols)).astype(dtype)
+    y_want, cache = rmsnorm.forward(x, weight, eps)
+    dx_want, dweight_want = rmsnorm.backward(dy, cache)
+    y, xhat, rstd, dx, dweight = rmsnorm_on_the_harness(harness[sanitizer], x, weight, dy, cache, eps, rows_per_block)
+
+    unit = 2.0**-53 if dtype == "float64" else 2.0**-24
+    r, xhat64, g, dy64 = (a.astype(numpy.float64) for a in (cache.rstd, cache.xhat, weight, dy))
+    x_ratio = (2 * cols + 8) * unit  # rstd, and all that is computed from it, may differ by this much, relatively
+    assert_within(rstd, cache.rstd, x_ratio * r, dtype, "rstd")
+    assert_within(xhat, cache.xhat, x_ratio * abs(x.astype(numpy.float64)) * r, dtype, "xhat")
+    assert_within(y, y_want, x_ratio * abs(x.astype(numpy.float64) * r * g), dtype, "y")
+    dxhat = abs(dy64 * g)
+    projection = (dxhat * abs(xhat64)).mean(axis=-1, keepdims=True)
+    assert_within(dx, dx_want, (2 * cols + 8) * unit * r * (dxhat + abs(xhat64) * projection), dtype, "dx")
+    assert_within(dweight, dweight_want, (2 * rows + 8) * unit * abs(dy64 * xhat64).sum(axis=0), dtype, "dweight")
+
+
+def test_the_fused_rmsnorm_launches_have_a_warp_per_row_and_a_thread_per_column():
+    x = numpy.zeros((3, 5, 100), dtype=numpy.float16)
+    rstd = numpy.zeros(15, dtype=numpy.float32)
+    launch = cuda_rmsnorm.forward_launch(x, x[0, 0], x, x, rstd, 1e-6)
+    assert launch.kernel == "npllama::rmsnorm_forward<unsigned short>"
+    assert launch.grid == (2, 1, 1) and launch.block == (256, 1, 1)
+    assert launch.args[5:] == (15, 100, numpy.float32(1e-6)) and type(launch.args[7]) is numpy.float32
+    first, second = cuda_rmsnorm.weight_grad_launches(x, x, numpy.zeros((3, 100), numpy.float32), x[0, 0], 6)
+    assert first.grid == (1, 3, 1) and second.grid == (1, 1, 1) and second.args[2:] == (3, 100)
+
+
+@pytest.mark.parametrize("rows, rows_per_block", [(1, 64), (64 * 65535, 64), (64 * 65535 + 1, 65), (10**9, 15260)])
+def test_the_gain_gradient_takes_at_most_65535_row_blocks(rows, rows_per_block):
+    assert cuda_rmsnorm.weight_grad_rows_per_block(rows) == rows_per_block
+    assert -(-rows // rows_per_block) <= 65535
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "rstd": numpy.zeros(15, numpy.float16)}, "rstd must be a contiguous float32 array of 15"),
+    (lambda a: {**a, "weight": numpy.zeros(99, numpy.float16)}, "weight must be a contiguous float16 array of 100"),
+    (lambda a: {**a, "y": numpy.zeros((3, 5, 100), numpy.float32)}, "y must be a contiguous float16"),
+    (lambda a: {**a, "xhat": numpy.zeros((3, 100, 5), numpy.float16).transpose(0, 2, 1)}, "xhat must be a contiguous"),
+    (lambda a: {**a, "x": numpy.zeros((3, 5, 100), numpy.int32)}, "int32 arrays have no instance"),
+])
+def test_the_fused_rmsnorm_launch_refuses_arrays_it_cannot_take(change, message):
+    x = numpy.zeros((3, 5, 100), dtype=numpy.float16)
+    arrays = change({"x": x, "weight": x[0, 0], "y": x, "xhat": x, "rstd": numpy.zeros(15, numpy.float32)})
+    with pytest.raises(ValueError, match=message):
+        cuda_rmsnorm.forward_launch(**arrays, eps=1e-6)
+
+
+@contextlib.contextmanager
+def cupy_path_on_the_harness(binary):
+    """The ops' CuPy path with NumPy arrays: every array looks like CuPy's to the ops, `cupy` is NumPy's
+    allocation (new arrays NaN, to see what a kernel leaves unwritten), and each launch runs on the
+    harness, its results copied back into its arrays. Yields the list of the launches' (kernel, grid)."""
+    nan = functools.partial(numpy.full, fill_value=numpy.nan)
+    fake = types.SimpleNamespace(empty=lambda shape, dtype: nan(shape, dtype=dtype),
+                                 empty_like=lambda a: numpy.full_like(a, numpy.nan),
+                                 ascontiguousarray=numpy.ascontiguousarray)
+    launched = []
+
+    def launch(run_):
+        launched.append((run_.kernel, run_.grid))
+        for arg, result in zip(run_.args, run(binary, run_)):
+            if isinstance(arg, numpy.ndarray):
+                numpy.copyto(arg, result.reshape(arg.shape))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "cupy", fake)
+        for kernels in (cuda_rmsnorm, cuda_swiglu):
+            patch.setattr(kernels, "launch", launch)
+        for op in (rmsnorm_op, swiglu_op):
+            patch.setattr(op, "is_cupy_array", lambda a: True)
+        yield launched
+
+
+@given(dtype=st.sampled_from(["float32", "float64", "float16"]), shape=st.sampled_from([(1, 1, 5), (2, 70, 40)]),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_ops_cupy_path_runs_the_fused_kernels_with_the_array_codes_numbers(harness, dtype, shape, seed):
+    """What ops/rmsnorm.py and ops/swiglu.py do with CuPy arrays (the arrays they allocate, the row
+    blocks of the gain's gradient: 140 rows are three), within the kernels' bounds of the array code."""
+    rng = numpy.random.default_rng(seed)
+    x, dy, a, b = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
+    weight = rng.standard_normal(shape[-1]).astype(dtype)
+    y_want, cache_want = rmsnorm.forward(x, weight)
+    rmsnorm_want = (y_want, cache_want.xhat, cache_want.rstd, *rmsnorm.backward(dy, cache_want))
+    y_want, cache_want = swiglu.forward(a, b)
+    swiglu_want = (y_want, *swiglu.backward(dy, cache_want))
+    with cupy_path_on_the_harness(harness["address"]) as launched:
+        y, cache = rmsnorm.forward(x, weight)
+        rmsnorm_got = (y, cache.xhat, cache.rstd, *rmsnorm.backward(dy, cache))
+        y, cache = swiglu.forward(a, b)
+        swiglu_got = (y, *swiglu.backward(dy, cache))
+    rows, row_blocks = x.size // shape[-1], -(-x.size // shape[-1] // cuda_rmsnorm.WEIGHT_GRAD_ROWS)
+    elements = -(-x.size // cuda_swiglu.THREADS)
+    assert launched == [(f"npllama::rmsnorm_{kind}<{cuda_rmsnorm.STORAGE[dtype]}>", grid) for kind, grid in
+                        (("forward", (-(-rows // 8), 1, 1)), ("backward", (-(-rows // 8), 1, 1)),
+                         ("weight_grad_partial", (1, row_blocks, 1)), ("weight_grad_sum", (1, 1, 1)))] + \
+        [(f"npllama::swiglu_{kind}<{cuda_swiglu.STORAGE[dtype]}>", (elements, 1, 1))
+         for kind in ("forward", "backward")]
+    unit = 2.0**-53 if dtype == "float64" else 2.0**-24
+    # loose against the derived bounds above (every difference within 4 n units of the values' scale):
+    # here what is checked is that the path allocates, shapes and launches as the array code computes
+    scale = 4 * (x.size + 8) * unit
+    for got, want, what in zip(rmsnorm_got + swiglu_got, rmsnorm_want + swiglu_want,
+                               ("y", "xhat", "rstd", "dx", "dweight", "swiglu y", "da", "db")):
+        assert got.shape == want.shape and got.dtype == want.dtype, what
+        assert_within(got, want, scale * (1 + abs(want.astype(numpy.float64))), dtype, what)
+
+
+def test_the_fused_rmsnorm_backward_takes_only_its_forwards_dtype(harness):
+    """A float32 gradient of a float16 forward (the fused forward's cache) takes the array code: dx in
+    float32, computed in float32, as on NumPy; the float16 kernel would read float32 bits as float16."""
+    rng = numpy.random.default_rng(0)
+    x, weight = rng.standard_normal((3, 40)).astype(numpy.float16), rng.standard_normal(40).astype(numpy.float16)
+    dy = rng.standard_normal((3, 40)).astype(numpy.float32)
+    with cupy_path_on_the_harness(harness["address"]) as launched:
+        _, cache = rmsnorm.forward(x, weight)
+        dx, dweight = rmsnorm.backward(dy, cache)
+    assert [kernel for kernel, _ in launched] == ["npllama::rmsnorm_forward<unsigned short>"]
+    dx_want, dweight_want = rmsnorm.backward(dy, cache)
+    assert dx.dtype == numpy.float32 and dx.tobytes() == dx_want.tobytes()
+    assert dweight.tobytes() == dweight_want.tobytes()

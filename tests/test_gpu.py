@@ -434,6 +434,41 @@ def test_swiglu_on_cupy_is_the_fused_kernel_and_gives_numpys_numbers(cupy, monke
         assert (abs(have - expected) <= bound).all()
 
 
+@pytest.mark.parametrize("dtype, unit", [("float32", 2.0**-24), ("float64", 2.0**-53), ("float16", 2.0**-24)])
+def test_rmsnorm_on_cupy_is_the_fused_kernels_and_gives_numpys_numbers(cupy, monkeypatch, dtype, unit):
+    """One launch forward and three backward (dx, the gain's two halves), bitwise the same run to run,
+    within the bound of tests/test_fused_kernels_on_cpu.py of NumPy's array code (the sums in another
+    order: 2 n units of the sum of magnitudes; float16 one float16 spacing more)."""
+    from npllama.kernels import rmsnorm as cuda_rmsnorm
+    from npllama.ops import rmsnorm
+
+    launches = []
+    real_launch = cuda_rmsnorm.launch
+    monkeypatch.setattr(cuda_rmsnorm, "launch", lambda run: (launches.append(run.kernel), real_launch(run)))
+    rng = numpy.random.default_rng(0)
+    x, dy = (rng.standard_normal((3, 100, 768)).astype(dtype) for _ in range(2))
+    weight = (1 + rng.standard_normal(768)).astype(dtype)
+    want, cache = rmsnorm.forward(x, weight)
+    want = (want, cache.xhat, *rmsnorm.backward(dy, cache))
+    runs = []
+    for _ in range(2):  # backward given NumPy's cache, so that both compute from the same xhat and rstd
+        got, cache_d = rmsnorm.forward(cupy.asarray(x), cupy.asarray(weight))
+        numpys_cache = rmsnorm.RMSNormCache(*(cupy.asarray(a) for a in (cache.xhat, cache.weight, cache.rstd)))
+        runs.append([a.get() for a in (got, cache_d.xhat, *rmsnorm.backward(cupy.asarray(dy), numpys_cache))])
+    assert len(launches) == 8 and all(a.tobytes() == b.tobytes() for a, b in zip(*runs))
+    r, xhat, g, dy64 = (a.astype(numpy.float64) for a in (cache.rstd, cache.xhat, weight, dy))
+    projection = abs(dy64 * g * xhat).mean(axis=-1, keepdims=True)
+    by_columns, by_rows = (2 * 768 + 8) * unit, (2 * 300 + 8) * unit  # sums over a row's columns, over the rows
+    bounds = (by_columns * abs(xhat * g), by_columns * abs(xhat),
+              by_columns * r * (abs(dy64 * g) + abs(xhat) * projection),
+              by_rows * abs(dy64 * xhat).reshape(-1, 768).sum(axis=0))
+    for have, expected, bound in zip(runs[0], want, bounds):
+        expected = expected.astype(numpy.float64)
+        if dtype == "float16":
+            bound = bound + 2.0**-10 * abs(expected) + 2.0**-24
+        assert (abs(have.astype(numpy.float64) - expected) <= bound).all()
+
+
 def test_a_swiglu_gradient_of_another_dtype_than_the_fused_forwards_inputs_takes_the_array_code(cupy):
     """float32 gradients of float16 activations: computed in float32 and returned in dy's dtype, as on
     NumPy, never rounded to float16 first."""

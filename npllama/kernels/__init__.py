@@ -1,7 +1,9 @@
-"""npllama's own CUDA kernels, for the CuPy backend: attention (forward and backward), the
-deterministic embedding backward, and AdamW's update of a parameter in one pass.
+"""npllama's own CUDA kernels, for the CuPy backend: attention (forward and backward, float32 and
+float64, and float16 on the tensor cores), the deterministic embedding backward, AdamW's update of a
+parameter in one pass, and SwiGLU and RMSNorm fused.
 
-Each kernel's source is package data (`attention.cu`, `embedding.cu`, `adamw.cu`); its Python module says which
+Each kernel's source is package data (`attention.cu`, `attention_f16.cu`, `embedding.cu`, `adamw.cu`,
+`swiglu.cu`, `rmsnorm.cu`, and the headers they include); its Python module says which
 instances exist and computes each launch (`Launch`), which the CuPy path and the CPU harness of the
 tests both run. `python -m npllama.kernels` compiles every instance through NVRTC, without a GPU,
 and reports its registers, shared memory, spills and the blocks a multiprocessor holds.

@@ -6,33 +6,16 @@
 //     db = (dy a) s                da = ((dy b) s) (1 + a (1 - s))
 // the array code's operations in its order, each rounded once (rounded.cuh keeps the GPU from
 // fusing a multiply with an add); only exp may differ from NumPy's by its last bits.
-// float16 travels as its bits (float16.cuh). One thread per element; no shared memory. CuPy
+// float16 travels as its bits (storage.cuh). One thread per element; no shared memory. CuPy
 // compiles with -ftz=true, so on the GPU a float32 subnormal flushes to zero: the numbers are the
 // array code's where no value is subnormal.
 
-#include "float16.cuh"
 #include "rounded.cuh"
+#include "storage.cuh"
 
 namespace npllama {
 
 constexpr int kSwigluThreads = 256;
-
-template <typename T>
-struct ComputeType {
-  using type = float;  // float32, and float16's bits
-};
-template <>
-struct ComputeType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ double widen(double x) { return x; }
-__device__ __forceinline__ float widen(unsigned short x) { return half_to_float(x); }
-
-__device__ __forceinline__ float narrow(float x, float) { return x; }
-__device__ __forceinline__ double narrow(double x, double) { return x; }
-__device__ __forceinline__ unsigned short narrow(float x, unsigned short) { return float_to_half(x); }
 
 // s = 1 / (1 + exp(-a)); exp(-a) overflows to inf for a large negative a, and 1 / inf = 0 is the limit
 __device__ __forceinline__ float sigmoid(float a) { return divide(1.0f, add(1.0f, expf(-a))); }
@@ -41,7 +24,7 @@ __device__ __forceinline__ double sigmoid(double a) { return divide(1.0, add(1.0
 template <typename T>
 __global__ void __launch_bounds__(kSwigluThreads)
 swiglu_forward(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, long long n) {
-  using C = typename ComputeType<T>::type;
+  using C = Compute<T>;
   const long long i = static_cast<long long>(blockIdx.x) * kSwigluThreads + threadIdx.x;
   if (i >= n) return;
   const C a_i = widen(a[i]), s = sigmoid(a_i);
@@ -52,7 +35,7 @@ template <typename T>
 __global__ void __launch_bounds__(kSwigluThreads)
 swiglu_backward(const T* __restrict__ dy, const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ da,
                 T* __restrict__ db, long long n) {
-  using C = typename ComputeType<T>::type;
+  using C = Compute<T>;
   const long long i = static_cast<long long>(blockIdx.x) * kSwigluThreads + threadIdx.x;
   if (i >= n) return;
   const C dy_i = widen(dy[i]), a_i = widen(a[i]), b_i = widen(b[i]), s = sigmoid(a_i);

@@ -7,12 +7,16 @@ Backward:  dg = sum over rows of dy * xhat
            dxhat = dy * g
            dx = r * (dxhat - xhat * mean_c(dxhat * xhat))
 Shapes:    x, y (..., C); g (C,); r (..., 1).
+On CuPy arrays forward runs as one fused kernel and backward as three (npllama/kernels/rmsnorm.cu:
+these operations in this order, each rounded once, the sums in an order of their own), and this
+array code is the reference they are tested against.
 Derivation: reference/derivations.md#rmsnorm
 """
 
 from dataclasses import dataclass
 
-from ..backend import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype, is_cupy_array
+from ..kernels import rmsnorm as cuda_rmsnorm
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class RMSNormCache:
 def forward(x, weight, eps=1e-6):
     """Return (y, cache). Everything is computed in float32 or wider; y has x's dtype, rounded to it
     once (the cache keeps xhat in x's dtype too)."""
+    if is_cupy_array(x) and cuda_rmsnorm.supports(x, weight):
+        y, xhat, rstd = cuda_rmsnorm.forward(x, weight, eps)
+        return y, RMSNormCache(xhat, weight, rstd)
     xp = array_namespace(x)
     ct = compute_dtype(xp, x.dtype)
     xf = x.astype(ct, copy=False)
@@ -43,6 +50,8 @@ def backward(dy, cache):
     dx carries the factor r = 1/rms(x); so every product and sum runs in the compute dtype.
     """
     xhat, weight, rstd = cache.xhat, cache.weight, cache.rstd
+    if is_cupy_array(dy) and cuda_rmsnorm.supports_backward(dy, xhat, weight, rstd):
+        return cuda_rmsnorm.backward(dy, xhat, weight, rstd)
     xp = array_namespace(dy)
     dim = xhat.shape[-1]
     ct = compute_dtype(xp, dy.dtype)
