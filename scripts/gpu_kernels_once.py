@@ -6,8 +6,8 @@ Each attention instance runs forward and backward on T = 70 (a partial last tile
 too, with multi-head, grouped-query (4 query heads on 2 key/value heads) and multi-query (3 on 1)
 shapes, the float16 tensor-core kernels, forward and backward, on the same shapes (against NumPy's
 float32 attention on the same float16 inputs), the embedding backward on repeated ids, AdamW's
-update in float32 and float64, and the fused SwiGLU and RMSNorm in all three dtypes (RMSNorm on rows
-that end mid-warp and mid-block); the results are compared
+update in float32 and float64, and the fused SwiGLU, RMSNorm and RoPE in all three dtypes (RMSNorm on
+rows that end mid-warp and mid-block, RoPE's backward on a transposed gradient); the results are compared
 with NumPy so a run that the sanitizer passes is also a correct one. Exit 1 on a mismatch.
 """
 
@@ -22,7 +22,7 @@ from npllama import optim  # noqa: E402
 from npllama.backend import get_backend  # noqa: E402
 from npllama.kernels import attention as cuda_attention  # noqa: E402
 from npllama.kernels import attention_f16  # noqa: E402
-from npllama.ops import attention, embedding, rmsnorm, swiglu  # noqa: E402
+from npllama.ops import attention, embedding, rmsnorm, rope, swiglu  # noqa: E402
 
 
 def main() -> int:
@@ -79,6 +79,14 @@ def main() -> int:
         got = (y_d, *rmsnorm.backward(cupy.asarray(dy), cache_d))
         if not all(numpy.allclose(have.get(), want, rtol=2e-3, atol=2e-3) for have, want in zip(got, expected)):
             bad.append(f"rmsnorm ({dtype}) differs from NumPy's")
+        x, dy = rng.standard_normal((2, 9, 3, 16)).astype(dtype), rng.standard_normal((2, 3, 9, 16)).astype(dtype)
+        cos, sin = rope.frequencies(16, numpy.arange(9), dtype="float64" if dtype == "float64" else "float32")
+        y, cache = rope.forward(x, cos, sin)
+        expected = (y, rope.backward(dy.transpose(0, 2, 1, 3), cache))
+        y_d, cache_d = rope.forward(*(cupy.asarray(a) for a in (x, cos, sin)))
+        got = (y_d, rope.backward(cupy.asarray(dy).transpose(0, 2, 1, 3), cache_d))
+        if not all(numpy.allclose(have.get(), want, rtol=2e-3, atol=2e-3) for have, want in zip(got, expected)):
+            bad.append(f"rope ({dtype}) differs from NumPy's")
     ids = rng.integers(0, 20, (4, 50))
     dy = rng.standard_normal((4, 50, 32)).astype(numpy.float32)
     expected = numpy.zeros((20, 32), dtype=numpy.float32)

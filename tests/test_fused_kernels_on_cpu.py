@@ -1,4 +1,4 @@
-"""The fused kernels (npllama/kernels/swiglu.cu, rmsnorm.cu), run on the CPU by the harness under
+"""The fused kernels (npllama/kernels/swiglu.cu, rmsnorm.cu, rope.cu), run on the CPU by the harness under
 AddressSanitizer + UBSan and under ThreadSanitizer, against the array code of npllama/ops that they
 fuse, in every dtype they exist for (float32, float64, float16 as its bits)."""
 
@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 import kernel_harness
 from kernel_harness import build, run
 from npllama.kernels import rmsnorm as cuda_rmsnorm
+from npllama.kernels import rope as cuda_rope
 from npllama.kernels import swiglu as cuda_swiglu
-from npllama.ops import rmsnorm, swiglu
+from npllama.ops import rmsnorm, rope, swiglu
 from npllama.ops import rmsnorm as rmsnorm_op
+from npllama.ops import rope as rope_op
 from npllama.ops import swiglu as swiglu_op
 
 KERNELS = Path(cuda_swiglu.__file__).parent
@@ -37,8 +39,8 @@ def harness(tmp_path_factory):
     if kernel_harness.unavailable_reason():
         pytest.skip(kernel_harness.unavailable_reason())
     folder = tmp_path_factory.mktemp("fused-kernels")
-    source = [KERNELS / "swiglu.cu", KERNELS / "rmsnorm.cu"]
-    names = cuda_swiglu.kernel_names() + cuda_rmsnorm.kernel_names()
+    source = [KERNELS / "swiglu.cu", KERNELS / "rmsnorm.cu", KERNELS / "rope.cu"]
+    names = cuda_swiglu.kernel_names() + cuda_rmsnorm.kernel_names() + cuda_rope.kernel_names()
     with ThreadPoolExecutor(max_workers=2) as pool:
         builds = {sanitizer: pool.submit(build, source, names, sanitizer, folder)
                   for sanitizer in ("address", "thread")}
@@ -191,6 +193,18 @@ def test_the_fused_rmsnorm_launch_refuses_arrays_it_cannot_take(change, message)
         cuda_rmsnorm.forward_launch(**arrays, eps=1e-6)
 
 
+def as_the_gpu_sees_it(arg):
+    """A kernel receives an array as the address of its first element: for a strided view that starts
+    where its contiguous base does (a transpose), the harness is given that base."""
+    if not isinstance(arg, numpy.ndarray) or arg.flags.c_contiguous:
+        return arg
+    base = arg
+    while base.base is not None:
+        base = base.base
+    assert base.flags.c_contiguous and base.ctypes.data == arg.ctypes.data, "a view the harness cannot pass"
+    return base
+
+
 @contextlib.contextmanager
 def cupy_path_on_the_harness(binary):
     """The ops' CuPy path with NumPy arrays: every array looks like CuPy's to the ops, `cupy` is NumPy's
@@ -204,43 +218,54 @@ def cupy_path_on_the_harness(binary):
 
     def launch(run_):
         launched.append((run_.kernel, run_.grid))
-        for arg, result in zip(run_.args, run(binary, run_)):
-            if isinstance(arg, numpy.ndarray):
+        for arg, result in zip(run_.args, run(binary, replace(run_, args=tuple(map(as_the_gpu_sees_it, run_.args))))):
+            if isinstance(arg, numpy.ndarray) and arg.flags.c_contiguous:  # a strided view is only read
                 numpy.copyto(arg, result.reshape(arg.shape))
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "cupy", fake)
-        for kernels in (cuda_rmsnorm, cuda_swiglu):
+        for kernels in (cuda_rmsnorm, cuda_swiglu, cuda_rope):
             patch.setattr(kernels, "launch", launch)
-        for op in (rmsnorm_op, swiglu_op):
+        for op in (rmsnorm_op, swiglu_op, rope_op):
             patch.setattr(op, "is_cupy_array", lambda a: True)
         yield launched
 
 
-@given(dtype=st.sampled_from(["float32", "float64", "float16"]), shape=st.sampled_from([(1, 1, 5), (2, 70, 40)]),
+@given(dtype=st.sampled_from(["float32", "float64", "float16"]), shape=st.sampled_from([(1, 1, 6), (2, 70, 40)]),
        seed=st.integers(0, 2**32 - 1))
 def test_the_ops_cupy_path_runs_the_fused_kernels_with_the_array_codes_numbers(harness, dtype, shape, seed):
-    """What ops/rmsnorm.py and ops/swiglu.py do with CuPy arrays (the arrays they allocate, the row
-    blocks of the gain's gradient: 140 rows are three), within the kernels' bounds of the array code."""
+    """What ops/rmsnorm.py, ops/swiglu.py and ops/rope.py do with CuPy arrays (the arrays they allocate,
+    the row blocks of the gain's gradient: 140 rows are three, RoPE's gradient as the model hands it,
+    attention's (B, H, T, D) transposed), within the kernels' bounds of the array code."""
     rng = numpy.random.default_rng(seed)
     x, dy, a, b = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
     weight = rng.standard_normal(shape[-1]).astype(dtype)
+    heads = x.reshape(shape[0], shape[1], -1, 2)  # (B, T, H, D = 2)
+    heads_dy = rng.standard_normal((shape[0], heads.shape[2], shape[1], 2)).astype(dtype).transpose(0, 2, 1, 3)
+    cos, sin = rope.frequencies(2, numpy.arange(shape[1]), dtype=cuda_rope.COMPUTE[dtype])
     y_want, cache_want = rmsnorm.forward(x, weight)
     rmsnorm_want = (y_want, cache_want.xhat, cache_want.rstd, *rmsnorm.backward(dy, cache_want))
     y_want, cache_want = swiglu.forward(a, b)
     swiglu_want = (y_want, *swiglu.backward(dy, cache_want))
+    y_want, cache_want = rope.forward(heads, cos, sin)
+    rope_want = (y_want, rope.backward(heads_dy, cache_want))
     with cupy_path_on_the_harness(harness["address"]) as launched:
         y, cache = rmsnorm.forward(x, weight)
         rmsnorm_got = (y, cache.xhat, cache.rstd, *rmsnorm.backward(dy, cache))
         y, cache = swiglu.forward(a, b)
         swiglu_got = (y, *swiglu.backward(dy, cache))
+        y, cache = rope.forward(heads, cos, sin)
+        rope_got = (y, rope.backward(heads_dy, cache))
     rows, row_blocks = x.size // shape[-1], -(-x.size // shape[-1] // cuda_rmsnorm.WEIGHT_GRAD_ROWS)
     elements = -(-x.size // cuda_swiglu.THREADS)
     assert launched == [(f"npllama::rmsnorm_{kind}<{cuda_rmsnorm.STORAGE[dtype]}>", grid) for kind, grid in
                         (("forward", (-(-rows // 8), 1, 1)), ("backward", (-(-rows // 8), 1, 1)),
                          ("weight_grad_partial", (1, row_blocks, 1)), ("weight_grad_sum", (1, 1, 1)))] + \
         [(f"npllama::swiglu_{kind}<{cuda_swiglu.STORAGE[dtype]}>", (elements, 1, 1))
-         for kind in ("forward", "backward")]
+         for kind in ("forward", "backward")] + \
+        [(f"npllama::rope_rotate<{cuda_rope.STORAGE[dtype]}>", (-(-x.size // 2 // cuda_rope.THREADS), 1, 1))] * 2
+    for got, want in zip(rope_got, rope_want):  # RoPE: the array code's bits
+        assert got.flags.c_contiguous and got.tobytes() == numpy.ascontiguousarray(want).tobytes()
     unit = 2.0**-53 if dtype == "float64" else 2.0**-24
     # loose against the derived bounds above (every difference within 4 n units of the values' scale):
     # here what is checked is that the path allocates, shapes and launches as the array code computes
@@ -264,3 +289,53 @@ def test_the_fused_rmsnorm_backward_takes_only_its_forwards_dtype(harness):
     dx_want, dweight_want = rmsnorm.backward(dy, cache)
     assert dx.dtype == numpy.float32 and dx.tobytes() == dx_want.tobytes()
     assert dweight.tobytes() == dweight_want.tobytes()
+
+
+def rope_on_the_harness(binary, x, cos, sin, inverse):
+    launch = cuda_rope.rotate_launch(x, cos, sin, numpy.full(x.shape, numpy.nan, dtype=x.dtype), inverse)
+    return run(binary, replace(launch, args=tuple(map(as_the_gpu_sees_it, launch.args))))[7]
+
+
+@given(dtype=st.sampled_from(["float32", "float64", "float16"]), batch=st.integers(1, 2), seq=st.integers(1, 9),
+       heads=st.integers(1, 3), head_dim=st.sampled_from([2, 6, 16, 64]), start=st.sampled_from([0, 5, 4000]),
+       transposed=st.booleans(), sanitizer=st.sampled_from(["address", "thread"]), seed=st.integers(0, 2**32 - 1))
+@example(dtype="float16", batch=2, seq=9, heads=3, head_dim=64, start=4000, transposed=True, sanitizer="thread",
+         seed=0)  # 1728 pairs: 7 blocks, the last one partial
+def test_the_fused_rope_kernel_gives_the_array_codes_bits(harness, dtype, batch, seq, heads, head_dim, start,
+                                                          transposed, sanitizer, seed):
+    """Forward and backward: the same operations in the same order, each rounded once, and no function
+    of the C library in between, so the bits are the array code's; x contiguous (B, T, H, D), or
+    attention's (B, H, T, D) gradient transposed (read through its strides)."""
+    rng = numpy.random.default_rng(seed)
+    compute = cuda_rope.COMPUTE[dtype]
+    cos, sin = rope.frequencies(head_dim, numpy.arange(start, start + seq), dtype=compute)
+    for inverse in (False, True):
+        if transposed:
+            x = rng.standard_normal((batch, heads, seq, head_dim)).astype(dtype).transpose(0, 2, 1, 3)
+        else:
+            x = rng.standard_normal((batch, seq, heads, head_dim)).astype(dtype)
+        want = rope.backward(x, rope.RopeCache(cos, sin)) if inverse else rope.forward(x, cos, sin)[0]
+        got = rope_on_the_harness(harness[sanitizer], x, cos, sin, inverse)
+        assert got.dtype == want.dtype and got.reshape(want.shape).tobytes() == numpy.ascontiguousarray(want).tobytes()
+
+
+@pytest.mark.parametrize("x, table, message", [
+    (lambda: numpy.zeros((1, 4, 2, 8), "float16"), lambda: numpy.zeros((4, 4), "float16"), "tables float16"),
+    (lambda: numpy.zeros((1, 4, 2, 8), "float32"), lambda: numpy.zeros((4, 8), "float32"), r"\(T, D/2\)"),
+    (lambda: numpy.zeros((1, 4, 2, 7), "float32"), lambda: numpy.zeros((4, 3), "float32"), "D even"),
+    (lambda: numpy.zeros((4, 2, 8), "float32"), lambda: numpy.zeros((4, 4), "float32"), r"\(B, T, H, D\)"),
+    (lambda: numpy.zeros((1, 4, 2, 8), "int32"), lambda: numpy.zeros((4, 4), "float32"), "one of float32"),
+])
+def test_the_fused_rope_launch_refuses_arrays_it_cannot_take(x, table, message):
+    x, table = x(), table()
+    with pytest.raises(ValueError, match=message):
+        cuda_rope.rotate_launch(x, table, table, numpy.zeros_like(x), inverse=False)
+
+
+def test_the_fused_rope_launch_has_a_thread_per_pair_and_reads_x_through_its_strides():
+    x = numpy.zeros((2, 5, 3, 64), dtype=numpy.float16).transpose(0, 2, 1, 3)  # (B, T, H, D) = (2, 3, 5, 64)
+    table = numpy.zeros((3, 32), dtype=numpy.float32)
+    launch = cuda_rope.rotate_launch(x, table, table, numpy.zeros((2, 3, 5, 64), numpy.float16), inverse=True)
+    assert launch.kernel == "npllama::rope_rotate<unsigned short>" and launch.grid == (4, 1, 1)  # 960 pairs
+    assert launch.args[1:5] == (960, 64, 192, 1) and all(type(a) is numpy.int64 for a in launch.args[1:5])
+    assert launch.args[8:] == (2, 3, 5, 32, 1)

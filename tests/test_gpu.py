@@ -469,6 +469,29 @@ def test_rmsnorm_on_cupy_is_the_fused_kernels_and_gives_numpys_numbers(cupy, mon
         assert (abs(have.astype(numpy.float64) - expected) <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_rope_on_cupy_is_the_fused_kernel_and_gives_numpys_bits(cupy, monkeypatch, dtype):
+    """One launch forward and one backward (given attention's gradient transposed, read through its
+    strides), NumPy's bits: the same operations in the same order, each rounded once (no value here
+    is a float32 subnormal, which the GPU flushes to zero)."""
+    from npllama.kernels import rope as cuda_rope
+    from npllama.ops import rope
+
+    launches = []
+    real_launch = cuda_rope.launch
+    monkeypatch.setattr(cuda_rope, "launch", lambda run: (launches.append(run.kernel), real_launch(run)))
+    rng = numpy.random.default_rng(0)
+    x = rng.standard_normal((2, 100, 6, 64)).astype(dtype)
+    dy_heads = rng.standard_normal((2, 6, 100, 64)).astype(dtype)  # attention's layout (B, H, T, D)
+    cos, sin = rope.frequencies(64, numpy.arange(7, 107), dtype=cuda_rope.COMPUTE[dtype])
+    want, cache = rope.forward(x, cos, sin)
+    want = (want, rope.backward(dy_heads.transpose(0, 2, 1, 3), cache))
+    got, cache_d = rope.forward(cupy.asarray(x), cupy.asarray(cos), cupy.asarray(sin))
+    got = (got, rope.backward(cupy.asarray(dy_heads).transpose(0, 2, 1, 3), cache_d))
+    assert len(launches) == 2
+    assert all(have.get().tobytes() == numpy.ascontiguousarray(expected).tobytes() for have, expected in zip(got, want))
+
+
 def test_a_swiglu_gradient_of_another_dtype_than_the_fused_forwards_inputs_takes_the_array_code(cupy):
     """float32 gradients of float16 activations: computed in float32 and returned in dy's dtype, as on
     NumPy, never rounded to float16 first."""

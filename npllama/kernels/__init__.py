@@ -1,9 +1,9 @@
 """npllama's own CUDA kernels, for the CuPy backend: attention (forward and backward, float32 and
 float64, and float16 on the tensor cores), the deterministic embedding backward, AdamW's update of a
-parameter in one pass, and SwiGLU and RMSNorm fused.
+parameter in one pass, and SwiGLU, RMSNorm and RoPE fused.
 
 Each kernel's source is package data (`attention.cu`, `attention_f16.cu`, `embedding.cu`, `adamw.cu`,
-`swiglu.cu`, `rmsnorm.cu`, and the headers they include); its Python module says which
+`swiglu.cu`, `rmsnorm.cu`, `rope.cu`, and the headers they include); its Python module says which
 instances exist and computes each launch (`Launch`), which the CuPy path and the CPU harness of the
 tests both run. `python -m npllama.kernels` compiles every instance through NVRTC, without a GPU,
 and reports its registers, shared memory, spills and the blocks a multiprocessor holds.
@@ -13,11 +13,17 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+import numpy
+
 # What CuPy passes to NVRTC for a RawModule: ours, then the two CuPy adds on its own. The compile
 # report (python -m npllama.kernels) passes all three, so it checks what runs.
 COMPILE_OPTIONS = ("--std=c++17",)
 CUPY_ADDED_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
 CXX_TYPES = {"float32": "float", "float64": "double"}  # the dtypes every kernel is instantiated for
+# The fused kernels' dtypes (storage.cuh): each as its C++ storage type (float16 as its bits), and the
+# dtype it is computed in, as the array code's compute_dtype
+STORAGE = {"float32": "float", "float64": "double", "float16": "unsigned short"}
+COMPUTE = {"float32": numpy.float32, "float64": numpy.float64, "float16": numpy.float32}
 
 
 PACKAGE_DATA = ("*.cu", "*.cuh")  # the kernel sources a wheel ships (pyproject.toml's package data)

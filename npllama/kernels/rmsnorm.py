@@ -9,12 +9,10 @@ import math
 
 import numpy
 
-from . import COMPILE_OPTIONS, Launch, kernel_source
+from . import COMPILE_OPTIONS, COMPUTE, STORAGE, Launch, kernel_source
 
 THREADS = 256  # kRmsnormThreads
 ROWS_PER_BLOCK = THREADS // 32  # a warp a row
-STORAGE = {"float32": "float", "float64": "double", "float16": "unsigned short"}  # float16 as its bits
-COMPUTE = {"float32": numpy.float32, "float64": numpy.float64, "float16": numpy.float32}
 WEIGHT_GRAD_ROWS = 64  # rows a block of the gain's gradient adds, at least (more past 65535 blocks: grid.y's limit)
 MAX_GRID_Y = 65535
 

@@ -9,10 +9,9 @@ import math
 
 import numpy
 
-from . import COMPILE_OPTIONS, Launch, kernel_source
+from . import COMPILE_OPTIONS, STORAGE, Launch, kernel_source
 
 THREADS = 256  # kSwigluThreads
-STORAGE = {"float32": "float", "float64": "double", "float16": "unsigned short"}  # float16 as its bits
 
 
 def kernel_names() -> list[str]:

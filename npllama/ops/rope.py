@@ -16,13 +16,17 @@ interpolated); `llama3` (Llama 3.1) keeps the high frequencies, divides the low 
 and blends the band between them.
 Hugging Face stores wq/wk with rows permuted for its rotate-half convention; npllama converts
 checkpoints (convert.py) instead of supporting both here.
+On CuPy arrays forward and backward run as one kernel each (npllama/kernels/rope.cu: these
+operations in this order, each rounded once, x read through its strides), and this array code is
+the reference it is tested against.
 Derivation: reference/derivations.md#rope
 """
 
 import math
 from dataclasses import dataclass
 
-from ..backend import array_namespace, compute_dtype
+from ..backend import array_namespace, compute_dtype, is_cupy_array
+from ..kernels import rope as cuda_rope
 
 ROPE_TYPES = ("linear", "llama3")
 
@@ -113,6 +117,8 @@ def _rotate(x, cos, sin):
 
 def forward(x, cos, sin):
     """Return (y, cache): x rotated pairwise by the angles of its positions."""
+    if is_cupy_array(x) and cuda_rope.supports(x, cos, sin):
+        return cuda_rope.rotate(x, cos, sin, inverse=False), RopeCache(cos, sin)
     return _rotate(x, cos, sin), RopeCache(cos, sin)
 
 
@@ -120,4 +126,6 @@ def backward(dy, cache):
     """Return dx: dy rotated back (the transpose of a rotation is its inverse)."""
     # forward was: y = R(angle) x, with R = [[cos, -sin], [sin, cos]] on each pair
     # so dx = R(angle)^T dy = R(-angle) dy: same cos, negated sin
+    if is_cupy_array(dy) and cuda_rope.supports(dy, cache.cos, cache.sin):
+        return cuda_rope.rotate(dy, cache.cos, cache.sin, inverse=True)
     return _rotate(dy, cache.cos, -cache.sin)
