@@ -6,8 +6,9 @@ Each attention instance runs forward and backward on T = 70 (a partial last tile
 too, with multi-head, grouped-query (4 query heads on 2 key/value heads) and multi-query (3 on 1)
 shapes, the float16 tensor-core kernels, forward and backward, on the same shapes (against NumPy's
 float32 attention on the same float16 inputs), the embedding backward on repeated ids, AdamW's
-update in float32 and float64, and the fused SwiGLU, RMSNorm and RoPE in all three dtypes (RMSNorm on
-rows that end mid-warp and mid-block, RoPE's backward on a transposed gradient); the results are compared
+update in float32 and float64, and the fused SwiGLU, RMSNorm, RoPE and cross-entropy in all three
+dtypes (RMSNorm on rows that end mid-warp and mid-block, RoPE's backward on a transposed gradient,
+cross-entropy on rows of 1000 with an ignored one); the results are compared
 with NumPy so a run that the sanitizer passes is also a correct one. Exit 1 on a mismatch.
 """
 
@@ -22,7 +23,7 @@ from npllama import optim  # noqa: E402
 from npllama.backend import get_backend  # noqa: E402
 from npllama.kernels import attention as cuda_attention  # noqa: E402
 from npllama.kernels import attention_f16  # noqa: E402
-from npllama.ops import attention, embedding, rmsnorm, rope, swiglu  # noqa: E402
+from npllama.ops import attention, cross_entropy, embedding, rmsnorm, rope, swiglu  # noqa: E402
 
 
 def main() -> int:
@@ -87,6 +88,14 @@ def main() -> int:
         got = (y_d, rope.backward(cupy.asarray(dy).transpose(0, 2, 1, 3), cache_d))
         if not all(numpy.allclose(have.get(), want, rtol=2e-3, atol=2e-3) for have, want in zip(got, expected)):
             bad.append(f"rope ({dtype}) differs from NumPy's")
+        logits, targets = rng.standard_normal((9, 1000)).astype(dtype), rng.integers(0, 1000, 9)
+        targets[3] = -100
+        loss, cache = cross_entropy.forward(logits, targets)
+        expected = (loss, cross_entropy.backward(1.0, cache))
+        loss_d, cache_d = cross_entropy.forward(cupy.asarray(logits), cupy.asarray(targets))
+        got = (loss_d, cross_entropy.backward(1.0, cache_d))
+        if not all(numpy.allclose(have.get(), want, rtol=2e-3, atol=2e-5) for have, want in zip(got, expected)):
+            bad.append(f"cross_entropy ({dtype}) differs from NumPy's")
     ids = rng.integers(0, 20, (4, 50))
     dy = rng.standard_normal((4, 50, 32)).astype(numpy.float32)
     expected = numpy.zeros((20, 32), dtype=numpy.float32)

@@ -44,7 +44,8 @@ def test_ops_never_call_numpy_on_array_data():
 
 # the ops with a CUDA kernel of their own hand CuPy arrays to it
 KERNEL_MODULES = {"attention.py": {"..kernels"}, "embedding.py": {"..kernels"}, "swiglu.py": {"..kernels"},
-                  "rmsnorm.py": {"..kernels"}, "rope.py": {"..kernels"}}
+                  "rmsnorm.py": {"..kernels"}, "rope.py": {"..kernels"},
+                  "cross_entropy.py": {"..kernels"}}
 
 
 def test_ops_import_nothing_of_npllama_but_the_backend_and_their_kernels():
@@ -70,7 +71,7 @@ def test_only_the_backend_module_recognises_a_cupy_array():
     imports CuPy's NCCL binding only for a world whose gradients live on GPUs: they tell nothing apart."""
     files = {f.relative_to(PACKAGE_DIR).as_posix() for f in PACKAGE_DIR.rglob("*.py") if recognises_arrays(f)}
     assert files - {"kernels/adamw.py", "kernels/attention.py", "kernels/attention_f16.py", "kernels/embedding.py",
-                    "kernels/swiglu.py", "kernels/rmsnorm.py", "kernels/rope.py",
+                    "kernels/swiglu.py", "kernels/rmsnorm.py", "kernels/rope.py", "kernels/cross_entropy.py",
                     "train/distributed.py"} == \
         {"backend.py"}, files
 

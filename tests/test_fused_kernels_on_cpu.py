@@ -1,6 +1,6 @@
-"""The fused kernels (npllama/kernels/swiglu.cu, rmsnorm.cu, rope.cu), run on the CPU by the harness under
-AddressSanitizer + UBSan and under ThreadSanitizer, against the array code of npllama/ops that they
-fuse, in every dtype they exist for (float32, float64, float16 as its bits)."""
+"""The fused kernels (npllama/kernels/swiglu.cu, rmsnorm.cu, rope.cu, cross_entropy.cu), run on the
+CPU by the harness under AddressSanitizer + UBSan and under ThreadSanitizer, against the array code
+of npllama/ops that they fuse, in every dtype they exist for (float32, float64, float16 as its bits)."""
 
 import contextlib
 import functools
@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 
 import kernel_harness
 from kernel_harness import build, run
+from npllama.kernels import cross_entropy as cuda_cross_entropy
 from npllama.kernels import rmsnorm as cuda_rmsnorm
 from npllama.kernels import rope as cuda_rope
 from npllama.kernels import swiglu as cuda_swiglu
-from npllama.ops import rmsnorm, rope, swiglu
+from npllama.ops import cross_entropy, rmsnorm, rope, swiglu
+from npllama.ops import cross_entropy as cross_entropy_op
 from npllama.ops import rmsnorm as rmsnorm_op
 from npllama.ops import rope as rope_op
 from npllama.ops import swiglu as swiglu_op
@@ -39,8 +41,9 @@ def harness(tmp_path_factory):
     if kernel_harness.unavailable_reason():
         pytest.skip(kernel_harness.unavailable_reason())
     folder = tmp_path_factory.mktemp("fused-kernels")
-    source = [KERNELS / "swiglu.cu", KERNELS / "rmsnorm.cu", KERNELS / "rope.cu"]
-    names = cuda_swiglu.kernel_names() + cuda_rmsnorm.kernel_names() + cuda_rope.kernel_names()
+    source = [KERNELS / name for name in ("swiglu.cu", "rmsnorm.cu", "rope.cu", "cross_entropy.cu")]
+    names = [name for kernels in (cuda_swiglu, cuda_rmsnorm, cuda_rope, cuda_cross_entropy)
+             for name in kernels.kernel_names()]
     with ThreadPoolExecutor(max_workers=2) as pool:
         builds = {sanitizer: pool.submit(build, source, names, sanitizer, folder)
                   for sanitizer in ("address", "thread")}
@@ -208,10 +211,13 @@ def as_the_gpu_sees_it(arg):
 @contextlib.contextmanager
 def cupy_path_on_the_harness(binary):
     """The ops' CuPy path with NumPy arrays: every array looks like CuPy's to the ops, `cupy` is NumPy's
-    allocation (new arrays NaN, to see what a kernel leaves unwritten), and each launch runs on the
-    harness, its results copied back into its arrays. Yields the list of the launches' (kernel, grid)."""
-    nan = functools.partial(numpy.full, fill_value=numpy.nan)
-    fake = types.SimpleNamespace(empty=lambda shape, dtype: nan(shape, dtype=dtype),
+    allocation (new arrays NaN, or -1 for integers, to see what a kernel leaves unwritten), and each
+    launch runs on the harness, its results copied back into its arrays. Yields the list of the
+    launches' (kernel, grid)."""
+    def unwritten(shape, dtype):
+        return numpy.full(shape, -1 if numpy.dtype(dtype).kind == "i" else numpy.nan, dtype=dtype)
+
+    fake = types.SimpleNamespace(empty=unwritten,
                                  empty_like=lambda a: numpy.full_like(a, numpy.nan),
                                  ascontiguousarray=numpy.ascontiguousarray)
     launched = []
@@ -224,9 +230,9 @@ def cupy_path_on_the_harness(binary):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "cupy", fake)
-        for kernels in (cuda_rmsnorm, cuda_swiglu, cuda_rope):
+        for kernels in (cuda_rmsnorm, cuda_swiglu, cuda_rope, cuda_cross_entropy):
             patch.setattr(kernels, "launch", launch)
-        for op in (rmsnorm_op, swiglu_op, rope_op):
+        for op in (rmsnorm_op, swiglu_op, rope_op, cross_entropy_op):
             patch.setattr(op, "is_cupy_array", lambda a: True)
         yield launched
 
@@ -234,9 +240,10 @@ def cupy_path_on_the_harness(binary):
 @given(dtype=st.sampled_from(["float32", "float64", "float16"]), shape=st.sampled_from([(1, 1, 6), (2, 70, 40)]),
        seed=st.integers(0, 2**32 - 1))
 def test_the_ops_cupy_path_runs_the_fused_kernels_with_the_array_codes_numbers(harness, dtype, shape, seed):
-    """What ops/rmsnorm.py, ops/swiglu.py and ops/rope.py do with CuPy arrays (the arrays they allocate,
-    the row blocks of the gain's gradient: 140 rows are three, RoPE's gradient as the model hands it,
-    attention's (B, H, T, D) transposed), within the kernels' bounds of the array code."""
+    """What ops/rmsnorm.py, ops/swiglu.py, ops/rope.py and ops/cross_entropy.py do with CuPy arrays (the
+    arrays they allocate, the row blocks of the gain's gradient: 140 rows are three, RoPE's gradient as
+    the model hands it, attention's (B, H, T, D) transposed, int32 targets with an ignored one), within
+    the kernels' bounds of the array code."""
     rng = numpy.random.default_rng(seed)
     x, dy, a, b = (rng.standard_normal(shape).astype(dtype) for _ in range(4))
     weight = rng.standard_normal(shape[-1]).astype(dtype)
@@ -249,6 +256,11 @@ def test_the_ops_cupy_path_runs_the_fused_kernels_with_the_array_codes_numbers(h
     swiglu_want = (y_want, *swiglu.backward(dy, cache_want))
     y_want, cache_want = rope.forward(heads, cos, sin)
     rope_want = (y_want, rope.backward(heads_dy, cache_want))
+    logits = x.reshape(-1, shape[-1])
+    targets = rng.integers(0, shape[-1], logits.shape[0]).astype(numpy.int32)
+    targets[-1] = -100
+    loss_want, cache_want = cross_entropy.forward(logits, targets)
+    cross_entropy_want = (loss_want, cross_entropy.backward(3.0, cache_want))
     with cupy_path_on_the_harness(harness["address"]) as launched:
         y, cache = rmsnorm.forward(x, weight)
         rmsnorm_got = (y, cache.xhat, cache.rstd, *rmsnorm.backward(dy, cache))
@@ -256,6 +268,8 @@ def test_the_ops_cupy_path_runs_the_fused_kernels_with_the_array_codes_numbers(h
         swiglu_got = (y, *swiglu.backward(dy, cache))
         y, cache = rope.forward(heads, cos, sin)
         rope_got = (y, rope.backward(heads_dy, cache))
+        loss, cache = cross_entropy.forward(logits, targets)
+        cross_entropy_got = (loss, cross_entropy.backward(3.0, cache))
     rows, row_blocks = x.size // shape[-1], -(-x.size // shape[-1] // cuda_rmsnorm.WEIGHT_GRAD_ROWS)
     elements = -(-x.size // cuda_swiglu.THREADS)
     assert launched == [(f"npllama::rmsnorm_{kind}<{cuda_rmsnorm.STORAGE[dtype]}>", grid) for kind, grid in
@@ -263,15 +277,18 @@ def test_the_ops_cupy_path_runs_the_fused_kernels_with_the_array_codes_numbers(h
                          ("weight_grad_partial", (1, row_blocks, 1)), ("weight_grad_sum", (1, 1, 1)))] + \
         [(f"npllama::swiglu_{kind}<{cuda_swiglu.STORAGE[dtype]}>", (elements, 1, 1))
          for kind in ("forward", "backward")] + \
-        [(f"npllama::rope_rotate<{cuda_rope.STORAGE[dtype]}>", (-(-x.size // 2 // cuda_rope.THREADS), 1, 1))] * 2
+        [(f"npllama::rope_rotate<{cuda_rope.STORAGE[dtype]}>", (-(-x.size // 2 // cuda_rope.THREADS), 1, 1))] * 2 + \
+        [(f"npllama::cross_entropy_{kind}<{cuda_cross_entropy.STORAGE[dtype]}>", (rows, 1, 1))
+         for kind in ("forward", "backward")]
     for got, want in zip(rope_got, rope_want):  # RoPE: the array code's bits
         assert got.flags.c_contiguous and got.tobytes() == numpy.ascontiguousarray(want).tobytes()
     unit = 2.0**-53 if dtype == "float64" else 2.0**-24
     # loose against the derived bounds above (every difference within 4 n units of the values' scale):
     # here what is checked is that the path allocates, shapes and launches as the array code computes
     scale = 4 * (x.size + 8) * unit
-    for got, want, what in zip(rmsnorm_got + swiglu_got, rmsnorm_want + swiglu_want,
-                               ("y", "xhat", "rstd", "dx", "dweight", "swiglu y", "da", "db")):
+    for got, want, what in zip(rmsnorm_got + swiglu_got + cross_entropy_got,
+                               rmsnorm_want + swiglu_want + cross_entropy_want,
+                               ("y", "xhat", "rstd", "dx", "dweight", "swiglu y", "da", "db", "loss", "dlogits")):
         assert got.shape == want.shape and got.dtype == want.dtype, what
         assert_within(got, want, scale * (1 + abs(want.astype(numpy.float64))), dtype, what)
 
@@ -339,3 +356,138 @@ def test_the_fused_rope_launch_has_a_thread_per_pair_and_reads_x_through_its_str
     assert launch.kernel == "npllama::rope_rotate<unsigned short>" and launch.grid == (4, 1, 1)  # 960 pairs
     assert launch.args[1:5] == (960, 64, 192, 1) and all(type(a) is numpy.int64 for a in launch.args[1:5])
     assert launch.args[8:] == (2, 3, 5, 32, 1)
+
+
+def cross_entropy_on_the_harness(binary, logits, targets, counted, cache, dy):
+    """exps, rest, argmax and nll of the forward kernel; dlogits of the backward kernel given the array
+    code's cache (so that both compute from the same exps and rest)."""
+    rows, vocab = logits.shape
+    compute = cuda_cross_entropy.COMPUTE[logits.dtype.name]
+    nan = functools.partial(numpy.full, fill_value=numpy.nan)
+    forward = cuda_cross_entropy.forward_launch(logits, targets, counted, nan((rows, vocab), dtype=compute),
+                                                nan(rows, dtype=compute), numpy.full(rows, -1),
+                                                nan(rows, dtype=compute))
+    exps, rest, argmax, nll = run(binary, forward)[3:7]
+    scale = numpy.asarray([dy / cache.n_counted], dtype=compute)
+    backward = cuda_cross_entropy.backward_launch(cache.exps.copy(), cache.rest, cache.argmax, targets, counted, scale,
+                                                  nan((rows, vocab), dtype=logits.dtype))
+    return exps.reshape(rows, vocab), rest, argmax, nll, run(binary, backward)[6].reshape(rows, vocab), scale[0]
+
+
+@given(dtype=st.sampled_from(["float32", "float64", "float16"]), rows=st.integers(1, 6), vocab=st.integers(1, 700),
+       scale=st.sampled_from([1.0, 10.0, 30.0, 1e4]), ties=st.booleans(), ignored=st.integers(0, 2),
+       target_is_argmax=st.booleans(), dy=st.sampled_from([1.0, -3.0, 1024.0]),
+       sanitizer=st.sampled_from(["address", "thread"]), seed=st.integers(0, 2**32 - 1))
+@example(dtype="float32", rows=3, vocab=700, scale=1.0, ties=True, ignored=1, target_is_argmax=True, dy=1.0,
+         sanitizer="thread", seed=0)
+@example(dtype="float16", rows=2, vocab=1, scale=10.0, ties=False, ignored=0, target_is_argmax=False, dy=1024.0,
+         sanitizer="address", seed=1)
+@example(dtype="float32", rows=1, vocab=50, scale=30.0, ties=False, ignored=0, target_is_argmax=True, dy=1.0,
+         sanitizer="address", seed=2)  # a confident row: -rest / (1 + rest) with rest ~ 1e-3
+def test_the_fused_cross_entropy_kernels_give_the_array_codes_numbers(harness, dtype, rows, vocab, scale, ties, ignored,
+                                                                      target_is_argmax, dy, sanitizer, seed):
+    """Rows that end mid-block; equal maxima (the first is the argmax, as NumPy's); ignored rows holding
+    inf and nan (loss 0, gradient 0); targets at the argmax (the branch without cancellation); logits
+    to 1e4, where only the row max keeps exp in range. exp, log1p and the row sum's order are the
+    kernel's own: each value within its error bound of the array code's (below), the argmax exact."""
+    rng = numpy.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((rows, vocab))).astype(dtype)
+    if ties:  # the row max again at a random place (the first stays the argmax)
+        logits[numpy.arange(rows), rng.integers(0, vocab, rows)] = logits.max(axis=1)
+    targets = rng.integers(0, vocab, rows)
+    if target_is_argmax:
+        targets[0] = logits[0].argmax()
+    targets[rows - min(ignored, rows - 1):] = -100  # row 0 always counts
+    if ignored and rows > 1:
+        logits[-1, :2] = [numpy.inf, numpy.nan][:min(2, vocab)]
+    with numpy.errstate(invalid="ignore"):  # the ignored row's inf - inf, in the array code and below
+        check_cross_entropy(harness[sanitizer], logits, targets, dy)
+
+
+def check_cross_entropy(binary, logits, targets, dy):
+    rows, vocab = logits.shape
+    _, cache = cross_entropy.forward(logits, targets)
+    counted, safe = (targets != -100).astype(numpy.int32), numpy.where(targets != -100, targets, 0).astype(numpy.int64)
+    want_exps, want_rest = cache.exps.copy(), cache.rest  # backward takes the cache's buffer
+    exps, rest, argmax, nll, dlogits, s = cross_entropy_on_the_harness(binary, logits, safe, counted, cache, dy)
+    dlogits_want = cross_entropy.backward(dy, cache).reshape(rows, vocab)
+    on = counted.astype(bool)
+    assert (argmax[on] == cache.argmax[on]).all() and (nll[~on] == 0).all() and (dlogits[~on] == 0).all()
+
+    # exp: each side within 2 units of the exact value; the row sum of positive terms, in two orders,
+    # within 2 V units of the sum; 1 / (1 + rest) and log1p(rest) move by rest / (1 + rest) times that
+    # (plus, below the smallest normal number, where there are fewer digits, that number, per term)
+    dtype = logits.dtype.name
+    unit, tiny = (2.0**-53, 2.0**-1022) if dtype == "float64" else (2.0**-24, 2.0**-126)
+    exps, rest, nll, want_exps, want_rest = (a.astype(numpy.float64) for a in (exps, rest, nll, want_exps, want_rest))
+    assert (abs(exps - want_exps)[on] <= 4 * unit * want_exps[on] + tiny).all(), "exps"
+    assert (abs(rest - want_rest)[on] <= (2 * vocab + 8) * unit * want_rest[on] + vocab * tiny).all(), "rest"
+    moved = (2 * vocab + 16) * unit * want_rest / (1 + want_rest)
+    z = logits.astype(numpy.float64)
+    gap = z.max(axis=1) - z[numpy.arange(rows), safe]
+    nll_want = gap + numpy.log1p(want_rest)
+    assert (abs(nll - nll_want)[on] <= (moved + 8 * unit * (gap + numpy.log1p(want_rest)) + unit)[on]).all(), "nll"
+    probability = want_exps / (1 + want_rest)[:, None]
+    # at the target, p - 1: the array code's subtraction there rounds at the scale of s, unless the target
+    # is the argmax, where -rest / (1 + rest) is computed without it (and a confident row's is tiny)
+    at_target = numpy.arange(vocab)[None, :] == safe[:, None]
+    at_argmax = (safe == cache.argmax)[:, None]
+    magnitude = abs(s) * numpy.where(at_target, numpy.where(at_argmax, (want_rest / (1 + want_rest))[:, None],
+                                                            probability + 1), probability)
+    bound = (moved[:, None] + 8 * unit) * magnitude + vocab * tiny * abs(s)
+    assert_within(dlogits[on], dlogits_want[on], bound[on], dtype, "dlogits")
+
+
+def test_the_fused_cross_entropy_launches_have_a_block_a_row_and_its_scratch():
+    logits = numpy.zeros((5, 32000), dtype=numpy.float16)
+    rows = numpy.zeros(5, numpy.int64), numpy.ones(5, numpy.int32)
+    exps, stats = numpy.zeros((5, 32000), numpy.float32), numpy.zeros(5, numpy.float32)
+    forward = cuda_cross_entropy.forward_launch(logits, *rows, exps, stats, rows[0], stats)
+    assert forward.kernel == "npllama::cross_entropy_forward<unsigned short>" and forward.grid == (5, 1, 1)
+    assert forward.block == (256, 1, 1) and forward.shared_bytes == 8 * (4 + 4) and forward.args[-1] == 32000
+    backward = cuda_cross_entropy.backward_launch(exps, stats, rows[0], rows[0], rows[1], numpy.zeros(1, numpy.float32),
+                                                  logits)
+    assert backward.kernel == "npllama::cross_entropy_backward<unsigned short>" and backward.grid == (5, 1, 1)
+    assert cuda_cross_entropy.shared_bytes(numpy.float64) == 8 * (8 + 4)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: {**a, "targets": numpy.zeros(5, numpy.int32)}, "targets must be a contiguous int64 array of 5"),
+    (lambda a: {**a, "counted": numpy.zeros(4, numpy.int32)}, "counted must be a contiguous int32 array of 5"),
+    (lambda a: {**a, "exps": numpy.zeros((5, 7), numpy.float16)}, "exps must be a contiguous float32 array of 35"),
+    (lambda a: {**a, "logits": numpy.zeros((5, 7, 1), numpy.float16)}, r"contiguous \(rows, V\) array"),
+    (lambda a: {**a, "logits": numpy.zeros((7, 5), numpy.float16).T}, r"contiguous \(rows, V\) array"),
+    (lambda a: {**a, "logits": numpy.zeros((5, 7), numpy.int32)}, "got int32"),
+])
+def test_the_fused_cross_entropy_launch_refuses_arrays_it_cannot_take(change, message):
+    stats = numpy.zeros(5, numpy.float32)
+    arrays = change({"logits": numpy.zeros((5, 7), numpy.float16), "targets": numpy.zeros(5, numpy.int64),
+                     "counted": numpy.ones(5, numpy.int32), "exps": numpy.zeros((5, 7), numpy.float32), "rest": stats,
+                     "argmax": numpy.zeros(5, numpy.int64), "nll": stats})
+    with pytest.raises(ValueError, match=message):
+        cuda_cross_entropy.forward_launch(**arrays)
+
+
+def test_the_fused_cross_entropy_reads_no_logit_for_a_target_outside_the_vocabulary(harness):
+    """model.py checks the targets on the host; should one slip through, the row's loss and gradient
+    are NaN (under ASan: no read outside the logits)."""
+    logits = numpy.zeros((2, 7), numpy.float32)
+    targets, counted = numpy.array([7, 2], numpy.int64), numpy.ones(2, numpy.int32)
+    launch = cuda_cross_entropy.forward_launch(logits, targets, counted, numpy.zeros((2, 7), numpy.float32),
+                                               numpy.zeros(2, numpy.float32), numpy.zeros(2, numpy.int64),
+                                               numpy.zeros(2, numpy.float32))
+    exps, rest, argmax, nll = run(harness["address"], launch)[3:7]
+    assert numpy.isnan(nll[0]) and numpy.isclose(nll[1], numpy.log(7))
+    dlogits = run(harness["address"], cuda_cross_entropy.backward_launch(
+        exps.reshape(2, 7), rest, argmax, targets, counted, numpy.ones(1, numpy.float32),
+        numpy.zeros((2, 7), numpy.float32)))[6].reshape(2, 7)
+    assert numpy.isnan(dlogits[0]).all() and numpy.isfinite(dlogits[1]).all()
+
+
+def test_the_fused_cross_entropy_backward_takes_only_int64_targets():
+    """A cache the array code made (logits the kernel does not take) with int32 targets stays with the
+    array code: the kernel reads its targets as int64."""
+    logits = numpy.zeros((3, 7), numpy.float32)
+    for targets, fused in ((numpy.arange(3, dtype=numpy.int32), False), (numpy.arange(3), True)):
+        _, cache = cross_entropy.forward(logits, targets)
+        assert cuda_cross_entropy.supports_backward(cache.exps, cache) is fused

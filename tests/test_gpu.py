@@ -492,6 +492,41 @@ def test_rope_on_cupy_is_the_fused_kernel_and_gives_numpys_bits(cupy, monkeypatc
     assert all(have.get().tobytes() == numpy.ascontiguousarray(expected).tobytes() for have, expected in zip(got, want))
 
 
+@pytest.mark.parametrize("dtype, unit", [("float32", 2.0**-24), ("float64", 2.0**-53), ("float16", 2.0**-24)])
+def test_cross_entropy_on_cupy_is_the_fused_kernels_and_gives_numpys_numbers(cupy, monkeypatch, dtype, unit):
+    """One launch forward and one backward on the 32000-word head's rows, an ignored row; the loss and
+    the gradient within the bound of tests/test_fused_kernels_on_cpu.py of NumPy's array code (the row
+    sum in another order and CUDA's exp: 2 V units of rest moves 1 / (1 + rest) and log1p), bitwise
+    the same run to run."""
+    from npllama.kernels import cross_entropy as cuda_cross_entropy
+    from npllama.ops import cross_entropy
+
+    launches = []
+    real_launch = cuda_cross_entropy.launch
+    monkeypatch.setattr(cuda_cross_entropy, "launch", lambda run: (launches.append(run.kernel), real_launch(run)))
+    rng = numpy.random.default_rng(0)
+    logits = (3 * rng.standard_normal((64, 32000))).astype(dtype)
+    targets = rng.integers(0, 32000, 64)
+    targets[5] = -100
+    loss, cache = cross_entropy.forward(logits, targets)
+    rest = cache.rest.astype(numpy.float64)
+    dlogits = cross_entropy.backward(2.0, cache)
+    runs = []
+    for _ in range(2):
+        loss_d, cache_d = cross_entropy.forward(cupy.asarray(logits), cupy.asarray(targets))
+        runs.append((loss_d.get(), cross_entropy.backward(2.0, cache_d).get()))
+    assert len(launches) == 4 and all(a.tobytes() == b.tobytes() for a, b in zip(*runs))
+    moved = (2 * 32000 + 16) * unit * rest / (1 + rest)
+    assert abs(float(runs[0][0]) - float(loss)) <= (moved.sum() + 64 * 16 * unit * float(loss)) / 63
+    safe = numpy.where(targets == -100, 0, targets)
+    subtracted = (numpy.arange(32000)[None, :] == safe[:, None]) & (safe != cache.argmax)[:, None]
+    magnitude = abs(dlogits.astype(numpy.float64)) + 2.0 / 63 * subtracted  # s p_v, and s where p_t - s rounds
+    bound = (moved[:, None] + 8 * unit) * magnitude + 2.0 / 63 * (2.0**-1022 if dtype == "float64" else 2.0**-126)
+    if dtype == "float16":  # (the GPU flushes float32 subnormals to zero)
+        bound = bound + 2.0**-10 * abs(dlogits.astype(numpy.float64)) + 2.0**-24
+    assert (abs(runs[0][1].astype(numpy.float64) - dlogits) <= bound).all()
+
+
 def test_a_swiglu_gradient_of_another_dtype_than_the_fused_forwards_inputs_takes_the_array_code(cupy):
     """float32 gradients of float16 activations: computed in float32 and returned in dy's dtype, as on
     NumPy, never rounded to float16 first."""

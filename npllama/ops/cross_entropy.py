@@ -21,12 +21,16 @@ it in the cache instead of the logits (the caller may free the logits at once); 
 that same buffer in place into dz. So the cache is consumed: backward runs once per forward.
 If no row is counted the loss is 0 and so is the gradient (PyTorch would return nan), so a batch
 of padding cannot poison a run.
+On CuPy arrays forward and backward run as one kernel each, a block a row (npllama/kernels/
+cross_entropy.cu: these operations in this order, the row sum in an order of its own, exp and log1p
+CUDA's), and this array code is the reference they are tested against.
 Derivation: reference/derivations.md#cross-entropy
 """
 
 from dataclasses import dataclass
 
 from ..backend import array_namespace, compute_dtype, is_cupy_array
+from ..kernels import cross_entropy as cuda_cross_entropy
 
 
 @dataclass
@@ -76,6 +80,11 @@ def forward(logits, targets, ignore_index=-100, n_counted=None):
     if n_counted is None:
         n_counted = batch_count(t, ignore_index, logits.dtype)
     safe_targets = xp.where(counted, t, 0)
+    if is_cupy_array(z) and cuda_cross_entropy.supports(z):
+        safe_targets = safe_targets.astype(xp.int64, copy=False)
+        exps, rest, argmax, nll = cuda_cross_entropy.forward(z, safe_targets, counted.astype(xp.int32))
+        return nll.sum() / n_counted, CrossEntropyCache(exps, logits.shape, logits.dtype, safe_targets, counted,
+                                                        n_counted, argmax, rest)
 
     rows = xp.arange(z.shape[0])
     argmax = z.argmax(axis=-1)
@@ -100,6 +109,10 @@ def backward(dy, cache):
         raise RuntimeError("cross_entropy.backward reuses its cache's buffer and can run once per forward")
     dlogits, cache.exps = cache.exps, None
     xp = array_namespace(dlogits)
+    if is_cupy_array(dlogits) and cuda_cross_entropy.supports_backward(dlogits, cache):
+        scale = xp.asarray(dy / cache.n_counted, dtype=dlogits.dtype).reshape(1)  # on the device: no host sync
+        return cuda_cross_entropy.backward(dlogits, cache.rest, cache.argmax, cache.safe_targets,
+                                           cache.counted.astype(xp.int32), scale, cache.dtype).reshape(cache.shape)
     rows = xp.arange(dlogits.shape[0])
     targets, rest = cache.safe_targets, cache.rest
     # forward was: loss = (1/N') sum_n (lse_n - z[n, t_n]), with d lse_n / d z[n, v] = softmax(z)[n, v]
