@@ -467,6 +467,14 @@ def test_rmsnorm_on_cupy_is_the_fused_kernels_and_gives_numpys_numbers(cupy, mon
         if dtype == "float16":
             bound = bound + 2.0**-10 * abs(expected) + 2.0**-24
         assert (abs(have.astype(numpy.float64) - expected) <= bound).all()
+    # and backward from the fused forward's own cache: its xhat and rstd are within the bounds above
+    # (float16: xhat one spacing away), which move dx by as much again
+    dx = rmsnorm.backward(cupy.asarray(dy), cache_d)[0].get().astype(numpy.float64)
+    dx_want = want[2].astype(numpy.float64)
+    bound = 2 * bounds[2]
+    if dtype == "float16":
+        bound = bound + 2.0**-9 * r * (abs(dy64 * g) + abs(xhat) * projection) + 2.0**-10 * abs(dx_want) + 2.0**-24
+    assert (abs(dx - dx_want) <= bound).all()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])

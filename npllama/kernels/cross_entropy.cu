@@ -15,7 +15,9 @@
 // THREADS-th entry, then a butterfly in each warp, then the warps' sums in warp order), and exp and
 // log1p are CUDA's, so the numbers are within a few units of NumPy's, and bitwise the same run to
 // run: no atomics. A target outside [0, V) on a counted row (model.py checks them on the host)
-// gives a NaN loss and a NaN gradient row, never a read outside the logits.
+// gives a NaN loss and a NaN gradient row, never a read outside the logits. CuPy compiles with
+// -ftz=true, which flushes float32 subnormals in comparisons too: in a row whose largest logits are
+// subnormal, two of them may compare equal (the first then wins), where NumPy picks the larger.
 
 #include "rounded.cuh"
 #include "storage.cuh"
