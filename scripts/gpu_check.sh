@@ -25,6 +25,11 @@
 #      same with --precision fp16, and the same under `mpirun -n 1` (NCCL averages the one rank's
 #      gradients) where mpirun and mpi4py are installed;
 #  10. python -m npllama.kernels, the compile report, with this machine's NVRTC;
+#  11. bench/attention_tiles.py: the float32 attention kernels' tiles swept kernel by kernel at
+#      D = 64 and 128, T = 4096 (every candidate checked against the default tiles' outputs), the
+#      fastest printed as a Tiles(...) per head dim for npllama/kernels/attention.py's table, every
+#      row in $OUT/attention_tiles.json (the first run rarely has time left for it: run it alone, e.g.
+#      GPU_TESTS=0 ONLY="attention tiles" scripts/gpu_check.sh);
 # then prints one table (step, result, seconds, the line that matters) and the benchmark figures.
 # ONLY="step name,step name" runs those steps alone (the names of the table's first column), e.g.
 #     ONLY="train step fp16,attention fp16,train fp16 20" scripts/gpu_check.sh
@@ -119,6 +124,7 @@ if command -v mpirun >/dev/null && "$PYTHON" -c "import mpi4py" 2>/dev/null; the
         --out "$OUT/mpi-run" --cache-dir "$OUT/cache" --sample-tokens 0
 fi
 run "kernel report" 40 "instances" "$PYTHON" -m npllama.kernels
+run "attention tiles" 240 "^fastest" "$PYTHON" bench/attention_tiles.py --json "$OUT/attention_tiles.json"
 
 echo
 echo "device: $(tail -1 "$OUT/device.log")"
@@ -129,6 +135,8 @@ for step in "attention bench" "attention fp16"; do
     echo "--- bench/attention.py: $step ---"
     [ -f "$OUT/$step.log" ] && grep -vE "^\s*$" "$OUT/$step.log" | tail -40
 done
+echo "--- bench/attention_tiles.py ---"
+[ -f "$OUT/attention tiles.log" ] && grep -vE "^\s*$" "$OUT/attention tiles.log" | tail -50
 echo "--- bench/profile_step.py --backend cupy ---"
 [ -f "$OUT/profile step.log" ] && tail -14 "$OUT/profile step.log"
 for step in "train step eager" "train step compile" "train step fp16" "train step tf32"; do

@@ -38,6 +38,9 @@ KERNELS = Path(cuda_attention.__file__).parent
 # of float32 (one column per lane, several, the largest) and the float64 instance the audit uses.
 INSTANCES = [("float32", 16), ("float32", 48), ("float32", 128), ("float64", 16)]
 NAMES = [name for dtype, head_dim in INSTANCES for name in cuda_attention.kernel_names(dtype, head_dim)]
+# tiles other than the defaults, of the kind bench/attention_tiles.py sweeps: the kernels' code for any tile
+OTHER_TILES = cuda_attention.Tiles(forward=(32, 64), dkdv=(16, 64), dq=(16, 32))
+OTHER_NAMES = cuda_attention.kernel_names("float32", 48, OTHER_TILES)
 # the barrier after the forward kernel loads a key tile's V into the buffer K had: without it, P V
 # reads V while it is written. (The barrier before that load, after P, keeps V from overwriting K
 # while S still reads it; with that one removed, ThreadSanitizer reported nothing in our runs at
@@ -59,7 +62,7 @@ def harness(tmp_path_factory):
     sources = [KERNELS / "attention.cu", KERNELS / "embedding.cu", KERNELS / "adamw.cu"]
     others = cuda_embedding.kernel_names() + cuda_adamw.kernel_names()
     with ThreadPoolExecutor(max_workers=3) as pool:
-        builds = {"address": pool.submit(build, sources, NAMES + others, "address", folder),
+        builds = {"address": pool.submit(build, sources, NAMES + OTHER_NAMES + others, "address", folder),
                   "thread": pool.submit(build, sources, NAMES + cuda_adamw.kernel_names(), "thread", folder),
                   "racy": pool.submit(build, [racy], cuda_attention.kernel_names("float32", 16), "thread", folder)}
         return {name: future.result() for name, future in builds.items()}
@@ -74,19 +77,20 @@ def draw_problem(seed, batch, n_heads, n_queries, n_keys, head_dim, logit_scale=
     return q, k, v, rng.standard_normal(q.shape)
 
 
-def run_kernels(binary, q, k, v, dout, dtype):
-    """out, lse, dq, dk, dv from the four kernels, each output starting as NaN."""
+def run_kernels(binary, q, k, v, dout, dtype, tiles=None):
+    """out, lse, dq, dk, dv from the four kernels (with `tiles`: by default the dtype's), each output
+    starting as NaN."""
     q, k, v, dout = (a.astype(dtype) for a in (q, k, v, dout))
     scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = numpy.full(q.shape, numpy.nan, dtype=dtype), numpy.full(q.shape[:3], numpy.nan, dtype=dtype)
-    args = run(binary, cuda_attention.forward_launch(q, k, v, out, lse, scale))
+    args = run(binary, cuda_attention.forward_launch(q, k, v, out, lse, scale, tiles))
     out, lse = args[3], args[4]
     dq, dk, dv = (numpy.full(a.shape, numpy.nan, dtype=dtype) for a in (q, k, v))
     dvec = numpy.full(lse.shape, numpy.nan, dtype=dtype)
     # the harness returns new arrays: each launch is made with what the launches before it wrote
-    dvec_run = cuda_attention.backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale)[0]
+    dvec_run = cuda_attention.backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale, tiles)[0]
     dvec = run(binary, dvec_run)[2]
-    _, dkdv_run, dq_run = cuda_attention.backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale)
+    _, dkdv_run, dq_run = cuda_attention.backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale, tiles)
     dk, dv = run(binary, dkdv_run)[6:8]
     dq = run(binary, dq_run)[6]
     return out, lse, dq, dk, dv
@@ -126,6 +130,38 @@ def test_kernels_match_the_reference_under_address_and_undefined_behaviour_sanit
     problem = draw_problem(seq + head_dim, 2, 3, seq, seq, head_dim)
     got = run_kernels(harness["address"], *problem, dtype)
     assert_matches_reference(got, *problem, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("n_queries, n_keys", [(1, 1), (65, 65), (17, 129)])
+def test_kernels_with_other_tiles_than_the_defaults_match_the_reference(harness, n_queries, n_keys):
+    """The tiles bench/attention_tiles.py may choose change where the sums split, not what they are."""
+    problem = draw_problem(n_keys, 2, 3, n_queries, n_keys, 48)
+    got = run_kernels(harness["address"], *problem, "float32", OTHER_TILES)
+    assert_matches_reference(got, *problem, TOLERANCES["float32"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_the_tile_sweep_tries_only_tiles_the_kernels_take_and_the_defaults_among_them(dtype, head_dim):
+    sys.path.insert(0, str(KERNELS.parents[1] / "bench"))
+    import attention_tiles
+
+    found = attention_tiles.candidates(dtype, head_dim)
+    assert found and all(cuda_attention.tiles_problem(tiles, dtype, head_dim) is None for _, tiles in found)
+    default = cuda_attention.TILES[dtype]
+    assert all(default in [tiles for kind, tiles in found if kind == wanted] for wanted in attention_tiles.KINDS)
+    assert cuda_attention.tiles_problem(default, dtype, head_dim) is None
+
+
+@pytest.mark.parametrize("tiles, message", [
+    (cuda_attention.Tiles(forward=(24, 64), dkdv=(32, 32), dq=(64, 32)), "forward tile 24 x 64: its rows"),
+    (cuda_attention.Tiles(forward=(64, 60), dkdv=(32, 32), dq=(64, 32)), "forward tile 64 x 60: its rows"),
+    (cuda_attention.Tiles(forward=(64, 64), dkdv=(32, 24), dq=(64, 32)), "dkdv tile 32 x 24"),
+    (cuda_attention.Tiles(forward=(64, 64), dkdv=(12, 32), dq=(64, 32)), "dkdv tile 12 x 32"),
+    (cuda_attention.Tiles(forward=(64, 64), dkdv=(32, 32), dq=(256, 256)), "dq tile 256 x 256 needs more than"),
+])
+def test_tiles_the_kernels_cannot_take_are_named_with_the_reason(tiles, message):
+    assert message in cuda_attention.tiles_problem(tiles, "float32", 128)
 
 
 @pytest.mark.parametrize("n_queries, n_keys", [(1, 65), (17, 129), (64, 100)])

@@ -46,6 +46,24 @@ TILES = {
     "float32": Tiles(forward=(64, 64), dkdv=(32, 32), dq=(64, 32)),
     "float64": Tiles(forward=(32, 32), dkdv=(16, 32), dq=(32, 16)),
 }
+GROUPS, LANES = THREADS // 8, 8  # kGroups row groups of kLanes threads: a tile's rows split over the groups
+
+
+def tiles_of(dtype, tiles: Tiles | None = None) -> Tiles:
+    """`tiles`, or by default the dtype's in TILES (bench/attention_tiles.py times others)."""
+    return tiles if tiles is not None else TILES[numpy.dtype(dtype).name]
+
+
+def tiles_problem(tiles: Tiles, dtype, head_dim: int) -> str | None:
+    """Why attention.cu cannot take these tiles (its static_asserts: a tile's rows split over the row
+    groups, its columns over a group's lanes; and the shared memory limit), or None."""
+    for kernel, (queries, keys) in (("forward", tiles.forward), ("dkdv", tiles.dkdv), ("dq", tiles.dq)):
+        rows, columns = (keys, queries) if kernel == "dkdv" else (queries, keys)
+        if rows % GROUPS or columns % LANES:
+            return f"{kernel} tile {queries} x {keys}: its rows must be a multiple of {GROUPS}, its columns of {LANES}"
+        if shared_bytes(kernel, dtype, head_dim, tiles) > MAX_SHARED_BYTES:
+            return f"{kernel} tile {queries} x {keys} needs more than {MAX_SHARED_BYTES} bytes of shared memory"
+    return None
 
 
 def supports(dtype, head_dim: int) -> bool:
@@ -53,10 +71,10 @@ def supports(dtype, head_dim: int) -> bool:
     return numpy.dtype(dtype).name in DTYPES and head_dim in HEAD_DIMS
 
 
-def kernel_names(dtype, head_dim: int) -> list[str]:
+def kernel_names(dtype, head_dim: int, tiles: Tiles | None = None) -> list[str]:
     """The C++ name expressions of the four kernels of one (dtype, head_dim) instance."""
     name = numpy.dtype(dtype).name
-    cxx, tiles = CXX_TYPES[name], TILES[name]
+    cxx, tiles = CXX_TYPES[name], tiles_of(dtype, tiles)
     return [f"npllama::attention_forward<{cxx}, {head_dim}, {tiles.forward[0]}, {tiles.forward[1]}>",
             f"npllama::attention_backward_dvec<{cxx}, {head_dim}>",
             f"npllama::attention_backward_dkdv<{cxx}, {head_dim}, {tiles.dkdv[0]}, {tiles.dkdv[1]}>",
@@ -74,10 +92,9 @@ def source() -> str:
     return kernel_source("attention.cu")
 
 
-def shared_bytes(kernel: str, dtype, head_dim: int) -> int:
+def shared_bytes(kernel: str, dtype, head_dim: int, tiles: Tiles | None = None) -> int:
     """Dynamic shared memory of one kernel, as attention.cu lays it out (rows padded to D + 1)."""
-    name = numpy.dtype(dtype).name
-    tiles, stride, size = TILES[name], head_dim + 1, numpy.dtype(dtype).itemsize
+    tiles, stride, size = tiles_of(dtype, tiles), head_dim + 1, numpy.dtype(dtype).itemsize
     if kernel == "forward":
         queries, keys = tiles.forward
         return size * (queries * stride + keys * stride + queries * (keys + 1))  # Q, K then V, P
@@ -133,36 +150,39 @@ def _shape(q, k, v) -> Shape:
     return Shape(batch * n_heads, batch * n_kv_heads, n_heads // n_kv_heads, n_queries, n_keys, head_dim)
 
 
-def forward_launch(q, k, v, out, lse, scale: float) -> Launch:
+def forward_launch(q, k, v, out, lse, scale: float, tiles: Tiles | None = None) -> Launch:
     """O and L: q, out (B, H, Tq, D); k, v (B, Hkv, Tk, D); lse (B, H, Tq); all contiguous, one dtype.
     A block per tile of queries of each query head."""
     shape = _shape(q, k, v)
     scalar = q.dtype.type
-    queries, _ = TILES[q.dtype.name].forward
+    queries, _ = tiles_of(q.dtype, tiles).forward
     grid = (math.ceil(shape.n_queries / queries), shape.query_heads, 1)
-    return Launch(kernel_names(q.dtype, shape.head_dim)[0], grid, (THREADS, 1, 1),
-                  shared_bytes("forward", q.dtype, shape.head_dim),
+    return Launch(kernel_names(q.dtype, shape.head_dim, tiles)[0], grid, (THREADS, 1, 1),
+                  shared_bytes("forward", q.dtype, shape.head_dim, tiles),
                   (q, k, v, out, lse, numpy.int32(shape.n_queries), numpy.int32(shape.n_keys),
                    numpy.int32(shape.group_size), scalar(scale)))
 
 
-def backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale: float) -> list[Launch]:
+def backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale: float,
+                      tiles: Tiles | None = None) -> list[Launch]:
     """Dvec, then dK and dV, then dQ; dvec is scratch of lse's shape. Each output is written once.
     dq is q's shape; dk and dv are k's, (B, Hkv, Tk, D): dK/dV has a block per key tile of each
     key/value head, which sums over the G query heads of its group."""
     shape = _shape(q, k, v)
     n_queries, n_keys, head_dim = shape.n_queries, shape.n_keys, shape.head_dim
-    names, tiles, scalar = kernel_names(q.dtype, head_dim), TILES[q.dtype.name], q.dtype.type
+    names, scalar = kernel_names(q.dtype, head_dim, tiles), q.dtype.type
+    shared = functools.partial(shared_bytes, dtype=q.dtype, head_dim=head_dim, tiles=tiles)
+    tiles = tiles_of(q.dtype, tiles)
     n_rows, block = shape.query_heads * n_queries, (THREADS, 1, 1)
     sizes = (numpy.int32(n_queries), numpy.int32(n_keys), numpy.int32(shape.group_size), scalar(scale))
     rows_per_block = THREADS // 8  # kGroups
     heads = shape.kv_heads  # the dK/dV grid runs over key/value heads
     return [
         Launch(names[1], (math.ceil(n_rows / rows_per_block), 1, 1), block, 0, (dout, out, dvec, numpy.int32(n_rows))),
-        Launch(names[2], (math.ceil(n_keys / tiles.dkdv[1]), heads, 1), block, shared_bytes("dkdv", q.dtype, head_dim),
+        Launch(names[2], (math.ceil(n_keys / tiles.dkdv[1]), heads, 1), block, shared("dkdv"),
                (q, k, v, dout, lse, dvec, dk, dv, *sizes)),
         Launch(names[3], (math.ceil(n_queries / tiles.dq[0]), shape.query_heads, 1), block,
-               shared_bytes("dq", q.dtype, head_dim), (q, k, v, dout, lse, dvec, dq, *sizes)),
+               shared("dq"), (q, k, v, dout, lse, dvec, dq, *sizes)),
     ]
 
 
@@ -170,42 +190,46 @@ def backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale: float) -
 
 
 @functools.cache
-def _module(dtype_name: str, head_dim: int):
+def _module(dtype_name: str, head_dim: int, tiles: Tiles | None):
     import cupy
 
-    return cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=kernel_names(dtype_name, head_dim))
+    return cupy.RawModule(code=source(), options=COMPILE_OPTIONS,
+                          name_expressions=kernel_names(dtype_name, head_dim, tiles))
 
 
 @functools.cache
-def _function(dtype_name: str, head_dim: int, kernel: str, shared_bytes: int, device_id: int):
+def _function(dtype_name: str, head_dim: int, tiles: Tiles | None, kernel: str, shared_bytes: int, device_id: int):
     """The compiled kernel on one device, opted in to its shared memory (once, not at every launch)."""
-    function = _module(dtype_name, head_dim).get_function(kernel)
+    function = _module(dtype_name, head_dim, tiles).get_function(kernel)
     if shared_bytes > 48 * 1024:  # above 48 KiB a kernel must opt in
         function.max_dynamic_shared_size_bytes = shared_bytes
     return function
 
 
-def launch(run: Launch, dtype, head_dim: int):
-    """Launch `run` on the current CuPy device and stream (asynchronous, like any CuPy call)."""
+def launch(run: Launch, dtype, head_dim: int, tiles: Tiles | None = None):
+    """Launch `run` (made with `tiles`: by default the dtype's) on the current CuPy device and stream
+    (asynchronous, like any CuPy call)."""
     import cupy
 
-    function = _function(numpy.dtype(dtype).name, head_dim, run.kernel, run.shared_bytes, cupy.cuda.Device().id)
+    function = _function(numpy.dtype(dtype).name, head_dim, tiles, run.kernel, run.shared_bytes,
+                         cupy.cuda.Device().id)
     function(run.grid, run.block, run.args, shared_mem=run.shared_bytes)
 
 
-def forward(q, k, v, scale: float):
+def forward(q, k, v, scale: float, tiles: Tiles | None = None):
     """(out, lse) for CuPy q (B, H, Tq, D), k and v (B, Hkv, Tk, D) of q's dtype, H a multiple of Hkv:
-    out (B, H, Tq, D), lse (B, H, Tq). ValueError for shapes or dtypes that do not fit."""
+    out (B, H, Tq, D), lse (B, H, Tq). ValueError for shapes or dtypes that do not fit. `tiles`: by
+    default the dtype's."""
     import cupy
 
     q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
     out = cupy.empty_like(q)
     lse = cupy.empty(q.shape[:3], dtype=q.dtype)
-    launch(forward_launch(q, k, v, out, lse, scale), q.dtype, q.shape[3])
+    launch(forward_launch(q, k, v, out, lse, scale, tiles), q.dtype, q.shape[3], tiles)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, scale: float):
+def backward(dout, q, k, v, out, lse, scale: float, tiles: Tiles | None = None):
     """(dq, dk, dv) for CuPy arrays, given dout = dO and forward's out and lse: dq of q's shape
     (B, H, Tq, D), dk and dv of k's (B, Hkv, Tk, D), each key/value head's the sum over its group."""
     import cupy
@@ -214,6 +238,6 @@ def backward(dout, q, k, v, out, lse, scale: float):
     dout, out = (cupy.ascontiguousarray(a, dtype=q.dtype) for a in (dout, out))
     dq, dk, dv = cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)
     dvec = cupy.empty(q.shape[:3], dtype=q.dtype)
-    for run in backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale):
-        launch(run, q.dtype, q.shape[3])
+    for run in backward_launches(dout, q, k, v, out, lse, dvec, dq, dk, dv, scale, tiles):
+        launch(run, q.dtype, q.shape[3], tiles)
     return dq, dk, dv
