@@ -92,7 +92,7 @@ echo "[gpu_check] device: $(tail -1 "$OUT/device.log")" >&2
 
 if [ "${GPU_TESTS:-1}" != 0 ]; then
     run "gpu tests" 240 "passed|failed|error" \
-        "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+        "$PYTHON" -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py  # -v: a timeout still names what ran
 fi
 if command -v compute-sanitizer >/dev/null; then
     for tool in racecheck memcheck; do
