@@ -211,8 +211,9 @@ def launch(run: Launch, dtype, head_dim: int, tiles: Tiles | None = None):
     (asynchronous, like any CuPy call)."""
     import cupy
 
-    function = _function(numpy.dtype(dtype).name, head_dim, tiles, run.kernel, run.shared_bytes,
-                         cupy.cuda.Device().id)
+    name = numpy.dtype(dtype).name
+    tiles = None if tiles == TILES.get(name) else tiles  # the defaults' module, compiled once
+    function = _function(name, head_dim, tiles, run.kernel, run.shared_bytes, cupy.cuda.Device().id)
     function(run.grid, run.block, run.args, shared_mem=run.shared_bytes)
 
 
