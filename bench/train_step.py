@@ -169,7 +169,7 @@ class MixedPrecision:
     def __init__(self, params):
         from npllama import optim
 
-        self.params, self.scale, self.skipped = params, optim.LossScale(), 0
+        self.params, self.scale = params, optim.LossScale()
 
     def step_inputs(self) -> tuple:
         """(the float16 weights, the loss scale) of the next step."""
@@ -189,7 +189,6 @@ def _update(params, grads, state, mixed, pool=None):
         grads = {name: optim.unscaled(grad, mixed.scale.scale) for name, grad in grads.items()}
     norm = optim.global_norm(grads, pool)
     if mixed is not None:
-        mixed.skipped += not math.isfinite(norm)
         scale = optim.next_loss_scale(mixed.scale, math.isfinite(norm))
         if scale is None:
             raise RuntimeError(f"the float16 gradients overflowed at loss scale {optim.MIN_LOSS_SCALE:g}: the "
@@ -201,7 +200,7 @@ def _update(params, grads, state, mixed, pool=None):
 
 
 def _skipped(mixed) -> dict:
-    return {} if mixed is None else {"skipped": mixed.skipped}
+    return {} if mixed is None else {"skipped": mixed.scale.skipped}
 
 
 def _torch_model(args, side, config, device):

@@ -244,6 +244,11 @@ def is_power_of_two(value) -> bool:
         return False
 
 
+def is_loss_scale(value) -> bool:
+    """A power of two of at least MIN_LOSS_SCALE: what a loss scale may be."""
+    return is_power_of_two(value) and value >= MIN_LOSS_SCALE
+
+
 @dataclass(frozen=True)
 class LossScale:
     """The loss scale of a mixed-precision run and its counters, saved with every checkpoint so
@@ -254,7 +259,7 @@ class LossScale:
     skipped: int = 0  # steps skipped in the whole run (their gradients overflowed)
 
     def __post_init__(self):
-        if not is_power_of_two(self.scale) or self.scale < MIN_LOSS_SCALE:
+        if not is_loss_scale(self.scale):
             raise ValueError(f"the loss scale must be a power of two of at least {MIN_LOSS_SCALE:g}, got "
                              f"{self.scale!r:.40}")
         for name in ("good_steps", "skipped"):

@@ -45,6 +45,15 @@ def kernel_source(filename: str, pasted: set | None = None) -> str:
     return LOCAL_INCLUDE.sub(paste, text)
 
 
+def check_arrays(kernel: str, arrays: dict) -> None:
+    """ValueError unless each of `arrays` (name: (array, dtype, size)) is C-contiguous, of that dtype
+    and that many elements; `kernel` names the launch in the message."""
+    for name, (array, dtype, size) in arrays.items():
+        if array.dtype != dtype or array.size != size or not array.flags.c_contiguous:
+            raise ValueError(f"{kernel}: {name} must be a contiguous {numpy.dtype(dtype).name} array of {size} "
+                             f"elements, got {array.dtype.name} of {array.size}")
+
+
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: the C++ name of the instance, grid, block, dynamic shared bytes, arguments.

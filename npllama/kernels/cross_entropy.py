@@ -8,7 +8,7 @@ import functools
 
 import numpy
 
-from . import COMPILE_OPTIONS, COMPUTE, STORAGE, Launch, kernel_source
+from . import COMPILE_OPTIONS, COMPUTE, STORAGE, Launch, check_arrays, kernel_source
 
 THREADS = 256  # kCrossEntropyThreads
 WARPS = THREADS // 32
@@ -49,14 +49,6 @@ def supports_backward(exps, cache) -> bool:
             and cache.rest.dtype == exps.dtype)
 
 
-def _check(what: str, arrays: dict) -> None:
-    """Each of `arrays` (name: (array, dtype, size)) C-contiguous, of that dtype and size."""
-    for name, (array, dtype, size) in arrays.items():
-        if array.dtype != dtype or array.size != size or not array.flags.c_contiguous:
-            raise ValueError(f"cross_entropy kernel ({what}): {name} must be a contiguous {numpy.dtype(dtype).name} "
-                             f"array of {size} elements, got {array.dtype.name} of {array.size}")
-
-
 def forward_launch(logits, targets, counted, exps, rest, argmax, nll) -> Launch:
     """A block a row of (rows, V) logits: exps (rows, V), rest, argmax and nll (rows,). targets: int64,
     in [0, V) on counted rows; counted: int32, 1 where the row counts."""
@@ -64,9 +56,10 @@ def forward_launch(logits, targets, counted, exps, rest, argmax, nll) -> Launch:
         raise ValueError(f"cross_entropy kernel: logits must be a contiguous (rows, V) array of one of "
                          f"{', '.join(STORAGE)}, got {logits.dtype.name} {logits.shape}")
     (rows, vocab), compute = logits.shape, COMPUTE[logits.dtype.name]
-    _check("forward", {"targets": (targets, numpy.int64, rows), "counted": (counted, numpy.int32, rows),
-                       "exps": (exps, compute, rows * vocab), "rest": (rest, compute, rows),
-                       "argmax": (argmax, numpy.int64, rows), "nll": (nll, compute, rows)})
+    check_arrays("cross_entropy kernel (forward)", {
+        "targets": (targets, numpy.int64, rows), "counted": (counted, numpy.int32, rows),
+        "exps": (exps, compute, rows * vocab), "rest": (rest, compute, rows),
+        "argmax": (argmax, numpy.int64, rows), "nll": (nll, compute, rows)})
     return Launch(f"npllama::cross_entropy_forward<{STORAGE[logits.dtype.name]}>", (rows, 1, 1), (THREADS, 1, 1),
                   shared_bytes(logits.dtype), (logits, targets, counted, exps, rest, argmax, nll, numpy.int32(vocab)))
 
@@ -78,9 +71,10 @@ def backward_launch(exps, rest, argmax, targets, counted, scale, dlogits) -> Lau
         raise ValueError(f"cross_entropy kernel: dlogits must be a contiguous (rows, V) array of one of "
                          f"{', '.join(STORAGE)}, got {dlogits.dtype.name} {dlogits.shape}")
     (rows, vocab), compute = dlogits.shape, COMPUTE[dlogits.dtype.name]
-    _check("backward", {"exps": (exps, compute, rows * vocab), "rest": (rest, compute, rows),
-                        "argmax": (argmax, numpy.int64, rows), "targets": (targets, numpy.int64, rows),
-                        "counted": (counted, numpy.int32, rows), "scale": (scale, compute, 1)})
+    check_arrays("cross_entropy kernel (backward)", {
+        "exps": (exps, compute, rows * vocab), "rest": (rest, compute, rows),
+        "argmax": (argmax, numpy.int64, rows), "targets": (targets, numpy.int64, rows),
+        "counted": (counted, numpy.int32, rows), "scale": (scale, compute, 1)})
     return Launch(f"npllama::cross_entropy_backward<{STORAGE[dlogits.dtype.name]}>", (rows, 1, 1), (THREADS, 1, 1),
                   0, (exps, rest, argmax, targets, counted, scale, dlogits, numpy.int32(vocab)))
 

@@ -9,7 +9,7 @@ import math
 
 import numpy
 
-from . import COMPILE_OPTIONS, COMPUTE, STORAGE, Launch, kernel_source
+from . import COMPILE_OPTIONS, COMPUTE, STORAGE, Launch, check_arrays, kernel_source
 
 THREADS = 256  # kRmsnormThreads
 ROWS_PER_BLOCK = THREADS // 32  # a warp a row
@@ -49,15 +49,6 @@ def _rows(x) -> tuple[int, int]:
     return x.size // x.shape[-1], x.shape[-1]
 
 
-def _check(what: str, arrays: dict, rows: int, cols: int) -> None:
-    """Each array of `arrays` (name: (array, the dtype it must have, its size)) C-contiguous, of that
-    dtype and size."""
-    for name, (array, dtype, size) in arrays.items():
-        if array.dtype != dtype or array.size != size or not array.flags.c_contiguous:
-            raise ValueError(f"rmsnorm kernel ({what}): {name} must be a contiguous {numpy.dtype(dtype).name} array "
-                             f"of {size} elements for {rows} rows of {cols}, got {array.dtype.name} of {array.size}")
-
-
 def _storage(x) -> str:
     if x.dtype.name not in STORAGE:
         raise ValueError(f"rmsnorm kernel: {x.dtype.name} arrays have no instance; one of {', '.join(STORAGE)}")
@@ -67,9 +58,9 @@ def _storage(x) -> str:
 def forward_launch(x, weight, y, xhat, rstd, eps: float) -> Launch:
     """y and xhat of x (..., C), rstd (rows,) in the compute dtype; one warp a row."""
     cxx, (rows, cols) = _storage(x), _rows(x)
-    _check("forward", {"x": (x, x.dtype, rows * cols), "weight": (weight, x.dtype, cols),
-                       "y": (y, x.dtype, rows * cols), "xhat": (xhat, x.dtype, rows * cols),
-                       "rstd": (rstd, COMPUTE[x.dtype.name], rows)}, rows, cols)
+    check_arrays(f"rmsnorm kernel (forward, {rows} rows of {cols})", {
+        "x": (x, x.dtype, rows * cols), "weight": (weight, x.dtype, cols), "y": (y, x.dtype, rows * cols),
+        "xhat": (xhat, x.dtype, rows * cols), "rstd": (rstd, COMPUTE[x.dtype.name], rows)})
     return Launch(f"npllama::rmsnorm_forward<{cxx}>", (math.ceil(rows / ROWS_PER_BLOCK), 1, 1), (THREADS, 1, 1), 0,
                   (x, weight, y, xhat, rstd, numpy.int32(rows), numpy.int32(cols), COMPUTE[x.dtype.name](eps)))
 
@@ -77,9 +68,9 @@ def forward_launch(x, weight, y, xhat, rstd, eps: float) -> Launch:
 def backward_launch(dy, xhat, weight, rstd, dx) -> Launch:
     """dx of RMSNorm given dy and forward's xhat and rstd; one warp a row."""
     cxx, (rows, cols) = _storage(dy), _rows(dy)
-    _check("backward", {"dy": (dy, dy.dtype, rows * cols), "xhat": (xhat, dy.dtype, rows * cols),
-                        "weight": (weight, dy.dtype, cols), "rstd": (rstd, COMPUTE[dy.dtype.name], rows),
-                        "dx": (dx, dy.dtype, rows * cols)}, rows, cols)
+    check_arrays(f"rmsnorm kernel (backward, {rows} rows of {cols})", {
+        "dy": (dy, dy.dtype, rows * cols), "xhat": (xhat, dy.dtype, rows * cols), "weight": (weight, dy.dtype, cols),
+        "rstd": (rstd, COMPUTE[dy.dtype.name], rows), "dx": (dx, dy.dtype, rows * cols)})
     return Launch(f"npllama::rmsnorm_backward<{cxx}>", (math.ceil(rows / ROWS_PER_BLOCK), 1, 1), (THREADS, 1, 1), 0,
                   (dy, xhat, weight, rstd, dx, numpy.int32(rows), numpy.int32(cols)))
 
@@ -98,9 +89,9 @@ def weight_grad_launches(dy, xhat, partial, dweight, rows_per_block: int) -> tup
     if rows_per_block < 1 or row_blocks > MAX_GRID_Y:
         raise ValueError(f"rmsnorm kernel: {rows_per_block} rows a block for {rows} rows; at least 1, and "
                          f"at most {MAX_GRID_Y} blocks")
-    _check("gain gradient", {"dy": (dy, dy.dtype, rows * cols), "xhat": (xhat, dy.dtype, rows * cols),
-                             "partial": (partial, COMPUTE[dy.dtype.name], row_blocks * cols),
-                             "dweight": (dweight, dy.dtype, cols)}, rows, cols)
+    check_arrays(f"rmsnorm kernel (gain gradient, {rows} rows of {cols})", {
+        "dy": (dy, dy.dtype, rows * cols), "xhat": (xhat, dy.dtype, rows * cols),
+        "partial": (partial, COMPUTE[dy.dtype.name], row_blocks * cols), "dweight": (dweight, dy.dtype, cols)})
     column_blocks = math.ceil(cols / THREADS)
     return (Launch(f"npllama::rmsnorm_weight_grad_partial<{cxx}>", (column_blocks, row_blocks, 1), (THREADS, 1, 1), 0,
                    (dy, xhat, partial, numpy.int32(rows), numpy.int32(cols), numpy.int32(rows_per_block))),

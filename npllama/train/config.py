@@ -120,8 +120,7 @@ class TrainConfig:
                                               "(and the step skipped) whenever a gradient overflows float16, doubled "
                                               f"after {optim.GROWTH_INTERVAL} steps without one (default: 2^16); a "
                                               "resumed run continues from its checkpoint's scale",
-                                        rule=(lambda scale: optim.is_power_of_two(scale)
-                                              and scale >= optim.MIN_LOSS_SCALE,
+                                        rule=(optim.is_loss_scale,
                                               "{flag} must be a power of two of at least 1, such as 65536"))
     tf32: bool = _setting(False, "with --backend cupy, let float32 matrix products round their inputs to TF32 (a "
                                  "10-bit mantissa) on the tensor cores, accumulating in float32: faster, other "
