@@ -2,6 +2,7 @@
 
     python bench/attention.py [--seq-lens 1024 2048 4096 8192] [--head-dims 64 128] [--reps 5]
     python bench/attention.py --dtype float16      # mixed precision: against FlashAttention-2
+    python bench/attention.py --tf32               # float32 with TF32 allowed on every side
 
 Causal attention in float32 (TF32 off everywhere), batch x seq = 16384 tokens and heads x head dim
 = 2048 (FlashAttention's benchmark shape), for each implementation, in this one process:
@@ -13,8 +14,10 @@ Causal attention in float32 (TF32 off everywhere), batch x seq = 16384 tokens an
   cupy-composed  S = s Q K^T, mask, softmax, O = P V as CuPy/cuBLAS calls (and their backward by
                  hand; float32 only: CuPy runs a batched float16 matmul as float32 GEMMs on copies)
 
-With --dtype float16 the inputs are float16: npllama runs its tensor-core kernels (attention_f16.cu),
-forward and backward (Dvec = rowsum(dO * O) by CuPy's array code in between).
+With --dtype float16 the inputs are float16: npllama runs its tensor-core kernels (attention_mma.cu),
+forward and backward (Dvec = rowsum(dO * O) by CuPy's array code in between). With --tf32 the inputs
+stay float32 and TF32 is allowed everywhere: npllama runs the TF32 instance of the same kernels (as
+`--tf32` training does), cupy-composed's cuBLAS products and PyTorch's (allow_tf32) may use TF32.
 
 FLOP count (FlashAttention's convention): a causal forward is 2 matrix products of B*H*T*T*D
 multiply-adds, half of them masked: 4 * B * H * T^2 * D / 2. The backward is 2.5 forwards (5
@@ -153,8 +156,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=16384, help="batch x seq")
     parser.add_argument("--width", type=int, default=2048, help="heads x head dim")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--tf32", action="store_true", help="float32 with TF32 allowed on every side")
     args = parser.parse_args(argv)
-    from npllama.backend import BackendError, get_backend
+    if args.tf32 and args.dtype != "float32":
+        parser.error("--tf32 is for float32 inputs; --dtype float16 runs float16 products already")
+    from npllama.backend import BackendError, float32_products, get_backend
 
     try:
         cupy = get_backend("cupy")
@@ -166,16 +172,25 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
     except ImportError:
         torch = None
         print("torch is not installed: PyTorch's SDPA is not measured")
     device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
     print(f"device {device}; CuPy {cupy.__version__}; torch {torch.__version__ if torch else '-'}; {args.dtype}, "
-          f"causal, TF32 off; batch x seq = {args.tokens}, heads x head dim = {args.width}")
+          f"causal, TF32 {'allowed' if args.tf32 else 'off'}; batch x seq = {args.tokens}, "
+          f"heads x head dim = {args.width}")
     print(f"{'T':>5} {'D':>4} {'implementation':15} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8}"
           f" {'max |diff|':>10}")
+    with float32_products(cupy, args.tf32):  # npllama's attention and CuPy's cuBLAS calls, TF32 or not
+        rows = measure(args, cupy, numpy, torch)
+    print_ratios(rows)
+    return 0
+
+
+def measure(args, cupy, numpy, torch) -> list[dict]:
+    """Every implementation at every (head dim, T): a row each, printed as measured."""
     rows = []
     for head_dim in args.head_dims:
         for seq in args.seq_lens:
@@ -216,8 +231,7 @@ def main(argv=None) -> int:
             cupy.get_default_memory_pool().free_all_blocks()
             if torch is not None:
                 torch.cuda.empty_cache()
-    print_ratios(rows)
-    return 0
+    return rows
 
 
 def print_ratios(rows):

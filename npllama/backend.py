@@ -37,7 +37,7 @@ import numpy
 from .errors import NpllamaError
 
 __all__ = ["BACKENDS", "BackendError", "array_namespace", "compute_dtype", "get_backend", "is_cupy_array",
-           "float32_products", "matmul", "synchronize", "to_host"]
+           "float32_products", "matmul", "synchronize", "tf32_products", "to_host"]
 
 BACKENDS = ("numpy", "cupy")
 
@@ -109,6 +109,17 @@ def float32_products(xp, tf32: bool):
     finally:
         linalg.set_compute_type(numpy.float32, before[0])
         linalg.set_compute_type(numpy.float16, before[1])
+
+
+def tf32_products(xp) -> bool:
+    """Whether CuPy's float32 matrix products run in TF32 here and now (inside float32_products(xp,
+    True), or with CUPY_TF32=1 outside it): npllama's own float32 products, attention's, follow the
+    same rule. Never on NumPy."""
+    if xp is numpy:
+        return False
+    from cupy._core import _routines_linalg as linalg
+
+    return linalg.get_compute_type(numpy.float32) == linalg.COMPUTE_TYPE_TF32
 
 
 DISALLOW_REDUCED_PRECISION_REDUCTION = 16  # cublasMath_t's CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION

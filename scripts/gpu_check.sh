@@ -19,7 +19,8 @@
 #      autocast to bfloat16), MFU against the card's 16-bit peak;
 #   6. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention), in
 #      float32 and then in float16 (the tensor-core forward against SDPA's flash backend);
-#   7. the eager sides again with --tf32, TF32 allowed on every side;
+#   7. the eager sides again with --tf32, TF32 allowed on every side, and bench/attention.py with
+#      --tf32 (npllama's TF32 tensor-core instance against SDPA and cuBLAS with TF32 allowed);
 #   8. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
 #   9. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, the
 #      same with --precision fp16, and the same under `mpirun -n 1` (NCCL averages the one rank's
@@ -110,6 +111,7 @@ run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
 run "attention fp16" 60 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3 --dtype float16
 run "train step tf32" 75 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
     --sides npllama,torch,hf-sdpa
+run "attention tf32" 60 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3 --tf32
 run "profile step" 45 "a step" "$PYTHON" bench/profile_step.py --backend cupy --steps 2
 run "train 20 steps" 60 "step 20: validation loss|checkpoint:" \
     "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \
@@ -133,7 +135,7 @@ echo "device: $(tail -1 "$OUT/device.log")"
 printf '%-18s %-14s %6s  %s\n' step result time "summary (full logs in $OUT)"
 printf '%s\n' "${rows[@]}"
 echo
-for step in "attention bench" "attention fp16"; do
+for step in "attention bench" "attention fp16" "attention tf32"; do
     echo "--- bench/attention.py: $step ---"
     [ -f "$OUT/$step.log" ] && grep -vE "^\s*$" "$OUT/$step.log" | tail -40
 done

@@ -4,8 +4,9 @@
 
 Each attention instance runs forward and backward on T = 70 (a partial last tile) with Tq < Tk
 too, with multi-head, grouped-query (4 query heads on 2 key/value heads) and multi-query (3 on 1)
-shapes, the float16 tensor-core kernels, forward and backward, on the same shapes (against NumPy's
-float32 attention on the same float16 inputs), the embedding backward on repeated ids, AdamW's
+shapes, the tensor-core kernels in both formats (float16, and float32 under --tf32's TF32
+products), forward and backward, on the same shapes (against NumPy's float32 attention on the same
+inputs), the embedding backward on repeated ids, AdamW's
 update in float32 and float64, and the fused SwiGLU, RMSNorm, RoPE and cross-entropy in all three
 dtypes (RMSNorm on rows that end mid-warp and mid-block, RoPE's backward on a transposed gradient,
 cross-entropy on rows of 1000 with an ignored one); the results are compared
@@ -20,9 +21,9 @@ import numpy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npllama import optim  # noqa: E402
-from npllama.backend import get_backend  # noqa: E402
+from npllama.backend import float32_products, get_backend  # noqa: E402
 from npllama.kernels import attention as cuda_attention  # noqa: E402
-from npllama.kernels import attention_f16  # noqa: E402
+from npllama.kernels import attention_mma  # noqa: E402
 from npllama.ops import attention, cross_entropy, embedding, rmsnorm, rope, swiglu  # noqa: E402
 
 
@@ -49,21 +50,25 @@ def main() -> int:
                     if not numpy.allclose(have.get(), want, rtol=tolerance, atol=tolerance):
                         bad.append(f"{dtype} D={head_dim} Tq={n_queries} Tk={n_keys} H={heads} Hkv={kv_heads}: "
                                    f"{name}")
-    for head_dim in attention_f16.HEAD_DIMS:  # the tensor-core forward: O to float16's precision, L to float32's
-        for n_queries, n_keys, heads, kv_heads in ((70, 70, 2, 2), (5, 70, 2, 2), (70, 70, 4, 2), (5, 70, 3, 1)):
-            q = rng.standard_normal((1, heads, n_queries, head_dim)).astype(numpy.float16)
-            k, v = (rng.standard_normal((1, kv_heads, n_keys, head_dim)).astype(numpy.float16) for _ in range(2))
-            dout = rng.standard_normal(q.shape).astype(numpy.float16)
-            out, cache = attention.forward(*(a.astype(numpy.float32) for a in (q, k, v)))
-            expected = attention.backward(dout.astype(numpy.float32), cache)
-            out_d, cache_d = attention.forward(*(cupy.asarray(a) for a in (q, k, v)))
-            got = attention.backward(cupy.asarray(dout), cache_d)
-            if not (numpy.allclose(out_d.get(), out, rtol=4e-3, atol=4e-3)
-                    and numpy.allclose(cache_d.lse.get(), cache.lse, rtol=1e-4, atol=1e-4)
-                    and all(numpy.allclose(have.get(), want, rtol=2e-2, atol=2e-2)
-                            for have, want in zip(got, expected))):
-                bad.append(f"float16 D={head_dim} Tq={n_queries} Tk={n_keys} H={heads} Hkv={kv_heads}: "
-                           "out, lse or a gradient")
+    # the tensor-core kernels: float16, and float32 while float32 products are TF32 (as --tf32 runs
+    # them); O to the operands' precision (2^-11), L to float32's, the gradients within 2e-2
+    for dtype, tf32 in (("float16", False), ("float32", True)):
+        for head_dim in attention_mma.HEAD_DIMS:
+            for n_queries, n_keys, heads, kv_heads in ((70, 70, 2, 2), (5, 70, 2, 2), (70, 70, 4, 2), (5, 70, 3, 1)):
+                q = rng.standard_normal((1, heads, n_queries, head_dim)).astype(dtype)
+                k, v = (rng.standard_normal((1, kv_heads, n_keys, head_dim)).astype(dtype) for _ in range(2))
+                dout = rng.standard_normal(q.shape).astype(dtype)
+                out, cache = attention.forward(*(a.astype(numpy.float32) for a in (q, k, v)))
+                expected = attention.backward(dout.astype(numpy.float32), cache)
+                with float32_products(cupy, tf32):
+                    out_d, cache_d = attention.forward(*(cupy.asarray(a) for a in (q, k, v)))
+                    got = attention.backward(cupy.asarray(dout), cache_d)
+                if not (numpy.allclose(out_d.get(), out, rtol=4e-3, atol=4e-3)
+                        and numpy.allclose(cache_d.lse.get(), cache.lse, rtol=1e-3, atol=1e-3)
+                        and all(numpy.allclose(have.get(), want, rtol=2e-2, atol=2e-2)
+                                for have, want in zip(got, expected))):
+                    bad.append(f"{dtype} on the tensor cores D={head_dim} Tq={n_queries} Tk={n_keys} H={heads} "
+                               f"Hkv={kv_heads}: out, lse or a gradient")
     for dtype in ("float32", "float64", "float16"):  # the fused SwiGLU kernels, forward and backward
         a, b, dy = (rng.standard_normal(1000).astype(dtype) for _ in range(3))
         y, cache = swiglu.forward(a, b)

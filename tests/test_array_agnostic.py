@@ -70,7 +70,7 @@ def test_only_the_backend_module_recognises_a_cupy_array():
     """The kernels' modules import CuPy to launch, but only ever receive CuPy arrays, and train/distributed.py
     imports CuPy's NCCL binding only for a world whose gradients live on GPUs: they tell nothing apart."""
     files = {f.relative_to(PACKAGE_DIR).as_posix() for f in PACKAGE_DIR.rglob("*.py") if recognises_arrays(f)}
-    assert files - {"kernels/adamw.py", "kernels/attention.py", "kernels/attention_f16.py", "kernels/embedding.py",
+    assert files - {"kernels/adamw.py", "kernels/attention.py", "kernels/attention_mma.py", "kernels/embedding.py",
                     "kernels/swiglu.py", "kernels/rmsnorm.py", "kernels/rope.py", "kernels/cross_entropy.py",
                     "train/distributed.py"} == \
         {"backend.py"}, files

@@ -191,3 +191,20 @@ def test_float32_products_set_cupys_compute_type_for_the_block_and_restore_it_ev
     assert sorted(dtype.name for dtype, _ in calls) == ["float16"] * 2 + ["float32"] * 2  # float64 is float64
     with backend.float32_products(numpy, tf32):  # NumPy: nothing to set
         assert len(calls) == 4
+
+
+@pytest.mark.skipif(not CUPY_INSTALLED, reason="CuPy is not installed: pip install '.[test]' installs it")
+def test_tf32_products_is_cupys_float32_compute_type_being_tf32(monkeypatch):
+    """What ops/attention.py asks before it sends float32 to the TF32 tensor-core kernels: CuPy's own
+    state (set by float32_products, or CUPY_TF32 through CuPy's default), read here through a stand-in
+    (reading it may ask the device); never on NumPy."""
+    import cupy
+    from cupy._core import _routines_linalg as linalg
+
+    current = {}
+    monkeypatch.setattr(linalg, "get_compute_type", lambda dtype: current[numpy.dtype(dtype)])
+    for kind, expected in ((linalg.COMPUTE_TYPE_TF32, True), (linalg.COMPUTE_TYPE_FP32, False),
+                           (linalg.COMPUTE_TYPE_DEFAULT, False), (linalg.COMPUTE_TYPE_PEDANTIC, False)):
+        current[numpy.dtype("float32")] = kind
+        assert backend.tf32_products(cupy) is expected
+    assert backend.tf32_products(numpy) is False

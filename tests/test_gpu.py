@@ -339,71 +339,101 @@ def test_fp16_training_on_cupy_tracks_the_numpy_fp16_run_and_float32(corpus, tmp
     assert on_gpu.val_loss == pytest.approx(in_float32.val_loss, rel=1e-2)
 
 
-# (query heads, key/value heads, Tq, Tk) of the float16 kernels' checks: one position, partial tiles,
-# groups of two, multi-query with fewer queries than keys
-FLOAT16_SHAPES = [(2, 2, 1, 1), (2, 2, 129, 129), (4, 2, 257, 257), (3, 1, 17, 300)]
+# (query heads, key/value heads, Tq, Tk) of the tensor-core kernels' checks: one position, partial
+# tiles, groups of two, multi-query with fewer queries than keys
+TENSOR_CORE_SHAPES = [(2, 2, 1, 1), (2, 2, 129, 129), (4, 2, 257, 257), (3, 1, 17, 300)]
+TENSOR_CORE_DTYPES = ("float16", "float32")  # float32: the TF32 instance
 
 
-def test_the_mma_instruction_is_c_plus_a_b_in_the_fragment_layouts_the_cpu_emulation_assumes(cupy):
-    """The tensor-core layer of attention_f16.cu, on the instruction itself: lanes' registers packed by
-    the NumPy model of the PTX ISA's layouts (tests/tensor_cores.py, which the harness's emulation is
+@pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
+def test_the_mma_instruction_is_c_plus_a_b_in_the_fragment_layouts_the_cpu_emulation_assumes(cupy, dtype):
+    """The tensor-core layer of attention_mma.cu, on the instructions themselves: lanes' registers packed
+    by the NumPy model of the PTX ISA's layouts (tests/tensor_cores.py, which the harness's emulation is
     tested against on the CPU) give C + A B unpacked by the same model."""
-    from npllama.kernels import attention_f16
+    from npllama.kernels import attention_mma
     from tensor_cores import assert_is_the_product, fragments, mma_problem, unfragment
 
     for seed in range(5):
-        a, b, c = mma_problem(seed)
+        a, b, c = mma_problem(seed, dtype)
         a_regs, b_regs, c_regs = (cupy.asarray(x) for x in fragments(a, b, c))
-        attention_f16.launch(attention_f16.mma_launch(a_regs, b_regs, c_regs))
+        attention_mma.launch(attention_mma.mma_launch(a_regs, b_regs, c_regs, dtype))
         assert_is_the_product(unfragment(c_regs.get()), a, b, c)
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 128])
-@pytest.mark.parametrize("n_heads, n_kv_heads, n_queries, n_keys", FLOAT16_SHAPES)
-def test_the_float16_forward_kernel_meets_its_rounding_bound_on_the_gpu(cupy, head_dim, n_heads, n_kv_heads,
-                                                                        n_queries, n_keys):
-    from npllama.kernels import attention_f16
-    from tensor_cores import assert_within_the_kernels_roundings, draw_halves
+def test_the_tf32_rounding_instruction_is_the_emulations_bit_for_bit(cupy):
+    """cvt.rna.tf32.f32 (then the 13 low bits cleared) against the NumPy model the CPU harness's
+    emulation is tested against: random bits, ties, the largest finite values, subnormals, NaN."""
+    from npllama.kernels import attention_mma
+    from tensor_cores import round_to_tf32
 
-    q, k, v = draw_halves(head_dim + n_keys, 2, n_heads, n_kv_heads, n_queries, n_keys, head_dim)
-    out = cupy.full(q.shape, cupy.nan, dtype=cupy.float16)
+    bits = numpy.random.default_rng(0).integers(0, 2**32, 100_000, dtype=numpy.uint64).astype(numpy.uint32)
+    special = numpy.array([0x3F801000, 0xBF803000, 0x7F7FFFFF, 0x00001FFF, 0x7F800000, 0xFF800000],
+                          dtype=numpy.uint32)
+    x = numpy.concatenate([bits, special]).view(numpy.float32)
+    finite = numpy.isfinite(x)  # NaN payloads are the hardware's own: NaN in, NaN out is all we ask
+    device = cupy.asarray(x)
+    attention_mma.launch(attention_mma.tf32_rounding_launch(device))
+    got = device.get()
+    want = round_to_tf32(x)
+    assert (got[finite].view(numpy.uint32) == want[finite].view(numpy.uint32)).all()
+    assert numpy.isnan(got[~finite & numpy.isnan(x)]).all()
+
+
+@pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 128])
+@pytest.mark.parametrize("n_heads, n_kv_heads, n_queries, n_keys", TENSOR_CORE_SHAPES)
+def test_the_tensor_core_forward_kernel_meets_its_rounding_bound_on_the_gpu(cupy, head_dim, n_heads, n_kv_heads,
+                                                                            n_queries, n_keys, dtype):
+    from npllama.kernels import attention_mma
+    from tensor_cores import assert_within_the_kernels_roundings, draw_inputs
+
+    q, k, v = draw_inputs(head_dim + n_keys, dtype, 2, n_heads, n_kv_heads, n_queries, n_keys, head_dim)
+    out = cupy.full(q.shape, cupy.nan, dtype=dtype)
     lse = cupy.full(q.shape[:3], cupy.nan, dtype=cupy.float32)
-    attention_f16.launch(attention_f16.forward_launch(*(cupy.asarray(a) for a in (q, k, v)), out, lse,
+    attention_mma.launch(attention_mma.forward_launch(*(cupy.asarray(a) for a in (q, k, v)), out, lse,
                                                       1.0 / math.sqrt(head_dim)))
     assert_within_the_kernels_roundings(out.get(), lse.get(), q, k, v)
 
 
+@pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
 @pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 128])
-@pytest.mark.parametrize("n_heads, n_kv_heads, n_queries, n_keys", FLOAT16_SHAPES)
-def test_the_float16_backward_kernels_meet_their_rounding_bound_on_the_gpu(cupy, head_dim, n_heads, n_kv_heads,
-                                                                           n_queries, n_keys):
-    from tensor_cores import assert_gradients_within_the_kernels_roundings, draw_halves
+@pytest.mark.parametrize("n_heads, n_kv_heads, n_queries, n_keys", TENSOR_CORE_SHAPES)
+def test_the_tensor_core_backward_kernels_meet_their_rounding_bound_on_the_gpu(cupy, head_dim, n_heads, n_kv_heads,
+                                                                               n_queries, n_keys, dtype):
+    """Through the op (float32 under TF32 products, as --tf32 runs it)."""
+    from npllama.backend import float32_products
+    from tensor_cores import assert_gradients_within_the_kernels_roundings, draw_inputs
 
-    q, k, v = draw_halves(head_dim + n_keys, 2, n_heads, n_kv_heads, n_queries, n_keys, head_dim)
-    dout = (100 * numpy.random.default_rng(n_queries).standard_normal(q.shape)).astype(numpy.float16)
-    out, cache = attention.forward(*(cupy.asarray(a) for a in (q, k, v)))
-    grads = [g.get() for g in attention.backward(cupy.asarray(dout), cache)]
+    q, k, v = draw_inputs(head_dim + n_keys, dtype, 2, n_heads, n_kv_heads, n_queries, n_keys, head_dim)
+    dout = (100 * numpy.random.default_rng(n_queries).standard_normal(q.shape)).astype(dtype)
+    with float32_products(cupy, dtype == "float32"):
+        out, cache = attention.forward(*(cupy.asarray(a) for a in (q, k, v)))
+        grads = [g.get() for g in attention.backward(cupy.asarray(dout), cache)]
     out = out.get()
     dvec = (dout.astype(numpy.float32) * out.astype(numpy.float32)).sum(axis=-1)
     assert_gradients_within_the_kernels_roundings(*grads, q, k, v, dout, out, cache.lse.get(), dvec)
 
 
-def test_float16_attention_on_cupy_runs_the_tensor_core_kernels_bitwise_the_same_each_time(cupy, monkeypatch):
-    """The op sends CuPy float16 to the kernels, forward and backward: three runs, one set of bits."""
-    from npllama.kernels import attention_f16
-    from tensor_cores import draw_halves
+@pytest.mark.parametrize("dtype, tf32", [("float16", False), ("float32", True)])
+def test_attention_on_cupy_runs_the_tensor_core_kernels_bitwise_the_same_each_time(cupy, monkeypatch, dtype, tf32):
+    """The op sends CuPy float16, and float32 under TF32 products, to the kernels, forward and backward:
+    three runs, one set of bits."""
+    from npllama.backend import float32_products
+    from npllama.kernels import attention_mma
+    from tensor_cores import draw_inputs
 
     calls = []
     for name in ("forward", "backward"):
-        real = getattr(attention_f16, name)
-        monkeypatch.setattr(attention_f16, name, lambda *args, real=real, name=name: (calls.append(name),
+        real = getattr(attention_mma, name)
+        monkeypatch.setattr(attention_mma, name, lambda *args, real=real, name=name: (calls.append(name),
                                                                                         real(*args))[1])
-    q, k, v = (cupy.asarray(a) for a in draw_halves(0, 2, 4, 2, 200, 200, 64))
-    dout = cupy.asarray(numpy.random.default_rng(1).standard_normal(q.shape).astype(numpy.float16))
+    q, k, v = (cupy.asarray(a) for a in draw_inputs(0, dtype, 2, 4, 2, 200, 200, 64))
+    dout = cupy.asarray(numpy.random.default_rng(1).standard_normal(q.shape).astype(dtype))
     runs = []
-    for _ in range(3):
-        out, cache = attention.forward(q, k, v)
-        runs.append([a.get().tobytes() for a in (out, cache.lse, *attention.backward(dout, cache))])
+    with float32_products(cupy, tf32):
+        for _ in range(3):
+            out, cache = attention.forward(q, k, v)
+            runs.append([a.get().tobytes() for a in (out, cache.lse, *attention.backward(dout, cache))])
     assert calls == ["forward", "backward"] * 3
     assert runs[1] == runs[0] and runs[2] == runs[0]
 

@@ -25,7 +25,7 @@ from kernel_harness import HarnessFailure, build, run
 from npllama import optim
 from npllama.kernels import adamw as cuda_adamw
 from npllama.kernels import attention as cuda_attention
-from npllama.kernels import attention_f16
+from npllama.kernels import attention_mma
 from npllama.kernels import cross_entropy as cuda_cross_entropy
 from npllama.kernels import embedding as cuda_embedding
 from npllama.kernels import rmsnorm as cuda_rmsnorm
@@ -366,7 +366,7 @@ def test_every_instance_fits_the_shared_memory_of_an_a100():
 def test_every_instance_compiles_for_sm80_and_sm90_without_spills():
     result = subprocess.run([sys.executable, "-m", "npllama.kernels"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    n_instances = 2 * sum(len(kernels.instances()) for kernels in (cuda_attention, attention_f16, cuda_embedding,
+    n_instances = 2 * sum(len(kernels.instances()) for kernels in (cuda_attention, attention_mma, cuda_embedding,
                                                                      cuda_adamw, cuda_swiglu, cuda_rmsnorm, cuda_rope,
                                                                      cuda_cross_entropy))
     assert f"{n_instances} instances, 0 with a problem, 0 compile errors" in result.stdout

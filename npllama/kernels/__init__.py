@@ -1,8 +1,8 @@
 """npllama's own CUDA kernels, for the CuPy backend: attention (forward and backward, float32 and
-float64, and float16 on the tensor cores), the deterministic embedding backward, AdamW's update of a
+float64, and on the tensor cores float16 and float32 as TF32), the deterministic embedding backward, AdamW's update of a
 parameter in one pass, and SwiGLU, RMSNorm and RoPE fused.
 
-Each kernel's source is package data (`attention.cu`, `attention_f16.cu`, `embedding.cu`, `adamw.cu`,
+Each kernel's source is package data (`attention.cu`, `attention_mma.cu`, `embedding.cu`, `adamw.cu`,
 `swiglu.cu`, `rmsnorm.cu`, `rope.cu`, and the headers they include); its Python module says which
 instances exist and computes each launch (`Launch`), which the CuPy path and the CPU harness of the
 tests both run. `python -m npllama.kernels` compiles every instance through NVRTC, without a GPU,

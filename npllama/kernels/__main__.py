@@ -19,7 +19,7 @@ from ..cli import fail
 from . import COMPILE_OPTIONS, CUPY_ADDED_OPTIONS
 from . import adamw as adamw_kernels
 from . import attention as attention_kernels
-from . import attention_f16 as attention_f16_kernels
+from . import attention_mma as attention_mma_kernels
 from . import cross_entropy as cross_entropy_kernels
 from . import embedding as embedding_kernels
 from . import rmsnorm as rmsnorm_kernels
@@ -31,7 +31,7 @@ MAX_SHARED_BYTES = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # per block, opte
 SM_SHARED_BYTES = {"sm_80": 164 * 1024, "sm_90": 228 * 1024}  # per multiprocessor, at the largest carveout
 SM_REGISTERS, SM_THREADS, SM_BLOCKS = 65536, 2048, 32  # per multiprocessor, on both
 RESERVED_SHARED_BYTES = 1024  # the shared memory the hardware keeps for each resident block
-SOURCES = {"attention.cu": attention_kernels, "attention_f16.cu": attention_f16_kernels,
+SOURCES = {"attention.cu": attention_kernels, "attention_mma.cu": attention_mma_kernels,
            "embedding.cu": embedding_kernels, "adamw.cu": adamw_kernels, "swiglu.cu": swiglu_kernels,
            "rmsnorm.cu": rmsnorm_kernels, "rope.cu": rope_kernels,
            "cross_entropy.cu": cross_entropy_kernels}

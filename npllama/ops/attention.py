@@ -31,19 +31,20 @@ float32; the results have the input dtype.
 On CuPy arrays of float32 or float64 with a head dim the kernels were built for (16, 32, 48, 64,
 128), forward and backward run npllama's CUDA kernels instead (npllama/kernels/attention.cu): the
 same algorithm, one thread block per tile, and this NumPy code is the reference they are tested
-against. CuPy float16 inputs (mixed precision) run forward and backward on the tensor cores
-(npllama/kernels/attention_f16.cu: float16 products, float32 accumulators and statistics, each
-output rounded to float16 once, L in float32). Other CuPy inputs run the code below on the GPU.
-Either way the cache is the same.
+against. On the tensor cores (npllama/kernels/attention_mma.cu: float32 accumulators and
+statistics, L in float32) run CuPy float16 inputs (mixed precision: float16 products, each output
+rounded to float16 once) and CuPy float32 inputs while float32 products are TF32
+(backend.tf32_products: --tf32; each input rounded to TF32 once). Other CuPy inputs run the code
+below on the GPU. Either way the cache is the same.
 Derivation: reference/derivations.md#attention
 """
 
 import math
 from dataclasses import dataclass
 
-from ..backend import array_namespace, compute_dtype, is_cupy_array
+from ..backend import array_namespace, compute_dtype, is_cupy_array, tf32_products
 from ..kernels import attention as cuda_attention
-from ..kernels import attention_f16 as tensor_core_attention
+from ..kernels import attention_mma as tensor_core_attention
 
 DEFAULT_TILE_SIZE = 128
 
@@ -79,10 +80,13 @@ def _runs_on_kernels(*arrays) -> bool:
 
 
 def _runs_on_tensor_cores(q, k, v) -> bool:
-    """CuPy float16 arrays with a head dim the float16 forward kernel was built for, in a grid it can launch."""
+    """CuPy arrays of one dtype, float16, or float32 while float32 products are TF32, with a head dim
+    the tensor-core kernels were built for, in a grid they can launch."""
     batch, n_heads, n_queries, head_dim = q.shape
-    return (all(is_cupy_array(a) and a.dtype == "float16" for a in (q, k, v))
-            and tensor_core_attention.supports(q.dtype, head_dim)
+    dtype = q.dtype
+    return (all(is_cupy_array(a) and a.dtype == dtype for a in (q, k, v))
+            and (dtype == "float16" or (dtype == "float32" and tf32_products(array_namespace(q))))
+            and tensor_core_attention.supports(dtype, head_dim)
             and n_queries >= 1 and 1 <= batch * n_heads <= cuda_attention.MAX_HEADS)
 
 
@@ -132,11 +136,11 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None, *, pool=None):
     if tile_size < 1:
         raise ValueError(f"attention: tile_size must be >= 1, got {tile_size}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if _runs_on_kernels(q, k, v):
-        out, lse = cuda_attention.forward(q, k, v, scale)
-        return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
     if _runs_on_tensor_cores(q, k, v):
         out, lse = tensor_core_attention.forward(q, k, v, scale)
+        return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
+    if _runs_on_kernels(q, k, v):
+        out, lse = cuda_attention.forward(q, k, v, scale)
         return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
     offset = n_keys - n_queries  # absolute position of query 0
     ct = compute_dtype(xp, q.dtype)
@@ -209,10 +213,10 @@ def backward(dy, cache, *, pool=None):
     key/value head's group on `pool`'s threads, when given, as in `forward`)."""
     q, k, v, out, lse = cache.q, cache.k, cache.v, cache.out, cache.lse
     tile_size, scale = cache.tile_size, cache.scale
-    if _runs_on_kernels(dy, q, k, v):
-        return cuda_attention.backward(dy, q, k, v, out, lse, scale)
     if _runs_on_tensor_cores(q, k, v) and is_cupy_array(dy):
         return tensor_core_attention.backward(dy, q, k, v, out, lse, scale)
+    if _runs_on_kernels(dy, q, k, v):
+        return cuda_attention.backward(dy, q, k, v, out, lse, scale)
     if pool is not None and len(_head_groups(q, k)) > 1:
         return _backward_by_groups(dy, cache, pool)
     xp = array_namespace(dy)

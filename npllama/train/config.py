@@ -122,9 +122,9 @@ class TrainConfig:
                                               "resumed run continues from its checkpoint's scale",
                                         rule=(optim.is_loss_scale,
                                               "{flag} must be a power of two of at least 1, such as 65536"))
-    tf32: bool = _setting(False, "with --backend cupy, let float32 matrix products round their inputs to TF32 (a "
-                                 "10-bit mantissa) on the tensor cores, accumulating in float32: faster, other "
-                                 "numbers (default: full float32)", saved=True)
+    tf32: bool = _setting(False, "with --backend cupy, let float32 matrix products, attention's included, round "
+                                 "their inputs to TF32 (a 10-bit mantissa) on the tensor cores, accumulating in "
+                                 "float32: faster, other numbers (default: full float32)", saved=True)
     cache_dir: str | None = _setting(None, f"tokenizer and token cache (default: {default_cache_dir()})")
     sample_tokens: int = _setting(80, "tokens to generate at the end (0: none)", rule=_at_least(0))
     sample_prompt: str | None = _setting(None, "prompt of the final sample (default: 'def ' on the built-in "

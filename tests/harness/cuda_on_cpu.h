@@ -12,9 +12,12 @@
 //   - __int_as_float and __longlong_as_double;
 //   - the round-to-nearest arithmetic intrinsics __f{mul,add,sub,div,sqrt}_rn and __d{...}_rn (one
 //     IEEE operation each, never fused: on the CPU every float and double operation is that);
-//   - npllama/kernels/float16.cuh, which is inline PTX on the GPU: mma_16816 (one warp's
-//     mma.sync.m16n8k16, float16 operands and float32 accumulators in the PTX ISA's fragment
-//     layouts), float_to_half (round to nearest even) and half_to_float, float16 held as its 16 bits.
+//   - __int_as_float, __float_as_uint, __uint_as_float and __longlong_as_double;
+//   - npllama/kernels/float16.cuh and tensor_cores.cuh, which are inline PTX on the GPU:
+//     float_to_half (round to nearest even) and half_to_float, float16 held as its 16 bits;
+//     float_to_tf32 (round to nearest, ties away from zero, to 10 fraction bits); mma_16816 and
+//     mma_1688_tf32 (one warp's mma.sync.m16n8k16 with float16 operands and mma.sync.m16n8k8 with
+//     TF32 operands, float32 accumulators, in the PTX ISA's fragment layouts).
 //
 // Execution model: the blocks of a grid run one after another (blockIdx.x fastest, then y, then
 // z); the threads of a block run concurrently, one std::thread each, so a missing __syncthreads is
@@ -75,6 +78,8 @@ static_assert(std::is_same_v<decltype(exp(1.0f)), float> && std::is_same_v<declt
 // Reinterpreting bits, as the CUDA intrinsics do (attention.cu spells -inf this way, since NVRTC
 // compiles without the host headers that define INFINITY).
 inline float __int_as_float(int bits) { return std::bit_cast<float>(bits); }
+inline unsigned __float_as_uint(float value) { return std::bit_cast<unsigned>(value); }
+inline float __uint_as_float(unsigned bits) { return std::bit_cast<float>(bits); }
 inline double __longlong_as_double(long long bits) { return std::bit_cast<double>(bits); }
 
 // One IEEE operation, rounded to nearest, as the *_rn intrinsics promise: the harness compiles with
@@ -128,7 +133,7 @@ struct Warp {
     const unsigned lanes;  // 32, or fewer in the last warp of a block whose size is not a multiple of 32
     std::barrier<> barrier;
     std::array<std::uint64_t, warp_size> slots{};
-    std::array<std::array<std::uint32_t, 6>, warp_size> fragments{};  // each lane's a[4], b[2] for mma_16816
+    std::array<std::array<std::uint32_t, 6>, warp_size> fragments{};  // each lane's a[4], b[2] for an mma
 };
 
 // Sets a block's shared memory to 0xFF bytes: NaN for float and double, -1 for int. Run between
@@ -285,41 +290,79 @@ inline float half_to_float(unsigned short bits) { return static_cast<float>(std:
 
 inline float half_bits_to_float(std::uint32_t bits) { return half_to_float(static_cast<unsigned short>(bits & 0xFFFFu)); }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with d as both c and d: d += A B for the warp's
-// 16 x 16 A and 16 x 8 B, each lane holding the fragments the PTX ISA lays out (lane = 4 g + t):
-//     a[0] = A[g][2t, 2t+1]  a[1] = A[g+8][2t, 2t+1]  a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
-//     b[0] = B[2t, 2t+1][g]  b[1] = B[2t+8, 2t+9][g]  (the lower 16 bits hold the first of the two)
-//     d[0], d[1] = D[g][2t, 2t+1]  d[2], d[3] = D[g+8][2t, 2t+1]
-// Each lane writes its a and b to the warp's scratch, the warp meets, each lane computes its four
-// entries of D (the products of float16s are exact in float32; they are added in k order, which
-// the hardware's own order and rounding need not match), and the warp meets again before the
-// scratch is reused. Every lane of the warp must take part, as on the GPU.
-inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
-    using namespace cuda_on_cpu;
-    Block& block = current_block("mma_16816");
+// float32 to TF32 (as cvt.rna.tf32.f32 followed by clearing the 13 low bits, tensor_cores.cuh): to
+// nearest with ties away from zero, by adding half of the dropped part's unit to the magnitude's
+// bits (a carry into the exponent is the next binade, or infinity, as it should be). NaN stays NaN.
+inline float float_to_tf32(float value) {
+    const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
+    if ((bits & 0x7F800000u) == 0x7F800000u)  // infinity or NaN
+        return std::bit_cast<float>((bits & 0x007FFFFFu) ? 0x7FFFE000u : bits);
+    return std::bit_cast<float>((bits + 0x1000u) & 0xFFFFE000u);
+}
+
+namespace cuda_on_cpu {
+// d += A B for the warp's 16 x K A and K x 8 B: each lane writes its a and b to the warp's scratch,
+// the warp meets, each lane computes its four entries of D, d[0], d[1] = D[g][2t, 2t+1] and d[2],
+// d[3] = D[g+8][2t, 2t+1] (lane = 4 g + t), from A[row][k] = a_at(registers, row, k) and
+// B[k][col] = b_at(registers, k, col) (the operands' products are exact in float32; they are added
+// in k order, which the hardware's own order and rounding need not match), and the warp meets again
+// before the scratch is reused. Every lane of the warp must take part, as on the GPU.
+template <unsigned K, class AAt, class BAt>
+void warp_product(const char* what, float d[4], const unsigned a[4], const unsigned b[2], AAt a_at, BAt b_at) {
+    Block& block = current_block(what);
     const unsigned lane = this_thread_linear % warp_size;
     Warp& warp = *block.warps[this_thread_linear / warp_size];
-    if (warp.lanes != warp_size) die("mma_16816 in a warp of " + std::to_string(warp.lanes) + " lanes: needs 32");
+    if (warp.lanes != warp_size) die(std::string(what) + " in a warp of " + std::to_string(warp.lanes) + " lanes: needs 32");
     warp.fragments[lane] = {a[0], a[1], a[2], a[3], b[0], b[1]};
     warp.barrier.arrive_and_wait();
-    auto a_at = [&](unsigned row, unsigned k) {  // A[row][k]: lane 4 (row % 8) + (k % 8) / 2
-        const std::uint32_t word = warp.fragments[4 * (row % 8) + (k % 8) / 2][(row / 8) + 2 * (k / 8)];
-        return half_bits_to_float(word >> (16 * (k % 2)));
-    };
-    auto b_at = [&](unsigned k, unsigned col) {  // B[k][col]: lane 4 col + (k % 8) / 2, register 4 + k / 8
-        const std::uint32_t word = warp.fragments[4 * col + (k % 8) / 2][4 + k / 8];
-        return half_bits_to_float(word >> (16 * (k % 2)));
-    };
     const unsigned g = lane / 4, t = lane % 4;
     float result[4];
     for (unsigned e = 0; e < 4; ++e) {
         const unsigned row = g + 8 * (e / 2), col = 2 * t + e % 2;
         float sum = d[e];
-        for (unsigned k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+        for (unsigned k = 0; k < K; ++k) sum += a_at(warp.fragments, row, k) * b_at(warp.fragments, k, col);
         result[e] = sum;
     }
     warp.barrier.arrive_and_wait();
     for (unsigned e = 0; e < 4; ++e) d[e] = result[e];
+}
+
+using Fragments = std::array<std::array<std::uint32_t, 6>, warp_size>;
+
+// A TF32 operand's value: its register as a float32, whose 13 low bits must be zero (what
+// float_to_tf32 leaves). The instruction's reading of other bits is the hardware's own, so a kernel
+// that hands it an unrounded float32 is refused here.
+inline float tf32_operand(std::uint32_t bits) {
+    if (bits & 0x1FFFu) die("mma_1688_tf32: an operand register holds " + hex(bits) + ", not a TF32 value (round it with float_to_tf32)");
+    return std::bit_cast<float>(bits);
+}
+}  // namespace cuda_on_cpu
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 with d as both c and d (tensor_cores.cuh's layouts):
+//     a[0] = A[g][2t, 2t+1]  a[1] = A[g+8][2t, 2t+1]  a[2] = A[g][2t+8, 2t+9]  a[3] = A[g+8][2t+8, 2t+9]
+//     b[0] = B[2t, 2t+1][g]  b[1] = B[2t+8, 2t+9][g]  (the lower 16 bits hold the first of the two)
+inline void mma_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+    using cuda_on_cpu::Fragments;
+    auto a_at = [](const Fragments& f, unsigned row, unsigned k) {  // lane 4 (row % 8) + (k % 8) / 2
+        return half_bits_to_float(f[4 * (row % 8) + (k % 8) / 2][(row / 8) + 2 * (k / 8)] >> (16 * (k % 2)));
+    };
+    auto b_at = [](const Fragments& f, unsigned k, unsigned col) {  // lane 4 col + (k % 8) / 2, register 4 + k / 8
+        return half_bits_to_float(f[4 * col + (k % 8) / 2][4 + k / 8] >> (16 * (k % 2)));
+    };
+    cuda_on_cpu::warp_product<16>("mma_16816", d, a, b, a_at, b_at);
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 with d as both c and d (tensor_cores.cuh's layouts):
+//     a[0] = A[g][t]  a[1] = A[g+8][t]  a[2] = A[g][t+4]  a[3] = A[g+8][t+4]     b[0] = B[t][g]  b[1] = B[t+4][g]
+inline void mma_1688_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
+    using cuda_on_cpu::Fragments;
+    auto a_at = [](const Fragments& f, unsigned row, unsigned k) {  // lane 4 (row % 8) + k % 4
+        return cuda_on_cpu::tf32_operand(f[4 * (row % 8) + k % 4][(row / 8) + 2 * (k / 4)]);
+    };
+    auto b_at = [](const Fragments& f, unsigned k, unsigned col) {  // lane 4 col + k % 4, register 4 + k / 4
+        return cuda_on_cpu::tf32_operand(f[4 * col + k % 4][4 + k / 4]);
+    };
+    cuda_on_cpu::warp_product<8>("mma_1688_tf32", d, a, b, a_at, b_at);
 }
 
 // Dynamic shared memory. On the GPU the .cu declares
