@@ -293,3 +293,33 @@ def test_the_op_sends_cupy_float32_to_the_tf32_kernels_only_while_float32_produc
     out, cache = attention.forward(q, k, v)
     attention.backward(numpy.ones_like(out), cache)
     assert calls == [(expected, "forward"), (expected, "backward")]
+
+
+def misaligned(shape, dtype):
+    """A C-contiguous array of zeros whose data starts 4 bytes past a 16-byte boundary."""
+    dtype = numpy.dtype(dtype)
+    size = int(numpy.prod(shape)) * dtype.itemsize
+    buffer = numpy.zeros(size + 64, dtype=numpy.uint8)
+    start = (-buffer.ctypes.data) % 16 + 4
+    return buffer[start:start + size].view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_launches_refuse_inputs_the_16_byte_loads_cannot_read(dtype):
+    """The kernels load q, k, v and dO 16 bytes at a time: an array starting 4 bytes past a boundary
+    (a contiguous view from an odd offset) is refused, not read misaligned."""
+    q = numpy.zeros((1, 2, 5, 16), dtype=dtype)
+    lse = numpy.zeros((1, 2, 5), dtype=numpy.float32)
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        attention_mma.forward_launch(q, misaligned(q.shape, dtype), q, q.copy(), lse, 0.25)
+    with pytest.raises(ValueError, match="dout must start on a 16-byte boundary"):
+        attention_mma.backward_launches(misaligned(q.shape, dtype), q, q, q, lse, lse.copy(), q.copy(), q.copy(),
+                                        q.copy(), 0.25)
+
+
+def test_a_misaligned_input_is_copied_to_a_boundary_before_a_launch_and_an_aligned_one_is_not():
+    x = misaligned((3, 40), numpy.float32)
+    x[...] = numpy.arange(120).reshape(3, 40)
+    moved = attention_mma._aligned(x)
+    assert moved is not x and moved.ctypes.data % 16 == 0 and (moved == x).all()
+    assert attention_mma._aligned(moved) is moved

@@ -90,7 +90,7 @@ struct Float16Operands {
   using Storage = unsigned short;  // float16 bits
   static constexpr int kK = 16;
   static constexpr int kPad = 8;
-  __device__ static Storage stored(Storage x) { return x; }
+  __device__ static uint4 stored(uint4 halves) { return halves; }  // 8 inputs as the tiles hold them
   __device__ static Storage output(float x) { return float_to_half(x); }
 
   __device__ static void load_a(const Storage* tile, int stride, int row0, int k0, int g, int t, unsigned a[4]) {
@@ -130,7 +130,12 @@ struct Tf32Operands {
   using Storage = float;
   static constexpr int kK = 8;
   static constexpr int kPad = 4;
-  __device__ static Storage stored(float x) { return float_to_tf32(x); }
+  __device__ static uint4 stored(uint4 floats) {  // 4 inputs as the tiles hold them: rounded to TF32
+    return {__float_as_uint(float_to_tf32(__uint_as_float(floats.x))),
+            __float_as_uint(float_to_tf32(__uint_as_float(floats.y))),
+            __float_as_uint(float_to_tf32(__uint_as_float(floats.z))),
+            __float_as_uint(float_to_tf32(__uint_as_float(floats.w)))};
+  }
   __device__ static float output(float x) { return x; }
 
   __device__ static void load_a(const Storage* tile, int stride, int row0, int k0, int g, int t, unsigned a[4]) {
@@ -163,15 +168,20 @@ struct Tf32Operands {
 };
 
 // rows first .. first + rows - 1 of a (n x D) array into a shared tile of rows of D + kPad, each
-// element in the operand format; zeros past row n
+// element in the operand format; zeros past row n. 16 bytes (8 halves, 4 floats) a load and a store:
+// a row of D elements is a multiple of 16 bytes, and so is a shared row (kPad is 16 bytes), so both
+// stay aligned wherever the arrays start on a 16-byte boundary (attention_mma.py sees to it).
 template <class Format, int D>
 __device__ void load_tile(typename Format::Storage* tile, const typename Format::Storage* source, int first, int rows,
                           int n) {
-  using Storage = typename Format::Storage;
-  for (int i = threadIdx.x; i < rows * D; i += kMmaThreads) {
-    const int row = i / D, col = i % D;
-    tile[row * (D + Format::kPad) + col] =
-        first + row < n ? Format::stored(source[(first + row) * D + col]) : static_cast<Storage>(0);
+  constexpr int PER_VECTOR = 16 / sizeof(typename Format::Storage);
+  constexpr int VECTORS = D / PER_VECTOR;  // per row
+  static_assert(D % PER_VECTOR == 0 && Format::kPad % PER_VECTOR == 0, "rows of whole 16-byte vectors");
+  for (int i = threadIdx.x; i < rows * VECTORS; i += kMmaThreads) {
+    const int row = i / VECTORS, col = (i % VECTORS) * PER_VECTOR;
+    uint4 value = {0u, 0u, 0u, 0u};
+    if (first + row < n) value = Format::stored(*reinterpret_cast<const uint4*>(source + (first + row) * D + col));
+    *reinterpret_cast<uint4*>(tile + row * (D + Format::kPad) + col) = value;
   }
 }
 

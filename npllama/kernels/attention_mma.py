@@ -10,7 +10,8 @@ multiple of Hkv (grouped-query attention as in attention.py); lse and dvec (B, H
 Forward: a block of THREADS threads per tile of QUERIES queries of one query head, key tiles of KEYS
 keys in shared memory. Backward: Dvec = rowsum(dO * O) in float32 by the array code, then dK and dV
 (a block per KEYS keys of each key/value head, query tiles of BACK_QUERIES) and dQ (a block per
-QUERIES queries, key tiles of BACK_KEYS).
+QUERIES queries, key tiles of BACK_KEYS). The kernels load q, k, v and dO 16 bytes at a time: each
+must start on a 16-byte boundary (the launches refuse one that does not; the CuPy calls copy it).
 
 The layer under the kernels, tensor_cores.cuh, is emulated on the CPU by the test harness; the
 self-test kernels (`MMA_SELF_TESTS`: one warp, one product; `TF32_ROUNDING`) let a GPU test compare
@@ -34,6 +35,7 @@ KEYS = 64  # kMmaKeys
 BACK_QUERIES = 32  # kMmaBackQueries
 BACK_KEYS = 32  # kMmaBackKeys
 HEAD_DIMS = (16, 32, 48, 64, 128)  # multiples of 16: every preset's
+VECTOR_BYTES = 16  # the kernels load their inputs 16 bytes at a time: each must start on such a boundary
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,17 @@ def source() -> str:
     return kernel_source("attention_mma.cu")
 
 
+def _address(array) -> int:
+    """Where a NumPy or CuPy array's data starts."""
+    return array.data.ptr if hasattr(array.data, "ptr") else array.ctypes.data
+
+
+def _aligned(array):
+    """`array` (CuPy, C-contiguous), or a copy of it where it does not start on a 16-byte boundary (a
+    view from an odd offset)."""
+    return array.copy() if _address(array) % VECTOR_BYTES else array
+
+
 def _shape(q, k, v, lse) -> Shape:
     """The sizes of a call; ValueError where no launch fits them."""
     _check_shapes(q, k, v)
@@ -107,6 +120,8 @@ def _shape(q, k, v, lse) -> Shape:
     for array in (q, k, v):
         if not array.flags.c_contiguous:
             raise ValueError("tensor-core attention kernel: arrays must be C-contiguous")
+        if _address(array) % VECTOR_BYTES:
+            raise ValueError(f"tensor-core attention kernel: q, k and v must start on a {VECTOR_BYTES}-byte boundary")
     return Shape(batch * n_heads, batch * n_kv_heads, n_heads // n_kv_heads, n_queries, n_keys, head_dim)
 
 
@@ -131,6 +146,8 @@ def backward_launches(dout, q, k, v, lse, dvec, dq, dk, dv, scale: float) -> lis
         if array.dtype != dtype or tuple(array.shape) != tuple(expected.shape) or not array.flags.c_contiguous:
             raise ValueError(f"tensor-core attention kernel: {name} must be contiguous {dtype.name} of shape "
                              f"{tuple(expected.shape)}")
+    if _address(dout) % VECTOR_BYTES:
+        raise ValueError(f"tensor-core attention kernel: dout must start on a {VECTOR_BYTES}-byte boundary")
     if dvec.dtype != numpy.float32 or tuple(dvec.shape) != tuple(lse.shape):
         raise ValueError(f"tensor-core attention kernel: dvec must be float32 of shape {tuple(lse.shape)}")
     sizes = (numpy.int32(shape.n_queries), numpy.int32(shape.n_keys), numpy.int32(shape.group_size),
@@ -189,7 +206,7 @@ def forward(q, k, v, scale: float):
     that do not fit."""
     import cupy
 
-    q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
+    q, k, v = (_aligned(cupy.ascontiguousarray(a)) for a in (q, k, v))
     out = cupy.empty_like(q)
     lse = cupy.empty(q.shape[:3], dtype=cupy.float32)
     launch(forward_launch(q, k, v, out, lse, scale))
@@ -201,8 +218,8 @@ def backward(dout, q, k, v, out, lse, scale: float):
     lse (float32): dq of q's shape, dk and dv of k's, each key/value head's the sum over its group."""
     import cupy
 
-    q, k, v = (cupy.ascontiguousarray(a) for a in (q, k, v))
-    dout = cupy.ascontiguousarray(dout, dtype=q.dtype)
+    q, k, v = (_aligned(cupy.ascontiguousarray(a)) for a in (q, k, v))
+    dout = _aligned(cupy.ascontiguousarray(dout, dtype=q.dtype))
     # Dvec_i = sum_d dO_id O_id, in float32 (the array code: one elementwise pass and a sum)
     dvec = cupy.ascontiguousarray((dout.astype(cupy.float32) * out.astype(cupy.float32)).sum(axis=-1))
     dq, dk, dv = cupy.empty_like(q), cupy.empty_like(k), cupy.empty_like(v)

@@ -5,7 +5,7 @@
 // It emulates exactly what npllama's kernels use, nothing more:
 //   - the qualifiers __global__, __device__, __forceinline__, __launch_bounds__(n) (g++ knows
 //     __restrict__ itself), and `#pragma unroll` (compile with -Wno-unknown-pragmas);
-//   - threadIdx, blockIdx, blockDim, gridDim;
+//   - threadIdx, blockIdx, blockDim, gridDim, and the vector type uint4;
 //   - __syncthreads() and __shfl_xor_sync(mask, value, lane_mask) for float, double and int;
 //   - dynamic shared memory, declared in a kernel body as NPLLAMA_DYNAMIC_SHARED(name);
 //   - expf, exp, logf, log, fmaxf, fminf, sqrtf, INFINITY, with the float overloads for floats;
@@ -100,6 +100,12 @@ inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 // for both. Each emulated thread has its own copy (thread_local), set before it runs the kernel.
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
+};
+
+// CUDA's 16-byte vector of four unsigned ints, as aligned as on the GPU (a kernel that reads one
+// from an address not a multiple of 16 is reported by UBSan's alignment check)
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
 };
 
 inline thread_local dim3 threadIdx{0, 0, 0};
