@@ -4,7 +4,7 @@
     python bench/attention.py --dtype float16      # mixed precision: against FlashAttention-2
     python bench/attention.py --tf32               # float32 with TF32 allowed on every side
 
-Causal attention in float32 (TF32 off everywhere), batch x seq = 16384 tokens and heads x head dim
+Causal attention in float32 (TF32 off everywhere unless --tf32), batch x seq = 16384 tokens and heads x head dim
 = 2048 (FlashAttention's benchmark shape), for each implementation, in this one process:
 
   npllama        npllama.ops.attention on CuPy arrays: the CUDA kernels of npllama/kernels/

@@ -16,6 +16,8 @@ of a training run: full float32 (cuBLAS's CUBLAS_COMPUTE_32F) unless TF32 is ask
 CUBLAS_COMPUTE_32F_FAST_TF32, inputs rounded to a 10-bit mantissa on the tensor cores, float32
 accumulation). It is set either way, so CUPY_TF32=1 in the environment does not change a training
 run; elsewhere CuPy's own rule holds (TF32 only with CUPY_TF32=1, which npllama never sets).
+`tf32_products` says which holds now; npllama's attention follows it (float32 attention on the
+TF32 tensor-core kernels when it is true).
 
 float16 products (mixed precision) go through `matmul`: float16 operands, float32 accumulation, the
 result rounded to float16 once. On NumPy that is float32 BLAS on the exactly widened operands

@@ -18,9 +18,9 @@
 #      against PyTorch's autocast to float16 with a GradScaler, and transformers' sdpa model under
 #      autocast to bfloat16), MFU against the card's 16-bit peak;
 #   6. bench/attention.py (TFLOP/s against PyTorch SDPA and a cuBLAS-composed CuPy attention), in
-#      float32 and then in float16 (the tensor-core forward against SDPA's flash backend);
-#   7. the eager sides again with --tf32, TF32 allowed on every side, and bench/attention.py with
-#      --tf32 (npllama's TF32 tensor-core instance against SDPA and cuBLAS with TF32 allowed);
+#      float32, in float16 (the tensor-core kernels against SDPA's flash backend), and with --tf32
+#      (npllama's TF32 tensor-core instance against SDPA and cuBLAS with TF32 allowed);
+#   7. the eager sides again with --tf32, TF32 allowed on every side;
 #   8. bench/profile_step.py --backend cupy (the 134M step by op, with CUDA events);
 #   9. a 20-step python -m npllama.train --backend cupy on the built-in corpus, with a sample, the
 #      same with --precision fp16, and the same under `mpirun -n 1` (NCCL averages the one rank's
@@ -109,9 +109,9 @@ run "train step fp16" 90 "ratio" "$PYTHON" bench/train_step.py --backend cupy --
     --sides npllama,torch,hf-sdpa,hf-sdpa-bf16
 run "attention bench" 70 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3
 run "attention fp16" 60 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3 --dtype float16
+run "attention tf32" 60 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3 --tf32
 run "train step tf32" 75 "ratio" "$PYTHON" bench/train_step.py --backend cupy --steps 5 --tf32 \
     --sides npllama,torch,hf-sdpa
-run "attention tf32" 60 "T  8192 D  128" "$PYTHON" bench/attention.py --reps 3 --tf32
 run "profile step" 45 "a step" "$PYTHON" bench/profile_step.py --backend cupy --steps 2
 run "train 20 steps" 60 "step 20: validation loss|checkpoint:" \
     "$PYTHON" -m npllama.train --backend cupy --steps 20 --eval-every 10 --no-progress \

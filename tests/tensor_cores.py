@@ -111,10 +111,6 @@ def draw_inputs(seed, dtype, batch, n_heads, n_kv_heads, n_queries, n_keys, head
     return q, k, v
 
 
-def draw_halves(seed, batch, n_heads, n_kv_heads, n_queries, n_keys, head_dim, scale=1.0):
-    return draw_inputs(seed, numpy.float16, batch, n_heads, n_kv_heads, n_queries, n_keys, head_dim, scale)
-
-
 def assert_within_the_kernels_roundings(out, lse, q, k, v):
     """Against the float64 reference on the inputs the kernel computes with (float16 ones as they are,
     float32 ones rounded to TF32). O = sum_j fl(p_j) v_j / sum_j p_j in the output format: P's

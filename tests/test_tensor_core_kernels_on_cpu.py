@@ -263,17 +263,20 @@ def test_the_backward_has_a_dkdv_block_per_64_keys_of_each_key_value_head_and_a_
     assert dq.shared_bytes == 2 * 64 * row_bytes + 2 * 32 * row_bytes
 
 
-@pytest.mark.parametrize("dtype, tf32, expected", [
-    ("float32", True, "tensor cores"), ("float32", False, "kernels"), ("float16", False, "tensor cores"),
-    ("float16", True, "tensor cores"), ("float64", True, "kernels")])
+@pytest.mark.parametrize("dtype, tf32, fits, expected", [
+    ("float32", True, True, "tensor cores"), ("float32", False, True, "kernels"),
+    ("float16", False, True, "tensor cores"), ("float16", True, True, "tensor cores"),
+    ("float64", True, True, "kernels"), ("float32", True, False, "kernels")])
 def test_the_op_sends_cupy_float32_to_the_tf32_kernels_only_while_float32_products_are_tf32(monkeypatch, dtype, tf32,
-                                                                                          expected):
-    """ops/attention.py's choice, forward and backward, for CuPy arrays (stand-ins here): float16 always
-    on the tensor cores; float32 there while backend.tf32_products says CuPy's float32 products are
-    TF32 (--tf32), else on attention.cu's float32 kernels; float64 never."""
+                                                                                          fits, expected):
+    """ops/attention.py's choice for CuPy arrays (stand-ins here): float16 on the tensor cores; float32
+    there while backend.tf32_products says CuPy's float32 products are TF32 (--tf32), else on
+    attention.cu's float32 kernels; float64 never; nor where the device's shared memory cannot hold
+    the tiles. Backward follows forward even when the float32 products change in between."""
     from npllama.kernels import attention as cuda_attention
 
     calls = []
+    products = {"tf32": tf32}
 
     def recorded(where, kind):
         def call(*args):
@@ -288,11 +291,21 @@ def test_the_op_sends_cupy_float32_to_the_tf32_kernels_only_while_float32_produc
         for kind in ("forward", "backward"):
             monkeypatch.setattr(module, kind, recorded(where, kind))
     monkeypatch.setattr(attention, "is_cupy_array", lambda array: True)
-    monkeypatch.setattr(attention, "tf32_products", lambda xp: tf32)
+    monkeypatch.setattr(attention, "tf32_products", lambda xp: products["tf32"])
+    monkeypatch.setattr(attention_mma, "fits_the_device", lambda dtype, head_dim: fits)
     q, k, v = draw_inputs(0, dtype, 1, 2, 1, 5, 5, 16)
     out, cache = attention.forward(q, k, v)
+    products["tf32"] = not tf32
     attention.backward(numpy.ones_like(out), cache)
     assert calls == [(expected, "forward"), (expected, "backward")]
+
+
+@pytest.mark.parametrize("dtype, head_dim, limit, fits", [
+    ("float32", 128, 101_376, False),  # sm_86 and sm_89 allow a block 99 KiB: the TF32 dK/dV's tiles are 256 more
+    ("float32", 128, 101_632, True), ("float32", 64, 101_376, True), ("float16", 128, 101_376, True),
+    ("float16", 128, 48 * 1024, False), ("float16", 64, 48 * 1024, True)])
+def test_an_instance_fits_a_device_when_each_of_its_kernels_shared_tiles_do(dtype, head_dim, limit, fits):
+    assert attention_mma.fits(dtype, head_dim, limit) is fits
 
 
 def misaligned(shape, dtype):

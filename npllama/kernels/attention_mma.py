@@ -61,6 +61,13 @@ def supports(dtype, head_dim: int) -> bool:
     return numpy.dtype(dtype).name in FORMATS and head_dim in HEAD_DIMS
 
 
+def fits(dtype, head_dim: int, shared_limit: int) -> bool:
+    """Whether every kernel of the instance fits a device that allows a block `shared_limit` bytes of
+    shared memory (opted in): 227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86 and sm_89, where
+    the TF32 dK/dV kernel at D = 128 (99 KiB and 256 bytes) does not."""
+    return max(shared_bytes(head_dim, kind, dtype) for kind in KINDS) <= shared_limit
+
+
 def kernel_name(head_dim: int, kind: str = "forward", dtype="float16") -> str:
     operands = FORMATS[numpy.dtype(dtype).name].cxx
     return {"forward": f"npllama::attention_forward_mma<{operands}, {head_dim}>",
@@ -173,6 +180,20 @@ def tf32_rounding_launch(x) -> Launch:
 
 
 # --- running on CuPy ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _shared_limit(device_id: int) -> int:
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+def fits_the_device(dtype, head_dim: int) -> bool:
+    """`fits` on the current CuPy device."""
+    import cupy
+
+    return fits(dtype, head_dim, _shared_limit(cupy.cuda.Device().id))
 
 
 @functools.cache

@@ -51,8 +51,9 @@ DEFAULT_TILE_SIZE = 128
 
 @dataclass(frozen=True)
 class AttentionCache:
-    """What backward needs: the inputs, O and the row logsumexp L, and how forward tiled (on the CPU;
-    the CUDA kernels have tiles of their own) and scaled."""
+    """What backward needs: the inputs, O and the row logsumexp L, how forward tiled (on the CPU; the
+    CUDA kernels have tiles of their own) and scaled, and whether it ran on the tensor cores (backward
+    follows forward, whatever the float32 products are when it runs)."""
 
     q: object
     k: object
@@ -61,6 +62,7 @@ class AttentionCache:
     lse: object
     tile_size: int
     scale: float
+    on_tensor_cores: bool = False
 
 
 def _causal_mask(xp, query_start, n_queries, key_start, n_keys):
@@ -81,13 +83,15 @@ def _runs_on_kernels(*arrays) -> bool:
 
 def _runs_on_tensor_cores(q, k, v) -> bool:
     """CuPy arrays of one dtype, float16, or float32 while float32 products are TF32, with a head dim
-    the tensor-core kernels were built for, in a grid they can launch."""
+    the tensor-core kernels were built for, in a grid they can launch, on a device whose shared
+    memory holds their tiles."""
     batch, n_heads, n_queries, head_dim = q.shape
     dtype = q.dtype
     return (all(is_cupy_array(a) and a.dtype == dtype for a in (q, k, v))
             and (dtype == "float16" or (dtype == "float32" and tf32_products(array_namespace(q))))
             and tensor_core_attention.supports(dtype, head_dim)
-            and n_queries >= 1 and 1 <= batch * n_heads <= cuda_attention.MAX_HEADS)
+            and n_queries >= 1 and 1 <= batch * n_heads <= cuda_attention.MAX_HEADS
+            and tensor_core_attention.fits_the_device(dtype, head_dim))
 
 
 def group_size(q, k, v) -> int:
@@ -138,7 +142,7 @@ def forward(q, k, v, tile_size=DEFAULT_TILE_SIZE, scale=None, *, pool=None):
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if _runs_on_tensor_cores(q, k, v):
         out, lse = tensor_core_attention.forward(q, k, v, scale)
-        return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
+        return out, AttentionCache(q, k, v, out, lse, tile_size, scale, on_tensor_cores=True)
     if _runs_on_kernels(q, k, v):
         out, lse = cuda_attention.forward(q, k, v, scale)
         return out, AttentionCache(q, k, v, out, lse, tile_size, scale)
@@ -213,7 +217,7 @@ def backward(dy, cache, *, pool=None):
     key/value head's group on `pool`'s threads, when given, as in `forward`)."""
     q, k, v, out, lse = cache.q, cache.k, cache.v, cache.out, cache.lse
     tile_size, scale = cache.tile_size, cache.scale
-    if _runs_on_tensor_cores(q, k, v) and is_cupy_array(dy):
+    if cache.on_tensor_cores and is_cupy_array(dy):
         return tensor_core_attention.backward(dy, q, k, v, out, lse, scale)
     if _runs_on_kernels(dy, q, k, v):
         return cuda_attention.backward(dy, q, k, v, out, lse, scale)
