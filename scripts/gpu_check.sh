@@ -26,6 +26,10 @@
 #      same with --precision fp16, and the same under `mpirun -n 1` (NCCL averages the one rank's
 #      gradients) where mpirun and mpi4py are installed;
 #  10. python -m npllama.kernels, the compile report, with this machine's NVRTC;
+#      bench/precision_tracking.py: 500 steps of the 134M preset at T = 1024 on the built-in
+#      corpus, in float32 and with --precision fp16, the validation losses side by side (issue 25's
+#      goal: within 1% at every evaluation) and the skipped steps (it trains a 32,000-piece
+#      tokenizer first; run it alone, e.g. GPU_TESTS=0 ONLY="fp16 tracking 500" scripts/gpu_check.sh);
 #  11. bench/attention_tiles.py: the float32 attention kernels' tiles swept kernel by kernel at
 #      D = 64 and 128, T = 4096 (every candidate checked against the default tiles' outputs), the
 #      fastest printed as a Tiles(...) per head dim for npllama/kernels/attention.py's table, every
@@ -128,6 +132,7 @@ if command -v mpirun >/dev/null && "$PYTHON" -c "import mpi4py" 2>/dev/null; the
         --out "$OUT/mpi-run" --cache-dir "$OUT/cache" --sample-tokens 0
 fi
 run "kernel report" 40 "instances" "$PYTHON" -m npllama.kernels
+run "fp16 tracking 500" 300 "^goal|failed" "$PYTHON" bench/precision_tracking.py --out "$OUT/precision"
 run "attention tiles" 240 "^fastest" "$PYTHON" bench/attention_tiles.py --json "$OUT/attention_tiles.json"
 
 echo
@@ -141,6 +146,8 @@ for step in "attention bench" "attention fp16" "attention tf32"; do
 done
 echo "--- bench/attention_tiles.py ---"
 [ -f "$OUT/attention tiles.log" ] && grep -vE "^\s*$" "$OUT/attention tiles.log" | tail -50
+echo "--- bench/precision_tracking.py ---"
+[ -f "$OUT/fp16 tracking 500.log" ] && tail -16 "$OUT/fp16 tracking 500.log"
 echo "--- bench/profile_step.py --backend cupy ---"
 [ -f "$OUT/profile step.log" ] && tail -14 "$OUT/profile step.log"
 for step in "train step eager" "train step compile" "train step fp16" "train step tf32"; do

@@ -272,3 +272,36 @@ def test_float16_slices_on_threads_add_their_scaled_gradients_in_float32_in_slic
     for name in expected:
         assert grads[name].dtype == numpy.float32
         assert_same(grads[name], expected[name], err_msg=name)
+
+
+@pytest.fixture
+def precision_tracking():
+    """bench/precision_tracking.py as a module."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import precision_tracking
+
+    return precision_tracking
+
+
+def test_the_precision_tracking_benchmark_compares_every_evaluation_and_counts_the_skipped_steps(
+        precision_tracking, tmp_path, capsys):
+    """bench/precision_tracking.py (issue 25's 500-step goal on a GPU) on the CPU: both runs finish,
+    each evaluation appears once with both losses, and the verdict names the largest difference."""
+    status = precision_tracking.main(["--backend", "numpy", "--preset", "nano", "--seq-len", "32", "--batch-size", "2",
+                                      "--steps", "6", "--eval-every", "3", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    rows = [line.split() for line in printed.splitlines() if line.split() and line.split()[0] in ("0", "3", "6")]
+    assert [row[0] for row in rows] == ["0", "3", "6"]
+    full, half = precision_tracking.evaluations(tmp_path / "full"), precision_tracking.evaluations(tmp_path / "fp16")
+    assert sorted(full) == sorted(half) == [0, 3, 6]
+    worst = max(abs(half[step] - full[step]) / full[step] for step in full)
+    assert f"within {100 * worst:.3f}% of float32's" in printed and "skipped fp16 steps: 0" in printed
+
+
+def test_the_precision_tracking_benchmark_says_which_run_failed(precision_tracking, tmp_path, capsys):
+    assert precision_tracking.main(["--backend", "numpy", "--preset", "nope", "--out", str(tmp_path)]) == 1
+    assert "the full run failed (exit status 2)" in capsys.readouterr().out
