@@ -37,16 +37,19 @@ def train(args, out: Path, precision: str) -> subprocess.CompletedProcess:
     return result
 
 
+def metrics(run_folder: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def evaluations(run_folder: Path) -> dict[int, float]:
-    """{step: validation loss} of a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {row["step"]: row["val_loss"] for row in rows if "val_loss" in row}
+    """{step: validation loss} of a run."""
+    return {row["step"]: row["val_loss"] for row in metrics(run_folder) if "val_loss" in row}
 
 
 def skipped_steps(run_folder: Path) -> list[int]:
     """The steps an fp16 run skipped (its gradients overflowed float16)."""
-    rows = [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [row["step"] for row in rows if row.get("skipped")]
+    return [row["step"] for row in metrics(run_folder) if row.get("skipped")]
 
 
 def compare(full: dict[int, float], half: dict[int, float]) -> tuple[list[str], float]:

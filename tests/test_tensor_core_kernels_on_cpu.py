@@ -48,7 +48,7 @@ def harness(tmp_path_factory):
         pytest.skip(kernel_harness.unavailable_reason())
     folder = tmp_path_factory.mktemp("tensor-core-kernels")
     names = [attention_mma.kernel_name(head_dim, kind, dtype) for dtype in DTYPES for head_dim in HEAD_DIMS
-             for kind in attention_mma.KINDS] + [*attention_mma.MMA_SELF_TESTS.values(), attention_mma.TF32_ROUNDING]
+             for kind in attention_mma.KINDS] + list(attention_mma.SELF_TESTS)
     source = [KERNELS / "attention_mma.cu"]
     with ThreadPoolExecutor(max_workers=2) as pool:
         builds = {sanitizer: pool.submit(build, source, names, sanitizer, folder)

@@ -14,7 +14,7 @@ QUERIES queries, key tiles of BACK_KEYS). The kernels load q, k, v and dO 16 byt
 must start on a 16-byte boundary (the launches refuse one that does not; the CuPy calls copy it).
 
 The layer under the kernels, tensor_cores.cuh, is emulated on the CPU by the test harness; the
-self-test kernels (`MMA_SELF_TESTS`: one warp, one product; `TF32_ROUNDING`) let a GPU test compare
+self-test kernels (`SELF_TESTS`: each format's one warp, one product; `TF32_ROUNDING`) let a GPU test compare
 the instructions with what the emulation assumes (`mma_launch`, `tf32_rounding_launch`).
 """
 
@@ -51,8 +51,8 @@ class Operands:
 
 FORMATS = {"float16": Operands("float16", "npllama::Float16Operands", 8, "npllama::mma_16816_once"),
            "float32": Operands("float32", "npllama::Tf32Operands", 4, "npllama::mma_1688_tf32_once")}
-MMA_SELF_TESTS = {name: operands.mma_self_test for name, operands in FORMATS.items()}
 TF32_ROUNDING = "npllama::tf32_rounding_once"
+SELF_TESTS = (*(operands.mma_self_test for operands in FORMATS.values()), TF32_ROUNDING)  # no shared memory
 KINDS = ("forward", "dkdv", "dq")
 
 
@@ -91,8 +91,7 @@ def shared_bytes(head_dim: int, kind: str = "forward", dtype="float16") -> int:
 def instances() -> list[tuple[str, int]]:
     """Every kernel instance as (C++ name expression, dynamic shared bytes per block)."""
     return [(kernel_name(head_dim, kind, dtype), shared_bytes(head_dim, kind, dtype)) for dtype in FORMATS
-            for head_dim in HEAD_DIMS for kind in KINDS] + [(name, 0) for name in MMA_SELF_TESTS.values()] + [
-        (TF32_ROUNDING, 0)]
+            for head_dim in HEAD_DIMS for kind in KINDS] + [(name, 0) for name in SELF_TESTS]
 
 
 def source() -> str:
@@ -171,7 +170,7 @@ def mma_launch(a, b, d, dtype="float16") -> Launch:
     """One product of the format for `dtype` by one warp: a (32, 4) and b (32, 2) uint32 registers,
     d (32, 4) float32, the accumulator in and the result out, each lane's row as the fragment layouts
     place it."""
-    return Launch(MMA_SELF_TESTS[numpy.dtype(dtype).name], (1, 1, 1), (32, 1, 1), 0, (a, b, d))
+    return Launch(FORMATS[numpy.dtype(dtype).name].mma_self_test, (1, 1, 1), (32, 1, 1), 0, (a, b, d))
 
 
 def tf32_rounding_launch(x) -> Launch:
